@@ -1,0 +1,185 @@
+//! The Agora agent: offers its machine's resources to a master and runs the tasks launched on
+//! them.
+//!
+//! [`run`] registers with the master (and re-registers after any break, with its id and
+//! tasks), heartbeats, runs each task through a [`Containerizer`] in a sandbox directory of
+//! its own, reports TASK_STARTING → TASK_RUNNING → a terminal state with exit codes and
+//! reasons, retries each status update until it is acknowledged, and serves the Sandbox API
+//! so clients can read a task's stdout and stderr.
+//!
+//! # Layout
+//!
+//! - [`containerizer`]: the [`Containerizer`] trait and the Wasm containerizer.
+//! - [`actor`]: the owner task: tasks, status updates, the state machine of a launch.
+//! - [`link`]: the connection to the master, with reconnect.
+//! - [`sandbox`]: sandbox directories and the Sandbox API.
+//! - [`resources`]: detecting and overriding the resources offered.
+
+pub mod actor;
+pub mod containerizer;
+pub mod link;
+pub mod resources;
+pub mod sandbox;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agora_core::{Attribute, Resources};
+use agora_executor_wasm::{WasmConfig, WasmRuntime};
+use agora_proto::{attributes_to_proto, resources_to_proto, v1};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use containerizer::{Container, Containerizer, LaunchSpec, Termination, WasmContainerizer};
+
+/// Settings of an agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The master's address, e.g. `http://127.0.0.1:5050`.
+    pub master: String,
+    /// Where sandboxes live.
+    pub work_dir: PathBuf,
+    /// The name the agent gives itself. Default: the machine's host name.
+    pub hostname: Option<String>,
+    /// Resources to offer; each replaces the detected resource of its name.
+    pub resources: Option<Resources>,
+    pub attributes: Vec<Attribute>,
+    /// The address clients use for the Sandbox API. Default: `http://<listener address>`.
+    pub advertise: Option<String>,
+    pub wasm: WasmConfig,
+    /// First retry of an unacknowledged status update. Default 10 s (doubling to 10 min).
+    pub status_retry: Duration,
+    /// First wait after a failed connection to the master. Default 100 ms (doubling to 10 s).
+    pub reconnect_min: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(master: impl Into<String>, work_dir: impl Into<PathBuf>) -> Self {
+        AgentConfig {
+            master: master.into(),
+            work_dir: work_dir.into(),
+            hostname: None,
+            resources: None,
+            attributes: Vec::new(),
+            advertise: None,
+            wasm: WasmConfig::default(),
+            status_retry: Duration::from_secs(10),
+            reconnect_min: Duration::from_millis(100),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("preparing the work directory {path}: {source}")]
+    WorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Wasm(#[from] agora_executor_wasm::WasmError),
+    #[error("serving the sandbox API: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("the listener has no local address: {0}")]
+    Listener(std::io::Error),
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Runs an agent until `shutdown` resolves: its Sandbox API on `listener`, its link to the
+/// master, its tasks. On shutdown the agent's tasks are killed.
+///
+/// # Errors
+/// When the work directory cannot be prepared, wasmtime cannot start, or serving fails.
+pub async fn run(
+    listener: TcpListener,
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&config.work_dir).map_err(|source| AgentError::WorkDir {
+        path: config.work_dir.clone(),
+        source,
+    })?;
+    let work_dir =
+        std::fs::canonicalize(&config.work_dir).map_err(|source| AgentError::WorkDir {
+            path: config.work_dir.clone(),
+            source,
+        })?;
+    let detected = resources::detect(&work_dir);
+    let total = match &config.resources {
+        Some(flags) => resources::merge(&detected, flags),
+        None => detected,
+    };
+    let wasm = Arc::new(WasmContainerizer::new(WasmRuntime::new(
+        config.wasm.clone(),
+    )?));
+    let containerizers: Vec<Arc<dyn Containerizer>> = vec![wasm];
+    let addr = listener.local_addr().map_err(AgentError::Listener)?;
+    let endpoint = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let info = v1::AgentInfo {
+        hostname: config.hostname.clone().unwrap_or_else(hostname),
+        resources: resources_to_proto(&total),
+        attributes: attributes_to_proto(&config.attributes),
+        endpoint: endpoint.clone(),
+        isolation: containerizers
+            .iter()
+            .map(|c| c.isolation())
+            .collect::<Vec<_>>()
+            .join("+"),
+    };
+    tracing::info!(%endpoint, master = %config.master, resources = %total, work_dir = %work_dir.display(), "agent starting");
+
+    let (events_tx, events_rx) = mpsc::channel(16 * 1024);
+    let actor = actor::Actor::new(
+        work_dir.clone(),
+        info,
+        containerizers,
+        actor::RetryPolicy {
+            initial: config.status_retry,
+            max: Duration::from_secs(600).max(config.status_retry),
+        },
+        events_tx.clone(),
+    );
+    let link = tokio::spawn(link::maintain(
+        config.master.clone(),
+        link::Backoff {
+            min: config.reconnect_min,
+            max: Duration::from_secs(10).max(config.reconnect_min),
+        },
+        events_tx,
+    ));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = {
+        let mut stop = stop_rx.clone();
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(v1::sandbox_server::SandboxServer::new(
+                sandbox::SandboxService { work_dir },
+            ))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+    };
+    let server = tokio::spawn(server);
+    actor.run(events_rx, shutdown).await;
+    link.abort();
+    let _ = stop_tx.send(true);
+    match server.await {
+        Ok(result) => result?,
+        Err(e) => tracing::warn!(error = %e, "sandbox server task failed"),
+    }
+    Ok(())
+}

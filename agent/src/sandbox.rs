@@ -1,0 +1,194 @@
+//! Task sandboxes on disk, and the Sandbox API that serves their files.
+//!
+//! Layout under the agent's work directory:
+//!
+//! ```text
+//! frameworks/<framework_id>/tasks/<task_id>/runs/<run>/   one directory per launch
+//!     stdout, stderr                                      the task's output
+//! ```
+//!
+//! Run directory names sort in launch order, so the latest run of a task is the greatest name.
+//! Files are read through a capability handle on the run directory: a path that climbs out
+//! with `..`, or a symlink a task planted, cannot reach the rest of the host.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use agora_core::{FrameworkId, TaskId};
+use agora_proto::required;
+use agora_proto::v1::{self, sandbox_server::Sandbox};
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
+use tonic::{Request, Response, Status};
+
+/// Most bytes one ReadFile returns.
+pub const MAX_READ: u64 = 1 << 20;
+/// Bytes returned when a ReadFile asks for none in particular.
+pub const DEFAULT_READ: u64 = 64 << 10;
+
+pub fn task_dir(work_dir: &Path, framework: &FrameworkId, task: &TaskId) -> PathBuf {
+    work_dir
+        .join("frameworks")
+        .join(framework.as_str())
+        .join("tasks")
+        .join(task.as_str())
+}
+
+/// A new, empty run directory for a launch of `task`.
+///
+/// # Errors
+/// When the directory cannot be created.
+pub fn create_run_dir(
+    work_dir: &Path,
+    framework: &FrameworkId,
+    task: &TaskId,
+) -> std::io::Result<PathBuf> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let name = format!(
+        "{nanos:024}-{:06}",
+        SEQ.fetch_add(1, Ordering::Relaxed) % 1_000_000
+    );
+    let dir = task_dir(work_dir, framework, task).join("runs").join(name);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The latest run directory of `task`, if it ever ran here.
+pub fn latest_run_dir(work_dir: &Path, framework: &FrameworkId, task: &TaskId) -> Option<PathBuf> {
+    let runs = task_dir(work_dir, framework, task).join("runs");
+    std::fs::read_dir(&runs)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name())
+        .max()
+        .map(|name| runs.join(name))
+}
+
+/// Reads up to `length` bytes at `offset` of `path` inside `run_dir`.
+///
+/// # Errors
+/// `NotFound` for a missing file, `InvalidArgument` for a path that leaves the sandbox.
+pub fn read_file(
+    run_dir: &Path,
+    path: &str,
+    offset: u64,
+    length: u64,
+) -> Result<v1::ReadFileResponse, Status> {
+    if path.is_empty() || Path::new(path).is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "path {path:?} must be relative to the sandbox"
+        )));
+    }
+    let dir = Dir::open_ambient_dir(run_dir, ambient_authority())
+        .map_err(|e| Status::not_found(format!("sandbox {}: {e}", run_dir.display())))?;
+    let file = dir.open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Status::not_found(format!("{path} is not in the sandbox")),
+        _ => Status::invalid_argument(format!("cannot open {path:?} in the sandbox: {e}")),
+    })?;
+    let mut file = file.into_std();
+    let size = file
+        .metadata()
+        .map_err(|e| Status::internal(e.to_string()))?
+        .len();
+    if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        return Err(Status::invalid_argument(format!(
+            "{path} is not a regular file"
+        )));
+    }
+    let want = match length {
+        0 => DEFAULT_READ,
+        n => n.min(MAX_READ),
+    };
+    let mut data = Vec::new();
+    if offset < size {
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        file.take(want)
+            .read_to_end(&mut data)
+            .map_err(|e| Status::internal(e.to_string()))?;
+    }
+    let eof = offset + data.len() as u64 >= size;
+    Ok(v1::ReadFileResponse { data, size, eof })
+}
+
+/// The Sandbox gRPC service of an agent.
+#[derive(Debug, Clone)]
+pub struct SandboxService {
+    pub work_dir: PathBuf,
+}
+
+#[tonic::async_trait]
+impl Sandbox for SandboxService {
+    async fn read_file(
+        &self,
+        request: Request<v1::ReadFileRequest>,
+    ) -> Result<Response<v1::ReadFileResponse>, Status> {
+        let r = request.into_inner();
+        let framework = FrameworkId::try_from(required(r.framework_id, "framework_id")?)?;
+        let task = TaskId::try_from(required(r.task_id, "task_id")?)?;
+        let work_dir = self.work_dir.clone();
+        let resp = tokio::task::spawn_blocking(move || {
+            let run = latest_run_dir(&work_dir, &framework, &task).ok_or_else(|| {
+                Status::not_found(format!(
+                    "task {task} of framework {framework} has no sandbox on this agent"
+                ))
+            })?;
+            read_file(&run, &r.path, r.offset, r.length)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_inside_and_refuses_escapes() {
+        let work = tempfile::tempdir().unwrap();
+        let fw = FrameworkId::new("fw").unwrap();
+        let task = TaskId::new("t1").unwrap();
+        let first = create_run_dir(work.path(), &fw, &task).unwrap();
+        let run = create_run_dir(work.path(), &fw, &task).unwrap();
+        assert_eq!(latest_run_dir(work.path(), &fw, &task).unwrap(), run);
+        assert_ne!(first, run);
+        std::fs::write(run.join("stdout"), "hello sandbox\n").unwrap();
+        let r = read_file(&run, "stdout", 0, 0).unwrap();
+        assert_eq!(r.data, b"hello sandbox\n");
+        assert!(r.eof);
+        assert_eq!(r.size, 14);
+        let r = read_file(&run, "stdout", 6, 3).unwrap();
+        assert_eq!(r.data, b"san");
+        assert!(!r.eof);
+
+        let secret = work.path().join("secret");
+        std::fs::write(&secret, "agent-only").unwrap();
+        std::os::unix::fs::symlink(&secret, run.join("planted")).unwrap();
+        assert_eq!(
+            read_file(&run, "planted", 0, 0).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            read_file(&run, "../../../../secret", 0, 0)
+                .unwrap_err()
+                .code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            read_file(&run, "/etc/hostname", 0, 0).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            read_file(&run, "missing", 0, 0).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! `agora dev`: a master and N agents in one process on loopback, for trying Agora out and
+//! for developing frameworks. Each agent gets its share of this machine and its own work
+//! directory.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agora_core::Resources;
+use agora_core::resources::{Range, Ranges, Reservation, Resource, Scalar, Value};
+use anyhow::{Context, bail};
+use clap::Args;
+use tokio::sync::watch;
+
+use crate::shutdown_signal;
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// How many agents to run.
+    #[arg(long, default_value_t = 1)]
+    agents: usize,
+    /// The master's port on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 5050)]
+    port: u16,
+    /// Where agents keep their sandboxes (default: a new directory under the system's temp
+    /// dir, removed on exit).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+/// This machine's resources split evenly among `n` agents; agent `i` gets its own slice of the
+/// port range.
+fn share(detected: &Resources, n: usize, i: usize) -> Resources {
+    let split = |name: &str| {
+        let each = detected.scalar(name).milli() / n as u64;
+        Resource {
+            name: name.into(),
+            reservation: Reservation::Unreserved,
+            value: Value::Scalar(Scalar::from_milli(each)),
+        }
+    };
+    let width = 1000 / n as u64;
+    let begin = 31000 + width * i as u64;
+    [
+        split("cpus"),
+        split("mem"),
+        split("disk"),
+        Resource {
+            name: "ports".into(),
+            reservation: Reservation::Unreserved,
+            value: Value::Ranges(Ranges::from_ranges([Range {
+                begin,
+                end: begin + width - 1,
+            }])),
+        },
+    ]
+    .into_iter()
+    .collect()
+}
+
+pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    if args.agents == 0 || args.agents > 64 {
+        bail!("--agents must be between 1 and 64");
+    }
+    let (work_dir, remove_after) = match args.work_dir {
+        Some(d) => (d, false),
+        None => (
+            std::env::temp_dir().join(format!("agora-dev-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
+        .await
+        .with_context(|| {
+            format!(
+                "binding 127.0.0.1:{} (is another master running? try --port 0)",
+                args.port
+            )
+        })?;
+    let master = format!("http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let config = agora_master::MasterConfig {
+        agent_heartbeat_interval: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let master_task = tokio::spawn(agora_master::run(
+        listener,
+        config,
+        stopped(stop_rx.clone()),
+    ));
+
+    let detected = agora_agent::resources::detect(&work_dir);
+    let mut agent_tasks = Vec::new();
+    for i in 0..args.agents {
+        let dir = work_dir.join(format!("agent-{}", i + 1));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut config = agora_agent::AgentConfig::new(master.clone(), &dir);
+        config.resources = Some(share(&detected, args.agents, i));
+        config.hostname = Some(format!("dev-agent-{}", i + 1));
+        let endpoint = listener.local_addr()?;
+        println!(
+            "agent {}: sandboxes on http://{endpoint}, work dir {}, {}",
+            i + 1,
+            dir.display(),
+            share(&detected, args.agents, i)
+        );
+        agent_tasks.push(tokio::spawn(agora_agent::run(
+            listener,
+            config,
+            stopped(stop_rx.clone()),
+        )));
+    }
+
+    let operator = async {
+        for _ in 0..100 {
+            if let Ok(op) = agora_sdk::Operator::connect(&master).await
+                && let Ok(h) = op.health().await
+                && h.active_agents as usize == args.agents
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("the agents did not register within 5s")
+    };
+    operator.await?;
+    println!("master: {master} (gRPC; GET {master}/health)");
+    println!(
+        "ready: {} agent(s) registered. Run a task with:",
+        args.agents
+    );
+    println!("  agora run --master {master} path/to/task.wasm -- ARGS");
+    println!("Ctrl-C stops the cluster.");
+
+    shutdown_signal().await;
+    println!("stopping");
+    let _ = stop_tx.send(true);
+    for t in agent_tasks {
+        t.await.context("agent task")??;
+    }
+    master_task.await.context("master task")??;
+    if remove_after {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+    Ok(())
+}

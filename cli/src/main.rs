@@ -1,0 +1,244 @@
+//! `agora`: run a local cluster, a master, an agent, a one-shot task; list agents and tasks.
+
+mod dev;
+mod run;
+mod tables;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "agora",
+    version,
+    about = "Agora: a cluster manager that runs Wasm and native tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a master and N agents in this process on loopback, until Ctrl-C.
+    Dev(dev::DevArgs),
+    /// Run a master.
+    Master(MasterArgs),
+    /// Run an agent.
+    Agent(AgentArgs),
+    /// Run one Wasm task and wait for it, printing its state changes and output (like
+    /// mesos-execute); exits with the task's exit code.
+    Run(run::RunArgs),
+    /// List the cluster's agents.
+    Agents(QueryArgs),
+    /// List the cluster's tasks.
+    Tasks(TasksArgs),
+}
+
+#[derive(Args)]
+pub struct MasterArgs {
+    /// Address to serve gRPC and HTTP /health on.
+    #[arg(long, env = "AGORA_MASTER_LISTEN", default_value = "127.0.0.1:5050")]
+    listen: SocketAddr,
+    /// How often agents heartbeat (e.g. 5s, 500ms).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    agent_heartbeat_interval: Duration,
+    /// Heartbeats an agent may miss before it is marked lost.
+    #[arg(long, default_value_t = 5)]
+    max_missed_heartbeats: u32,
+    /// Period of the full allocation cycle (cycles also run when resources free up).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    allocation_interval: Duration,
+    /// How often frameworks get a HEARTBEAT event.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    framework_heartbeat_interval: Duration,
+}
+
+impl MasterArgs {
+    pub fn config(&self) -> agora_master::MasterConfig {
+        agora_master::MasterConfig {
+            agent_heartbeat_interval: self.agent_heartbeat_interval,
+            max_missed_heartbeats: self.max_missed_heartbeats,
+            allocation_interval: self.allocation_interval,
+            framework_heartbeat_interval: self.framework_heartbeat_interval,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The master's address.
+    #[arg(long, env = "AGORA_MASTER", default_value = "127.0.0.1:5050")]
+    master: String,
+    /// Address to serve the agent's Sandbox API on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Address clients should use for the Sandbox API (default: the listen address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Directory for task sandboxes.
+    #[arg(long, env = "AGORA_WORK_DIR", default_value = "/var/lib/agora/agent")]
+    work_dir: PathBuf,
+    /// Resources to offer, replacing detected ones by name, e.g. 'cpus:2;mem:1024;ports:[31000-32000]'.
+    #[arg(long, value_parser = parse_resources)]
+    resources: Option<agora_core::Resources>,
+    /// Attributes, e.g. 'rack:r1;zone:a'.
+    #[arg(long, value_parser = parse_attributes)]
+    attributes: Option<Vec<agora_core::Attribute>>,
+    /// The agent's host name (default: the machine's).
+    #[arg(long)]
+    hostname: Option<String>,
+}
+
+#[derive(Args)]
+pub struct QueryArgs {
+    /// The master's address.
+    #[arg(long, env = "AGORA_MASTER", default_value = "127.0.0.1:5050")]
+    master: String,
+}
+
+#[derive(Args)]
+struct TasksArgs {
+    #[command(flatten)]
+    query: QueryArgs,
+    /// Include finished tasks.
+    #[arg(long)]
+    all: bool,
+}
+
+/// `5s`, `250ms`, `2m`, or plain seconds (`1.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 5s or 250ms"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn parse_resources(s: &str) -> Result<agora_core::Resources, String> {
+    agora_core::parse_resources(s).map_err(|e| e.to_string())
+}
+
+fn parse_attributes(s: &str) -> Result<Vec<agora_core::Attribute>, String> {
+    agora_core::parse_attributes(s).map_err(|e| e.to_string())
+}
+
+/// `host:port` becomes `http://host:port`.
+pub fn master_url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGORA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+async fn master(args: MasterArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    eprintln!(
+        "agora master listening on http://{} (gRPC, GET /health)",
+        listener.local_addr()?
+    );
+    agora_master::run(listener, args.config(), shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let mut config = agora_agent::AgentConfig::new(master_url(&args.master), &args.work_dir);
+    config.resources = args.resources;
+    config.attributes = args.attributes.unwrap_or_default();
+    config.hostname = args.hostname;
+    config.advertise = args.advertise;
+    eprintln!(
+        "agora agent serving sandboxes on http://{}; master {}",
+        listener.local_addr()?,
+        config.master
+    );
+    agora_agent::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let quiet = matches!(
+        cli.command,
+        Command::Run(_) | Command::Agents(_) | Command::Tasks(_)
+    );
+    init_tracing(if quiet { "warn" } else { "info" });
+    let result = match cli.command {
+        Command::Dev(args) => dev::dev(args).await,
+        Command::Master(args) => master(args).await,
+        Command::Agent(args) => agent(args).await,
+        Command::Run(args) => return run::run(args).await,
+        Command::Agents(args) => tables::agents(&args).await,
+        Command::Tasks(args) => tables::tasks(&args.query, args.all).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agora: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn master_addresses_get_a_scheme() {
+        assert_eq!(master_url("127.0.0.1:5050"), "http://127.0.0.1:5050");
+        assert_eq!(master_url("http://m:1"), "http://m:1");
+    }
+}

@@ -1,0 +1,267 @@
+//! `agora run`: a one-shot framework, like `mesos-execute`. It waits for an offer that fits,
+//! launches the task, prints its state changes (to stderr), then its stdout and stderr, and
+//! exits with the task's exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use agora_core::{Resource, Resources, TaskId, TaskState};
+use agora_proto::{reason_name, state_from_proto, v1};
+use agora_sdk::{
+    Event, OfferPool, Operator, SchedulerConfig, TaskBuilder, read_sandbox_file, subscribe,
+};
+use anyhow::{Context, anyhow, bail};
+use clap::Args;
+
+use crate::{master_url, parse_duration, shutdown_signal};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The Wasm module or component to run.
+    file: PathBuf,
+    /// Arguments passed to the task.
+    #[arg(last = true)]
+    args: Vec<String>,
+    /// The master's address.
+    #[arg(long, env = "AGORA_MASTER", default_value = "127.0.0.1:5050")]
+    master: String,
+    /// CPUs for the task.
+    #[arg(long, default_value_t = 0.1)]
+    cpus: f64,
+    /// Memory for the task in MiB: the ceiling on its linear memory.
+    #[arg(long, default_value_t = 64.0)]
+    mem: f64,
+    /// Deterministic instruction budget (wasmtime fuel).
+    #[arg(long)]
+    fuel: Option<u64>,
+    /// Time limit in seconds (e.g. 10, 500ms); the task also gets cpus × this of CPU time.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Environment variables for the task, NAME=VALUE.
+    #[arg(long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// The task's name (default: the file's stem).
+    #[arg(long)]
+    name: Option<String>,
+    /// How long to wait for an offer that fits.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    offer_wait: Duration,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+/// Runs the task; the exit code is the task's.
+pub async fn run(args: RunArgs) -> ExitCode {
+    match run_inner(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("agora: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn stem(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map(|s| {
+            s.to_string_lossy()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .collect()
+        })
+        .filter(|s: &String| !s.is_empty())
+        .unwrap_or_else(|| "task".into())
+}
+
+async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let module =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let name = args.name.clone().unwrap_or_else(|| stem(&args.file));
+    let need: Resources = [
+        Resource::scalar("cpus", args.cpus),
+        Resource::scalar("mem", args.mem),
+    ]
+    .into_iter()
+    .collect::<Result<_, _>>()
+    .context("--cpus and --mem")?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let task_id =
+        TaskId::new(format!("{name}-{}-{nanos:09}", std::process::id())).context("task id")?;
+    let master = master_url(&args.master);
+
+    let mut config = SchedulerConfig::new(master.clone(), format!("agora-run {name}"));
+    // If this process dies, its task goes with it.
+    config.framework.failover_timeout = 0.0;
+    config.reconnect = false;
+    let (scheduler, mut events) = subscribe(config)
+        .await
+        .context("subscribing to the master")?;
+
+    let started = Instant::now();
+    let say = |what: &str| eprintln!("[{:>8.3}s] {what}", started.elapsed().as_secs_f64());
+    let mut builder = TaskBuilder::wasm(task_id.clone(), module)
+        .name(&name)
+        .resources(need.clone())
+        .args(args.args.clone());
+    for (k, v) in &args.env {
+        builder = builder.env(k, v);
+    }
+    if let Some(f) = args.fuel {
+        builder = builder.fuel(f);
+    }
+    if let Some(t) = args.timeout {
+        builder = builder.max_duration(t.as_secs_f64());
+    }
+    let mut builder = Some(builder);
+
+    let deadline = tokio::time::sleep(args.offer_wait);
+    tokio::pin!(deadline);
+    let ctrl_c = shutdown_signal();
+    tokio::pin!(ctrl_c);
+    let mut launched_on: Option<v1::Offer> = None;
+    let last: v1::TaskStatus = loop {
+        let event = tokio::select! {
+            e = events.next() => e,
+            () = &mut deadline, if launched_on.is_none() => {
+                let _ = scheduler.teardown().await;
+                bail!("no offer with {need} arrived within {:?}; is an agent with enough free resources registered?", args.offer_wait);
+            }
+            () = &mut ctrl_c => {
+                say("interrupted; tearing the framework down (the task is killed)");
+                let _ = scheduler.teardown().await;
+                return Ok(ExitCode::from(130));
+            }
+        };
+        let Some(event) = event else {
+            bail!("the master ended the subscription")
+        };
+        match event {
+            Event::Offers(offers) => {
+                let mut decline = Vec::new();
+                for offer in offers {
+                    let fits = OfferPool::new(&offer)
+                        .map(|p| p.fits(&need))
+                        .unwrap_or(false);
+                    match builder.take() {
+                        Some(b) if fits => {
+                            let id = offer
+                                .id
+                                .clone()
+                                .ok_or_else(|| anyhow!("offer without an id"))?;
+                            say(&format!(
+                                "launching {task_id} on {} ({need})",
+                                offer.hostname
+                            ));
+                            scheduler
+                                .accept(&[id], vec![b.build_for(&offer)], Some(0.0))
+                                .await
+                                .context("accepting the offer")?;
+                            launched_on = Some(offer);
+                        }
+                        other => {
+                            builder = other;
+                            decline.extend(offer.id);
+                        }
+                    }
+                }
+                if !decline.is_empty() {
+                    scheduler
+                        .decline(&decline, Some(1.0))
+                        .await
+                        .context("declining offers")?;
+                }
+            }
+            Event::Update(status) => {
+                let state = state_from_proto(status.state());
+                let mut line = state
+                    .map_or("TASK_STATE_UNSPECIFIED", TaskState::name)
+                    .to_owned();
+                if status.reason != 0 {
+                    line.push_str(&format!(" ({})", reason_name(status.reason())));
+                }
+                if !status.message.is_empty() {
+                    line.push_str(": ");
+                    line.push_str(status.message.lines().next().unwrap_or_default());
+                }
+                say(&line);
+                if state.is_some_and(TaskState::is_terminal) {
+                    break status;
+                }
+            }
+            Event::Error(message) => bail!("the master reported: {message}"),
+            Event::Disconnected { reason } => bail!("lost the master: {reason}"),
+            Event::Failure { message, .. } => say(&message),
+            Event::Subscribed { .. } | Event::Rescind(_) => {}
+        }
+    };
+
+    // Let the acknowledgement of the terminal update go out before leaving.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    if let Some(offer) = &launched_on {
+        print_output(&master, offer, &scheduler, &task_id).await;
+    }
+    let _ = scheduler.teardown().await;
+    let state = state_from_proto(last.state());
+    if state == Some(TaskState::Finished) {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "agora: task {} {}: {}",
+        task_id,
+        state.map_or("TASK_STATE_UNSPECIFIED", TaskState::name),
+        if last.reason != 0 {
+            format!("{}: {}", reason_name(last.reason()), last.message)
+        } else {
+            last.message.clone()
+        }
+    );
+    Ok(match last.exit_code {
+        Some(code) if (1..=255).contains(&code) => ExitCode::from(code as u8),
+        _ => ExitCode::FAILURE,
+    })
+}
+
+async fn print_output(
+    master: &str,
+    offer: &v1::Offer,
+    scheduler: &agora_sdk::Scheduler,
+    task: &TaskId,
+) {
+    let Some(framework) = scheduler.framework_id() else {
+        return;
+    };
+    let endpoint = match Operator::connect(master).await {
+        Ok(op) => op.state().await.ok().and_then(|s| {
+            s.agents
+                .into_iter()
+                .find(|a| a.id == offer.agent_id)
+                .and_then(|a| a.info.map(|i| i.endpoint))
+        }),
+        Err(_) => None,
+    };
+    let Some(endpoint) = endpoint else {
+        eprintln!("agora: cannot find the agent's address to read the task's output");
+        return;
+    };
+    use std::io::Write;
+    for (file, to_stdout) in [("stdout", true), ("stderr", false)] {
+        match read_sandbox_file(&endpoint, &framework, task, file).await {
+            Ok(bytes) if to_stdout => {
+                let _ = std::io::stdout().write_all(&bytes);
+                let _ = std::io::stdout().flush();
+            }
+            Ok(bytes) => {
+                let _ = std::io::stderr().write_all(&bytes);
+            }
+            Err(e) => eprintln!("agora: reading the task's {file}: {e}"),
+        }
+    }
+}

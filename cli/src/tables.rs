@@ -1,0 +1,154 @@
+//! `agora agents` and `agora tasks`: tables from the operator API.
+
+use agora_core::Resources;
+use agora_proto::{reason_name, resources_from_proto, state_from_proto, v1};
+use agora_sdk::Operator;
+
+use crate::{QueryArgs, master_url};
+
+/// Left-aligned columns, two spaces apart.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn res(r: &[v1::Resource]) -> Resources {
+    resources_from_proto(r).unwrap_or_default()
+}
+
+fn fmt(v: f64) -> String {
+    agora_core::Scalar::from_f64(v)
+        .map(|s| s.to_string())
+        .unwrap_or_else(|_| format!("{v}"))
+}
+
+pub async fn agents(args: &QueryArgs) -> anyhow::Result<()> {
+    let state = Operator::connect(&master_url(&args.master))
+        .await?
+        .state()
+        .await?;
+    let rows: Vec<Vec<String>> = state
+        .agents
+        .iter()
+        .map(|a| {
+            let (total, used, offered) = (res(&a.total), res(&a.used), res(&a.offered));
+            let info = a.info.clone().unwrap_or_default();
+            let reserved: Vec<String> = total
+                .reserved_roles()
+                .into_iter()
+                .map(|role| format!("{role}:{}", total.reserved_for(role)))
+                .collect();
+            vec![
+                a.id.as_ref().map(|i| i.value.clone()).unwrap_or_default(),
+                info.hostname,
+                if a.active {
+                    "active".into()
+                } else {
+                    "inactive".into()
+                },
+                format!("{}/{}", fmt(used.cpus()), fmt(total.cpus())),
+                format!("{}/{}", fmt(used.mem()), fmt(total.mem())),
+                format!("{}/{}", fmt(used.disk()), fmt(total.disk())),
+                format!("{}/{}", fmt(offered.cpus()), fmt(offered.mem())),
+                if reserved.is_empty() {
+                    "-".into()
+                } else {
+                    reserved.join(" ")
+                },
+                info.endpoint,
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "HOSTNAME",
+            "STATUS",
+            "CPUS(used/total)",
+            "MEM(MiB)",
+            "DISK(MiB)",
+            "OFFERED(cpus/mem)",
+            "RESERVED",
+            "ENDPOINT",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+pub async fn tasks(args: &QueryArgs, all: bool) -> anyhow::Result<()> {
+    let state = Operator::connect(&master_url(&args.master))
+        .await?
+        .state()
+        .await?;
+    let mut records = state.tasks;
+    if all {
+        records.extend(state.completed_tasks);
+    }
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|t| {
+            let r = res(&t.resources);
+            let status = t.last_status.clone().unwrap_or_default();
+            let detail = match (status.reason(), status.message.lines().next()) {
+                (v1::Reason::Unspecified, Some(m)) => m.to_owned(),
+                (v1::Reason::Unspecified, None) => String::new(),
+                (reason, m) => format!("{}: {}", reason_name(reason), m.unwrap_or_default()),
+            };
+            vec![
+                t.task_id
+                    .as_ref()
+                    .map(|i| i.value.clone())
+                    .unwrap_or_default(),
+                t.name.clone(),
+                state_from_proto(t.state())
+                    .map_or("?", |s| s.name())
+                    .to_owned(),
+                t.framework_id
+                    .as_ref()
+                    .map(|i| i.value.clone())
+                    .unwrap_or_default(),
+                t.agent_id
+                    .as_ref()
+                    .map(|i| i.value.clone())
+                    .unwrap_or_default(),
+                fmt(r.cpus()),
+                fmt(r.mem()),
+                detail,
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "NAME",
+            "STATE",
+            "FRAMEWORK",
+            "AGENT",
+            "CPUS",
+            "MEM",
+            "DETAIL",
+        ],
+        &rows,
+    );
+    Ok(())
+}

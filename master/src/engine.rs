@@ -1,0 +1,1657 @@
+//! The master's state and rules, with no I/O: frameworks, agents, offers and tasks.
+//!
+//! The runtime ([`crate::runtime`]) turns wire calls into method calls here, passing the time
+//! in, and then carries out the [`Effect`]s the engine queued (messages to frameworks and
+//! agents, streams to close). Nothing here touches a socket or reads a clock, so every rule can
+//! be tested by feeding calls and reading effects.
+//!
+//! ```text
+//!  framework                 master (engine)                        agent
+//!  ─────────                 ───────────────                        ─────
+//!  Subscribe ───────────────> SUBSCRIBED
+//!                             allocate() ── OFFERS ──> framework
+//!  Accept(offer, LAUNCH) ───> validate, task STAGING ── RunTask ──> agent
+//!                             <──────────────────── StatusUpdate (STARTING, RUNNING, FINISHED)
+//!          <──── UPDATE ───── task table updated; terminal ⇒ resources recovered
+//!  Acknowledge(uuid) ───────> ─────────────────────── Acknowledge ──> agent
+//!                             terminal update acknowledged ⇒ task moves to completed
+//! ```
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use agora_core::{AgentId, FrameworkId, OfferId, Resources, TaskId, TaskState};
+use agora_proto::v1;
+use agora_proto::{
+    ProtoError, attributes_from_proto, resources_from_proto, resources_to_proto, state_from_proto,
+    state_to_proto,
+};
+
+use crate::allocator::{
+    AgentSlot, Allocation, AllocationInput, Allocator, FrameworkSlot, dominant_share,
+};
+
+/// The time, passed in by the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// For durations (heartbeats, filters, timeouts).
+    pub mono: Instant,
+    /// Seconds since the Unix epoch, for timestamps shown to users.
+    pub wall: f64,
+}
+
+/// Settings of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub master_id: String,
+    /// How often agents are asked to heartbeat.
+    pub agent_heartbeat_interval: Duration,
+    /// Heartbeats an agent may miss before it is marked lost.
+    pub max_missed_heartbeats: u32,
+    /// How often frameworks receive HEARTBEAT events.
+    pub framework_heartbeat_interval: Duration,
+    /// Filter applied to declined or unused resources when the call gives none.
+    pub default_refuse: Duration,
+    /// The smallest free resources worth offering.
+    pub min_allocatable: Resources,
+    /// How many finished tasks are kept for the operator API and reconciliation.
+    pub max_completed_tasks: usize,
+}
+
+/// What the runtime must do after a call.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    /// Send an event on the framework's subscription stream.
+    ToFramework(FrameworkId, v1::Event),
+    /// Send a message on the agent's link.
+    ToAgent(AgentId, v1::master_message::Message),
+    /// End the framework's subscription stream (after any events already queued).
+    CloseFramework(FrameworkId),
+    /// The framework's new subscription stream takes over from here: events queued after
+    /// this go to it.
+    Attach(FrameworkId, String),
+}
+
+/// Why a call was refused. Each maps to a gRPC status code.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("framework {0} is not known to this master")]
+    UnknownFramework(FrameworkId),
+    #[error("stream {stream} is not framework {framework}'s current subscription")]
+    StaleStream {
+        framework: FrameworkId,
+        stream: String,
+    },
+    #[error("framework {0} is not subscribed")]
+    Inactive(FrameworkId),
+    #[error("offer {0} is no longer valid")]
+    UnknownOffer(OfferId),
+    #[error("offer {offer} belongs to another framework")]
+    NotYourOffer { offer: OfferId },
+    #[error("offers {0} and {1} are on different agents; an accept uses offers of one agent")]
+    MixedAgents(OfferId, OfferId),
+    #[error("task {task} of framework {framework} is not known to this master")]
+    UnknownTask {
+        framework: FrameworkId,
+        task: TaskId,
+    },
+    #[error("task {task} already ended as {state}")]
+    TaskEnded { task: TaskId, state: TaskState },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+}
+
+impl From<EngineError> for tonic::Status {
+    fn from(e: EngineError) -> Self {
+        use EngineError::*;
+        let msg = e.to_string();
+        match e {
+            UnknownFramework(_) | UnknownOffer(_) | UnknownTask { .. } => {
+                tonic::Status::not_found(msg)
+            }
+            StaleStream { .. } | Inactive(_) | TaskEnded { .. } => {
+                tonic::Status::failed_precondition(msg)
+            }
+            NotYourOffer { .. } => tonic::Status::permission_denied(msg),
+            MixedAgents(..) | Invalid(_) | Proto(_) => tonic::Status::invalid_argument(msg),
+        }
+    }
+}
+
+struct Framework {
+    info: v1::FrameworkInfo,
+    role: String,
+    partition_aware: bool,
+    /// The current subscription's stream id; `None` while disconnected.
+    stream: Option<String>,
+    disconnected_at: Option<Instant>,
+    failover_timeout: Duration,
+    used: Resources,
+    offered: Resources,
+    /// (agent, refused resources, until).
+    filters: Vec<(AgentId, Resources, Instant)>,
+    suppressed: bool,
+    /// Adopted from an agent after a master restart; the framework has not re-subscribed.
+    recovered: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AgentStatus {
+    Connected,
+    /// The link dropped; the agent may yet come back before it is marked lost.
+    Disconnected,
+    Lost,
+}
+
+struct Agent {
+    info: v1::AgentInfo,
+    total: Resources,
+    used: Resources,
+    offered: Resources,
+    status: AgentStatus,
+    last_seen: Instant,
+    registered_at: f64,
+}
+
+struct Offer {
+    framework: FrameworkId,
+    agent: AgentId,
+    resources: Resources,
+}
+
+struct Task {
+    agent: AgentId,
+    info: v1::TaskInfo,
+    resources: Resources,
+    state: TaskState,
+    last_status: Option<v1::TaskStatus>,
+    /// The uuid of the terminal update; its acknowledgement retires the task.
+    terminal_uuid: Option<Vec<u8>>,
+}
+
+type TaskKey = (FrameworkId, TaskId);
+
+/// The master's state.
+pub struct Engine {
+    config: EngineConfig,
+    frameworks: HashMap<FrameworkId, Framework>,
+    /// Frameworks torn down; their late status updates are acknowledged and dropped.
+    removed_frameworks: HashSet<FrameworkId>,
+    agents: HashMap<AgentId, Agent>,
+    offers: HashMap<OfferId, Offer>,
+    tasks: HashMap<TaskKey, Task>,
+    completed: VecDeque<v1::TaskRecord>,
+    allocator: Box<dyn Allocator>,
+    effects: Vec<Effect>,
+    next_id: u64,
+    allocation_pending: bool,
+    last_framework_heartbeat: Option<Instant>,
+    changed: bool,
+}
+
+fn event(e: v1::event::Event) -> v1::Event {
+    v1::Event { event: Some(e) }
+}
+
+/// Strips module bytes so the task table does not hold a copy of every module.
+fn without_module(task: &v1::TaskInfo) -> v1::TaskInfo {
+    let mut t = task.clone();
+    if let Some(v1::task_info::Payload::Wasm(w)) = &mut t.payload
+        && let Some(v1::wasm_task::Module::ModuleBytes(b)) = &w.module
+    {
+        let digest = if w.sha256.is_empty() {
+            format!("{} bytes inline", b.len())
+        } else {
+            w.sha256.clone()
+        };
+        w.module = Some(v1::wasm_task::Module::Digest(digest));
+    }
+    t
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, allocator: Box<dyn Allocator>) -> Self {
+        Engine {
+            config,
+            frameworks: HashMap::new(),
+            removed_frameworks: HashSet::new(),
+            agents: HashMap::new(),
+            offers: HashMap::new(),
+            tasks: HashMap::new(),
+            completed: VecDeque::new(),
+            allocator,
+            effects: Vec::new(),
+            next_id: 0,
+            allocation_pending: false,
+            last_framework_heartbeat: None,
+            changed: true,
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The effects queued since the last call, in order.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// True when something happened that may let new offers be made.
+    pub fn allocation_pending(&self) -> bool {
+        self.allocation_pending
+    }
+
+    /// True (once) when the state changed since the last call: the snapshot is stale.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// A new id: the master id (validated at start-up), a kind letter and a sequence number,
+    /// so ids are unique across master restarts and always valid.
+    fn next<T>(&mut self, prefix: &str, make: fn(String) -> Result<T, agora_core::IdError>) -> T {
+        self.next_id += 1;
+        make(format!(
+            "{}-{prefix}{:06}",
+            self.config.master_id, self.next_id
+        ))
+        .expect("ids built from a validated master id are valid")
+    }
+
+    fn tell_framework(&mut self, fw: &FrameworkId, e: v1::event::Event) {
+        if self.frameworks.get(fw).is_some_and(|f| f.stream.is_some()) {
+            self.effects.push(Effect::ToFramework(fw.clone(), event(e)));
+        }
+    }
+
+    fn tell_agent(&mut self, agent: &AgentId, m: v1::master_message::Message) {
+        if self
+            .agents
+            .get(agent)
+            .is_some_and(|a| a.status == AgentStatus::Connected)
+        {
+            self.effects.push(Effect::ToAgent(agent.clone(), m));
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Frameworks.
+    // ---------------------------------------------------------------------------------------
+
+    /// Subscribes a framework (new, failing over, or re-subscribing after a master restart)
+    /// and returns its id and the new stream's id. SUBSCRIBED is queued as the stream's first
+    /// event.
+    ///
+    /// # Errors
+    /// When the framework info is invalid.
+    pub fn subscribe(
+        &mut self,
+        info: v1::FrameworkInfo,
+    ) -> Result<(FrameworkId, String), EngineError> {
+        if info.name.trim().is_empty() {
+            return Err(EngineError::Invalid("framework name is empty".into()));
+        }
+        let role = match info.roles.as_slice() {
+            [] => "*".to_owned(),
+            [role] => role.clone(),
+            more => {
+                return Err(EngineError::Invalid(format!(
+                    "framework asks for {} roles; this master supports one role per framework",
+                    more.len()
+                )));
+            }
+        };
+        agora_core::resources::validate_role(&role)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        if !info.failover_timeout.is_finite() || info.failover_timeout < 0.0 {
+            return Err(EngineError::Invalid(format!(
+                "failover_timeout {} is not a non-negative number of seconds",
+                info.failover_timeout
+            )));
+        }
+        let requested: Option<FrameworkId> =
+            info.id.as_ref().map(FrameworkId::try_from).transpose()?;
+        if let Some(id) = &requested
+            && self.removed_frameworks.contains(id)
+        {
+            return Err(EngineError::Invalid(format!(
+                "framework {id} was torn down; subscribe without an id to start anew"
+            )));
+        }
+        let id = match requested {
+            Some(id) => id,
+            None => self.next("F", FrameworkId::new),
+        };
+        let stream: String = self.next("S", Ok);
+        let partition_aware = info
+            .capabilities
+            .contains(&(v1::framework_info::Capability::PartitionAware as i32));
+        let failover_timeout = Duration::from_secs_f64(info.failover_timeout);
+        let mut info = info;
+        info.id = Some((&id).into());
+
+        if let Some(old) = self.frameworks.get_mut(&id) {
+            if old.stream.is_some() {
+                // Failover: the old subscription is told why and closed.
+                self.effects.push(Effect::ToFramework(
+                    id.clone(),
+                    event(v1::event::Event::Error(v1::event::Error {
+                        message: "framework failed over to a new subscription".into(),
+                    })),
+                ));
+                self.effects.push(Effect::CloseFramework(id.clone()));
+            }
+            old.info = info;
+            old.role = role;
+            old.partition_aware = partition_aware;
+            old.failover_timeout = failover_timeout;
+            old.stream = Some(stream.clone());
+            old.disconnected_at = None;
+            old.recovered = false;
+        } else {
+            self.frameworks.insert(
+                id.clone(),
+                Framework {
+                    info,
+                    role,
+                    partition_aware,
+                    stream: Some(stream.clone()),
+                    disconnected_at: None,
+                    failover_timeout,
+                    used: Resources::new(),
+                    offered: Resources::new(),
+                    filters: Vec::new(),
+                    suppressed: false,
+                    recovered: false,
+                },
+            );
+        }
+        self.recompute_framework_usage(&id);
+        self.effects
+            .push(Effect::Attach(id.clone(), stream.clone()));
+        self.effects.push(Effect::ToFramework(
+            id.clone(),
+            event(v1::event::Event::Subscribed(v1::event::Subscribed {
+                framework_id: Some((&id).into()),
+                stream_id: stream.clone(),
+                heartbeat_interval_seconds: self.config.framework_heartbeat_interval.as_secs_f64(),
+                master_id: self.config.master_id.clone(),
+            })),
+        ));
+        tracing::info!(framework_id = %id, stream_id = %stream, "framework subscribed");
+        self.allocation_pending = true;
+        self.changed = true;
+        Ok((id, stream))
+    }
+
+    fn recompute_framework_usage(&mut self, id: &FrameworkId) {
+        let used = self
+            .tasks
+            .iter()
+            .filter(|((f, _), t)| f == id && t.state.is_live() && t.state != TaskState::Unreachable)
+            .fold(Resources::new(), |acc, (_, t)| acc + t.resources.clone());
+        if let Some(f) = self.frameworks.get_mut(id) {
+            f.used = used;
+        }
+    }
+
+    /// Checks that a call comes from the framework's current subscription.
+    fn caller(&self, id: &FrameworkId, stream: &str) -> Result<(), EngineError> {
+        let f = self
+            .frameworks
+            .get(id)
+            .ok_or_else(|| EngineError::UnknownFramework(id.clone()))?;
+        match &f.stream {
+            None => Err(EngineError::Inactive(id.clone())),
+            Some(s) if s != stream => Err(EngineError::StaleStream {
+                framework: id.clone(),
+                stream: stream.to_owned(),
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The framework's subscription stream ended.
+    pub fn framework_disconnected(&mut self, id: &FrameworkId, stream: &str, now: Now) {
+        let Some(f) = self.frameworks.get_mut(id) else {
+            return;
+        };
+        if f.stream.as_deref() != Some(stream) {
+            return;
+        }
+        f.stream = None;
+        f.disconnected_at = Some(now.mono);
+        let timeout = f.failover_timeout;
+        tracing::info!(framework_id = %id, failover_timeout = ?timeout, "framework disconnected");
+        self.withdraw_offers(|o| o.framework == *id, false);
+        if timeout.is_zero() {
+            self.remove_framework(id, "its subscription ended and its failover timeout is 0");
+        }
+        self.changed = true;
+    }
+
+    /// Removes every offer matching `which`, returning its resources; tells the frameworks
+    /// when `rescind`.
+    fn withdraw_offers(&mut self, which: impl Fn(&Offer) -> bool, rescind: bool) {
+        let ids: Vec<OfferId> = self
+            .offers
+            .iter()
+            .filter(|(_, o)| which(o))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for oid in ids {
+            self.remove_offer(&oid, rescind);
+        }
+    }
+
+    /// Removes an offer and returns its resources to the pool; tells the framework when
+    /// `rescind`.
+    fn remove_offer(&mut self, id: &OfferId, rescind: bool) -> Option<Offer> {
+        let offer = self.offers.remove(id)?;
+        if let Some(a) = self.agents.get_mut(&offer.agent) {
+            a.offered.subtract(&offer.resources);
+        }
+        if let Some(f) = self.frameworks.get_mut(&offer.framework) {
+            f.offered.subtract(&offer.resources);
+        }
+        if rescind {
+            self.tell_framework(
+                &offer.framework.clone(),
+                v1::event::Event::Rescind(v1::event::Rescind {
+                    offer_id: Some(id.into()),
+                }),
+            );
+        }
+        self.allocation_pending = true;
+        self.changed = true;
+        Some(offer)
+    }
+
+    /// Tears a framework down: its tasks are killed, its offers withdrawn, its stream closed.
+    pub fn teardown(&mut self, id: &FrameworkId, stream: &str) -> Result<(), EngineError> {
+        self.caller(id, stream)?;
+        self.remove_framework(id, "the framework asked to be torn down");
+        Ok(())
+    }
+
+    fn remove_framework(&mut self, id: &FrameworkId, why: &str) {
+        tracing::info!(framework_id = %id, why, "removing framework");
+        self.withdraw_offers(|o| o.framework == *id, false);
+        let keys: Vec<TaskKey> = self
+            .tasks
+            .keys()
+            .filter(|(f, _)| f == id)
+            .cloned()
+            .collect();
+        let mut agents = HashSet::new();
+        for key in keys {
+            if let Some(mut task) = self.tasks.remove(&key) {
+                if !task.state.is_terminal() {
+                    agents.insert(task.agent.clone());
+                    if let Some(a) = self.agents.get_mut(&task.agent) {
+                        a.used.subtract(&task.resources);
+                    }
+                    task.state = TaskState::Killed;
+                    task.last_status = Some(v1::TaskStatus {
+                        task_id: Some((&key.1).into()),
+                        state: v1::TaskState::TaskKilled as i32,
+                        reason: v1::Reason::FrameworkRemoved as i32,
+                        message: format!("framework removed: {why}"),
+                        source: v1::StatusSource::SourceMaster as i32,
+                        agent_id: Some((&task.agent).into()),
+                        ..Default::default()
+                    });
+                }
+                self.complete(&key, task);
+            }
+        }
+        for agent in agents {
+            self.tell_agent(
+                &agent,
+                v1::master_message::Message::ShutdownFramework(
+                    v1::master_message::ShutdownFramework {
+                        framework_id: Some(id.into()),
+                    },
+                ),
+            );
+        }
+        if self.frameworks.get(id).is_some_and(|f| f.stream.is_some()) {
+            self.effects.push(Effect::ToFramework(
+                id.clone(),
+                event(v1::event::Event::Error(v1::event::Error {
+                    message: format!("framework removed: {why}"),
+                })),
+            ));
+            self.effects.push(Effect::CloseFramework(id.clone()));
+        }
+        self.frameworks.remove(id);
+        self.removed_frameworks.insert(id.clone());
+        self.allocation_pending = true;
+        self.changed = true;
+    }
+
+    fn complete(&mut self, key: &TaskKey, task: Task) {
+        self.completed.push_back(v1::TaskRecord {
+            task_id: Some((&key.1).into()),
+            framework_id: Some((&key.0).into()),
+            agent_id: Some((&task.agent).into()),
+            name: task.info.name.clone(),
+            state: state_to_proto(task.state) as i32,
+            resources: resources_to_proto(&task.resources),
+            last_status: task.last_status,
+        });
+        while self.completed.len() > self.config.max_completed_tasks {
+            self.completed.pop_front();
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Scheduler calls.
+    // ---------------------------------------------------------------------------------------
+
+    /// ACCEPT: launches tasks on the resources of the given offers.
+    ///
+    /// Unknown, foreign or mixed offers refuse the whole call and change nothing. Otherwise the
+    /// offers are used up: each task is checked in turn and launched if it is valid and fits
+    /// in what remains, else answered with TASK_ERROR; what is left over returns to the pool
+    /// behind a filter.
+    ///
+    /// # Errors
+    /// See [`EngineError`].
+    pub fn accept(
+        &mut self,
+        id: &FrameworkId,
+        stream: &str,
+        offer_ids: &[OfferId],
+        operations: Vec<v1::Operation>,
+        filters: Option<&v1::Filters>,
+        now: Now,
+    ) -> Result<(), EngineError> {
+        self.caller(id, stream)?;
+        if offer_ids.is_empty() {
+            return Err(EngineError::Invalid("accept names no offers".into()));
+        }
+        let refuse = self.refuse_duration(filters)?;
+        let mut agent: Option<(&OfferId, &AgentId)> = None;
+        for oid in offer_ids {
+            let offer = self
+                .offers
+                .get(oid)
+                .ok_or_else(|| EngineError::UnknownOffer(oid.clone()))?;
+            if offer.framework != *id {
+                return Err(EngineError::NotYourOffer { offer: oid.clone() });
+            }
+            match agent {
+                Some((first, a)) if *a != offer.agent => {
+                    return Err(EngineError::MixedAgents(first.clone(), oid.clone()));
+                }
+                _ => agent = Some((oid, &offer.agent)),
+            }
+        }
+        let mut pool = Resources::new();
+        let mut agent_id = None;
+        for oid in offer_ids {
+            if let Some(o) = self.remove_offer(oid, false) {
+                pool += &o.resources;
+                agent_id = Some(o.agent);
+            }
+        }
+        let Some(agent_id) = agent_id else {
+            return Err(EngineError::Invalid("accept names no offers".into()));
+        };
+        for op in operations {
+            match op.operation {
+                Some(v1::operation::Operation::Launch(launch)) => {
+                    for task in launch.tasks {
+                        self.launch(id, &agent_id, &mut pool, task, now);
+                    }
+                }
+                None => {
+                    tracing::warn!(framework_id = %id, "accept with an empty operation");
+                }
+            }
+        }
+        if !pool.is_empty() && !refuse.is_zero() {
+            self.add_filter(id, &agent_id, pool, now.mono + refuse);
+        }
+        self.allocation_pending = true;
+        Ok(())
+    }
+
+    fn refuse_duration(&self, filters: Option<&v1::Filters>) -> Result<Duration, EngineError> {
+        match filters.and_then(|f| f.refuse_seconds) {
+            None => Ok(self.config.default_refuse),
+            Some(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s.min(1e9))),
+            Some(s) => Err(EngineError::Invalid(format!(
+                "filters.refuse_seconds {s} is not a non-negative number"
+            ))),
+        }
+    }
+
+    fn add_filter(
+        &mut self,
+        id: &FrameworkId,
+        agent: &AgentId,
+        resources: Resources,
+        until: Instant,
+    ) {
+        if let Some(f) = self.frameworks.get_mut(id) {
+            f.filters.push((agent.clone(), resources, until));
+        }
+    }
+
+    fn task_error(
+        &mut self,
+        fw: &FrameworkId,
+        task_id: Option<v1::TaskId>,
+        agent: &AgentId,
+        reason: v1::Reason,
+        message: String,
+        now: Now,
+    ) {
+        tracing::info!(framework_id = %fw, task_id = ?task_id.as_ref().map(|t| &t.value), %message, "task refused");
+        let status = v1::TaskStatus {
+            task_id,
+            state: v1::TaskState::TaskError as i32,
+            reason: reason as i32,
+            message,
+            source: v1::StatusSource::SourceMaster as i32,
+            timestamp: now.wall,
+            agent_id: Some(agent.into()),
+            ..Default::default()
+        };
+        self.tell_framework(
+            fw,
+            v1::event::Event::Update(v1::event::Update {
+                status: Some(status),
+            }),
+        );
+    }
+
+    fn validate_task(
+        &self,
+        fw: &FrameworkId,
+        agent: &AgentId,
+        task: &v1::TaskInfo,
+    ) -> Result<(TaskId, Resources), String> {
+        let task_id = TaskId::try_from(task.task_id.as_ref().ok_or("task has no task_id")?)
+            .map_err(|e| e.to_string())?;
+        if let Some(a) = &task.agent_id
+            && a.value != agent.as_str()
+        {
+            return Err(format!(
+                "task names agent {} but the offers are on agent {agent}",
+                a.value
+            ));
+        }
+        if self
+            .tasks
+            .get(&(fw.clone(), task_id.clone()))
+            .is_some_and(|t| !t.state.is_terminal())
+        {
+            return Err(format!("a task with id {task_id} is already running"));
+        }
+        let resources = resources_from_proto(&task.resources).map_err(|e| e.to_string())?;
+        if resources.cpus() <= 0.0 && resources.mem() <= 0.0 {
+            return Err("a task needs some cpus or mem".into());
+        }
+        match &task.payload {
+            None => return Err("task has neither a wasm nor a command payload".into()),
+            Some(v1::task_info::Payload::Wasm(w)) if w.module.is_none() => {
+                return Err("wasm task has no module (bytes, digest or uri)".into());
+            }
+            Some(_) => {}
+        }
+        if !task.max_duration.is_finite() || task.max_duration < 0.0 {
+            return Err(format!(
+                "max_duration {} is not a non-negative number of seconds",
+                task.max_duration
+            ));
+        }
+        Ok((task_id, resources))
+    }
+
+    fn launch(
+        &mut self,
+        fw: &FrameworkId,
+        agent: &AgentId,
+        pool: &mut Resources,
+        mut task: v1::TaskInfo,
+        now: Now,
+    ) {
+        let (task_id, resources) = match self.validate_task(fw, agent, &task) {
+            Ok(v) => v,
+            Err(msg) => {
+                self.task_error(
+                    fw,
+                    task.task_id.clone(),
+                    agent,
+                    v1::Reason::TaskInvalid,
+                    msg,
+                    now,
+                );
+                return;
+            }
+        };
+        let Some(rest) = pool.checked_sub(&resources) else {
+            let msg =
+                format!("task {task_id} asks for {resources} but the offers hold only {pool}");
+            self.task_error(fw, task.task_id, agent, v1::Reason::InvalidOffers, msg, now);
+            return;
+        };
+        *pool = rest;
+        task.agent_id = Some(agent.into());
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.used += &resources;
+        }
+        if let Some(f) = self.frameworks.get_mut(fw) {
+            f.used += &resources;
+        }
+        let framework_name = self
+            .frameworks
+            .get(fw)
+            .map(|f| f.info.name.clone())
+            .unwrap_or_default();
+        tracing::info!(framework_id = %fw, agent_id = %agent, task_id = %task_id, "launching task");
+        self.tasks.insert(
+            (fw.clone(), task_id),
+            Task {
+                agent: agent.clone(),
+                info: without_module(&task),
+                resources,
+                state: TaskState::Staging,
+                last_status: None,
+                terminal_uuid: None,
+            },
+        );
+        self.tell_agent(
+            agent,
+            v1::master_message::Message::RunTask(v1::master_message::RunTask {
+                framework_id: Some(fw.into()),
+                framework_name,
+                task: Some(task),
+            }),
+        );
+        self.changed = true;
+    }
+
+    /// DECLINE: returns the offers' resources, refused by this framework on their agents for
+    /// `refuse_seconds` (default 5).
+    ///
+    /// # Errors
+    /// When an offer is unknown or not the framework's; nothing changes then.
+    pub fn decline(
+        &mut self,
+        id: &FrameworkId,
+        stream: &str,
+        offer_ids: &[OfferId],
+        filters: Option<&v1::Filters>,
+        now: Now,
+    ) -> Result<(), EngineError> {
+        self.caller(id, stream)?;
+        let refuse = self.refuse_duration(filters)?;
+        for oid in offer_ids {
+            match self.offers.get(oid) {
+                None => return Err(EngineError::UnknownOffer(oid.clone())),
+                Some(o) if o.framework != *id => {
+                    return Err(EngineError::NotYourOffer { offer: oid.clone() });
+                }
+                Some(_) => {}
+            }
+        }
+        for oid in offer_ids {
+            if let Some(o) = self.remove_offer(oid, false)
+                && !refuse.is_zero()
+            {
+                self.add_filter(id, &o.agent, o.resources, now.mono + refuse);
+            }
+        }
+        Ok(())
+    }
+
+    /// REVIVE: clears the framework's filters and resumes offers.
+    ///
+    /// # Errors
+    /// When the caller is not the framework's current subscription.
+    pub fn revive(&mut self, id: &FrameworkId, stream: &str) -> Result<(), EngineError> {
+        self.caller(id, stream)?;
+        if let Some(f) = self.frameworks.get_mut(id) {
+            f.filters.clear();
+            f.suppressed = false;
+        }
+        self.allocation_pending = true;
+        self.changed = true;
+        Ok(())
+    }
+
+    /// SUPPRESS: no more offers until REVIVE.
+    ///
+    /// # Errors
+    /// When the caller is not the framework's current subscription.
+    pub fn suppress(&mut self, id: &FrameworkId, stream: &str) -> Result<(), EngineError> {
+        self.caller(id, stream)?;
+        if let Some(f) = self.frameworks.get_mut(id) {
+            f.suppressed = true;
+        }
+        self.withdraw_offers(|o| o.framework == *id, true);
+        self.changed = true;
+        Ok(())
+    }
+
+    fn find_task(&self, fw: &FrameworkId, task: &TaskId) -> Result<&Task, EngineError> {
+        if let Some(t) = self.tasks.get(&(fw.clone(), task.clone())) {
+            return Ok(t);
+        }
+        let done = self.completed.iter().rev().find(|r| {
+            r.framework_id
+                .as_ref()
+                .is_some_and(|f| f.value == fw.as_str())
+                && r.task_id.as_ref().is_some_and(|t| t.value == task.as_str())
+        });
+        match done.and_then(|r| state_from_proto(r.state())) {
+            Some(state) => Err(EngineError::TaskEnded {
+                task: task.clone(),
+                state,
+            }),
+            None => Err(EngineError::UnknownTask {
+                framework: fw.clone(),
+                task: task.clone(),
+            }),
+        }
+    }
+
+    /// KILL: asks the task's agent to kill it.
+    ///
+    /// # Errors
+    /// When the task is unknown or has already ended.
+    pub fn kill(
+        &mut self,
+        id: &FrameworkId,
+        stream: &str,
+        task: &TaskId,
+    ) -> Result<(), EngineError> {
+        self.caller(id, stream)?;
+        let t = self.find_task(id, task)?;
+        if t.state.is_terminal() {
+            return Err(EngineError::TaskEnded {
+                task: task.clone(),
+                state: t.state,
+            });
+        }
+        let agent = t.agent.clone();
+        tracing::info!(framework_id = %id, task_id = %task, agent_id = %agent, "killing task");
+        self.tell_agent(
+            &agent,
+            v1::master_message::Message::KillTask(v1::master_message::KillTask {
+                framework_id: Some(id.into()),
+                task_id: Some(task.into()),
+            }),
+        );
+        Ok(())
+    }
+
+    /// ACKNOWLEDGE: forwards the acknowledgement to the agent; acknowledging a task's terminal
+    /// update retires the task.
+    ///
+    /// # Errors
+    /// When the task is unknown to the master.
+    pub fn acknowledge(
+        &mut self,
+        id: &FrameworkId,
+        stream: &str,
+        task: &TaskId,
+        uuid: &[u8],
+    ) -> Result<(), EngineError> {
+        self.caller(id, stream)?;
+        if uuid.is_empty() {
+            return Err(EngineError::Invalid("acknowledgement has no uuid".into()));
+        }
+        let key = (id.clone(), task.clone());
+        let agent = match self.find_task(id, task) {
+            Ok(t) => t.agent.clone(),
+            // A retried update of a task already retired: nothing left to do.
+            Err(EngineError::TaskEnded { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.tell_agent(
+            &agent,
+            v1::master_message::Message::Acknowledge(v1::master_message::AcknowledgeUpdate {
+                framework_id: Some(id.into()),
+                task_id: Some(task.into()),
+                uuid: uuid.to_vec(),
+            }),
+        );
+        if self
+            .tasks
+            .get(&key)
+            .is_some_and(|t| t.terminal_uuid.as_deref() == Some(uuid))
+            && let Some(t) = self.tasks.remove(&key)
+        {
+            self.complete(&key, t);
+            self.changed = true;
+        }
+        Ok(())
+    }
+
+    /// RECONCILE: sends the latest known state of the named tasks (explicit) or of all the
+    /// framework's tasks (implicit, when `tasks` is empty). The answers carry no uuid.
+    ///
+    /// # Errors
+    /// When the caller is not the framework's current subscription.
+    pub fn reconcile(
+        &mut self,
+        id: &FrameworkId,
+        stream: &str,
+        tasks: &[TaskId],
+        now: Now,
+    ) -> Result<(), EngineError> {
+        self.caller(id, stream)?;
+        let partition_aware = self.frameworks.get(id).is_some_and(|f| f.partition_aware);
+        let mut answers = Vec::new();
+        let latest = |key: &TaskKey, t: &Task| {
+            let mut s = t.last_status.clone().unwrap_or_else(|| v1::TaskStatus {
+                task_id: Some((&key.1).into()),
+                state: state_to_proto(t.state) as i32,
+                agent_id: Some((&t.agent).into()),
+                ..Default::default()
+            });
+            s.uuid.clear();
+            s.reason = v1::Reason::Reconciliation as i32;
+            s.source = v1::StatusSource::SourceMaster as i32;
+            s.timestamp = now.wall;
+            s
+        };
+        if tasks.is_empty() {
+            for (key, t) in self.tasks.iter().filter(|((f, _), _)| f == id) {
+                answers.push(latest(key, t));
+            }
+        } else {
+            for task in tasks {
+                let key = (id.clone(), task.clone());
+                if let Some(t) = self.tasks.get(&key) {
+                    answers.push(latest(&key, t));
+                    continue;
+                }
+                let done = self.completed.iter().rev().find(|r| {
+                    r.framework_id
+                        .as_ref()
+                        .is_some_and(|f| f.value == id.as_str())
+                        && r.task_id.as_ref().is_some_and(|t| t.value == task.as_str())
+                });
+                let mut s = match done.and_then(|r| r.last_status.clone()) {
+                    Some(s) => s,
+                    None => v1::TaskStatus {
+                        task_id: Some(task.into()),
+                        state: if partition_aware {
+                            v1::TaskState::TaskUnknown
+                        } else {
+                            v1::TaskState::TaskLost
+                        } as i32,
+                        message: "task is unknown to the master".into(),
+                        ..Default::default()
+                    },
+                };
+                s.uuid.clear();
+                s.reason = v1::Reason::Reconciliation as i32;
+                s.source = v1::StatusSource::SourceMaster as i32;
+                s.timestamp = now.wall;
+                answers.push(s);
+            }
+        }
+        for s in answers {
+            self.tell_framework(
+                id,
+                v1::event::Event::Update(v1::event::Update { status: Some(s) }),
+            );
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Agents.
+    // ---------------------------------------------------------------------------------------
+
+    /// Registers an agent, or re-registers one that registered before (with this master or a
+    /// previous one), reconciling the tasks it reports with the master's.
+    ///
+    /// # Errors
+    /// When the agent's resources, attributes or tasks are invalid.
+    pub fn register_agent(
+        &mut self,
+        reg: v1::agent_message::Register,
+        now: Now,
+    ) -> Result<AgentId, EngineError> {
+        let info = reg.info.ok_or(ProtoError::Missing("register.info"))?;
+        let total = resources_from_proto(&info.resources)?;
+        attributes_from_proto(&info.attributes)?;
+        if total.is_empty() {
+            return Err(EngineError::Invalid("agent offers no resources".into()));
+        }
+        let requested: Option<AgentId> =
+            reg.agent_id.as_ref().map(AgentId::try_from).transpose()?;
+        let mut reported = Vec::new();
+        for t in reg.tasks {
+            let fw = FrameworkId::try_from(
+                t.framework_id
+                    .as_ref()
+                    .ok_or(ProtoError::Missing("task.framework_id"))?,
+            )?;
+            let task = t.task.ok_or(ProtoError::Missing("task.task"))?;
+            let task_id = TaskId::try_from(
+                task.task_id
+                    .as_ref()
+                    .ok_or(ProtoError::Missing("task.task_id"))?,
+            )?;
+            let resources = resources_from_proto(&task.resources)?;
+            let state = state_from_proto(t.state.try_into().unwrap_or_default())
+                .unwrap_or(TaskState::Running);
+            reported.push((fw, task_id, task, resources, state));
+        }
+
+        let id = match requested {
+            Some(id) => id,
+            None => self.next("A", AgentId::new),
+        };
+        let returning = self.agents.contains_key(&id);
+        tracing::info!(agent_id = %id, hostname = %info.hostname, returning, tasks = reported.len(), "agent registered");
+        // Offers on this agent were made from what the master knew before; withdraw them.
+        self.withdraw_offers(|o| o.agent == id, true);
+        let registered_at = self.agents.get(&id).map_or(now.wall, |a| a.registered_at);
+        self.agents.insert(
+            id.clone(),
+            Agent {
+                info,
+                total,
+                used: Resources::new(),
+                offered: Resources::new(),
+                status: AgentStatus::Connected,
+                last_seen: now.mono,
+                registered_at,
+            },
+        );
+        self.effects.push(Effect::ToAgent(
+            id.clone(),
+            v1::master_message::Message::Registered(v1::master_message::Registered {
+                agent_id: Some((&id).into()),
+                heartbeat_interval_seconds: self.config.agent_heartbeat_interval.as_secs_f64(),
+                master_id: self.config.master_id.clone(),
+            }),
+        ));
+        self.reconcile_agent_tasks(&id, reported, now);
+        self.allocation_pending = true;
+        self.changed = true;
+        Ok(id)
+    }
+
+    fn reconcile_agent_tasks(
+        &mut self,
+        agent: &AgentId,
+        reported: Vec<(FrameworkId, TaskId, v1::TaskInfo, Resources, TaskState)>,
+        now: Now,
+    ) {
+        let mut seen = HashSet::new();
+        for (fw, task_id, info, resources, state) in reported {
+            let key = (fw.clone(), task_id.clone());
+            seen.insert(key.clone());
+            let known_live = self
+                .tasks
+                .get(&key)
+                .is_some_and(|t| !t.state.is_terminal() && t.agent == *agent);
+            if self.removed_frameworks.contains(&fw) || (!known_live && self.was_completed(&key)) {
+                // The master already told the framework this task ended (e.g. TASK_LOST while
+                // the agent was away): it must not come back to life.
+                tracing::info!(framework_id = %fw, task_id = %task_id, agent_id = %agent, "killing task the master had written off");
+                self.tell_agent(
+                    agent,
+                    v1::master_message::Message::KillTask(v1::master_message::KillTask {
+                        framework_id: Some((&fw).into()),
+                        task_id: Some((&task_id).into()),
+                    }),
+                );
+                continue;
+            }
+            if state.is_live()
+                && state != TaskState::Unreachable
+                && let Some(a) = self.agents.get_mut(agent)
+            {
+                a.used += &resources;
+            }
+            if !self.frameworks.contains_key(&fw) {
+                // Adopted after a master restart: the framework owns it again when it
+                // re-subscribes with its id.
+                self.frameworks.insert(
+                    fw.clone(),
+                    Framework {
+                        info: v1::FrameworkInfo {
+                            id: Some((&fw).into()),
+                            name: String::new(),
+                            ..Default::default()
+                        },
+                        role: "*".into(),
+                        partition_aware: false,
+                        stream: None,
+                        disconnected_at: None,
+                        failover_timeout: Duration::MAX,
+                        used: Resources::new(),
+                        offered: Resources::new(),
+                        filters: Vec::new(),
+                        suppressed: false,
+                        recovered: true,
+                    },
+                );
+            }
+            let previous = self.tasks.get(&key).map(|t| t.state);
+            if previous == Some(TaskState::Unreachable) && state != TaskState::Unreachable {
+                let status = v1::TaskStatus {
+                    task_id: Some((&task_id).into()),
+                    state: state_to_proto(state) as i32,
+                    message: "agent re-registered; the task is still there".into(),
+                    source: v1::StatusSource::SourceMaster as i32,
+                    timestamp: now.wall,
+                    agent_id: Some(agent.into()),
+                    ..Default::default()
+                };
+                self.tell_framework(
+                    &fw,
+                    v1::event::Event::Update(v1::event::Update {
+                        status: Some(status.clone()),
+                    }),
+                );
+                if let Some(t) = self.tasks.get_mut(&key) {
+                    t.state = state;
+                    t.last_status = Some(status);
+                }
+            }
+            self.tasks.entry(key).or_insert_with(|| Task {
+                agent: agent.clone(),
+                info: without_module(&info),
+                resources,
+                state,
+                last_status: None,
+                terminal_uuid: None,
+            });
+            self.recompute_framework_usage(&fw);
+        }
+        // Tasks the master placed on this agent that the agent no longer has.
+        let missing: Vec<TaskKey> = self
+            .tasks
+            .iter()
+            .filter(|(k, t)| t.agent == *agent && t.state.is_live() && !seen.contains(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in missing {
+            self.master_update(
+                &key,
+                TaskState::Lost,
+                v1::Reason::AgentRestarted,
+                "the agent re-registered without this task",
+                now,
+            );
+        }
+    }
+
+    fn was_completed(&self, key: &TaskKey) -> bool {
+        self.completed.iter().any(|r| {
+            r.framework_id
+                .as_ref()
+                .is_some_and(|f| f.value == key.0.as_str())
+                && r.task_id
+                    .as_ref()
+                    .is_some_and(|t| t.value == key.1.as_str())
+        })
+    }
+
+    /// A state change decided by the master (agent lost, task missing): updates the table and
+    /// tells the framework. Terminal changes retire the task at once (there is no agent to
+    /// acknowledge to).
+    fn master_update(
+        &mut self,
+        key: &TaskKey,
+        state: TaskState,
+        reason: v1::Reason,
+        message: &str,
+        now: Now,
+    ) {
+        let Some(task) = self.tasks.get_mut(key) else {
+            return;
+        };
+        if !task.state.can_transition(state) {
+            return;
+        }
+        let was_live_resources = !task.state.is_terminal() && task.state != TaskState::Unreachable;
+        task.state = state;
+        let status = v1::TaskStatus {
+            task_id: Some((&key.1).into()),
+            state: state_to_proto(state) as i32,
+            reason: reason as i32,
+            message: message.to_owned(),
+            source: v1::StatusSource::SourceMaster as i32,
+            timestamp: now.wall,
+            agent_id: Some((&task.agent).into()),
+            ..Default::default()
+        };
+        task.last_status = Some(status.clone());
+        let agent = task.agent.clone();
+        let resources = task.resources.clone();
+        tracing::info!(framework_id = %key.0, task_id = %key.1, agent_id = %agent, state = %state, message, "task state set by master");
+        if (state.is_terminal() || state == TaskState::Unreachable) && was_live_resources {
+            if let Some(a) = self.agents.get_mut(&agent) {
+                a.used.subtract(&resources);
+            }
+            if let Some(f) = self.frameworks.get_mut(&key.0) {
+                f.used.subtract(&resources);
+            }
+        }
+        self.tell_framework(
+            &key.0,
+            v1::event::Event::Update(v1::event::Update {
+                status: Some(status),
+            }),
+        );
+        if state.is_terminal()
+            && let Some(t) = self.tasks.remove(key)
+        {
+            self.complete(key, t);
+        }
+        self.changed = true;
+    }
+
+    pub fn agent_heartbeat(&mut self, agent: &AgentId, now: Now) {
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.last_seen = now.mono;
+        }
+    }
+
+    /// The agent's link dropped. Its offers are withdrawn; it is marked lost only if it stays
+    /// away past the heartbeat timeout.
+    pub fn agent_disconnected(&mut self, agent: &AgentId) {
+        let Some(a) = self.agents.get_mut(agent) else {
+            return;
+        };
+        if a.status != AgentStatus::Connected {
+            return;
+        }
+        a.status = AgentStatus::Disconnected;
+        tracing::warn!(agent_id = %agent, "agent link dropped");
+        self.withdraw_offers(|o| o.agent == *agent, true);
+        self.changed = true;
+    }
+
+    /// A status update from an agent: updates the task table and forwards it to the
+    /// framework, which acknowledges it through the master.
+    ///
+    /// # Errors
+    /// When the update is malformed.
+    pub fn status_update(
+        &mut self,
+        agent: &AgentId,
+        update: v1::agent_message::StatusUpdate,
+    ) -> Result<(), EngineError> {
+        let fw = FrameworkId::try_from(
+            update
+                .framework_id
+                .as_ref()
+                .ok_or(ProtoError::Missing("framework_id"))?,
+        )?;
+        let mut status = update.status.ok_or(ProtoError::Missing("status"))?;
+        let task_id = TaskId::try_from(
+            status
+                .task_id
+                .as_ref()
+                .ok_or(ProtoError::Missing("status.task_id"))?,
+        )?;
+        let state = state_from_proto(status.state()).ok_or(ProtoError::Missing("status.state"))?;
+        status.agent_id = Some(agent.into());
+        if !self.frameworks.contains_key(&fw) {
+            // Nobody to tell: acknowledge so the agent stops retrying.
+            if !status.uuid.is_empty() {
+                self.tell_agent(
+                    agent,
+                    v1::master_message::Message::Acknowledge(
+                        v1::master_message::AcknowledgeUpdate {
+                            framework_id: Some((&fw).into()),
+                            task_id: Some((&task_id).into()),
+                            uuid: status.uuid,
+                        },
+                    ),
+                );
+            }
+            return Ok(());
+        }
+        let key = (fw.clone(), task_id.clone());
+        if let Some(task) = self.tasks.get_mut(&key) {
+            if task.state.can_transition(state) {
+                let was_holding = !task.state.is_terminal() && task.state != TaskState::Unreachable;
+                task.state = state;
+                task.last_status = Some(status.clone());
+                if state.is_terminal() {
+                    task.terminal_uuid = Some(status.uuid.clone());
+                    if was_holding {
+                        let (agent_id, resources) = (task.agent.clone(), task.resources.clone());
+                        if let Some(a) = self.agents.get_mut(&agent_id) {
+                            a.used.subtract(&resources);
+                        }
+                        if let Some(f) = self.frameworks.get_mut(&fw) {
+                            f.used.subtract(&resources);
+                        }
+                        self.allocation_pending = true;
+                    }
+                    if status.uuid.is_empty()
+                        && let Some(t) = self.tasks.remove(&key)
+                    {
+                        self.complete(&key, t);
+                    }
+                }
+                self.changed = true;
+            } else if task.state.is_terminal()
+                && task.state == state
+                && task.terminal_uuid.is_none()
+            {
+                // A terminal update the master learnt of from a re-registration: its
+                // acknowledgement retires the task.
+                task.terminal_uuid = Some(status.uuid.clone());
+            } else if task.state != state {
+                tracing::debug!(framework_id = %fw, task_id = %task_id, from = %task.state, to = %state, "out-of-order update forwarded without changing state");
+            }
+        }
+        tracing::debug!(framework_id = %fw, task_id = %task_id, agent_id = %agent, state = %state, "status update");
+        self.tell_framework(
+            &fw,
+            v1::event::Event::Update(v1::event::Update {
+                status: Some(status),
+            }),
+        );
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Time.
+    // ---------------------------------------------------------------------------------------
+
+    /// Periodic work: agents that stopped heartbeating are marked lost, frameworks past their
+    /// failover timeout are removed, expired filters are dropped, frameworks get heartbeats.
+    pub fn tick(&mut self, now: Now) {
+        let limit = self.config.agent_heartbeat_interval * self.config.max_missed_heartbeats.max(1);
+        let lost: Vec<AgentId> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| {
+                a.status != AgentStatus::Lost
+                    && now.mono.saturating_duration_since(a.last_seen) > limit
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for agent in lost {
+            self.mark_agent_lost(&agent, now);
+        }
+
+        let expired: Vec<FrameworkId> = self
+            .frameworks
+            .iter()
+            .filter(|(_, f)| {
+                f.stream.is_none()
+                    && !f.recovered
+                    && f.disconnected_at.is_some_and(|t| {
+                        now.mono.saturating_duration_since(t) >= f.failover_timeout
+                    })
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for fw in expired {
+            self.remove_framework(
+                &fw,
+                "its failover timeout passed without a new subscription",
+            );
+        }
+
+        let mut any_expired = false;
+        for f in self.frameworks.values_mut() {
+            let before = f.filters.len();
+            f.filters.retain(|(_, _, until)| *until > now.mono);
+            any_expired |= f.filters.len() != before;
+        }
+        if any_expired {
+            self.allocation_pending = true;
+        }
+
+        let due = self.last_framework_heartbeat.is_none_or(|t| {
+            now.mono.saturating_duration_since(t) >= self.config.framework_heartbeat_interval
+        });
+        if due {
+            self.last_framework_heartbeat = Some(now.mono);
+            let ids: Vec<FrameworkId> = self
+                .frameworks
+                .iter()
+                .filter(|(_, f)| f.stream.is_some())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for id in ids {
+                self.tell_framework(&id, v1::event::Event::Heartbeat(v1::event::Heartbeat {}));
+            }
+        }
+    }
+
+    fn mark_agent_lost(&mut self, agent: &AgentId, now: Now) {
+        let Some(a) = self.agents.get_mut(agent) else {
+            return;
+        };
+        a.status = AgentStatus::Lost;
+        tracing::warn!(agent_id = %agent, "agent missed its heartbeats; marking it lost");
+        self.withdraw_offers(|o| o.agent == *agent, true);
+        let keys: Vec<TaskKey> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.agent == *agent && t.state.is_live())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            let partition_aware = self
+                .frameworks
+                .get(&key.0)
+                .is_some_and(|f| f.partition_aware);
+            if partition_aware {
+                self.master_update(
+                    &key,
+                    TaskState::Unreachable,
+                    v1::Reason::AgentUnreachable,
+                    "the agent stopped heartbeating",
+                    now,
+                );
+            } else {
+                self.master_update(
+                    &key,
+                    TaskState::Lost,
+                    v1::Reason::AgentRemoved,
+                    "the agent stopped heartbeating and was marked lost",
+                    now,
+                );
+            }
+        }
+        let message = format!("agent {agent} stopped heartbeating and was marked lost");
+        let ids: Vec<FrameworkId> = self
+            .frameworks
+            .iter()
+            .filter(|(_, f)| f.stream.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in ids {
+            self.tell_framework(
+                &id,
+                v1::event::Event::Failure(v1::event::Failure {
+                    agent_id: Some(agent.into()),
+                    message: message.clone(),
+                }),
+            );
+        }
+        self.changed = true;
+    }
+
+    /// Runs the allocator over the free resources and makes offers.
+    pub fn allocate(&mut self, now: Now, seed: u64) {
+        self.allocation_pending = false;
+        let mut total = Resources::new();
+        let mut agents = Vec::new();
+        for (id, a) in &self.agents {
+            if a.status != AgentStatus::Connected {
+                continue;
+            }
+            total += &a.total;
+            let available = a.total.saturating_sub(&a.used).saturating_sub(&a.offered);
+            if !available.is_empty() {
+                agents.push(AgentSlot {
+                    id: id.clone(),
+                    available,
+                });
+            }
+        }
+        let frameworks: Vec<FrameworkSlot> = self
+            .frameworks
+            .iter()
+            .filter(|(_, f)| f.stream.is_some() && !f.suppressed)
+            .map(|(id, f)| FrameworkSlot {
+                id: id.clone(),
+                role: f.role.clone(),
+                allocated: &f.used + &f.offered,
+                refused: f
+                    .filters
+                    .iter()
+                    .filter(|(_, _, until)| *until > now.mono)
+                    .map(|(a, r, _)| (a.clone(), r.clone()))
+                    .collect(),
+            })
+            .collect();
+        if agents.is_empty() || frameworks.is_empty() {
+            return;
+        }
+        let input = AllocationInput {
+            total,
+            agents,
+            frameworks,
+            min_allocatable: self.config.min_allocatable.clone(),
+            seed,
+        };
+        let allocations = self.allocator.allocate(&input);
+        let mut by_framework: HashMap<FrameworkId, Vec<v1::Offer>> = HashMap::new();
+        for Allocation {
+            framework,
+            agent,
+            role,
+            resources,
+        } in allocations
+        {
+            let offer_id = self.next("O", OfferId::new);
+            let Some(a) = self.agents.get_mut(&agent) else {
+                continue;
+            };
+            a.offered += &resources;
+            let wire = v1::Offer {
+                id: Some((&offer_id).into()),
+                framework_id: Some((&framework).into()),
+                agent_id: Some((&agent).into()),
+                hostname: a.info.hostname.clone(),
+                resources: resources_to_proto(&resources),
+                attributes: a.info.attributes.clone(),
+                allocation_role: role,
+            };
+            if let Some(f) = self.frameworks.get_mut(&framework) {
+                f.offered += &resources;
+            }
+            tracing::debug!(framework_id = %framework, agent_id = %agent, offer_id = %offer_id, %resources, "offer");
+            self.offers.insert(
+                offer_id,
+                Offer {
+                    framework: framework.clone(),
+                    agent,
+                    resources,
+                },
+            );
+            by_framework.entry(framework).or_default().push(wire);
+        }
+        for (fw, offers) in by_framework {
+            self.tell_framework(&fw, v1::event::Event::Offers(v1::event::Offers { offers }));
+            self.changed = true;
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Reads.
+    // ---------------------------------------------------------------------------------------
+
+    /// The operator's view of the state, published as a snapshot so reads never wait on the
+    /// engine.
+    pub fn snapshot(&self, now: Now) -> v1::GetStateResponse {
+        let mut agents: Vec<v1::AgentState> = self
+            .agents
+            .iter()
+            .map(|(id, a)| v1::AgentState {
+                id: Some(id.into()),
+                info: Some(a.info.clone()),
+                total: resources_to_proto(&a.total),
+                used: resources_to_proto(&a.used),
+                offered: resources_to_proto(&a.offered),
+                active: a.status == AgentStatus::Connected,
+                registered_at: a.registered_at,
+            })
+            .collect();
+        agents.sort_by(|a, b| {
+            a.id.as_ref()
+                .map(|i| &i.value)
+                .cmp(&b.id.as_ref().map(|i| &i.value))
+        });
+        let total = self
+            .agents
+            .values()
+            .filter(|a| a.status == AgentStatus::Connected)
+            .fold(Resources::new(), |acc, a| acc + a.total.clone());
+        let mut frameworks: Vec<v1::FrameworkState> = self
+            .frameworks
+            .iter()
+            .map(|(id, f)| v1::FrameworkState {
+                id: Some(id.into()),
+                info: Some(f.info.clone()),
+                active: f.stream.is_some(),
+                used: resources_to_proto(&f.used),
+                offered: resources_to_proto(&f.offered),
+                dominant_share: dominant_share(&(&f.used + &f.offered), &total),
+            })
+            .collect();
+        frameworks.sort_by(|a, b| {
+            a.id.as_ref()
+                .map(|i| &i.value)
+                .cmp(&b.id.as_ref().map(|i| &i.value))
+        });
+        let mut tasks: Vec<v1::TaskRecord> = self
+            .tasks
+            .iter()
+            .map(|((fw, tid), t)| v1::TaskRecord {
+                task_id: Some(tid.into()),
+                framework_id: Some(fw.into()),
+                agent_id: Some((&t.agent).into()),
+                name: t.info.name.clone(),
+                state: state_to_proto(t.state) as i32,
+                resources: resources_to_proto(&t.resources),
+                last_status: t.last_status.clone(),
+            })
+            .collect();
+        tasks.sort_by(|a, b| {
+            (
+                a.framework_id.as_ref().map(|i| &i.value),
+                a.task_id.as_ref().map(|i| &i.value),
+            )
+                .cmp(&(
+                    b.framework_id.as_ref().map(|i| &i.value),
+                    b.task_id.as_ref().map(|i| &i.value),
+                ))
+        });
+        v1::GetStateResponse {
+            master_id: self.config.master_id.clone(),
+            agents,
+            frameworks,
+            tasks,
+            completed_tasks: self.completed.iter().cloned().collect(),
+            snapshot_time: now.wall,
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The Agora master: pools the resources of agents and offers them to frameworks.
+//!
+//! [`run`] serves, on one listener, the Scheduler API (frameworks subscribe and make calls),
+//! the AgentLink API (agents register and stream status updates), the Operator API (state and
+//! health) and HTTP `GET /health`. Tests bind port 0 and pass a shutdown future; the binary
+//! passes Ctrl-C.
+//!
+//! Inside, one owner task holds all state in an [`engine::Engine`] — a pure state machine
+//! driven by typed commands with the time passed in — and a pure [`allocator`] decides the
+//! offers. Reads are served from a published snapshot.
+//!
+//! # Layout
+//!
+//! - [`engine`]: frameworks, agents, offers and tasks, and the rules between them.
+//! - [`allocator`]: the [`allocator::Allocator`] trait and dominant resource fairness.
+//! - [`runtime`]: the owner task: commands in, effects out, timers, snapshots.
+//! - [`service`]: gRPC and HTTP handlers.
+
+pub mod allocator;
+pub mod engine;
+pub mod runtime;
+pub mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agora_core::Resources;
+use agora_proto::{MAX_MESSAGE_BYTES, v1};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::engine::{Engine, EngineConfig};
+use crate::runtime::{Actor, RuntimeConfig, Snapshot};
+use crate::service::{AgentLinkService, OperatorService, SchedulerService, health_router};
+
+/// Settings of a master.
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    /// Prefix of every id this master makes; generated when `None`.
+    pub master_id: Option<String>,
+    /// How often agents heartbeat. Default 5 s.
+    pub agent_heartbeat_interval: Duration,
+    /// Heartbeats an agent may miss before it is marked lost. Default 5.
+    pub max_missed_heartbeats: u32,
+    /// How often frameworks get a HEARTBEAT event. Default 15 s.
+    pub framework_heartbeat_interval: Duration,
+    /// Period of the full allocation cycle; cycles also run promptly whenever resources are
+    /// freed or added. Default 1 s.
+    pub allocation_interval: Duration,
+    /// Filter on declined or unused resources when a call gives none. Default 5 s.
+    pub default_refuse: Duration,
+    /// Free resources smaller than all of these are not offered. Default `cpus:0.01;mem:32`.
+    pub min_allocatable: Resources,
+    /// Events buffered per framework stream before a slow subscriber is disconnected.
+    /// Default 4096.
+    pub event_buffer: usize,
+    /// Messages buffered per agent link before a slow agent is disconnected. Default 4096.
+    pub link_buffer: usize,
+    /// Finished tasks kept for the operator API and reconciliation. Default 1000.
+    pub max_completed_tasks: usize,
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        MasterConfig {
+            master_id: None,
+            agent_heartbeat_interval: Duration::from_secs(5),
+            max_missed_heartbeats: 5,
+            framework_heartbeat_interval: Duration::from_secs(15),
+            allocation_interval: Duration::from_secs(1),
+            default_refuse: Duration::from_secs(5),
+            min_allocatable: agora_core::parse_resources("cpus:0.01;mem:32")
+                .expect("a literal resource string parses"),
+            event_buffer: 4096,
+            link_buffer: 4096,
+            max_completed_tasks: 1000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("serving gRPC: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Serves a master on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// When the configuration is invalid or the server fails.
+pub async fn run(
+    listener: TcpListener,
+    config: MasterConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), MasterError> {
+    let master_id = match config.master_id.clone() {
+        Some(id) => {
+            agora_core::FrameworkId::new(id.clone())
+                .map_err(|e| MasterError::Config(format!("master id: {e}")))?;
+            id
+        }
+        None => uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
+    };
+    if config.agent_heartbeat_interval.is_zero() || config.allocation_interval.is_zero() {
+        return Err(MasterError::Config(
+            "intervals must be greater than zero".into(),
+        ));
+    }
+    let engine = Engine::new(
+        EngineConfig {
+            master_id: master_id.clone(),
+            agent_heartbeat_interval: config.agent_heartbeat_interval,
+            max_missed_heartbeats: config.max_missed_heartbeats,
+            framework_heartbeat_interval: config.framework_heartbeat_interval,
+            default_refuse: config.default_refuse,
+            min_allocatable: config.min_allocatable.clone(),
+            max_completed_tasks: config.max_completed_tasks,
+        },
+        Box::new(allocator::Drf),
+    );
+    let (tx, rx) = mpsc::channel(16 * 1024);
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let tick = (config.agent_heartbeat_interval / 4)
+        .clamp(Duration::from_millis(10), Duration::from_millis(500));
+    let actor = Actor::new(
+        engine,
+        RuntimeConfig {
+            tick,
+            allocation_interval: config.allocation_interval,
+            snapshot_interval: Duration::from_millis(50),
+            event_buffer: config.event_buffer,
+        },
+        tx.clone(),
+        snap_tx,
+    );
+    let addr = listener.local_addr().ok();
+    tracing::info!(%master_id, ?addr, "master serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let actor_task = tokio::spawn(actor.run(rx, {
+        let mut stop = stop_rx.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    }));
+
+    let mut routes = tonic::service::Routes::builder();
+    routes
+        .add_service(
+            v1::scheduler_server::SchedulerServer::new(SchedulerService {
+                commands: tx.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            v1::agent_link_server::AgentLinkServer::new(AgentLinkService {
+                commands: tx.clone(),
+                link_buffer: config.link_buffer,
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(v1::operator_server::OperatorServer::new(OperatorService {
+            snapshot: snap_rx.clone(),
+        }));
+    let mut routes = routes.routes();
+    *routes.axum_router_mut() =
+        std::mem::take(routes.axum_router_mut()).merge(health_router(snap_rx));
+    drop(tx);
+
+    let result = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = actor_task.await;
+    result.map_err(MasterError::from)
+}

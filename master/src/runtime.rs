@@ -1,0 +1,455 @@
+//! The master's owner task: the one place the [`Engine`] lives.
+//!
+//! gRPC handlers send it typed [`Command`]s over a channel and await replies; it calls the
+//! engine with the current time and carries out the effects — events onto framework streams,
+//! messages onto agent links — then runs the allocator when something freed or added
+//! resources. Timers drive heartbeats and the periodic allocation cycle. After changes it
+//! publishes a snapshot of the state, from which operator reads are served without ever
+//! queueing here.
+//!
+//! Every outgoing stream has a bounded buffer. A framework or agent that does not read fast
+//! enough is disconnected (and may re-subscribe and reconcile), never buffered without end.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use agora_core::{AgentId, FrameworkId, OfferId, TaskId};
+use agora_proto::{now_timestamp, v1};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::Stream;
+use tonic::Status;
+
+use crate::engine::{Effect, Engine, Now};
+
+/// A validated scheduler call.
+#[derive(Debug)]
+pub enum CallKind {
+    Accept {
+        offers: Vec<OfferId>,
+        operations: Vec<v1::Operation>,
+        filters: Option<v1::Filters>,
+    },
+    Decline {
+        offers: Vec<OfferId>,
+        filters: Option<v1::Filters>,
+    },
+    Revive,
+    Suppress,
+    Kill {
+        task: TaskId,
+    },
+    Acknowledge {
+        task: TaskId,
+        uuid: Vec<u8>,
+    },
+    Reconcile {
+        tasks: Vec<TaskId>,
+    },
+    Teardown,
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, Status>>;
+pub type LinkSender = mpsc::Sender<Result<v1::MasterMessage, Status>>;
+
+/// What the gRPC handlers ask of the owner task.
+pub enum Command {
+    Subscribe {
+        info: v1::FrameworkInfo,
+        reply: Reply<EventStream>,
+    },
+    StreamClosed {
+        framework: FrameworkId,
+        stream: String,
+    },
+    Call {
+        framework: FrameworkId,
+        stream: String,
+        kind: CallKind,
+        reply: Reply<()>,
+    },
+    AgentRegister {
+        register: v1::agent_message::Register,
+        link: LinkSender,
+        reply: Reply<(AgentId, u64)>,
+    },
+    AgentMessage {
+        agent: AgentId,
+        conn: u64,
+        message: v1::agent_message::Message,
+    },
+    AgentClosed {
+        agent: AgentId,
+        conn: u64,
+    },
+}
+
+/// A framework's subscription stream, as handed to tonic.
+pub struct EventStream {
+    rx: mpsc::Receiver<v1::Event>,
+    kicked: Arc<AtomicBool>,
+    done: bool,
+    on_drop: Option<(mpsc::Sender<Command>, FrameworkId, String)>,
+}
+
+impl Stream for EventStream {
+    type Item = Result<v1::Event, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if self.kicked.load(Ordering::Relaxed) {
+            self.done = true;
+            return Poll::Ready(Some(Err(Status::resource_exhausted(
+                "subscriber fell behind its event buffer and was disconnected; re-subscribe and reconcile",
+            ))));
+        }
+        self.rx.poll_recv(cx).map(|e| e.map(Ok))
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        if let Some((tx, framework, stream)) = self.on_drop.take() {
+            let cmd = Command::StreamClosed { framework, stream };
+            if let Err(mpsc::error::TrySendError::Full(cmd)) = tx.try_send(cmd) {
+                // The owner is busy; tell it without blocking the dropping thread.
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move {
+                        let _ = tx.send(cmd).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// What operators read: refreshed by the owner task after changes.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub state: v1::GetStateResponse,
+    pub health: v1::GetHealthResponse,
+}
+
+struct FrameworkConn {
+    stream: String,
+    tx: mpsc::Sender<v1::Event>,
+    kicked: Arc<AtomicBool>,
+}
+
+struct AgentConn {
+    conn: u64,
+    tx: LinkSender,
+}
+
+/// Settings of the owner task's timers and buffers.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub tick: std::time::Duration,
+    pub allocation_interval: std::time::Duration,
+    pub snapshot_interval: std::time::Duration,
+    pub event_buffer: usize,
+}
+
+pub struct Actor {
+    engine: Engine,
+    config: RuntimeConfig,
+    commands: mpsc::Sender<Command>,
+    frameworks: HashMap<FrameworkId, FrameworkConn>,
+    /// A subscription being set up, attached when the engine says so.
+    pending_stream: Option<(FrameworkId, FrameworkConn)>,
+    agents: HashMap<AgentId, AgentConn>,
+    next_conn: u64,
+    seed: u64,
+    started: Instant,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+}
+
+fn now() -> Now {
+    Now {
+        mono: Instant::now(),
+        wall: now_timestamp(),
+    }
+}
+
+impl Actor {
+    pub fn new(
+        engine: Engine,
+        config: RuntimeConfig,
+        commands: mpsc::Sender<Command>,
+        snapshot: watch::Sender<Arc<Snapshot>>,
+    ) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9e37_79b9_7f4a_7c15);
+        Actor {
+            engine,
+            config,
+            commands,
+            frameworks: HashMap::new(),
+            pending_stream: None,
+            agents: HashMap::new(),
+            next_conn: 0,
+            seed,
+            started: Instant::now(),
+            snapshot,
+        }
+    }
+
+    /// Serves commands until `shutdown` resolves or every sender is gone.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let mut tick = tokio::time::interval(self.config.tick);
+        let mut allocation = tokio::time::interval(self.config.allocation_interval);
+        let mut publish = tokio::time::interval(self.config.snapshot_interval);
+        for t in [&mut tick, &mut allocation, &mut publish] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        tokio::pin!(shutdown);
+        self.publish();
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    self.handle(cmd);
+                    // Take what else is already queued before allocating: one cycle for a
+                    // burst of events.
+                    for _ in 0..256 {
+                        match rx.try_recv() {
+                            Ok(cmd) => self.handle(cmd),
+                            Err(_) => break,
+                        }
+                    }
+                    if self.engine.allocation_pending() {
+                        self.allocate();
+                    }
+                }
+                _ = tick.tick() => {
+                    self.engine.tick(now());
+                    self.execute();
+                }
+                _ = allocation.tick() => self.allocate(),
+                _ = publish.tick() => {
+                    if self.engine.take_changed() {
+                        self.publish();
+                    }
+                }
+            }
+        }
+        tracing::info!("master shutting down");
+    }
+
+    fn allocate(&mut self) {
+        self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.engine.allocate(now(), self.seed);
+        self.execute();
+    }
+
+    fn publish(&mut self) {
+        let t = now();
+        let state = self.engine.snapshot(t);
+        let health = v1::GetHealthResponse {
+            healthy: true,
+            master_id: state.master_id.clone(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            active_agents: state.agents.iter().filter(|a| a.active).count() as u32,
+            active_frameworks: state.frameworks.iter().filter(|f| f.active).count() as u32,
+        };
+        self.snapshot
+            .send_replace(Arc::new(Snapshot { state, health }));
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Subscribe { info, reply } => {
+                let (tx, rx) = mpsc::channel(self.config.event_buffer);
+                let kicked = Arc::new(AtomicBool::new(false));
+                match self.engine.subscribe(info) {
+                    Ok((framework, stream)) => {
+                        self.pending_stream = Some((
+                            framework.clone(),
+                            FrameworkConn {
+                                stream: stream.clone(),
+                                tx,
+                                kicked: Arc::clone(&kicked),
+                            },
+                        ));
+                        self.execute();
+                        let _ = reply.send(Ok(EventStream {
+                            rx,
+                            kicked,
+                            done: false,
+                            on_drop: Some((self.commands.clone(), framework, stream)),
+                        }));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Command::StreamClosed { framework, stream } => {
+                if self
+                    .frameworks
+                    .get(&framework)
+                    .is_some_and(|c| c.stream == stream)
+                {
+                    self.frameworks.remove(&framework);
+                }
+                self.engine
+                    .framework_disconnected(&framework, &stream, now());
+                self.execute();
+            }
+            Command::Call {
+                framework,
+                stream,
+                kind,
+                reply,
+            } => {
+                let result = self.call(&framework, &stream, kind);
+                self.execute();
+                let _ = reply.send(result.map_err(Status::from));
+            }
+            Command::AgentRegister {
+                register,
+                link,
+                reply,
+            } => match self.engine.register_agent(register, now()) {
+                Ok(agent) => {
+                    self.next_conn += 1;
+                    let conn = self.next_conn;
+                    // A previous link of this agent is dropped: its stream ends.
+                    self.agents
+                        .insert(agent.clone(), AgentConn { conn, tx: link });
+                    self.execute();
+                    let _ = reply.send(Ok((agent, conn)));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            Command::AgentMessage {
+                agent,
+                conn,
+                message,
+            } => {
+                if self.agents.get(&agent).is_none_or(|c| c.conn != conn) {
+                    return;
+                }
+                let t = now();
+                self.engine.agent_heartbeat(&agent, t);
+                match message {
+                    v1::agent_message::Message::Heartbeat(_) => {}
+                    v1::agent_message::Message::StatusUpdate(update) => {
+                        if let Err(e) = self.engine.status_update(&agent, update) {
+                            tracing::warn!(agent_id = %agent, error = %e, "bad status update from agent");
+                        }
+                    }
+                    v1::agent_message::Message::Register(_) => {
+                        tracing::warn!(agent_id = %agent, "agent sent a second registration on one link; ignored");
+                    }
+                }
+                self.execute();
+            }
+            Command::AgentClosed { agent, conn } => {
+                if self.agents.get(&agent).is_some_and(|c| c.conn == conn) {
+                    self.agents.remove(&agent);
+                    self.engine.agent_disconnected(&agent);
+                    self.execute();
+                }
+            }
+        }
+    }
+
+    fn call(
+        &mut self,
+        framework: &FrameworkId,
+        stream: &str,
+        kind: CallKind,
+    ) -> Result<(), crate::engine::EngineError> {
+        let t = now();
+        let e = &mut self.engine;
+        match kind {
+            CallKind::Accept {
+                offers,
+                operations,
+                filters,
+            } => e.accept(framework, stream, &offers, operations, filters.as_ref(), t),
+            CallKind::Decline { offers, filters } => {
+                e.decline(framework, stream, &offers, filters.as_ref(), t)
+            }
+            CallKind::Revive => e.revive(framework, stream),
+            CallKind::Suppress => e.suppress(framework, stream),
+            CallKind::Kill { task } => e.kill(framework, stream, &task),
+            CallKind::Acknowledge { task, uuid } => e.acknowledge(framework, stream, &task, &uuid),
+            CallKind::Reconcile { tasks } => e.reconcile(framework, stream, &tasks, t),
+            CallKind::Teardown => e.teardown(framework, stream),
+        }
+    }
+
+    /// Carries out the engine's effects, and those that follow from them (a subscriber found
+    /// too slow is disconnected, which the engine must hear of).
+    fn execute(&mut self) {
+        loop {
+            let effects = self.engine.take_effects();
+            if effects.is_empty() {
+                return;
+            }
+            for effect in effects {
+                match effect {
+                    Effect::Attach(framework, stream) => {
+                        if let Some((f, conn)) = self.pending_stream.take() {
+                            if f == framework && conn.stream == stream {
+                                self.frameworks.insert(f, conn);
+                            } else {
+                                self.pending_stream = Some((f, conn));
+                            }
+                        }
+                    }
+                    Effect::ToFramework(framework, event) => self.send_event(&framework, event),
+                    Effect::CloseFramework(framework) => {
+                        self.frameworks.remove(&framework);
+                    }
+                    Effect::ToAgent(agent, message) => self.send_agent(&agent, message),
+                }
+            }
+        }
+    }
+
+    fn send_event(&mut self, framework: &FrameworkId, event: v1::Event) {
+        let Some(conn) = self.frameworks.get(framework) else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send(event) {
+            tracing::warn!(framework_id = %framework, "framework fell behind its event stream; disconnecting it");
+            conn.kicked.store(true, Ordering::Relaxed);
+            let stream = conn.stream.clone();
+            self.frameworks.remove(framework);
+            self.engine
+                .framework_disconnected(framework, &stream, now());
+        }
+    }
+
+    fn send_agent(&mut self, agent: &AgentId, message: v1::master_message::Message) {
+        let Some(conn) = self.agents.get(agent) else {
+            return;
+        };
+        let msg = v1::MasterMessage {
+            message: Some(message),
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send(Ok(msg)) {
+            tracing::warn!(agent_id = %agent, "agent fell behind its link; disconnecting it");
+            self.agents.remove(agent);
+            self.engine.agent_disconnected(agent);
+        }
+    }
+}

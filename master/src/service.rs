@@ -1,0 +1,292 @@
+//! The master's network edge: the Scheduler, AgentLink and Operator gRPC services, and the
+//! HTTP `/health` endpoint.
+//!
+//! Handlers validate wire data into core types, hand a [`Command`] to the owner task and wait
+//! for its answer; reads come from the published [`Snapshot`].
+
+use std::sync::Arc;
+
+use agora_core::{FrameworkId, OfferId, TaskId};
+use agora_proto::v1::{
+    self, agent_link_server::AgentLink, operator_server::Operator, scheduler_server::Scheduler,
+};
+use agora_proto::{ProtoError, required};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::runtime::{CallKind, Command, EventStream, Snapshot};
+
+fn owner_gone() -> Status {
+    Status::unavailable("the master is shutting down")
+}
+
+async fn ask<T>(
+    tx: &mpsc::Sender<Command>,
+    make: impl FnOnce(oneshot::Sender<Result<T, Status>>) -> Command,
+) -> Result<T, Status> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(make(reply)).await.map_err(|_| owner_gone())?;
+    rx.await.map_err(|_| owner_gone())?
+}
+
+#[derive(Clone)]
+pub struct SchedulerService {
+    pub commands: mpsc::Sender<Command>,
+}
+
+fn header(h: Option<v1::CallHeader>) -> Result<(FrameworkId, String), Status> {
+    let h = required(h, "header")?;
+    let fw = FrameworkId::try_from(required(h.framework_id, "header.framework_id")?)?;
+    if h.stream_id.is_empty() {
+        return Err(ProtoError::Missing("header.stream_id").into());
+    }
+    Ok((fw, h.stream_id))
+}
+
+fn offer_ids(ids: Vec<v1::OfferId>) -> Result<Vec<OfferId>, Status> {
+    ids.into_iter()
+        .map(|o| OfferId::try_from(o).map_err(Status::from))
+        .collect()
+}
+
+impl SchedulerService {
+    async fn call(
+        &self,
+        h: Option<v1::CallHeader>,
+        kind: impl FnOnce() -> Result<CallKind, Status>,
+    ) -> Result<Response<v1::CallResponse>, Status> {
+        let (framework, stream) = header(h)?;
+        let kind = kind()?;
+        ask(&self.commands, |reply| Command::Call {
+            framework,
+            stream,
+            kind,
+            reply,
+        })
+        .await?;
+        Ok(Response::new(v1::CallResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl Scheduler for SchedulerService {
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let info = required(request.into_inner().framework_info, "framework_info")?;
+        let stream = ask(&self.commands, |reply| Command::Subscribe { info, reply }).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn accept(
+        &self,
+        request: Request<v1::AcceptRequest>,
+    ) -> Result<Response<v1::CallResponse>, Status> {
+        let r = request.into_inner();
+        self.call(r.header, || {
+            Ok(CallKind::Accept {
+                offers: offer_ids(r.offer_ids)?,
+                operations: r.operations,
+                filters: r.filters,
+            })
+        })
+        .await
+    }
+
+    async fn decline(
+        &self,
+        request: Request<v1::DeclineRequest>,
+    ) -> Result<Response<v1::CallResponse>, Status> {
+        let r = request.into_inner();
+        self.call(r.header, || {
+            Ok(CallKind::Decline {
+                offers: offer_ids(r.offer_ids)?,
+                filters: r.filters,
+            })
+        })
+        .await
+    }
+
+    async fn revive(
+        &self,
+        request: Request<v1::ReviveRequest>,
+    ) -> Result<Response<v1::CallResponse>, Status> {
+        self.call(request.into_inner().header, || Ok(CallKind::Revive))
+            .await
+    }
+
+    async fn suppress(
+        &self,
+        request: Request<v1::SuppressRequest>,
+    ) -> Result<Response<v1::CallResponse>, Status> {
+        self.call(request.into_inner().header, || Ok(CallKind::Suppress))
+            .await
+    }
+
+    async fn kill(
+        &self,
+        request: Request<v1::KillRequest>,
+    ) -> Result<Response<v1::CallResponse>, Status> {
+        let r = request.into_inner();
+        self.call(r.header, || {
+            Ok(CallKind::Kill {
+                task: TaskId::try_from(required(r.task_id, "task_id")?)?,
+            })
+        })
+        .await
+    }
+
+    async fn acknowledge(
+        &self,
+        request: Request<v1::AcknowledgeRequest>,
+    ) -> Result<Response<v1::CallResponse>, Status> {
+        let r = request.into_inner();
+        self.call(r.header, || {
+            Ok(CallKind::Acknowledge {
+                task: TaskId::try_from(required(r.task_id, "task_id")?)?,
+                uuid: r.uuid,
+            })
+        })
+        .await
+    }
+
+    async fn reconcile(
+        &self,
+        request: Request<v1::ReconcileRequest>,
+    ) -> Result<Response<v1::CallResponse>, Status> {
+        let r = request.into_inner();
+        self.call(r.header, || {
+            let tasks = r
+                .tasks
+                .into_iter()
+                .map(|t| {
+                    TaskId::try_from(required(t.task_id, "tasks.task_id")?).map_err(Status::from)
+                })
+                .collect::<Result<Vec<_>, Status>>()?;
+            Ok(CallKind::Reconcile { tasks })
+        })
+        .await
+    }
+
+    async fn teardown(
+        &self,
+        request: Request<v1::TeardownRequest>,
+    ) -> Result<Response<v1::CallResponse>, Status> {
+        self.call(request.into_inner().header, || Ok(CallKind::Teardown))
+            .await
+    }
+}
+
+#[derive(Clone)]
+pub struct AgentLinkService {
+    pub commands: mpsc::Sender<Command>,
+    pub link_buffer: usize,
+}
+
+#[tonic::async_trait]
+impl AgentLink for AgentLinkService {
+    type SessionStream = ReceiverStream<Result<v1::MasterMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the agent closed its link before registering")
+        })?;
+        let Some(v1::agent_message::Message::Register(register)) = first.message else {
+            return Err(Status::invalid_argument(
+                "an agent's first message must be a registration",
+            ));
+        };
+        let (link, rx) = mpsc::channel(self.link_buffer);
+        let (agent, conn) = ask(&self.commands, |reply| Command::AgentRegister {
+            register,
+            link,
+            reply,
+        })
+        .await?;
+        let commands = self.commands.clone();
+        let span = tracing::info_span!("agent_link", agent_id = %agent, ?peer);
+        tokio::spawn(
+            async move {
+                loop {
+                    match inbound.next().await {
+                        Some(Ok(msg)) => {
+                            let Some(message) = msg.message else { continue };
+                            if commands
+                                .send(Command::AgentMessage {
+                                    agent: agent.clone(),
+                                    conn,
+                                    message,
+                                })
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::info!(agent_id = %agent, error = %e, "agent link failed");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                let _ = commands.send(Command::AgentClosed { agent, conn }).await;
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[derive(Clone)]
+pub struct OperatorService {
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+}
+
+#[tonic::async_trait]
+impl Operator for OperatorService {
+    async fn get_state(
+        &self,
+        _request: Request<v1::GetStateRequest>,
+    ) -> Result<Response<v1::GetStateResponse>, Status> {
+        let snap = Arc::clone(&self.snapshot.borrow());
+        Ok(Response::new(snap.state.clone()))
+    }
+
+    async fn get_health(
+        &self,
+        _request: Request<v1::GetHealthRequest>,
+    ) -> Result<Response<v1::GetHealthResponse>, Status> {
+        let snap = Arc::clone(&self.snapshot.borrow());
+        Ok(Response::new(snap.health.clone()))
+    }
+}
+
+/// `GET /health`: a JSON summary, for load balancers and humans with curl.
+pub fn health_router(snapshot: watch::Receiver<Arc<Snapshot>>) -> axum::Router {
+    axum::Router::new().route(
+        "/health",
+        axum::routing::get(move || {
+            let snap = Arc::clone(&snapshot.borrow());
+            async move {
+                let h = &snap.health;
+                let body = format!(
+                    "{{\"healthy\":{},\"master_id\":\"{}\",\"uptime_seconds\":{:.3},\"active_agents\":{},\"active_frameworks\":{}}}\n",
+                    h.healthy, h.master_id, h.uptime_seconds, h.active_agents, h.active_frameworks
+                );
+                ([(axum::http::header::CONTENT_TYPE, "application/json")], body)
+            }
+        }),
+    )
+}
