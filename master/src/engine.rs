@@ -427,7 +427,11 @@ impl Engine {
         tracing::info!(framework_id = %id, failover_timeout = ?timeout, "framework disconnected");
         self.withdraw_offers(|o| o.framework == *id, false);
         if timeout.is_zero() {
-            self.remove_framework(id, "its subscription ended and its failover timeout is 0");
+            self.remove_framework(
+                id,
+                "its subscription ended and its failover timeout is 0",
+                now,
+            );
         }
         self.changed = true;
     }
@@ -470,13 +474,18 @@ impl Engine {
     }
 
     /// Tears a framework down: its tasks are killed, its offers withdrawn, its stream closed.
-    pub fn teardown(&mut self, id: &FrameworkId, stream: &str) -> Result<(), EngineError> {
+    pub fn teardown(
+        &mut self,
+        id: &FrameworkId,
+        stream: &str,
+        now: Now,
+    ) -> Result<(), EngineError> {
         self.caller(id, stream)?;
-        self.remove_framework(id, "the framework asked to be torn down");
+        self.remove_framework(id, "the framework asked to be torn down", now);
         Ok(())
     }
 
-    fn remove_framework(&mut self, id: &FrameworkId, why: &str) {
+    fn remove_framework(&mut self, id: &FrameworkId, why: &str, now: Now) {
         tracing::info!(framework_id = %id, why, "removing framework");
         self.withdraw_offers(|o| o.framework == *id, false);
         let keys: Vec<TaskKey> = self
@@ -500,6 +509,7 @@ impl Engine {
                         reason: v1::Reason::FrameworkRemoved as i32,
                         message: format!("framework removed: {why}"),
                         source: v1::StatusSource::SourceMaster as i32,
+                        timestamp: now.wall,
                         agent_id: Some((&task.agent).into()),
                         ..Default::default()
                     });
@@ -1403,6 +1413,7 @@ impl Engine {
             self.remove_framework(
                 &fw,
                 "its failover timeout passed without a new subscription",
+                now,
             );
         }
 

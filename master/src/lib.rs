@@ -88,6 +88,9 @@ pub enum MasterError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// How long a stopping master waits for its connections to drain.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Serves a master on `listener` until `shutdown` resolves.
 ///
 /// # Errors
@@ -173,14 +176,34 @@ pub async fn run(
         std::mem::take(routes.axum_router_mut()).merge(health_router(snap_rx));
     drop(tx);
 
-    let result = tonic::transport::Server::builder()
+    // Subscriptions and agent links are endless streams, so a graceful shutdown must first
+    // stop the actor: dropping its senders ends every stream and lets connections drain.
+    let server = tonic::transport::Server::builder()
         .accept_http1(true)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
+            let stop_tx = stop_tx.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("master shutting down");
+                let _ = stop_tx.send(true);
+            }
+        });
+    let mut stopped = stop_rx.clone();
+    let result = tokio::select! {
+        r = server => r,
+        // A peer that keeps its half of a stream open must not hold the master up.
+        () = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+            Ok(())
+        }
+    };
     let _ = stop_tx.send(true);
     let _ = actor_task.await;
     result.map_err(MasterError::from)

@@ -392,7 +392,7 @@ impl Actor {
             CallKind::Kill { task } => e.kill(framework, stream, &task),
             CallKind::Acknowledge { task, uuid } => e.acknowledge(framework, stream, &task, &uuid),
             CallKind::Reconcile { tasks } => e.reconcile(framework, stream, &tasks, t),
-            CallKind::Teardown => e.teardown(framework, stream),
+            CallKind::Teardown => e.teardown(framework, stream, t),
         }
     }
 

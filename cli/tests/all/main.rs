@@ -1,0 +1,265 @@
+//! Multi-component tests: a master, agents and frameworks over real loopback gRPC, in this
+//! process (`cluster`, `faults`) and as separate `agora` processes (`processes`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cluster;
+mod faults;
+mod processes;
+
+use std::time::Duration;
+
+use agora_agent::AgentConfig;
+use agora_core::{TaskId, TaskState, parse_resources};
+use agora_examples::{Target, task_bytes};
+use agora_master::MasterConfig;
+use agora_proto::{state_from_proto, v1};
+use agora_sdk::{Event, Events, Scheduler, SchedulerConfig, TaskBuilder, subscribe};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long any single expected event may take.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Master settings that make time-driven behaviour quick to observe.
+pub fn fast_master() -> MasterConfig {
+    MasterConfig {
+        agent_heartbeat_interval: Duration::from_millis(100),
+        max_missed_heartbeats: 3,
+        allocation_interval: Duration::from_millis(100),
+        framework_heartbeat_interval: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+pub struct Stoppable<T> {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<T>>,
+}
+
+impl<T> Stoppable<T> {
+    fn spawn<F>(run: impl FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> F) -> Self
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(run(Box::pin(async move {
+            let _ = rx.await;
+        })));
+        Stoppable {
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(&mut self) -> T {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task
+            .take()
+            .expect("stopped once")
+            .await
+            .expect("task panicked")
+    }
+}
+
+pub struct Agent {
+    pub handle: Stoppable<Result<(), agora_agent::AgentError>>,
+    pub endpoint: String,
+}
+
+/// A master and agents in this process, each on its own loopback port.
+pub struct Cluster {
+    pub master: String,
+    pub master_addr: std::net::SocketAddr,
+    pub master_handle: Stoppable<Result<(), agora_master::MasterError>>,
+    pub agents: Vec<Agent>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub async fn start(agents: &[&str]) -> Cluster {
+        Cluster::start_with(fast_master(), agents).await
+    }
+
+    pub async fn start_with(config: MasterConfig, agents: &[&str]) -> Cluster {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let master_addr = listener.local_addr().unwrap();
+        let master_handle = Stoppable::spawn(move |stop| agora_master::run(listener, config, stop));
+        let mut cluster = Cluster {
+            master: format!("http://{master_addr}"),
+            master_addr,
+            master_handle,
+            agents: Vec::new(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        for resources in agents {
+            cluster.add_agent(resources).await;
+        }
+        cluster.wait_for_agents(agents.len()).await;
+        cluster
+    }
+
+    pub fn agent_config(&self, resources: &str) -> AgentConfig {
+        let n = self.agents.len() + 1;
+        let mut config = AgentConfig::new(
+            self.master.clone(),
+            self.dir.path().join(format!("agent-{n}")),
+        );
+        config.resources = Some(parse_resources(resources).unwrap());
+        config.hostname = Some(format!("agent-{n}"));
+        config.status_retry = Duration::from_millis(500);
+        config
+    }
+
+    pub async fn add_agent(&mut self, resources: &str) -> usize {
+        let config = self.agent_config(resources);
+        self.add_agent_with(config).await
+    }
+
+    pub async fn add_agent_with(&mut self, config: AgentConfig) -> usize {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let handle = Stoppable::spawn(move |stop| agora_agent::run(listener, config, stop));
+        self.agents.push(Agent { handle, endpoint });
+        self.agents.len() - 1
+    }
+
+    pub async fn state(&self) -> v1::GetStateResponse {
+        agora_sdk::Operator::connect(&self.master)
+            .await
+            .unwrap()
+            .state()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the operator API shows `n` active agents.
+    pub async fn wait_for_agents(&self, n: usize) {
+        wait_until("agents to register", || async {
+            self.state()
+                .await
+                .agents
+                .iter()
+                .filter(|a| a.active)
+                .count()
+                == n
+        })
+        .await;
+    }
+
+    pub async fn framework(&self, name: &str) -> (Scheduler, Events) {
+        let mut config = SchedulerConfig::new(self.master.clone(), name);
+        config.framework.failover_timeout = 5.0;
+        self.framework_with(config).await
+    }
+
+    pub async fn framework_with(&self, config: SchedulerConfig) -> (Scheduler, Events) {
+        let (s, mut events) = subscribe(config).await.unwrap();
+        assert!(matches!(
+            events.next().await,
+            Some(Event::Subscribed { .. })
+        ));
+        (s, events)
+    }
+}
+
+/// Polls `check` until it holds, failing after [`WAIT`].
+pub async fn wait_until<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The next event that `pick` accepts, skipping others; fails after [`WAIT`].
+pub async fn next_matching<T>(
+    events: &mut Events,
+    what: &str,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ev = tokio::time::timeout(left, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .unwrap_or_else(|| panic!("events ended while waiting for {what}"));
+        if let Some(t) = pick(ev) {
+            return t;
+        }
+    }
+}
+
+pub async fn next_offers(events: &mut Events) -> Vec<v1::Offer> {
+    next_matching(events, "offers", |e| match e {
+        Event::Offers(o) => Some(o),
+        _ => None,
+    })
+    .await
+}
+
+/// The next update of `task` in `state`.
+pub async fn wait_state(events: &mut Events, task: &TaskId, state: TaskState) -> v1::TaskStatus {
+    next_matching(events, &format!("{task} to reach {state}"), |e| match e {
+        Event::Update(s)
+            if s.task_id.as_ref().is_some_and(|t| t.value == task.as_str())
+                && state_from_proto(s.state()) == Some(state) =>
+        {
+            Some(s)
+        }
+        _ => None,
+    })
+    .await
+}
+
+/// The next terminal update of `task`.
+pub async fn wait_terminal(events: &mut Events, task: &TaskId) -> v1::TaskStatus {
+    next_matching(events, &format!("{task} to end"), |e| match e {
+        Event::Update(s)
+            if s.task_id.as_ref().is_some_and(|t| t.value == task.as_str())
+                && state_from_proto(s.state()).is_some_and(TaskState::is_terminal) =>
+        {
+            Some(s)
+        }
+        _ => None,
+    })
+    .await
+}
+
+pub fn tid(s: &str) -> TaskId {
+    TaskId::new(s).unwrap()
+}
+
+pub fn wasm_task(id: &str, example: &str, resources: &str) -> TaskBuilder {
+    TaskBuilder::wasm(tid(id), task_bytes(example, Target::P1))
+        .resources(parse_resources(resources).unwrap())
+}
+
+/// Waits for an offer and launches `task` on it.
+pub async fn launch(scheduler: &Scheduler, events: &mut Events, task: TaskBuilder) -> v1::Offer {
+    let offer = next_offers(events).await.remove(0);
+    scheduler
+        .accept(
+            &[offer.id.clone().unwrap()],
+            vec![task.build_for(&offer)],
+            Some(0.0),
+        )
+        .await
+        .unwrap();
+    offer
+}
+
+pub fn state_of(s: &v1::TaskStatus) -> TaskState {
+    state_from_proto(s.state()).unwrap()
+}

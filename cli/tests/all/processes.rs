@@ -1,0 +1,181 @@
+//! The real binaries: `agora master`, `agora agent` and `agora run` as separate processes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use agora_examples::{Target, task};
+
+/// A child process killed when dropped, so a failing test leaves nothing running.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn agora() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_agora"));
+    c.env_remove("AGORA_MASTER").env("AGORA_LOG", "warn");
+    c
+}
+
+/// Starts a process and waits for a line of its stderr containing `ready`, returning it.
+fn start(cmd: &mut Command, ready: &str) -> (Proc, String) {
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let proc = Proc(child);
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains(ready) {
+            // Keep draining so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return (proc, line);
+        }
+    }
+    panic!("process exited before printing {ready:?}");
+}
+
+fn run(master: &str, args: &[&str]) -> Output {
+    agora()
+        .arg("run")
+        .arg("--master")
+        .arg(master)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn master_agent_and_run_as_processes() {
+    let work = tempfile::tempdir().unwrap();
+    let (_master, line) = start(
+        agora().args([
+            "master",
+            "--listen",
+            "127.0.0.1:0",
+            "--agent-heartbeat-interval",
+            "200ms",
+        ]),
+        "listening on",
+    );
+    let master = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_owned();
+    let (_agent, _) = start(
+        agora()
+            .args([
+                "agent",
+                "--master",
+                &master,
+                "--listen",
+                "127.0.0.1:0",
+                "--resources",
+                "cpus:2;mem:1024",
+            ])
+            .arg("--work-dir")
+            .arg(work.path()),
+        "serving sandboxes",
+    );
+    // Wait for the agent to register.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = agora()
+            .args(["agents", "--master", &master])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("active") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent never registered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let hello = task("hello", Target::P1);
+    let out = run(
+        &master,
+        &[hello.to_str().unwrap(), "--", "from", "a", "process"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Hello, from a process!\n"
+    );
+    for step in [
+        "TASK_STARTING",
+        "TASK_RUNNING",
+        "TASK_FINISHED",
+        "hello: greeted 3 argument(s)",
+    ] {
+        assert!(stderr.contains(step), "missing {step} in:\n{stderr}");
+    }
+
+    // The task's exit code becomes the command's.
+    let out = run(&master, &["--env", "EXIT_CODE=7", hello.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A failing task exits non-zero with the reason on stderr.
+    let spin = task("spin", Target::P2);
+    let out = run(
+        &master,
+        &[
+            "--cpus",
+            "0.5",
+            "--timeout",
+            "300ms",
+            spin.to_str().unwrap(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("TASK_FAILED") && stderr.contains("CONTAINER_LIMITATION_CPU"),
+        "{stderr}"
+    );
+
+    // No fitting offer: a clear error, not a hang.
+    let out = run(
+        &master,
+        &[
+            "--mem",
+            "999999",
+            "--offer-wait",
+            "1s",
+            hello.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no offer with"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let tasks = agora()
+        .args(["tasks", "--all", "--master", &master])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&tasks.stdout);
+    assert!(
+        table.contains("TASK_FINISHED") && table.contains("TASK_FAILED"),
+        "{table}"
+    );
+}
