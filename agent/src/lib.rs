@@ -31,7 +31,7 @@ use agora_executor_wasm::{WasmConfig, WasmRuntime};
 use agora_proto::{attributes_to_proto, resources_to_proto, v1};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 pub use containerizer::{Container, Containerizer, LaunchSpec, Termination, WasmContainerizer};
 
@@ -165,13 +165,17 @@ pub async fn run(
     let server = {
         let mut stop = stop_rx.clone();
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(v1::sandbox_server::SandboxServer::new(
                 sandbox::SandboxService { work_dir },
             ))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
+            .serve_with_incoming_shutdown(
+                // Given a listener, tonic leaves socket options to us; without nodelay a lone
+                // message waits ~40 ms for a delayed ACK.
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )
     };
     let server = tokio::spawn(server);
     actor.run(events_rx, shutdown).await;

@@ -1666,3 +1666,6 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

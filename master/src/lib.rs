@@ -29,7 +29,7 @@ use agora_core::Resources;
 use agora_proto::{MAX_MESSAGE_BYTES, v1};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::runtime::{Actor, RuntimeConfig, Snapshot};
@@ -180,18 +180,22 @@ pub async fn run(
     // stop the actor: dropping its senders ends every stream and lets connections drain.
     let server = tonic::transport::Server::builder()
         .accept_http1(true)
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), {
-            let stop_tx = stop_tx.clone();
-            async move {
-                shutdown.await;
-                tracing::info!("master shutting down");
-                let _ = stop_tx.send(true);
-            }
-        });
+        .serve_with_incoming_shutdown(
+            // Given a listener, tonic leaves socket options to us; without nodelay a lone
+            // message waits ~40 ms for a delayed ACK.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            {
+                let stop_tx = stop_tx.clone();
+                async move {
+                    shutdown.await;
+                    tracing::info!("master shutting down");
+                    let _ = stop_tx.send(true);
+                }
+            },
+        );
     let mut stopped = stop_rx.clone();
     let result = tokio::select! {
         r = server => r,

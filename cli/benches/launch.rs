@@ -1,0 +1,374 @@
+//! Launch latency and throughput of Wasm tasks through a whole cluster — a master, an agent
+//! and an SDK framework talking gRPC over loopback in this process — beside bare wasmtime
+//! running the same module in the same process (precompiled, a fresh store per run).
+//!
+//! ```text
+//! cargo bench -p agora-cli --bench launch                      # 1,000 launches, 32 in flight
+//! cargo bench -p agora-cli --bench launch -- --launches 200 --throughput-tasks 2000
+//! ```
+//!
+//! Latencies are measured at the framework: from just before the ACCEPT call to the arrival
+//! of the TASK_RUNNING and TASK_FINISHED updates. The first launch sends the module's bytes
+//! and compiles it (reported apart as "cold"); the others name it by digest, as a framework
+//! re-launching a module does.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use agora_agent::AgentConfig;
+use agora_core::{TaskId, parse_resources};
+use agora_examples::{Target, task_bytes};
+use agora_master::MasterConfig;
+use agora_sdk::proto as v1;
+use agora_sdk::{Event, Events, Scheduler, SchedulerConfig, TaskBuilder, subscribe};
+use tokio::net::TcpListener;
+
+const TASK: &str = "cpus:0.1;mem:32";
+
+struct Args {
+    launches: usize,
+    throughput_tasks: usize,
+    in_flight: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        launches: 1000,
+        throughput_tasks: 5000,
+        in_flight: 32,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || -> usize {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{flag} needs a number"))
+        };
+        match flag.as_str() {
+            "--launches" => a.launches = value(),
+            "--throughput-tasks" => a.throughput_tasks = value(),
+            "--in-flight" => a.in_flight = value(),
+            // cargo bench passes --bench; libtest-style filters are ignored.
+            _ => {}
+        }
+    }
+    a
+}
+
+fn main() {
+    if let Ok(filter) = std::env::var("AGORA_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .init();
+    }
+    let args = args();
+    let hello = task_bytes("hello", Target::P1);
+    println!(
+        "# launch benchmark: hello ({} bytes, wasm32-wasip1)",
+        hello.len()
+    );
+    println!(
+        "# machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model()
+    );
+
+    let bare = bare::Bare::new(&hello);
+    let base = bare.latencies(args.launches);
+    report("bare wasmtime: instantiate + _start", &base);
+    let base_tput = bare.throughput(args.throughput_tasks, 2);
+    println!("bare wasmtime throughput (2 threads): {base_tput:.0} runs/s");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (cold, running, finished, tput) = rt.block_on(cluster(&hello, &args));
+    println!("agora cold launch (bytes sent, compiled): ACCEPT → FINISHED {cold:?}");
+    report("agora ACCEPT → TASK_RUNNING", &running);
+    report("agora ACCEPT → TASK_FINISHED", &finished);
+    println!(
+        "agora throughput ({} in flight): {tput:.0} tasks/s",
+        args.in_flight
+    );
+    println!(
+        "ratios: FINISHED p50 / bare p50 = {:.1}×; bare throughput / agora throughput = {:.1}×",
+        pct(&finished, 50.0).as_secs_f64() / pct(&base, 50.0).as_secs_f64(),
+        base_tput / tput
+    );
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn report(what: &str, samples: &[Duration]) {
+    let mut s = samples.to_vec();
+    s.sort();
+    println!(
+        "{what}: n={} p50={:.3}ms p99={:.3}ms min={:.3}ms",
+        s.len(),
+        ms(pct(&s, 50.0)),
+        ms(pct(&s, 99.0)),
+        ms(s[0])
+    );
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn sorted(mut v: Vec<Duration>) -> Vec<Duration> {
+    v.sort();
+    v
+}
+
+/// Runs the cluster half: returns the cold launch, the sorted RUNNING and FINISHED latencies
+/// of sequential launches, and the throughput with `in_flight` launches outstanding.
+async fn cluster(hello: &[u8], args: &Args) -> (Duration, Vec<Duration>, Vec<Duration>, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let master = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let m = tokio::spawn(agora_master::run(
+        listener,
+        MasterConfig::default(),
+        stopped(stop_rx.clone()),
+    ));
+    let mut config = AgentConfig::new(master.clone(), dir.path().join("agent"));
+    config.resources = Some(parse_resources("cpus:8;mem:16384").unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = tokio::spawn(agora_agent::run(listener, config, stopped(stop_rx.clone())));
+
+    let (s, mut events) = subscribe(SchedulerConfig::new(master, "launch-bench"))
+        .await
+        .unwrap();
+    let mut f = Framework {
+        s,
+        offers: HashMap::new(),
+        digest: String::new(),
+    };
+
+    // Cold: the first launch carries the bytes and compiles.
+    let t = Instant::now();
+    let first = TaskBuilder::wasm(TaskId::new("cold").unwrap(), hello.to_vec());
+    f.launch(&mut events, vec![first]).await;
+    let (_, cold) = f.wait_done(&mut events, "cold", t).await;
+    f.digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(hello))
+    );
+
+    let mut running = Vec::with_capacity(args.launches);
+    let mut finished = Vec::with_capacity(args.launches);
+    for i in 0..args.launches {
+        let id = format!("seq-{i}");
+        let t = Instant::now();
+        let task = f.task(&id);
+        f.launch(&mut events, vec![task]).await;
+        let (r, d) = f.wait_done(&mut events, &id, t).await;
+        running.push(r);
+        finished.push(d);
+    }
+
+    let tput = f
+        .throughput(&mut events, args.throughput_tasks, args.in_flight)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = a.await;
+    let _ = m.await;
+    (cold, sorted(running), sorted(finished), tput)
+}
+
+struct Framework {
+    s: Scheduler,
+    /// Offers held, by id; all are on the one agent.
+    offers: HashMap<String, v1::Offer>,
+    digest: String,
+}
+
+impl Framework {
+    fn task(&self, id: &str) -> TaskBuilder {
+        TaskBuilder::wasm_digest(TaskId::new(id).unwrap(), self.digest.clone())
+    }
+
+    fn hold(&mut self, ev: &Event) {
+        match ev {
+            Event::Offers(offers) => {
+                for o in offers {
+                    self.offers
+                        .insert(o.id.as_ref().unwrap().value.clone(), o.clone());
+                }
+            }
+            Event::Rescind(id) => {
+                self.offers.remove(id.as_str());
+            }
+            _ => {}
+        }
+    }
+
+    /// Launches `tasks` on every offer held, waiting for one if none is.
+    async fn launch(&mut self, events: &mut Events, tasks: Vec<TaskBuilder>) {
+        while self.offers.is_empty() {
+            let ev = events.next().await.expect("subscription ended");
+            self.hold(&ev);
+        }
+        let offer = self.offers.values().next().unwrap().clone();
+        let ids: Vec<v1::OfferId> = self.offers.values().filter_map(|o| o.id.clone()).collect();
+        self.offers.clear();
+        let tasks = tasks
+            .into_iter()
+            .map(|t| {
+                t.resources(parse_resources(TASK).unwrap())
+                    .args(["bench"])
+                    .build_for(&offer)
+            })
+            .collect();
+        self.s.accept(&ids, tasks, Some(0.0)).await.unwrap();
+    }
+
+    /// Waits for `id` to finish, returning when it was RUNNING and FINISHED, since `t`.
+    async fn wait_done(
+        &mut self,
+        events: &mut Events,
+        id: &str,
+        t: Instant,
+    ) -> (Duration, Duration) {
+        let mut running = None;
+        loop {
+            let ev = events.next().await.expect("subscription ended");
+            self.hold(&ev);
+            let Event::Update(st) = ev else { continue };
+            if st.task_id.as_ref().map(|t| t.value.as_str()) != Some(id) {
+                continue;
+            }
+            match st.state() {
+                v1::TaskState::TaskRunning => running = Some(t.elapsed()),
+                v1::TaskState::TaskFinished => {
+                    let done = t.elapsed();
+                    return (running.unwrap_or(done), done);
+                }
+                v1::TaskState::TaskStarting => {}
+                other => panic!("task {id} ended {other:?}: {}", st.message),
+            }
+        }
+    }
+
+    /// Keeps `in_flight` launches outstanding until `total` tasks have finished.
+    async fn throughput(&mut self, events: &mut Events, total: usize, in_flight: usize) -> f64 {
+        let (mut launched, mut done, mut outstanding) = (0usize, 0usize, 0usize);
+        let start = Instant::now();
+        while done < total {
+            if outstanding < in_flight && launched < total && !self.offers.is_empty() {
+                let n = (in_flight - outstanding).min(total - launched);
+                let tasks = (0..n)
+                    .map(|i| self.task(&format!("tput-{}", launched + i)))
+                    .collect();
+                self.launch(events, tasks).await;
+                launched += n;
+                outstanding += n;
+                continue;
+            }
+            let ev = events.next().await.expect("subscription ended");
+            self.hold(&ev);
+            if let Event::Update(st) = ev {
+                match st.state() {
+                    v1::TaskState::TaskFinished => {
+                        done += 1;
+                        outstanding -= 1;
+                    }
+                    v1::TaskState::TaskStarting | v1::TaskState::TaskRunning => {}
+                    other => panic!("a task ended {other:?}: {}", st.message),
+                }
+            }
+        }
+        total as f64 / start.elapsed().as_secs_f64()
+    }
+}
+
+/// Bare wasmtime: the module compiled once, then a fresh store and WASI context per run,
+/// stdout into a file as the agent does.
+mod bare {
+    use std::time::{Duration, Instant};
+
+    use wasmtime::{Engine, InstancePre, Linker, Module, Store};
+    use wasmtime_wasi::WasiCtxBuilder;
+    use wasmtime_wasi::p1::WasiP1Ctx;
+
+    pub struct Bare {
+        pre: InstancePre<WasiP1Ctx>,
+        dir: tempfile::TempDir,
+    }
+
+    impl Bare {
+        pub fn new(wasm: &[u8]) -> Bare {
+            let engine = Engine::default();
+            let module = Module::new(&engine, wasm).unwrap();
+            let mut linker = Linker::new(&engine);
+            wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |c| c).unwrap();
+            Bare {
+                pre: linker.instantiate_pre(&module).unwrap(),
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn run(&self, n: usize) {
+            let out = std::fs::File::create(self.dir.path().join(format!("stdout-{n}"))).unwrap();
+            let wasi = WasiCtxBuilder::new()
+                .args(&["hello", "bench"])
+                .stdout(wasmtime_wasi::cli::OutputFile::new(out))
+                .build_p1();
+            let mut store = Store::new(self.pre.module().engine(), wasi);
+            let instance = self.pre.instantiate(&mut store).unwrap();
+            let start = instance
+                .get_typed_func::<(), ()>(&mut store, "_start")
+                .unwrap();
+            start.call(&mut store, ()).unwrap();
+        }
+
+        pub fn latencies(&self, n: usize) -> Vec<Duration> {
+            self.run(usize::MAX);
+            let mut v: Vec<Duration> = (0..n)
+                .map(|i| {
+                    let t = Instant::now();
+                    self.run(i % 64);
+                    t.elapsed()
+                })
+                .collect();
+            v.sort();
+            v
+        }
+
+        pub fn throughput(&self, n: usize, threads: usize) -> f64 {
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                for k in 0..threads {
+                    s.spawn(move || {
+                        for i in (k..n).step_by(threads) {
+                            self.run(i % 64);
+                        }
+                    });
+                }
+            });
+            n as f64 / t.elapsed().as_secs_f64()
+        }
+    }
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Prepares a fresh machine for building Agora: the Wasm targets the example tasks compile
+# to, and the Debian packages the tests use. Safe to run again; does nothing when all is there.
+set -euo pipefail
+
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
+    exit 1
+fi
+
+installed=$(rustup target list --installed 2>/dev/null || true)
+for target in wasm32-wasip1 wasm32-wasip2; do
+    if ! grep -qx "$target" <<<"$installed"; then
+        echo "setup: rustup target add $target" >&2
+        rustup target add "$target" >&2
+    fi
+done
