@@ -27,9 +27,7 @@ use agora_proto::{
     state_to_proto,
 };
 
-use crate::allocator::{
-    AgentSlot, Allocation, AllocationInput, Allocator, FrameworkSlot, dominant_share,
-};
+use crate::allocator::{Allocation, Allocator, Cycle, dominant_share};
 
 /// The time, passed in by the caller.
 #[derive(Debug, Clone, Copy)]
@@ -52,8 +50,8 @@ pub struct EngineConfig {
     pub framework_heartbeat_interval: Duration,
     /// Filter applied to declined or unused resources when the call gives none.
     pub default_refuse: Duration,
-    /// The smallest free resources worth offering.
-    pub min_allocatable: Resources,
+    /// Offers not answered within this are rescinded; `None`: offers never time out.
+    pub offer_timeout: Option<Duration>,
     /// How many finished tasks are kept for the operator API and reconciliation.
     pub max_completed_tasks: usize,
 }
@@ -122,7 +120,7 @@ impl From<EngineError> for tonic::Status {
 
 struct Framework {
     info: v1::FrameworkInfo,
-    role: String,
+    roles: Vec<String>,
     partition_aware: bool,
     /// The current subscription's stream id; `None` while disconnected.
     stream: Option<String>,
@@ -130,9 +128,6 @@ struct Framework {
     failover_timeout: Duration,
     used: Resources,
     offered: Resources,
-    /// (agent, refused resources, until).
-    filters: Vec<(AgentId, Resources, Instant)>,
-    suppressed: bool,
     /// Adopted from an agent after a master restart; the framework has not re-subscribed.
     recovered: bool,
 }
@@ -158,11 +153,15 @@ struct Agent {
 struct Offer {
     framework: FrameworkId,
     agent: AgentId,
+    role: String,
     resources: Resources,
+    made_at: Instant,
 }
 
 struct Task {
     agent: AgentId,
+    /// The role its resources are allocated to.
+    role: String,
     info: v1::TaskInfo,
     resources: Resources,
     state: TaskState,
@@ -189,6 +188,15 @@ pub struct Engine {
     allocation_pending: bool,
     last_framework_heartbeat: Option<Instant>,
     changed: bool,
+}
+
+/// The role a task's resources are allocated to, as recorded in its info.
+fn role_of(task: &v1::TaskInfo) -> String {
+    if task.allocation_role.is_empty() {
+        "*".to_owned()
+    } else {
+        task.allocation_role.clone()
+    }
 }
 
 fn event(e: v1::event::Event) -> v1::Event {
@@ -293,18 +301,17 @@ impl Engine {
         if info.name.trim().is_empty() {
             return Err(EngineError::Invalid("framework name is empty".into()));
         }
-        let role = match info.roles.as_slice() {
-            [] => "*".to_owned(),
-            [role] => role.clone(),
-            more => {
-                return Err(EngineError::Invalid(format!(
-                    "framework asks for {} roles; this master supports one role per framework",
-                    more.len()
-                )));
+        let mut roles: Vec<String> = Vec::new();
+        for role in &info.roles {
+            agora_core::resources::validate_role(role)
+                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+            if !roles.contains(role) {
+                roles.push(role.clone());
             }
-        };
-        agora_core::resources::validate_role(&role)
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        }
+        if roles.is_empty() {
+            roles.push("*".to_owned());
+        }
         if !info.failover_timeout.is_finite() || info.failover_timeout < 0.0 {
             return Err(EngineError::Invalid(format!(
                 "failover_timeout {} is not a non-negative number of seconds",
@@ -344,7 +351,7 @@ impl Engine {
                 self.effects.push(Effect::CloseFramework(id.clone()));
             }
             old.info = info;
-            old.role = role;
+            old.roles = roles.clone();
             old.partition_aware = partition_aware;
             old.failover_timeout = failover_timeout;
             old.stream = Some(stream.clone());
@@ -355,19 +362,18 @@ impl Engine {
                 id.clone(),
                 Framework {
                     info,
-                    role,
+                    roles: roles.clone(),
                     partition_aware,
                     stream: Some(stream.clone()),
                     disconnected_at: None,
                     failover_timeout,
                     used: Resources::new(),
                     offered: Resources::new(),
-                    filters: Vec::new(),
-                    suppressed: false,
                     recovered: false,
                 },
             );
         }
+        self.allocator.add_framework(&id, &roles);
         self.recompute_framework_usage(&id);
         self.effects
             .push(Effect::Attach(id.clone(), stream.clone()));
@@ -426,6 +432,7 @@ impl Engine {
         let timeout = f.failover_timeout;
         tracing::info!(framework_id = %id, failover_timeout = ?timeout, "framework disconnected");
         self.withdraw_offers(|o| o.framework == *id, false);
+        self.allocator.set_framework_active(id, false);
         if timeout.is_zero() {
             self.remove_framework(
                 id,
@@ -446,12 +453,15 @@ impl Engine {
             .map(|(k, _)| k.clone())
             .collect();
         for oid in ids {
-            self.remove_offer(&oid, rescind);
+            if let Some(o) = self.remove_offer(&oid, rescind) {
+                self.allocator
+                    .recover(&o.agent, &o.framework, &o.role, &o.resources, None);
+            }
         }
     }
 
-    /// Removes an offer and returns its resources to the pool; tells the framework when
-    /// `rescind`.
+    /// Removes an offer from the books (the caller tells the allocator what becomes of its
+    /// resources); tells the framework when `rescind`.
     fn remove_offer(&mut self, id: &OfferId, rescind: bool) -> Option<Offer> {
         let offer = self.offers.remove(id)?;
         if let Some(a) = self.agents.get_mut(&offer.agent) {
@@ -499,7 +509,9 @@ impl Engine {
             if let Some(mut task) = self.tasks.remove(&key) {
                 if !task.state.is_terminal() {
                     agents.insert(task.agent.clone());
-                    if let Some(a) = self.agents.get_mut(&task.agent) {
+                    if task.state != TaskState::Unreachable
+                        && let Some(a) = self.agents.get_mut(&task.agent)
+                    {
                         a.used.subtract(&task.resources);
                     }
                     task.state = TaskState::Killed;
@@ -537,6 +549,7 @@ impl Engine {
             self.effects.push(Effect::CloseFramework(id.clone()));
         }
         self.frameworks.remove(id);
+        self.allocator.remove_framework(id);
         self.removed_frameworks.insert(id.clone());
         self.allocation_pending = true;
         self.changed = true;
@@ -584,7 +597,7 @@ impl Engine {
             return Err(EngineError::Invalid("accept names no offers".into()));
         }
         let refuse = self.refuse_duration(filters)?;
-        let mut agent: Option<(&OfferId, &AgentId)> = None;
+        let mut first: Option<(&OfferId, &Offer)> = None;
         for oid in offer_ids {
             let offer = self
                 .offers
@@ -593,29 +606,36 @@ impl Engine {
             if offer.framework != *id {
                 return Err(EngineError::NotYourOffer { offer: oid.clone() });
             }
-            match agent {
-                Some((first, a)) if *a != offer.agent => {
-                    return Err(EngineError::MixedAgents(first.clone(), oid.clone()));
+            match first {
+                Some((f, o)) if o.agent != offer.agent => {
+                    return Err(EngineError::MixedAgents(f.clone(), oid.clone()));
                 }
-                _ => agent = Some((oid, &offer.agent)),
+                Some((f, o)) if o.role != offer.role => {
+                    return Err(EngineError::Invalid(format!(
+                        "offers {f} and {oid} are allocated to different roles ({} and {}); \
+                         an accept uses offers of one role",
+                        o.role, offer.role
+                    )));
+                }
+                _ => first = Some((oid, offer)),
             }
         }
         let mut pool = Resources::new();
-        let mut agent_id = None;
+        let mut agent_role = None;
         for oid in offer_ids {
             if let Some(o) = self.remove_offer(oid, false) {
                 pool += &o.resources;
-                agent_id = Some(o.agent);
+                agent_role = Some((o.agent, o.role));
             }
         }
-        let Some(agent_id) = agent_id else {
+        let Some((agent_id, role)) = agent_role else {
             return Err(EngineError::Invalid("accept names no offers".into()));
         };
         for op in operations {
             match op.operation {
                 Some(v1::operation::Operation::Launch(launch)) => {
                     for task in launch.tasks {
-                        self.launch(id, &agent_id, &mut pool, task, now);
+                        self.launch(id, &agent_id, &role, &mut pool, task, now);
                     }
                 }
                 None => {
@@ -623,9 +643,9 @@ impl Engine {
                 }
             }
         }
-        if !pool.is_empty() && !refuse.is_zero() {
-            self.add_filter(id, &agent_id, pool, now.mono + refuse);
-        }
+        // What was not used goes back, refused by this framework for a while.
+        let until = (!refuse.is_zero()).then(|| now.mono + refuse);
+        self.allocator.recover(&agent_id, id, &role, &pool, until);
         self.allocation_pending = true;
         Ok(())
     }
@@ -637,18 +657,6 @@ impl Engine {
             Some(s) => Err(EngineError::Invalid(format!(
                 "filters.refuse_seconds {s} is not a non-negative number"
             ))),
-        }
-    }
-
-    fn add_filter(
-        &mut self,
-        id: &FrameworkId,
-        agent: &AgentId,
-        resources: Resources,
-        until: Instant,
-    ) {
-        if let Some(f) = self.frameworks.get_mut(id) {
-            f.filters.push((agent.clone(), resources, until));
         }
     }
 
@@ -727,6 +735,7 @@ impl Engine {
         &mut self,
         fw: &FrameworkId,
         agent: &AgentId,
+        role: &str,
         pool: &mut Resources,
         mut task: v1::TaskInfo,
         now: Now,
@@ -753,6 +762,7 @@ impl Engine {
         };
         *pool = rest;
         task.agent_id = Some(agent.into());
+        task.allocation_role = role.to_owned();
         if let Some(a) = self.agents.get_mut(agent) {
             a.used += &resources;
         }
@@ -769,6 +779,7 @@ impl Engine {
             (fw.clone(), task_id),
             Task {
                 agent: agent.clone(),
+                role: role.to_owned(),
                 info: without_module(&task),
                 resources,
                 state: TaskState::Staging,
@@ -811,43 +822,70 @@ impl Engine {
                 Some(_) => {}
             }
         }
+        let until = (!refuse.is_zero()).then(|| now.mono + refuse);
         for oid in offer_ids {
-            if let Some(o) = self.remove_offer(oid, false)
-                && !refuse.is_zero()
-            {
-                self.add_filter(id, &o.agent, o.resources, now.mono + refuse);
+            if let Some(o) = self.remove_offer(oid, false) {
+                self.allocator
+                    .recover(&o.agent, id, &o.role, &o.resources, until);
             }
         }
         Ok(())
     }
 
-    /// REVIVE: clears the framework's filters and resumes offers.
+    /// REVIVE: clears the framework's filters and resumes offers for `roles` (all of its
+    /// roles when empty).
     ///
     /// # Errors
-    /// When the caller is not the framework's current subscription.
-    pub fn revive(&mut self, id: &FrameworkId, stream: &str) -> Result<(), EngineError> {
+    /// When the caller is not the framework's current subscription, or names a role the
+    /// framework is not subscribed to.
+    pub fn revive(
+        &mut self,
+        id: &FrameworkId,
+        stream: &str,
+        roles: &[String],
+    ) -> Result<(), EngineError> {
         self.caller(id, stream)?;
-        if let Some(f) = self.frameworks.get_mut(id) {
-            f.filters.clear();
-            f.suppressed = false;
-        }
+        self.check_roles(id, roles)?;
+        self.allocator.revive(id, roles);
         self.allocation_pending = true;
         self.changed = true;
         Ok(())
     }
 
-    /// SUPPRESS: no more offers until REVIVE.
+    /// SUPPRESS: no more offers for `roles` (all of its roles when empty) until REVIVE;
+    /// outstanding offers for them are rescinded.
     ///
     /// # Errors
-    /// When the caller is not the framework's current subscription.
-    pub fn suppress(&mut self, id: &FrameworkId, stream: &str) -> Result<(), EngineError> {
+    /// When the caller is not the framework's current subscription, or names a role the
+    /// framework is not subscribed to.
+    pub fn suppress(
+        &mut self,
+        id: &FrameworkId,
+        stream: &str,
+        roles: &[String],
+    ) -> Result<(), EngineError> {
         self.caller(id, stream)?;
-        if let Some(f) = self.frameworks.get_mut(id) {
-            f.suppressed = true;
-        }
-        self.withdraw_offers(|o| o.framework == *id, true);
+        self.check_roles(id, roles)?;
+        self.allocator.suppress(id, roles);
+        self.withdraw_offers(
+            |o| o.framework == *id && (roles.is_empty() || roles.contains(&o.role)),
+            true,
+        );
         self.changed = true;
         Ok(())
+    }
+
+    fn check_roles(&self, id: &FrameworkId, roles: &[String]) -> Result<(), EngineError> {
+        let Some(f) = self.frameworks.get(id) else {
+            return Err(EngineError::UnknownFramework(id.clone()));
+        };
+        match roles.iter().find(|r| !f.roles.contains(r)) {
+            Some(r) => Err(EngineError::Invalid(format!(
+                "framework {id} is not subscribed to role {r:?} (its roles: {})",
+                f.roles.join(", ")
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn find_task(&self, fw: &FrameworkId, task: &TaskId) -> Result<&Task, EngineError> {
@@ -1090,6 +1128,20 @@ impl Engine {
             }),
         ));
         self.reconcile_agent_tasks(&id, reported, now);
+        let held: Vec<(FrameworkId, String, Resources)> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                t.agent == id && t.state.is_live() && t.state != TaskState::Unreachable
+            })
+            .map(|((fw, _), t)| (fw.clone(), t.role.clone(), t.resources.clone()))
+            .collect();
+        let total = self
+            .agents
+            .get(&id)
+            .map(|a| a.total.clone())
+            .unwrap_or_default();
+        self.allocator.add_agent(&id, &total, &held);
         self.allocation_pending = true;
         self.changed = true;
         Ok(id)
@@ -1139,15 +1191,13 @@ impl Engine {
                             name: String::new(),
                             ..Default::default()
                         },
-                        role: "*".into(),
+                        roles: vec![role_of(&info)],
                         partition_aware: false,
                         stream: None,
                         disconnected_at: None,
                         failover_timeout: Duration::MAX,
                         used: Resources::new(),
                         offered: Resources::new(),
-                        filters: Vec::new(),
-                        suppressed: false,
                         recovered: true,
                     },
                 );
@@ -1176,6 +1226,7 @@ impl Engine {
             }
             self.tasks.entry(key).or_insert_with(|| Task {
                 agent: agent.clone(),
+                role: role_of(&info),
                 info: without_module(&info),
                 resources,
                 state,
@@ -1245,6 +1296,7 @@ impl Engine {
         task.last_status = Some(status.clone());
         let agent = task.agent.clone();
         let resources = task.resources.clone();
+        let role = task.role.clone();
         tracing::info!(framework_id = %key.0, task_id = %key.1, agent_id = %agent, state = %state, message, "task state set by master");
         if (state.is_terminal() || state == TaskState::Unreachable) && was_live_resources {
             if let Some(a) = self.agents.get_mut(&agent) {
@@ -1253,6 +1305,8 @@ impl Engine {
             if let Some(f) = self.frameworks.get_mut(&key.0) {
                 f.used.subtract(&resources);
             }
+            self.allocator
+                .recover(&agent, &key.0, &role, &resources, None);
         }
         self.tell_framework(
             &key.0,
@@ -1286,6 +1340,7 @@ impl Engine {
         a.status = AgentStatus::Disconnected;
         tracing::warn!(agent_id = %agent, "agent link dropped");
         self.withdraw_offers(|o| o.agent == *agent, true);
+        self.allocator.set_agent_active(agent, false);
         self.changed = true;
     }
 
@@ -1340,12 +1395,15 @@ impl Engine {
                     task.terminal_uuid = Some(status.uuid.clone());
                     if was_holding {
                         let (agent_id, resources) = (task.agent.clone(), task.resources.clone());
+                        let role = task.role.clone();
                         if let Some(a) = self.agents.get_mut(&agent_id) {
                             a.used.subtract(&resources);
                         }
                         if let Some(f) = self.frameworks.get_mut(&fw) {
                             f.used.subtract(&resources);
                         }
+                        self.allocator
+                            .recover(&agent_id, &fw, &role, &resources, None);
                         self.allocation_pending = true;
                     }
                     if status.uuid.is_empty()
@@ -1381,7 +1439,8 @@ impl Engine {
     // ---------------------------------------------------------------------------------------
 
     /// Periodic work: agents that stopped heartbeating are marked lost, frameworks past their
-    /// failover timeout are removed, expired filters are dropped, frameworks get heartbeats.
+    /// failover timeout are removed, offers past the offer timeout are rescinded, frameworks
+    /// get heartbeats.
     pub fn tick(&mut self, now: Now) {
         let limit = self.config.agent_heartbeat_interval * self.config.max_missed_heartbeats.max(1);
         let lost: Vec<AgentId> = self
@@ -1417,14 +1476,26 @@ impl Engine {
             );
         }
 
-        let mut any_expired = false;
-        for f in self.frameworks.values_mut() {
-            let before = f.filters.len();
-            f.filters.retain(|(_, _, until)| *until > now.mono);
-            any_expired |= f.filters.len() != before;
-        }
-        if any_expired {
-            self.allocation_pending = true;
+        if let Some(timeout) = self.config.offer_timeout {
+            let stale: Vec<OfferId> = self
+                .offers
+                .iter()
+                .filter(|(_, o)| now.mono.saturating_duration_since(o.made_at) >= timeout)
+                .map(|(k, _)| k.clone())
+                .collect();
+            if !stale.is_empty() {
+                tracing::info!(
+                    count = stale.len(),
+                    ?timeout,
+                    "rescinding offers nobody answered"
+                );
+            }
+            for oid in stale {
+                if let Some(o) = self.remove_offer(&oid, true) {
+                    self.allocator
+                        .recover(&o.agent, &o.framework, &o.role, &o.resources, None);
+                }
+            }
         }
 
         let due = self.last_framework_heartbeat.is_none_or(|t| {
@@ -1480,6 +1551,7 @@ impl Engine {
                 );
             }
         }
+        self.allocator.remove_agent(agent);
         let message = format!("agent {agent} stopped heartbeating and was marked lost");
         let ids: Vec<FrameworkId> = self
             .frameworks
@@ -1499,51 +1571,10 @@ impl Engine {
         self.changed = true;
     }
 
-    /// Runs the allocator over the free resources and makes offers.
-    pub fn allocate(&mut self, now: Now, seed: u64) {
+    /// Runs an allocation cycle and makes offers of what it allocates.
+    pub fn allocate(&mut self, now: Now, cycle: Cycle) {
         self.allocation_pending = false;
-        let mut total = Resources::new();
-        let mut agents = Vec::new();
-        for (id, a) in &self.agents {
-            if a.status != AgentStatus::Connected {
-                continue;
-            }
-            total += &a.total;
-            let available = a.total.saturating_sub(&a.used).saturating_sub(&a.offered);
-            if !available.is_empty() {
-                agents.push(AgentSlot {
-                    id: id.clone(),
-                    available,
-                });
-            }
-        }
-        let frameworks: Vec<FrameworkSlot> = self
-            .frameworks
-            .iter()
-            .filter(|(_, f)| f.stream.is_some() && !f.suppressed)
-            .map(|(id, f)| FrameworkSlot {
-                id: id.clone(),
-                role: f.role.clone(),
-                allocated: &f.used + &f.offered,
-                refused: f
-                    .filters
-                    .iter()
-                    .filter(|(_, _, until)| *until > now.mono)
-                    .map(|(a, r, _)| (a.clone(), r.clone()))
-                    .collect(),
-            })
-            .collect();
-        if agents.is_empty() || frameworks.is_empty() {
-            return;
-        }
-        let input = AllocationInput {
-            total,
-            agents,
-            frameworks,
-            min_allocatable: self.config.min_allocatable.clone(),
-            seed,
-        };
-        let allocations = self.allocator.allocate(&input);
+        let allocations = self.allocator.allocate(now.mono, cycle);
         let mut by_framework: HashMap<FrameworkId, Vec<v1::Offer>> = HashMap::new();
         for Allocation {
             framework,
@@ -1575,7 +1606,9 @@ impl Engine {
                 Offer {
                     framework: framework.clone(),
                     agent,
+                    role: wire.allocation_role.clone(),
                     resources,
+                    made_at: now.mono,
                 },
             );
             by_framework.entry(framework).or_default().push(wire);

@@ -53,6 +53,9 @@ pub struct MasterConfig {
     pub default_refuse: Duration,
     /// Free resources smaller than all of these are not offered. Default `cpus:0.01;mem:32`.
     pub min_allocatable: Resources,
+    /// Offers not answered within this are rescinded. Default: none (offers stand until
+    /// used, declined or rescinded), as in Mesos.
+    pub offer_timeout: Option<Duration>,
     /// Events buffered per framework stream before a slow subscriber is disconnected.
     /// Default 4096.
     pub event_buffer: usize,
@@ -71,6 +74,7 @@ impl Default for MasterConfig {
             framework_heartbeat_interval: Duration::from_secs(15),
             allocation_interval: Duration::from_secs(1),
             default_refuse: Duration::from_secs(5),
+            offer_timeout: None,
             min_allocatable: agora_core::parse_resources("cpus:0.01;mem:32")
                 .expect("a literal resource string parses"),
             event_buffer: 4096,
@@ -120,10 +124,12 @@ pub async fn run(
             max_missed_heartbeats: config.max_missed_heartbeats,
             framework_heartbeat_interval: config.framework_heartbeat_interval,
             default_refuse: config.default_refuse,
-            min_allocatable: config.min_allocatable.clone(),
+            offer_timeout: config.offer_timeout,
             max_completed_tasks: config.max_completed_tasks,
         },
-        Box::new(allocator::Drf),
+        Box::new(allocator::HierarchicalDrf::new(
+            config.min_allocatable.clone(),
+        )),
     );
     let (tx, rx) = mpsc::channel(16 * 1024);
     let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));

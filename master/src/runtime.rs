@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tonic::Status;
 
+use crate::allocator::Cycle;
 use crate::engine::{Effect, Engine, Now};
 
 /// A validated scheduler call.
@@ -37,8 +38,12 @@ pub enum CallKind {
         offers: Vec<OfferId>,
         filters: Option<v1::Filters>,
     },
-    Revive,
-    Suppress,
+    Revive {
+        roles: Vec<String>,
+    },
+    Suppress {
+        roles: Vec<String>,
+    },
     Kill {
         task: TaskId,
     },
@@ -164,7 +169,6 @@ pub struct Actor {
     pending_stream: Option<(FrameworkId, FrameworkConn)>,
     agents: HashMap<AgentId, AgentConn>,
     next_conn: u64,
-    seed: u64,
     started: Instant,
     snapshot: watch::Sender<Arc<Snapshot>>,
 }
@@ -183,10 +187,6 @@ impl Actor {
         commands: mpsc::Sender<Command>,
         snapshot: watch::Sender<Arc<Snapshot>>,
     ) -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9e37_79b9_7f4a_7c15);
         Actor {
             engine,
             config,
@@ -195,7 +195,6 @@ impl Actor {
             pending_stream: None,
             agents: HashMap::new(),
             next_conn: 0,
-            seed,
             started: Instant::now(),
             snapshot,
         }
@@ -231,14 +230,14 @@ impl Actor {
                         }
                     }
                     if self.engine.allocation_pending() {
-                        self.allocate();
+                        self.allocate(Cycle::Incremental);
                     }
                 }
                 _ = tick.tick() => {
                     self.engine.tick(now());
                     self.execute();
                 }
-                _ = allocation.tick() => self.allocate(),
+                _ = allocation.tick() => self.allocate(Cycle::Full),
                 _ = publish.tick() => {
                     if self.engine.take_changed() {
                         self.publish();
@@ -249,9 +248,8 @@ impl Actor {
         tracing::info!("master shutting down");
     }
 
-    fn allocate(&mut self) {
-        self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        self.engine.allocate(now(), self.seed);
+    fn allocate(&mut self, cycle: Cycle) {
+        self.engine.allocate(now(), cycle);
         self.execute();
     }
 
@@ -387,8 +385,8 @@ impl Actor {
             CallKind::Decline { offers, filters } => {
                 e.decline(framework, stream, &offers, filters.as_ref(), t)
             }
-            CallKind::Revive => e.revive(framework, stream),
-            CallKind::Suppress => e.suppress(framework, stream),
+            CallKind::Revive { roles } => e.revive(framework, stream, &roles),
+            CallKind::Suppress { roles } => e.suppress(framework, stream, &roles),
             CallKind::Kill { task } => e.kill(framework, stream, &task),
             CallKind::Acknowledge { task, uuid } => e.acknowledge(framework, stream, &task, &uuid),
             CallKind::Reconcile { tasks } => e.reconcile(framework, stream, &tasks, t),

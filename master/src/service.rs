@@ -117,7 +117,8 @@ impl Scheduler for SchedulerService {
         &self,
         request: Request<v1::ReviveRequest>,
     ) -> Result<Response<v1::CallResponse>, Status> {
-        self.call(request.into_inner().header, || Ok(CallKind::Revive))
+        let req = request.into_inner();
+        self.call(req.header, || Ok(CallKind::Revive { roles: req.roles }))
             .await
     }
 
@@ -125,7 +126,8 @@ impl Scheduler for SchedulerService {
         &self,
         request: Request<v1::SuppressRequest>,
     ) -> Result<Response<v1::CallResponse>, Status> {
-        self.call(request.into_inner().header, || Ok(CallKind::Suppress))
+        let req = request.into_inner();
+        self.call(req.header, || Ok(CallKind::Suppress { roles: req.roles }))
             .await
     }
 

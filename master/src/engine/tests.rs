@@ -7,7 +7,7 @@ use agora_core::parse_resources;
 use proptest::prelude::*;
 
 use super::*;
-use crate::allocator::Drf;
+use crate::allocator::{Cycle, HierarchicalDrf};
 
 fn config() -> EngineConfig {
     EngineConfig {
@@ -16,7 +16,7 @@ fn config() -> EngineConfig {
         max_missed_heartbeats: 3,
         framework_heartbeat_interval: Duration::from_secs(15),
         default_refuse: Duration::from_secs(5),
-        min_allocatable: parse_resources("cpus:0.01;mem:32").unwrap(),
+        offer_timeout: Some(Duration::from_secs(30)),
         max_completed_tasks: 100,
     }
 }
@@ -37,7 +37,12 @@ struct World {
 impl World {
     fn new() -> World {
         World {
-            e: Engine::new(config(), Box::new(Drf)),
+            e: Engine::new(
+                config(),
+                Box::new(HierarchicalDrf::new(
+                    parse_resources("cpus:0.01;mem:32").unwrap(),
+                )),
+            ),
             t0: Instant::now(),
             elapsed: Duration::ZERO,
             streams: HashMap::new(),
@@ -136,7 +141,7 @@ impl World {
 
     fn allocate(&mut self) {
         let now = self.now();
-        self.e.allocate(now, 7);
+        self.e.allocate(now, Cycle::Incremental);
         self.drain();
     }
 
@@ -593,13 +598,13 @@ proptest! {
                 }
                 Op::Revive { fw } => {
                     let stream = w.streams[&fws[fw]].clone();
-                    w.e.revive(&fws[fw], &stream).unwrap();
+                    w.e.revive(&fws[fw], &stream, &[]).unwrap();
                     suppressed[fw] = false;
                     w.drain();
                 }
                 Op::Suppress { fw } => {
                     let stream = w.streams[&fws[fw]].clone();
-                    w.e.suppress(&fws[fw], &stream).unwrap();
+                    w.e.suppress(&fws[fw], &stream, &[]).unwrap();
                     suppressed[fw] = true;
                     w.drain();
                 }
