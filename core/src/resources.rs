@@ -546,6 +546,13 @@ impl Resources {
         })
     }
 
+    /// The resources by reference: (name, reservation, value), in canonical order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Reservation, &Value)> + '_ {
+        self.entries
+            .iter()
+            .map(|(k, v)| (k.name.as_str(), &k.reservation, v))
+    }
+
     /// True when every resource of `other` is in `self` (same name, reservation and kind).
     pub fn contains(&self, other: &Resources) -> bool {
         other.entries.iter().all(|(k, v)| {

@@ -186,11 +186,11 @@ fn shuffle<T>(items: &mut [T], seed: u64) {
 /// Calls `each` with the reservation role (`None`: unreserved) and amount of every share
 /// scalar in `r`.
 fn split_scalars(r: &Resources, mut each: impl FnMut(Option<&str>, Scalars)) {
-    for res in r.iter() {
-        if let (Some(i), Value::Scalar(v)) = (Scalars::index(&res.name), &res.value) {
+    for (name, reservation, value) in r.entries() {
+        if let (Some(i), Value::Scalar(v)) = (Scalars::index(name), value) {
             let mut s = Scalars::ZERO;
             s.0[i] = v.milli();
-            each(res.reservation.role(), s);
+            each(reservation.role(), s);
         }
     }
 }
@@ -500,12 +500,12 @@ impl HierarchicalDrf {
         let name = &self.roles[r].name;
         // (depth of the reservation's role, resource); unreserved at depth 0. Ancestors'
         // reservations come before unreserved resources, so they use the limits first.
-        let mut usable: Vec<(usize, agora_core::Resource)> = Vec::new();
-        for res in avail.iter() {
-            match res.reservation.role() {
-                None => usable.push((0, res)),
+        let mut usable: Vec<(usize, &str, &Reservation, &Value)> = Vec::new();
+        for (res_name, reservation, value) in avail.entries() {
+            match reservation.role() {
+                None => usable.push((0, res_name, reservation, value)),
                 Some(x) if is_ancestor_or_self(x, name) => {
-                    usable.push((x.split('/').count(), res));
+                    usable.push((x.split('/').count(), res_name, reservation, value));
                 }
                 Some(_) => {}
             }
@@ -513,7 +513,7 @@ impl HierarchicalDrf {
         if usable.is_empty() {
             return None;
         }
-        usable.sort_by_key(|(d, _)| Reverse(*d));
+        usable.sort_by_key(|(d, ..)| Reverse(*d));
         // What each role on the path may still take under its limit. Taking a resource
         // reserved for role x adds to the consumption of the roles below x only: x's own
         // consumption already counts its reservations.
@@ -551,8 +551,9 @@ impl HierarchicalDrf {
         }
         let mut offer = Resources::new();
         let mut gives_owed = false;
-        for (depth, mut res) in usable {
-            if let (Some(i), Value::Scalar(v)) = (Scalars::index(&res.name), &res.value) {
+        for (depth, res_name, reservation, value) in usable {
+            let mut value = value.clone();
+            if let (Some(i), Value::Scalar(v)) = (Scalars::index(res_name), &value) {
                 let mut take = v.milli();
                 for (d, left) in &room {
                     if *d > depth {
@@ -576,9 +577,13 @@ impl HierarchicalDrf {
                         gives_owed |= self.roles[g].guarantee.0[i] > 0;
                     }
                 }
-                res.value = Value::Scalar(Scalar::from_milli(take));
+                value = Value::Scalar(Scalar::from_milli(take));
             }
-            offer.push(res);
+            offer.push(agora_core::Resource {
+                name: res_name.to_owned(),
+                reservation: reservation.clone(),
+                value,
+            });
         }
         if let Stage::Quota(_) = stage
             && !gives_owed

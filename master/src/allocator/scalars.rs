@@ -23,20 +23,8 @@ impl Scalars {
     /// The share scalars of `r`, whatever their reservation.
     pub fn of(r: &Resources) -> Scalars {
         let mut s = Scalars::ZERO;
-        for (i, name) in SHARE_SCALARS.iter().enumerate() {
-            s.0[i] = r.scalar(name).milli();
-        }
-        s
-    }
-
-    /// The share scalars of `r` reserved for `role`... or unreserved when `role` is `None`.
-    pub fn of_reservation(r: &Resources, role: Option<&str>) -> Scalars {
-        let mut s = Scalars::ZERO;
-        for res in r.iter() {
-            if res.reservation.role() != role {
-                continue;
-            }
-            if let (Some(i), Value::Scalar(v)) = (Scalars::index(&res.name), &res.value) {
+        for (name, _, value) in r.entries() {
+            if let (Some(i), Value::Scalar(v)) = (Scalars::index(name), value) {
                 s.0[i] += v.milli();
             }
         }
