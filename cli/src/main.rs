@@ -1,6 +1,7 @@
 //! `agora`: run a local cluster, a master, an agent, a one-shot task; list agents and tasks.
 
 mod dev;
+mod roles;
 mod run;
 mod tables;
 
@@ -37,6 +38,18 @@ enum Command {
     Agents(QueryArgs),
     /// List the cluster's tasks.
     Tasks(TasksArgs),
+    /// List roles: weight, quota guarantee and limit, allocated, offered, reserved.
+    Roles(QueryArgs),
+    /// Set or remove a role's quota.
+    Quota {
+        #[command(subcommand)]
+        action: roles::QuotaAction,
+    },
+    /// Set a role's weight.
+    Weight {
+        #[command(subcommand)]
+        action: roles::WeightAction,
+    },
 }
 
 #[derive(Args)]
@@ -56,6 +69,16 @@ pub struct MasterArgs {
     /// How often frameworks get a HEARTBEAT event.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     framework_heartbeat_interval: Duration,
+    /// Rescind offers not answered within this (e.g. 30s). Default: offers stand.
+    #[arg(long, value_parser = parse_duration)]
+    offer_timeout: Option<Duration>,
+    /// Free resources smaller than all of these are not offered.
+    #[arg(long, default_value = "cpus:0.01;mem:32", value_parser = parse_resources)]
+    min_allocatable_resources: agora_core::Resources,
+    /// Who may reserve for which role: 'ROLE=PRINCIPAL,PRINCIPAL;ROLE=*'. Default: any
+    /// framework with a principal, for the roles of its offers.
+    #[arg(long, value_parser = parse_acl)]
+    reserve_acl: Option<std::collections::HashMap<String, Vec<String>>>,
 }
 
 impl MasterArgs {
@@ -65,6 +88,9 @@ impl MasterArgs {
             max_missed_heartbeats: self.max_missed_heartbeats,
             allocation_interval: self.allocation_interval,
             framework_heartbeat_interval: self.framework_heartbeat_interval,
+            offer_timeout: self.offer_timeout,
+            min_allocatable: self.min_allocatable_resources.clone(),
+            reservers: self.reserve_acl.clone().unwrap_or_default(),
             ..Default::default()
         }
     }
@@ -132,8 +158,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
-fn parse_resources(s: &str) -> Result<agora_core::Resources, String> {
+pub fn parse_resources(s: &str) -> Result<agora_core::Resources, String> {
     agora_core::parse_resources(s).map_err(|e| e.to_string())
+}
+
+/// `eng=alice,bob;ops=*`.
+fn parse_acl(s: &str) -> Result<std::collections::HashMap<String, Vec<String>>, String> {
+    let mut acl = std::collections::HashMap::new();
+    for entry in s.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (role, principals) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("{entry:?}: expected ROLE=PRINCIPAL[,PRINCIPAL]"))?;
+        agora_core::resources::validate_role(role.trim()).map_err(|e| e.to_string())?;
+        let principals: Vec<String> = principals
+            .split(',')
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect();
+        if principals.is_empty() {
+            return Err(format!("{entry:?}: no principals"));
+        }
+        acl.insert(role.trim().to_owned(), principals);
+    }
+    Ok(acl)
 }
 
 fn parse_attributes(s: &str) -> Result<Vec<agora_core::Attribute>, String> {
@@ -202,7 +249,12 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let quiet = matches!(
         cli.command,
-        Command::Run(_) | Command::Agents(_) | Command::Tasks(_)
+        Command::Run(_)
+            | Command::Agents(_)
+            | Command::Tasks(_)
+            | Command::Roles(_)
+            | Command::Quota { .. }
+            | Command::Weight { .. }
     );
     init_tracing(if quiet { "warn" } else { "info" });
     let result = match cli.command {
@@ -212,6 +264,9 @@ async fn main() -> std::process::ExitCode {
         Command::Run(args) => return run::run(args).await,
         Command::Agents(args) => tables::agents(&args).await,
         Command::Tasks(args) => tables::tasks(&args.query, args.all).await,
+        Command::Roles(args) => tables::roles(&args).await,
+        Command::Quota { action } => roles::quota(action).await,
+        Command::Weight { action } => roles::weight(action).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

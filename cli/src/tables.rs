@@ -152,3 +152,47 @@ pub async fn tasks(args: &QueryArgs, all: bool) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+pub async fn roles(args: &QueryArgs) -> anyhow::Result<()> {
+    let roles = Operator::connect(&master_url(&args.master))
+        .await?
+        .roles()
+        .await?;
+    let show = |r: &[v1::Resource]| {
+        let r = res(r);
+        if r.is_empty() {
+            "-".to_owned()
+        } else {
+            r.to_string()
+        }
+    };
+    let rows: Vec<Vec<String>> = roles
+        .iter()
+        .map(|r| {
+            vec![
+                r.role.clone(),
+                fmt(r.weight),
+                show(&r.guarantee),
+                show(&r.limit),
+                show(&r.allocated),
+                show(&r.offered),
+                show(&r.reserved),
+                r.frameworks.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ROLE",
+            "WEIGHT",
+            "GUARANTEE",
+            "LIMIT",
+            "ALLOCATED",
+            "OFFERED",
+            "RESERVED",
+            "FRAMEWORKS",
+        ],
+        &rows,
+    );
+    Ok(())
+}

@@ -27,7 +27,7 @@ use agora_proto::{
     state_to_proto,
 };
 
-use crate::allocator::{Allocation, Allocator, Cycle, dominant_share};
+use crate::allocator::{Allocation, Allocator, Cycle, Quota, RoleError, dominant_share};
 
 /// The time, passed in by the caller.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +52,9 @@ pub struct EngineConfig {
     pub default_refuse: Duration,
     /// Offers not answered within this are rescinded; `None`: offers never time out.
     pub offer_timeout: Option<Duration>,
+    /// Who may make and remove dynamic reservations: role → principals. Empty: any
+    /// framework with a principal, for the roles its offers are allocated to.
+    pub reservers: HashMap<String, Vec<String>>,
     /// How many finished tasks are kept for the operator API and reconciliation.
     pub max_completed_tasks: usize,
 }
@@ -97,6 +100,10 @@ pub enum EngineError {
     TaskEnded { task: TaskId, state: TaskState },
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error(transparent)]
+    Role(#[from] RoleError),
     #[error(transparent)]
     Proto(#[from] ProtoError),
 }
@@ -112,7 +119,9 @@ impl From<EngineError> for tonic::Status {
             StaleStream { .. } | Inactive(_) | TaskEnded { .. } => {
                 tonic::Status::failed_precondition(msg)
             }
-            NotYourOffer { .. } => tonic::Status::permission_denied(msg),
+            NotYourOffer { .. } | Forbidden(_) => tonic::Status::permission_denied(msg),
+            Role(RoleError::ExceedsCapacity { .. }) => tonic::Status::failed_precondition(msg),
+            Role(_) => tonic::Status::invalid_argument(msg),
             MixedAgents(..) | Invalid(_) | Proto(_) => tonic::Status::invalid_argument(msg),
         }
     }
@@ -620,6 +629,26 @@ impl Engine {
                 _ => first = Some((oid, offer)),
             }
         }
+        if let Some((_, o)) = first {
+            let mut trial = offer_ids
+                .iter()
+                .filter_map(|oid| self.offers.get(oid))
+                .fold(Resources::new(), |acc, o| acc + o.resources.clone());
+            let principal = self
+                .frameworks
+                .get(id)
+                .map(|f| f.info.principal.clone())
+                .unwrap_or_default();
+            let role = o.role.clone();
+            for op in &operations {
+                self.apply_reservation(&mut trial, op, &role, &principal)?;
+            }
+        }
+        let principal = self
+            .frameworks
+            .get(id)
+            .map(|f| f.info.principal.clone())
+            .unwrap_or_default();
         let mut pool = Resources::new();
         let mut agent_role = None;
         for oid in offer_ids {
@@ -638,6 +667,26 @@ impl Engine {
                         self.launch(id, &agent_id, &role, &mut pool, task, now);
                     }
                 }
+                Some(ref reservation) => {
+                    let before = pool.clone();
+                    let op = v1::Operation {
+                        operation: Some(reservation.clone()),
+                    };
+                    // Checked above, though a LAUNCH before it may have used what it names.
+                    if let Err(e) = self.apply_reservation(&mut pool, &op, &role, &principal) {
+                        tracing::warn!(framework_id = %id, error = %e, "reservation dropped");
+                        continue;
+                    }
+                    let from = before.saturating_sub(&pool);
+                    let to = pool.saturating_sub(&before);
+                    tracing::info!(framework_id = %id, agent_id = %agent_id, %role, %from, %to, "reservation changed");
+                    self.allocator.convert(&agent_id, id, &role, &from, &to);
+                    if let Some(a) = self.agents.get_mut(&agent_id) {
+                        a.total.subtract(&from);
+                        a.total += &to;
+                    }
+                    self.changed = true;
+                }
                 None => {
                     tracing::warn!(framework_id = %id, "accept with an empty operation");
                 }
@@ -647,6 +696,115 @@ impl Engine {
         let until = (!refuse.is_zero()).then(|| now.mono + refuse);
         self.allocator.recover(&agent_id, id, &role, &pool, until);
         self.allocation_pending = true;
+        Ok(())
+    }
+
+    /// Applies a RESERVE or UNRESERVE to `pool`, the resources of offers allocated to `role`,
+    /// on behalf of a framework with `principal`. LAUNCH and empty operations pass.
+    fn apply_reservation(
+        &self,
+        pool: &mut Resources,
+        op: &v1::Operation,
+        role: &str,
+        principal: &str,
+    ) -> Result<(), EngineError> {
+        let (resources, reserve) = match &op.operation {
+            Some(v1::operation::Operation::Reserve(r)) => (&r.resources, true),
+            Some(v1::operation::Operation::Unreserve(r)) => (&r.resources, false),
+            _ => return Ok(()),
+        };
+        let wanted = resources_from_proto(resources)?;
+        if wanted.is_empty() {
+            return Err(EngineError::Invalid(
+                "a reservation operation names no resources".into(),
+            ));
+        }
+        if principal.is_empty() {
+            return Err(EngineError::Forbidden(
+                "dynamic reservations need a framework principal; subscribe with one".into(),
+            ));
+        }
+        if let Some(allowed) = self.config.reservers.get(role)
+            && !allowed.iter().any(|p| p == principal || p == "*")
+        {
+            return Err(EngineError::Forbidden(format!(
+                "principal {principal:?} may not reserve or unreserve for role {role}"
+            )));
+        }
+        if !self.config.reservers.is_empty() && !self.config.reservers.contains_key(role) {
+            return Err(EngineError::Forbidden(format!(
+                "no principal may reserve for role {role} (see the master's reservation ACL)"
+            )));
+        }
+        for r in wanted.iter() {
+            match &r.reservation {
+                agora_core::Reservation::Dynamic {
+                    role: rr,
+                    principal: rp,
+                } if rr == role => {
+                    if reserve && rp != principal {
+                        return Err(EngineError::Forbidden(format!(
+                            "{r}: a reservation is made in the framework's own principal ({principal:?})"
+                        )));
+                    }
+                }
+                agora_core::Reservation::Dynamic { role: rr, .. } => {
+                    return Err(EngineError::Invalid(format!(
+                        "{r}: the offers are allocated to role {role}, not {rr}"
+                    )));
+                }
+                _ => {
+                    return Err(EngineError::Invalid(format!(
+                        "{r}: name a dynamic reservation, e.g. cpus({role},{principal}):1"
+                    )));
+                }
+            }
+        }
+        let plain = wanted.flatten();
+        let (take, give) = if reserve {
+            (plain, wanted)
+        } else {
+            (wanted, plain)
+        };
+        let Some(rest) = pool.checked_sub(&take) else {
+            return Err(EngineError::Invalid(format!(
+                "cannot {} {take}: the offers hold {pool}",
+                if reserve { "reserve" } else { "unreserve" }
+            )));
+        };
+        *pool = rest + give;
+        Ok(())
+    }
+
+    /// Sets a role's weight.
+    ///
+    /// # Errors
+    /// When the role or weight is invalid.
+    pub fn set_weight(&mut self, role: &str, weight: f64) -> Result<(), EngineError> {
+        self.allocator.set_weight(role, weight)?;
+        tracing::info!(role, weight, "role weight set");
+        self.allocation_pending = true;
+        self.changed = true;
+        Ok(())
+    }
+
+    /// Sets or (when empty) removes a role's quota.
+    ///
+    /// # Errors
+    /// See [`Allocator::set_quota`].
+    pub fn set_quota(&mut self, role: &str, quota: Quota, force: bool) -> Result<(), EngineError> {
+        let text = format!(
+            "guarantee {} limit {}",
+            quota.guarantee,
+            quota
+                .limit
+                .as_ref()
+                .map_or("none".into(), |l| l.to_string())
+        );
+        self.allocator.set_quota(role, quota, force)?;
+        tracing::info!(role, quota = %text, force, "role quota set");
+        self.allocation_pending = true;
+        self.changed = true;
         Ok(())
     }
 
@@ -1103,6 +1261,19 @@ impl Engine {
             None => self.next("A", AgentId::new),
         };
         let returning = self.agents.contains_key(&id);
+        // Dynamic reservations live in the master: an agent coming back keeps them.
+        let mut total = total;
+        if let Some(old) = self.agents.get(&id) {
+            for r in old.total.iter() {
+                if !matches!(r.reservation, agora_core::Reservation::Dynamic { .. }) {
+                    continue;
+                }
+                let one: Resources = std::iter::once(r).collect();
+                if let Some(rest) = total.checked_sub(&one.flatten()) {
+                    total = rest + one;
+                }
+            }
+        }
         tracing::info!(agent_id = %id, hostname = %info.hostname, returning, tasks = reported.len(), "agent registered");
         // Offers on this agent were made from what the master knew before; withdraw them.
         self.withdraw_offers(|o| o.agent == id, true);
@@ -1689,7 +1860,42 @@ impl Engine {
                     b.task_id.as_ref().map(|i| &i.value),
                 ))
         });
+        let mut offered_by_role: HashMap<&str, Resources> = HashMap::new();
+        for o in self.offers.values() {
+            let mut role = o.role.as_str();
+            loop {
+                *offered_by_role.entry(role).or_default() += &o.resources;
+                match role.rfind('/') {
+                    Some(cut) => role = &role[..cut],
+                    None => break,
+                }
+            }
+        }
+        let roles = self
+            .allocator
+            .roles()
+            .into_iter()
+            .map(|r| v1::RoleState {
+                offered: offered_by_role
+                    .get(r.role.as_str())
+                    .map(resources_to_proto)
+                    .unwrap_or_default(),
+                role: r.role,
+                weight: r.weight,
+                guarantee: resources_to_proto(&r.quota.guarantee),
+                limit: r
+                    .quota
+                    .limit
+                    .as_ref()
+                    .map(resources_to_proto)
+                    .unwrap_or_default(),
+                allocated: resources_to_proto(&r.allocated),
+                reserved: resources_to_proto(&r.reserved),
+                frameworks: r.frameworks as u32,
+            })
+            .collect();
         v1::GetStateResponse {
+            roles,
             master_id: self.config.master_id.clone(),
             agents,
             frameworks,

@@ -56,6 +56,9 @@ pub struct MasterConfig {
     /// Offers not answered within this are rescinded. Default: none (offers stand until
     /// used, declined or rescinded), as in Mesos.
     pub offer_timeout: Option<Duration>,
+    /// Who may make and remove dynamic reservations: role → principals (`*`: any). Empty:
+    /// any framework with a principal, for the roles its offers are allocated to.
+    pub reservers: std::collections::HashMap<String, Vec<String>>,
     /// Events buffered per framework stream before a slow subscriber is disconnected.
     /// Default 4096.
     pub event_buffer: usize,
@@ -75,6 +78,7 @@ impl Default for MasterConfig {
             allocation_interval: Duration::from_secs(1),
             default_refuse: Duration::from_secs(5),
             offer_timeout: None,
+            reservers: std::collections::HashMap::new(),
             min_allocatable: agora_core::parse_resources("cpus:0.01;mem:32")
                 .expect("a literal resource string parses"),
             event_buffer: 4096,
@@ -125,6 +129,7 @@ pub async fn run(
             framework_heartbeat_interval: config.framework_heartbeat_interval,
             default_refuse: config.default_refuse,
             offer_timeout: config.offer_timeout,
+            reservers: config.reservers.clone(),
             max_completed_tasks: config.max_completed_tasks,
         },
         Box::new(allocator::HierarchicalDrf::new(
@@ -176,6 +181,7 @@ pub async fn run(
         )
         .add_service(v1::operator_server::OperatorServer::new(OperatorService {
             snapshot: snap_rx.clone(),
+            commands: tx.clone(),
         }));
     let mut routes = routes.routes();
     *routes.axum_router_mut() =

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tonic::Status;
 
-use crate::allocator::Cycle;
+use crate::allocator::{Cycle, Quota};
 use crate::engine::{Effect, Engine, Now};
 
 /// A validated scheduler call.
@@ -89,6 +89,17 @@ pub enum Command {
     AgentClosed {
         agent: AgentId,
         conn: u64,
+    },
+    SetWeight {
+        role: String,
+        weight: f64,
+        reply: Reply<()>,
+    },
+    SetQuota {
+        role: String,
+        quota: Quota,
+        force: bool,
+        reply: Reply<()>,
     },
 }
 
@@ -364,6 +375,26 @@ impl Actor {
                     self.engine.agent_disconnected(&agent);
                     self.execute();
                 }
+            }
+            Command::SetWeight {
+                role,
+                weight,
+                reply,
+            } => {
+                let r = self.engine.set_weight(&role, weight).map_err(Status::from);
+                let _ = reply.send(r);
+            }
+            Command::SetQuota {
+                role,
+                quota,
+                force,
+                reply,
+            } => {
+                let r = self
+                    .engine
+                    .set_quota(&role, quota, force)
+                    .map_err(Status::from);
+                let _ = reply.send(r);
             }
         }
     }

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::allocator::Quota;
 use crate::runtime::{CallKind, Command, EventStream, Snapshot};
 
 fn owner_gone() -> Status {
@@ -254,6 +255,7 @@ impl AgentLink for AgentLinkService {
 #[derive(Clone)]
 pub struct OperatorService {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub commands: mpsc::Sender<Command>,
 }
 
 #[tonic::async_trait]
@@ -272,6 +274,51 @@ impl Operator for OperatorService {
     ) -> Result<Response<v1::GetHealthResponse>, Status> {
         let snap = Arc::clone(&self.snapshot.borrow());
         Ok(Response::new(snap.health.clone()))
+    }
+
+    async fn get_roles(
+        &self,
+        _request: Request<v1::GetRolesRequest>,
+    ) -> Result<Response<v1::GetRolesResponse>, Status> {
+        let snap = Arc::clone(&self.snapshot.borrow());
+        Ok(Response::new(v1::GetRolesResponse {
+            roles: snap.state.roles.clone(),
+        }))
+    }
+
+    async fn update_weight(
+        &self,
+        request: Request<v1::UpdateWeightRequest>,
+    ) -> Result<Response<v1::UpdateResponse>, Status> {
+        let r = request.into_inner();
+        ask(&self.commands, |reply| Command::SetWeight {
+            role: r.role,
+            weight: r.weight,
+            reply,
+        })
+        .await?;
+        Ok(Response::new(v1::UpdateResponse {}))
+    }
+
+    async fn update_quota(
+        &self,
+        request: Request<v1::UpdateQuotaRequest>,
+    ) -> Result<Response<v1::UpdateResponse>, Status> {
+        let r = request.into_inner();
+        let guarantee = agora_proto::resources_from_proto(&r.guarantee)?;
+        let limit = agora_proto::resources_from_proto(&r.limit)?;
+        let quota = Quota {
+            guarantee,
+            limit: (!limit.is_empty()).then_some(limit),
+        };
+        ask(&self.commands, |reply| Command::SetQuota {
+            role: r.role,
+            quota,
+            force: r.force,
+            reply,
+        })
+        .await?;
+        Ok(Response::new(v1::UpdateResponse {}))
     }
 }
 

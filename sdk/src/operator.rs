@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use agora_core::{FrameworkId, TaskId};
+use agora_core::{FrameworkId, Resources, TaskId};
+use agora_proto::resources_to_proto;
 use agora_proto::v1::{self, operator_client::OperatorClient, sandbox_client::SandboxClient};
 use tonic::transport::{Channel, Endpoint};
 
@@ -55,6 +56,59 @@ impl Operator {
             .get_health(v1::GetHealthRequest {})
             .await?
             .into_inner())
+    }
+
+    /// Roles with their weights, quotas, allocations and reservations.
+    ///
+    /// # Errors
+    /// When the call fails.
+    pub async fn roles(&self) -> Result<Vec<v1::RoleState>, Error> {
+        Ok(self
+            .client
+            .clone()
+            .get_roles(v1::GetRolesRequest {})
+            .await?
+            .into_inner()
+            .roles)
+    }
+
+    /// Sets a role's weight.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] when the role or weight is invalid.
+    pub async fn set_weight(&self, role: &str, weight: f64) -> Result<(), Error> {
+        self.client
+            .clone()
+            .update_weight(v1::UpdateWeightRequest {
+                role: role.to_owned(),
+                weight,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Sets a role's quota; an empty guarantee and no limit remove it. With `force`, a
+    /// guarantee larger than the cluster is accepted.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] when the quota is invalid, or exceeds the cluster without `force`.
+    pub async fn set_quota(
+        &self,
+        role: &str,
+        guarantee: &Resources,
+        limit: Option<&Resources>,
+        force: bool,
+    ) -> Result<(), Error> {
+        self.client
+            .clone()
+            .update_quota(v1::UpdateQuotaRequest {
+                role: role.to_owned(),
+                guarantee: resources_to_proto(guarantee),
+                limit: limit.map(resources_to_proto).unwrap_or_default(),
+                force,
+            })
+            .await?;
+        Ok(())
     }
 }
 

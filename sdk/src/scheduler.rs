@@ -420,9 +420,17 @@ impl Scheduler {
     /// # Errors
     /// When the call fails.
     pub async fn revive(&self) -> Result<(), Error> {
+        self.revive_roles(&[]).await
+    }
+
+    /// [`Scheduler::revive`] for some of the framework's roles (all when empty).
+    ///
+    /// # Errors
+    /// When the call fails or names a role the framework is not subscribed to.
+    pub async fn revive_roles(&self, roles: &[String]) -> Result<(), Error> {
         let req = v1::ReviveRequest {
             header: Some(self.header()?),
-            roles: Vec::new(),
+            roles: roles.to_vec(),
         };
         self.client().revive(req).await?;
         Ok(())
@@ -433,11 +441,41 @@ impl Scheduler {
     /// # Errors
     /// When the call fails.
     pub async fn suppress(&self) -> Result<(), Error> {
+        self.suppress_roles(&[]).await
+    }
+
+    /// [`Scheduler::suppress`] for some of the framework's roles (all when empty).
+    ///
+    /// # Errors
+    /// When the call fails or names a role the framework is not subscribed to.
+    pub async fn suppress_roles(&self, roles: &[String]) -> Result<(), Error> {
         let req = v1::SuppressRequest {
             header: Some(self.header()?),
-            roles: Vec::new(),
+            roles: roles.to_vec(),
         };
         self.client().suppress(req).await?;
+        Ok(())
+    }
+
+    /// Carries out `operations` (LAUNCH, RESERVE, UNRESERVE, in order) on the resources of
+    /// `offers` (all on one agent, allocated to one role).
+    ///
+    /// # Errors
+    /// [`Error::Refused`] when an offer is unknown, or a reservation is not allowed or does
+    /// not fit the offers; nothing is done then.
+    pub async fn accept_operations(
+        &self,
+        offers: &[v1::OfferId],
+        operations: Vec<v1::Operation>,
+        refuse_seconds: Option<f64>,
+    ) -> Result<(), Error> {
+        let req = v1::AcceptRequest {
+            header: Some(self.header()?),
+            offer_ids: offers.to_vec(),
+            operations,
+            filters: Some(v1::Filters { refuse_seconds }),
+        };
+        self.client().accept(req).await?;
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 mod cluster;
 mod faults;
 mod processes;
+mod roles;
 
 use std::time::Duration;
 

@@ -17,6 +17,7 @@ fn config() -> EngineConfig {
         framework_heartbeat_interval: Duration::from_secs(15),
         default_refuse: Duration::from_secs(5),
         offer_timeout: Some(Duration::from_secs(30)),
+        reservers: HashMap::new(),
         max_completed_tasks: 100,
     }
 }
