@@ -713,6 +713,19 @@ impl HierarchicalDrf {
         }
     }
 
+    fn indices(
+        &self,
+        agent: &AgentId,
+        framework: &FrameworkId,
+        role: &str,
+    ) -> Option<(Ix, Ix, Ix)> {
+        Some((
+            *self.agent_ix.get(agent)?,
+            *self.framework_ix.get(framework)?,
+            *self.role_ix.get(role)?,
+        ))
+    }
+
     fn update_quota_roles(&mut self) {
         let mut q: Vec<Ix> = (1..self.roles.len())
             .filter(|&r| !self.roles[r].guarantee.is_zero())
@@ -986,11 +999,7 @@ impl Allocator for HierarchicalDrf {
         resources: &Resources,
         refuse_until: Option<Instant>,
     ) {
-        let (Some(&a), Some(&f), Some(&r)) = (
-            self.agent_ix.get(agent),
-            self.framework_ix.get(framework),
-            self.role_ix.get(role),
-        ) else {
+        let Some((a, f, r)) = self.indices(agent, framework, role) else {
             return;
         };
         self.sub_alloc(a, f, r, resources);
@@ -1014,11 +1023,7 @@ impl Allocator for HierarchicalDrf {
         from: &Resources,
         to: &Resources,
     ) {
-        let (Some(&a), Some(&f), Some(&r)) = (
-            self.agent_ix.get(agent),
-            self.framework_ix.get(framework),
-            self.role_ix.get(role),
-        ) else {
+        let Some((a, f, r)) = self.indices(agent, framework, role) else {
             return;
         };
         for name in to.reserved_roles() {

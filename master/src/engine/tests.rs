@@ -396,6 +396,68 @@ fn a_silent_agent_is_lost_with_its_tasks_and_offers() {
     assert!(w.take_offers(&fw).is_empty(), "a lost agent is not offered");
 }
 
+#[test]
+fn unanswered_offers_are_rescinded_after_the_offer_timeout() {
+    let mut w = World::new();
+    let fw = w.framework("slow");
+    w.agent("cpus:2;mem:1024");
+    w.allocate();
+    assert_eq!(w.offers[&fw].len(), 1);
+    for _ in 0..29 {
+        w.heartbeats();
+        w.advance(Duration::from_secs(1));
+    }
+    assert_eq!(w.offers[&fw].len(), 1, "30 s have not passed");
+    w.heartbeats();
+    w.advance(Duration::from_secs(1));
+    assert!(w.offers[&fw].is_empty(), "rescinded at 30 s");
+    // Its resources are free again, and no filter holds them back.
+    w.allocate();
+    assert_eq!(offered(&w.take_offers(&fw)).to_string(), "cpus:2;mem:1024");
+}
+
+#[test]
+fn a_framework_can_hold_several_roles_and_suppress_one() {
+    let mut w = World::new();
+    let (fw, stream) =
+        w.e.subscribe(v1::FrameworkInfo {
+            name: "multi".into(),
+            roles: vec!["a".into(), "b".into()],
+            ..Default::default()
+        })
+        .unwrap();
+    w.streams.insert(fw.clone(), stream.clone());
+    w.drain();
+    w.agent("cpus:1;mem:512");
+    w.agent("cpus:1;mem:512");
+    w.allocate();
+    let roles: std::collections::BTreeSet<String> = w
+        .take_offers(&fw)
+        .iter()
+        .map(|o| o.allocation_role.clone())
+        .collect();
+    assert_eq!(
+        roles,
+        ["a".to_owned(), "b".to_owned()].into(),
+        "one agent per role"
+    );
+    let err = w.e.suppress(&fw, &stream, &["c".into()]).unwrap_err();
+    assert!(
+        err.to_string().contains("not subscribed to role \"c\""),
+        "{err}"
+    );
+    w.e.suppress(&fw, &stream, &["a".into()]).unwrap();
+    w.drain();
+    let err =
+        w.e.subscribe(v1::FrameworkInfo {
+            name: "bad".into(),
+            roles: vec!["a/../b".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("'..'"), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Invariants over random call sequences.
 // ---------------------------------------------------------------------------------------------
