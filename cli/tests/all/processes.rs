@@ -178,4 +178,60 @@ fn master_agent_and_run_as_processes() {
         table.contains("TASK_FINISHED") && table.contains("TASK_FAILED"),
         "{table}"
     );
+
+    // Roles from the command line.
+    let cmd = |args: &[&str]| {
+        agora()
+            .args(args)
+            .args(["--master", &master])
+            .output()
+            .unwrap()
+    };
+    let out = cmd(&["quota", "set", "prod", "--guarantee", "cpus:999"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("force"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cmd(&[
+        "quota",
+        "set",
+        "prod",
+        "--guarantee",
+        "cpus:0.5",
+        "--limit",
+        "cpus:1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cmd(&["weight", "set", "prod", "2.5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let roles = String::from_utf8_lossy(&cmd(&["roles"]).stdout).into_owned();
+        let line = roles
+            .lines()
+            .find(|l| l.starts_with("prod "))
+            .unwrap_or_default()
+            .to_owned();
+        if line.contains("2.5") && line.contains("cpus:0.5") && line.contains("cpus:1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "roles table: {roles}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = cmd(&["quota", "remove", "prod"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
