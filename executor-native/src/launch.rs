@@ -1,0 +1,94 @@
+//! Starting a task's process: into its cgroup before exec, as the leader of its own session
+//! (so a signal to the process group reaches what it forks), with rlimits.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+
+use crate::cgroups::TaskCgroup;
+
+/// Resource limits set in the child before exec.
+#[derive(Debug, Clone)]
+pub struct Rlimits {
+    pub nofile: u64,
+    /// Core dumps off by default: they fill sandboxes.
+    pub core: u64,
+}
+
+impl Default for Rlimits {
+    fn default() -> Self {
+        Rlimits {
+            nofile: 65_536,
+            core: 0,
+        }
+    }
+}
+
+/// Spawns `cmd` in `cgroup` (when given) with `rlimits`.
+///
+/// # Errors
+/// When the process cannot be started — including when it cannot join its cgroup, which
+/// fails the spawn rather than letting the task run unconfined.
+pub fn spawn(
+    cmd: &mut Command,
+    cgroup: Option<&TaskCgroup>,
+    rlimits: &Rlimits,
+) -> io::Result<Child> {
+    let joins: Vec<CString> = cgroup
+        .map(TaskCgroup::join_paths)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p: PathBuf| CString::new(p.as_os_str().as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut limits = rlimits.clone();
+    // Raising a hard limit needs CAP_SYS_RESOURCE, which containers often drop: never ask
+    // for more than the agent has.
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) } == 0 {
+        limits.nofile = limits.nofile.min(current.rlim_max);
+    }
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions (open, write, close, setsid, setrlimit) on data prepared
+    // before the fork; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for path in &joins {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+            }
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for (resource, value) in [
+                (libc::RLIMIT_NOFILE, limits.nofile),
+                (libc::RLIMIT_CORE, limits.core),
+            ] {
+                let lim = libc::rlimit {
+                    rlim_cur: value,
+                    rlim_max: value,
+                };
+                if libc::setrlimit(resource, &lim) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
