@@ -350,6 +350,7 @@ impl Actor {
         let span = tracing::info_span!("task", framework_id = %fw, task_id = %tid, containerizer = containerizer.name());
         let runner = Runner {
             containerizer,
+            agent_id: self.agent_id.clone(),
             work_dir: self.work_dir.clone(),
             framework: fw,
             task_id: tid,
@@ -463,6 +464,7 @@ fn uuid_bytes() -> Vec<u8> {
 /// Drives one task through its containerizer, reporting each step to the owner task.
 struct Runner {
     containerizer: Arc<dyn Containerizer>,
+    agent_id: Option<AgentId>,
     work_dir: PathBuf,
     framework: FrameworkId,
     task_id: TaskId,
@@ -506,6 +508,7 @@ impl Runner {
             }
         };
         let spec = LaunchSpec {
+            agent_id: self.agent_id.clone(),
             framework_id: self.framework.clone(),
             task_id: self.task_id.clone(),
             task: self.task.clone(),

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agora_core::{FrameworkId, Resources, TaskId, TaskState};
+use agora_core::{AgentId, FrameworkId, Resources, TaskId, TaskState};
 use agora_executor_wasm::{
     CancellationToken, LoadError, ModuleSource, Outcome, Program, RunReport, RunSpec, WasmRuntime,
 };
@@ -18,6 +18,8 @@ use agora_proto::v1;
 /// Everything a containerizer needs to start one task.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
+    /// The agent's id, once it has registered.
+    pub agent_id: Option<AgentId>,
     pub framework_id: FrameworkId,
     pub task_id: TaskId,
     pub task: v1::TaskInfo,

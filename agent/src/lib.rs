@@ -10,6 +10,7 @@
 //! # Layout
 //!
 //! - [`containerizer`]: the [`Containerizer`] trait and the Wasm containerizer.
+//! - [`native`]: the native containerizer (`command` tasks as processes in cgroups).
 //! - [`actor`]: the owner task: tasks, status updates, the state machine of a launch.
 //! - [`link`]: the connection to the master, with reconnect.
 //! - [`sandbox`]: sandbox directories and the Sandbox API.
@@ -18,6 +19,7 @@
 pub mod actor;
 pub mod containerizer;
 pub mod link;
+pub mod native;
 pub mod resources;
 pub mod sandbox;
 
@@ -34,6 +36,7 @@ use tokio::sync::mpsc;
 use tonic::transport::server::TcpIncoming;
 
 pub use containerizer::{Container, Containerizer, LaunchSpec, Termination, WasmContainerizer};
+pub use native::{NativeConfig, NativeContainerizer};
 
 /// Settings of an agent.
 #[derive(Debug, Clone)]
@@ -50,6 +53,8 @@ pub struct AgentConfig {
     /// The address clients use for the Sandbox API. Default: `http://<listener address>`.
     pub advertise: Option<String>,
     pub wasm: WasmConfig,
+    /// How `command` tasks are contained.
+    pub native: native::NativeConfig,
     /// First retry of an unacknowledged status update. Default 10 s (doubling to 10 min).
     pub status_retry: Duration,
     /// First wait after a failed connection to the master. Default 100 ms (doubling to 10 s).
@@ -66,6 +71,7 @@ impl AgentConfig {
             attributes: Vec::new(),
             advertise: None,
             wasm: WasmConfig::default(),
+            native: native::NativeConfig::default(),
             status_retry: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(100),
         }
@@ -122,7 +128,8 @@ pub async fn run(
     let wasm = Arc::new(WasmContainerizer::new(WasmRuntime::new(
         config.wasm.clone(),
     )?));
-    let containerizers: Vec<Arc<dyn Containerizer>> = vec![wasm];
+    let native = Arc::new(native::NativeContainerizer::new(config.native.clone()));
+    let containerizers: Vec<Arc<dyn Containerizer>> = vec![wasm, native];
     let addr = listener.local_addr().map_err(AgentError::Listener)?;
     let endpoint = config
         .advertise

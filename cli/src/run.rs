@@ -19,7 +19,11 @@ use crate::{master_url, parse_duration, shutdown_signal};
 #[derive(Args)]
 pub struct RunArgs {
     /// The Wasm module or component to run.
-    file: PathBuf,
+    #[arg(required_unless_present = "cmd", conflicts_with = "cmd")]
+    file: Option<PathBuf>,
+    /// Run a shell command as a native task instead (in a cgroup on the agent).
+    #[arg(long)]
+    cmd: Option<String>,
     /// Arguments passed to the task.
     #[arg(last = true)]
     args: Vec<String>,
@@ -29,7 +33,7 @@ pub struct RunArgs {
     /// CPUs for the task.
     #[arg(long, default_value_t = 0.1)]
     cpus: f64,
-    /// Memory for the task in MiB: the ceiling on its linear memory.
+    /// Memory for the task in MiB: the ceiling on its linear memory, or its cgroup's limit.
     #[arg(long, default_value_t = 64.0)]
     mem: f64,
     /// Deterministic instruction budget (wasmtime fuel).
@@ -79,9 +83,14 @@ fn stem(path: &std::path::Path) -> String {
 }
 
 async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let module =
-        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    let name = args.name.clone().unwrap_or_else(|| stem(&args.file));
+    let module = match &args.file {
+        Some(f) => Some(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?),
+        None => None,
+    };
+    let name = args.name.clone().unwrap_or_else(|| match &args.file {
+        Some(f) => stem(f),
+        None => "cmd".into(),
+    });
     let need: Resources = [
         Resource::scalar("cpus", args.cpus),
         Resource::scalar("mem", args.mem),
@@ -107,7 +116,12 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let started = Instant::now();
     let say = |what: &str| eprintln!("[{:>8.3}s] {what}", started.elapsed().as_secs_f64());
-    let mut builder = TaskBuilder::wasm(task_id.clone(), module)
+    let builder = match (module, &args.cmd) {
+        (Some(m), _) => TaskBuilder::wasm(task_id.clone(), m),
+        (None, Some(c)) => TaskBuilder::command(task_id.clone(), c.clone()),
+        (None, None) => anyhow::bail!("give a Wasm file or --cmd"),
+    };
+    let mut builder = builder
         .name(&name)
         .resources(need.clone())
         .args(args.args.clone());

@@ -135,6 +135,25 @@ impl Cgroups {
         }
     }
 
+    /// Removes the (empty) parent cgroup `parent` wherever it was made; best effort.
+    pub fn remove_parent(&self, parent: &str) {
+        let dirs: Vec<PathBuf> = match self {
+            Cgroups::V2 { root, .. } => vec![root.join(parent)],
+            Cgroups::V1 {
+                controllers,
+                unified,
+            } => controllers
+                .iter()
+                .map(|(_, m)| m.join(parent))
+                .chain(unified.iter().map(|u| u.join(parent)))
+                .collect(),
+            Cgroups::None => Vec::new(),
+        };
+        for d in dirs {
+            let _ = fs::remove_dir(d);
+        }
+    }
+
     /// Creates the cgroup `parent/name` for a task with these limits.
     ///
     /// # Errors

@@ -37,6 +37,20 @@ pub fn spawn(
     cgroup: Option<&TaskCgroup>,
     rlimits: &Rlimits,
 ) -> io::Result<Child> {
+    confine(cmd, cgroup, rlimits)?;
+    cmd.spawn()
+}
+
+/// Sets `cmd` up to join `cgroup`, lead its own session and take `rlimits` between fork
+/// and exec; spawn it with std or tokio.
+///
+/// # Errors
+/// When a cgroup path cannot be passed to the child.
+pub fn confine(
+    cmd: &mut Command,
+    cgroup: Option<&TaskCgroup>,
+    rlimits: &Rlimits,
+) -> io::Result<()> {
     let joins: Vec<CString> = cgroup
         .map(TaskCgroup::join_paths)
         .unwrap_or_default()
@@ -90,5 +104,5 @@ pub fn spawn(
             Ok(())
         });
     }
-    cmd.spawn()
+    Ok(())
 }

@@ -9,4 +9,4 @@ pub mod cgroups;
 pub mod launch;
 
 pub use cgroups::{CgroupError, Cgroups, Limits, TaskCgroup, Usage};
-pub use launch::{Rlimits, spawn};
+pub use launch::{Rlimits, confine, spawn};

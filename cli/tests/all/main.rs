@@ -4,6 +4,7 @@
 
 mod cluster;
 mod faults;
+mod native;
 mod processes;
 mod roles;
 

@@ -123,6 +123,26 @@ fn master_agent_and_run_as_processes() {
         assert!(stderr.contains(step), "missing {step} in:\n{stderr}");
     }
 
+    // A native command, the same way.
+    let out = run(
+        &master,
+        &[
+            "--cmd",
+            "echo native $((6*7)); exit 4",
+            "--cpus",
+            "0.5",
+            "--mem",
+            "128",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "native 42\n");
+
     // The task's exit code becomes the command's.
     let out = run(&master, &["--env", "EXIT_CODE=7", hello.to_str().unwrap()]);
     assert_eq!(
