@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use agora_core::TaskState;
-use agora_executor_native::{Cgroups, Limits, Rlimits, TaskCgroup, confine};
+use agora_executor_native::{Cgroups, Limits, Namespaces, Rlimits, TaskCgroup, confine};
 use agora_proto::v1;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +28,9 @@ pub struct NativeConfig {
     pub cgroups_enable_cfs: bool,
     /// `pids.max` of each task's cgroup.
     pub pids_max: Option<u64>,
+    /// Give each task mount (private `/tmp`), UTS and IPC namespaces, and a network
+    /// namespace when it asks for `network: none`. Needs root; ignored without it.
+    pub namespaces: bool,
     /// Between SIGTERM and SIGKILL when a task is killed.
     pub kill_grace: Duration,
     pub rlimits: Rlimits,
@@ -40,6 +43,7 @@ impl Default for NativeConfig {
             cgroup_parent: "agora".into(),
             cgroups_enable_cfs: false,
             pids_max: Some(4096),
+            namespaces: true,
             kill_grace: Duration::from_secs(3),
             rlimits: Rlimits::default(),
         }
@@ -50,6 +54,8 @@ impl Default for NativeConfig {
 pub struct NativeContainerizer {
     config: NativeConfig,
     cgroups: Cgroups,
+    /// Namespaces are on and the agent may make them.
+    namespaces: bool,
 }
 
 impl NativeContainerizer {
@@ -69,8 +75,15 @@ impl NativeContainerizer {
                 }
             }
         }
-        tracing::info!(isolation = %cgroups.describe(), "native containerizer ready");
-        NativeContainerizer { config, cgroups }
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let namespaces = config.namespaces && root;
+        tracing::info!(isolation = %cgroups.describe(), namespaces, "native containerizer ready");
+        NativeContainerizer {
+            config,
+            cgroups,
+            namespaces,
+        }
     }
 }
 
@@ -105,9 +118,18 @@ impl Containerizer for NativeContainerizer {
     }
 
     fn isolation(&self) -> String {
-        match self.cgroups {
-            Cgroups::None => "none".into(),
-            ref c => format!("{}+process-group+rlimits", c.describe()),
+        let mut parts = Vec::new();
+        if self.cgroups != Cgroups::None {
+            parts.push(self.cgroups.describe());
+        }
+        if self.namespaces {
+            parts.push("mnt-ns+uts-ns+ipc-ns+net-ns(on request)".into());
+        }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.push("process-group+rlimits".into());
+            parts.join("+")
         }
     }
 
@@ -121,6 +143,12 @@ impl Containerizer for NativeContainerizer {
         };
         if c.value.trim().is_empty() {
             return Err(invalid("the command is empty"));
+        }
+        let network_none = c.network() == v1::command_task::Network::None;
+        if network_none && !self.namespaces {
+            return Err(invalid(
+                "the task asks for network: none, which needs a network namespace; this agent cannot make one (it is not root, or namespaces are off)",
+            ));
         }
         let mut cmd = if c.shell {
             let mut cmd = std::process::Command::new("/bin/sh");
@@ -200,7 +228,16 @@ impl Containerizer for NativeContainerizer {
                     })?,
             )
         };
-        confine(&mut cmd, cgroup.as_ref(), &self.config.rlimits).map_err(|e| {
+        let ns = Namespaces {
+            enabled: self.namespaces,
+            hostname: Some(if c.hostname.is_empty() {
+                spec.task_id.to_string()
+            } else {
+                c.hostname.clone()
+            }),
+            network_none,
+        };
+        confine(&mut cmd, cgroup.as_ref(), &self.config.rlimits, &ns).map_err(|e| {
             Termination::new(
                 TaskState::Failed,
                 v1::Reason::ContainerLaunchFailed,

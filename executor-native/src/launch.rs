@@ -27,6 +27,15 @@ impl Default for Rlimits {
     }
 }
 
+/// Namespaces a task gets (root only): its own mount namespace with a private `/tmp`, UTS
+/// (host name) and IPC namespaces, and optionally a network namespace with loopback only.
+#[derive(Debug, Clone, Default)]
+pub struct Namespaces {
+    pub enabled: bool,
+    pub hostname: Option<String>,
+    pub network_none: bool,
+}
+
 /// Spawns `cmd` in `cgroup` (when given) with `rlimits`.
 ///
 /// # Errors
@@ -37,7 +46,7 @@ pub fn spawn(
     cgroup: Option<&TaskCgroup>,
     rlimits: &Rlimits,
 ) -> io::Result<Child> {
-    confine(cmd, cgroup, rlimits)?;
+    confine(cmd, cgroup, rlimits, &Namespaces::default())?;
     cmd.spawn()
 }
 
@@ -50,7 +59,10 @@ pub fn confine(
     cmd: &mut Command,
     cgroup: Option<&TaskCgroup>,
     rlimits: &Rlimits,
+    ns: &Namespaces,
 ) -> io::Result<()> {
+    let hostname = ns.hostname.clone().unwrap_or_default().into_bytes();
+    let ns = ns.clone();
     let joins: Vec<CString> = cgroup
         .map(TaskCgroup::join_paths)
         .unwrap_or_default()
@@ -89,6 +101,9 @@ pub fn confine(
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
+            if ns.enabled {
+                enter_namespaces(&ns, &hostname)?;
+            }
             for (resource, value) in [
                 (libc::RLIMIT_NOFILE, limits.nofile),
                 (libc::RLIMIT_CORE, limits.core),
@@ -103,6 +118,60 @@ pub fn confine(
             }
             Ok(())
         });
+    }
+    Ok(())
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs in the forked child: only syscalls on data prepared before the fork.
+fn enter_namespaces(ns: &Namespaces, hostname: &[u8]) -> io::Result<()> {
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    if ns.network_none {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // SAFETY: unshare, mount, sethostname, socket, ioctl and close are plain syscalls on
+    // NUL-terminated literals and buffers that live across the call.
+    unsafe {
+        check(libc::unshare(flags))?;
+        // Mounts made here must not leak back to the host.
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            c"tmpfs".as_ptr(),
+            c"/tmp".as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            c"mode=1777".as_ptr().cast(),
+        ))?;
+        if !hostname.is_empty() {
+            check(libc::sethostname(hostname.as_ptr().cast(), hostname.len()))?;
+        }
+        if ns.network_none {
+            // A new network namespace has a loopback interface, down.
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            check(fd)?;
+            let mut req: libc::ifreq = std::mem::zeroed();
+            req.ifr_name[0] = b'l' as libc::c_char;
+            req.ifr_name[1] = b'o' as libc::c_char;
+            let rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+            if rc == 0 {
+                req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+                libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+            }
+            libc::close(fd);
+        }
     }
     Ok(())
 }

@@ -9,4 +9,4 @@ pub mod cgroups;
 pub mod launch;
 
 pub use cgroups::{CgroupError, Cgroups, Limits, TaskCgroup, Usage};
-pub use launch::{Rlimits, confine, spawn};
+pub use launch::{Namespaces, Rlimits, confine, spawn};

@@ -109,6 +109,11 @@ impl TaskBuilder {
         }
     }
 
+    /// Continues building from a task info made elsewhere.
+    pub fn from_info(task: v1::TaskInfo) -> Self {
+        TaskBuilder { task }
+    }
+
     /// A Wasm task whose module travels inline (its sha256 is sent too, for checking).
     pub fn wasm(task_id: TaskId, module: Vec<u8>) -> Self {
         use sha2::Digest;

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use agora_core::{TaskState, parse_resources};
-use agora_proto::v1;
+use agora_proto::{state_from_proto, v1};
 use agora_sdk::{TaskBuilder, read_sandbox_file};
 
 use crate::*;
@@ -13,17 +13,24 @@ fn command(id: &str, script: &str, resources: &str) -> TaskBuilder {
     TaskBuilder::command(tid(id), script).resources(parse_resources(resources).unwrap())
 }
 
-async fn start(cgroup_root: Option<&std::path::Path>) -> Cluster {
+/// A cluster with one agent whose task cgroups live under `parent(test)`.
+async fn start(test: &str, cgroup_root: Option<&std::path::Path>) -> Cluster {
     let mut cluster = Cluster::start(&[]).await;
     let mut config = cluster.agent_config("cpus:2;mem:1024");
     config.native.kill_grace = Duration::from_millis(500);
-    config.native.cgroup_parent = format!("agora-test-{}", std::process::id());
+    config.native.cgroup_parent = parent(test);
     if let Some(root) = cgroup_root {
+        // As on a machine where the agent is not root: no cgroups, no namespaces.
         config.native.cgroup_root = root.to_owned();
+        config.native.namespaces = false;
     }
     cluster.add_agent_with(config).await;
     cluster.wait_for_agents(1).await;
     cluster
+}
+
+fn parent(test: &str) -> String {
+    format!("agora-test-{}-{test}", std::process::id())
 }
 
 fn isolation(state: &v1::GetStateResponse) -> String {
@@ -32,7 +39,7 @@ fn isolation(state: &v1::GetStateResponse) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_runs_in_its_sandbox_with_its_environment() {
-    let cluster = start(None).await;
+    let cluster = start("a_command_runs_in_its_sandbox_with_its_environment", None).await;
     let iso = isolation(&cluster.state().await);
     assert!(iso.contains("cgroups-v"), "{iso}");
     let (s, mut events) = cluster.framework("native").await;
@@ -75,7 +82,11 @@ async fn a_command_runs_in_its_sandbox_with_its_environment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_fails_for_memory_and_the_agent_keeps_serving() {
-    let cluster = start(None).await;
+    let cluster = start(
+        "a_memory_bomb_fails_for_memory_and_the_agent_keeps_serving",
+        None,
+    )
+    .await;
     let (s, mut events) = cluster.framework("native").await;
     launch(
         &s,
@@ -116,7 +127,11 @@ async fn a_memory_bomb_fails_for_memory_and_the_agent_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_ignores_sigterm_is_killed_after_the_grace_period() {
-    let cluster = start(None).await;
+    let cluster = start(
+        "a_task_that_ignores_sigterm_is_killed_after_the_grace_period",
+        None,
+    )
+    .await;
     let (s, mut events) = cluster.framework("native").await;
     let task = command(
         "stubborn",
@@ -153,7 +168,11 @@ async fn a_task_that_ignores_sigterm_is_killed_after_the_grace_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_cgroups_tasks_run_and_the_agent_says_so() {
     let empty = tempfile::tempdir().unwrap();
-    let cluster = start(Some(empty.path())).await;
+    let cluster = start(
+        "without_cgroups_tasks_run_and_the_agent_says_so",
+        Some(empty.path()),
+    )
+    .await;
     assert_eq!(
         isolation(&cluster.state().await).split('+').next_back(),
         Some("none")
@@ -167,4 +186,108 @@ async fn without_cgroups_tasks_run_and_the_agent_says_so() {
     .await;
     let end = wait_terminal(&mut events, &tid("plain")).await;
     assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+    // Isolation it cannot give is refused.
+    launch(
+        &s,
+        &mut events,
+        offline(command("offline", "true", "cpus:0.1;mem:32")),
+    )
+    .await;
+    let end = wait_terminal(&mut events, &tid("offline")).await;
+    assert_eq!(state_of(&end), TaskState::Error, "{}", end.message);
+    assert!(end.message.contains("network: none"), "{}", end.message);
+}
+
+fn offline(b: TaskBuilder) -> TaskBuilder {
+    let mut t = b.build();
+    if let Some(v1::task_info::Payload::Command(c)) = &mut t.payload {
+        c.network = v1::command_task::Network::None as i32;
+        c.hostname = "sealed".into();
+    }
+    TaskBuilder::from_info(t)
+}
+
+/// Answers every connection with a tiny HTTP response.
+async fn http_listener() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = c
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_none_cannot_reach_the_hosts_loopback() {
+    let cluster = start("network_none_cannot_reach_the_hosts_loopback", None).await;
+    let port = http_listener().await;
+    let (s, mut events) = cluster.framework("native").await;
+    let script = format!(
+        "curl -s -m 2 -o /dev/null http://127.0.0.1:{port}/ && echo reached || echo blocked; hostname; echo x > /tmp/probe-{pid}; ls /tmp",
+        pid = std::process::id()
+    );
+    launch(
+        &s,
+        &mut events,
+        command("online", &script, "cpus:0.1;mem:64"),
+    )
+    .await;
+    launch(
+        &s,
+        &mut events,
+        offline(command("sealed", &script, "cpus:0.1;mem:64")),
+    )
+    .await;
+    let fw = s.framework_id().unwrap();
+    let endpoint = cluster.state().await.agents[0]
+        .info
+        .as_ref()
+        .unwrap()
+        .endpoint
+        .clone();
+    // Both end in either order; take each one's terminal update as it comes.
+    let mut ended = std::collections::HashMap::new();
+    while ended.len() < 2 {
+        let st = next_matching(&mut events, "online and sealed to end", |e| match e {
+            agora_sdk::Event::Update(st)
+                if state_from_proto(st.state()).is_some_and(TaskState::is_terminal) =>
+            {
+                Some(st)
+            }
+            _ => None,
+        })
+        .await;
+        ended.insert(st.task_id.clone().unwrap().value, st);
+    }
+    let mut outs = Vec::new();
+    for id in ["online", "sealed"] {
+        let end = &ended[id];
+        assert_eq!(state_of(end), TaskState::Finished, "{id}: {}", end.message);
+        let out = read_sandbox_file(&endpoint, &fw, &tid(id), "stdout")
+            .await
+            .unwrap();
+        outs.push(String::from_utf8_lossy(&out).into_owned());
+    }
+    let lines = |o: &str| o.lines().map(str::to_owned).collect::<Vec<_>>();
+    let (online, sealed) = (lines(&outs[0]), lines(&outs[1]));
+    assert_eq!(
+        online[..2],
+        ["reached".to_owned(), "online".to_owned()],
+        "{outs:?}"
+    );
+    assert_eq!(
+        sealed[..2],
+        ["blocked".to_owned(), "sealed".to_owned()],
+        "{outs:?}"
+    );
+    // Each had a /tmp of its own, with only its own file.
+    let probe = format!("probe-{}", std::process::id());
+    assert_eq!(online[2..], *std::slice::from_ref(&probe), "{outs:?}");
+    assert_eq!(sealed[2..], *std::slice::from_ref(&probe), "{outs:?}");
+    assert!(!std::path::Path::new("/tmp").join(&probe).exists());
 }
