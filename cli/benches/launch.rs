@@ -5,6 +5,7 @@
 //! ```text
 //! cargo bench -p agora-cli --bench launch                      # 1,000 launches, 32 in flight
 //! cargo bench -p agora-cli --bench launch -- --launches 200 --throughput-tasks 2000
+//! cargo bench -p agora-cli --bench launch -- --native          # /bin/true as a native task
 //! ```
 //!
 //! Latencies are measured at the framework: from just before the ACCEPT call to the arrival
@@ -27,6 +28,7 @@ use tokio::net::TcpListener;
 const TASK: &str = "cpus:0.1;mem:32";
 
 struct Args {
+    native: bool,
     launches: usize,
     throughput_tasks: usize,
     in_flight: usize,
@@ -34,6 +36,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
+        native: false,
         launches: 1000,
         throughput_tasks: 5000,
         in_flight: 32,
@@ -49,6 +52,7 @@ fn args() -> Args {
             "--launches" => a.launches = value(),
             "--throughput-tasks" => a.throughput_tasks = value(),
             "--in-flight" => a.in_flight = value(),
+            "--native" => a.native = true,
             // cargo bench passes --bench; libtest-style filters are ignored.
             _ => {}
         }
@@ -63,6 +67,10 @@ fn main() {
             .init();
     }
     let args = args();
+    if args.native {
+        native(&args);
+        return;
+    }
     let hello = task_bytes("hello", Target::P1);
     println!(
         "# launch benchmark: hello ({} bytes, wasm32-wasip1)",
@@ -85,7 +93,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let (cold, running, finished, tput) = rt.block_on(cluster(&hello, &args));
+    let (cold, running, finished, tput) = rt.block_on(cluster(Kind::Wasm(&hello), &args));
     println!("agora cold launch (bytes sent, compiled): ACCEPT → FINISHED {cold:?}");
     report("agora ACCEPT → TASK_RUNNING", &running);
     report("agora ACCEPT → TASK_FINISHED", &finished);
@@ -140,7 +148,63 @@ fn sorted(mut v: Vec<Duration>) -> Vec<Duration> {
 
 /// Runs the cluster half: returns the cold launch, the sorted RUNNING and FINISHED latencies
 /// of sequential launches, and the throughput with `in_flight` launches outstanding.
-async fn cluster(hello: &[u8], args: &Args) -> (Duration, Vec<Duration>, Vec<Duration>, f64) {
+/// What the benchmark launches.
+#[derive(Clone, Copy)]
+enum Kind<'a> {
+    Wasm(&'a [u8]),
+    /// `/bin/true` as a native task, with cgroups and namespaces or with no isolation.
+    Native {
+        isolated: bool,
+    },
+}
+
+/// `/bin/true` through the cluster, with full isolation and with none, beside bare
+/// fork/exec of it in the same run.
+fn native(args: &Args) {
+    println!("# native launch benchmark: /bin/true");
+    println!(
+        "# machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model()
+    );
+    let base = sorted(
+        (0..args.launches)
+            .map(|_| {
+                let t = Instant::now();
+                let status = std::process::Command::new("/bin/true").status().unwrap();
+                assert!(status.success());
+                t.elapsed()
+            })
+            .collect(),
+    );
+    report("bare fork/exec /bin/true", &base);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for (isolated, what) in [(true, "cgroups + namespaces"), (false, "no isolation")] {
+        let (_, running, finished, tput) = rt.block_on(cluster(Kind::Native { isolated }, args));
+        report(
+            &format!("agora native ({what}) ACCEPT → TASK_RUNNING"),
+            &running,
+        );
+        report(
+            &format!("agora native ({what}) ACCEPT → TASK_FINISHED"),
+            &finished,
+        );
+        println!(
+            "agora native ({what}) throughput ({} in flight): {tput:.0} tasks/s",
+            args.in_flight
+        );
+        println!(
+            "ratio: FINISHED p50 / bare fork/exec p50 = {:.1}×",
+            pct(&finished, 50.0).as_secs_f64() / pct(&base, 50.0).as_secs_f64()
+        );
+    }
+}
+
+async fn cluster(kind: Kind<'_>, args: &Args) -> (Duration, Vec<Duration>, Vec<Duration>, f64) {
     let dir = tempfile::tempdir().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let master = format!("http://{}", listener.local_addr().unwrap());
@@ -155,6 +219,11 @@ async fn cluster(hello: &[u8], args: &Args) -> (Duration, Vec<Duration>, Vec<Dur
     ));
     let mut config = AgentConfig::new(master.clone(), dir.path().join("agent"));
     config.resources = Some(parse_resources("cpus:8;mem:16384").unwrap());
+    config.native.cgroup_parent = format!("agora-bench-{}", std::process::id());
+    if let Kind::Native { isolated: false } = kind {
+        config.native.cgroup_root = dir.path().join("no-cgroups");
+        config.native.namespaces = false;
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = tokio::spawn(agora_agent::run(listener, config, stopped(stop_rx.clone())));
 
@@ -165,17 +234,23 @@ async fn cluster(hello: &[u8], args: &Args) -> (Duration, Vec<Duration>, Vec<Dur
         s,
         offers: HashMap::new(),
         digest: String::new(),
+        native: matches!(kind, Kind::Native { .. }),
     };
 
-    // Cold: the first launch carries the bytes and compiles.
+    // Cold: the first launch carries the bytes and compiles (for native tasks, a warm-up).
     let t = Instant::now();
-    let first = TaskBuilder::wasm(TaskId::new("cold").unwrap(), hello.to_vec());
+    let first = match kind {
+        Kind::Wasm(hello) => {
+            f.digest = format!(
+                "sha256:{}",
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(hello))
+            );
+            TaskBuilder::wasm(TaskId::new("cold").unwrap(), hello.to_vec())
+        }
+        Kind::Native { .. } => f.task("cold"),
+    };
     f.launch(&mut events, vec![first]).await;
     let (_, cold) = f.wait_done(&mut events, "cold", t).await;
-    f.digest = format!(
-        "sha256:{}",
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(hello))
-    );
 
     let mut running = Vec::with_capacity(args.launches);
     let mut finished = Vec::with_capacity(args.launches);
@@ -203,10 +278,18 @@ struct Framework {
     /// Offers held, by id; all are on the one agent.
     offers: HashMap<String, v1::Offer>,
     digest: String,
+    native: bool,
 }
 
 impl Framework {
     fn task(&self, id: &str) -> TaskBuilder {
+        if self.native {
+            let mut t = TaskBuilder::command(TaskId::new(id).unwrap(), "/bin/true").build();
+            if let Some(v1::task_info::Payload::Command(c)) = &mut t.payload {
+                c.shell = false;
+            }
+            return TaskBuilder::from_info(t);
+        }
         TaskBuilder::wasm_digest(TaskId::new(id).unwrap(), self.digest.clone())
     }
 
