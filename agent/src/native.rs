@@ -246,10 +246,19 @@ impl Containerizer for NativeContainerizer {
         })?;
         let limit =
             (spec.task.max_duration > 0.0).then(|| Duration::from_secs_f64(spec.task.max_duration));
+        let grace = spec
+            .task
+            .kill_policy
+            .as_ref()
+            .map(|k| k.grace_period_seconds)
+            .filter(|g| g.is_finite() && *g > 0.0)
+            .map_or(self.config.kill_grace, |g| {
+                Duration::from_secs_f64(g.min(3600.0))
+            });
         Ok(Box::new(NativeContainer {
             cmd,
             cgroup,
-            grace: self.config.kill_grace,
+            grace,
             limit,
             mem_limit: limits.memory_bytes,
         }))

@@ -206,6 +206,14 @@ impl TaskBuilder {
         self
     }
 
+    /// How long a native task has between SIGTERM and SIGKILL when it is killed.
+    pub fn kill_grace(mut self, grace: std::time::Duration) -> Self {
+        self.task.kill_policy = Some(v1::KillPolicy {
+            grace_period_seconds: grace.as_secs_f64(),
+        });
+        self
+    }
+
     /// Pins the task to an agent (set by [`TaskBuilder::build_for`]).
     pub fn agent(mut self, agent: &AgentId) -> Self {
         self.task.agent_id = Some(agent.into());

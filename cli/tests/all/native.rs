@@ -137,7 +137,9 @@ async fn a_task_that_ignores_sigterm_is_killed_after_the_grace_period() {
         "stubborn",
         "trap '' TERM; (setsid sleep 1000 &); while :; do sleep 1; done",
         "cpus:0.1;mem:32",
-    );
+    )
+    // The task's own grace period wins over the agent's (500 ms here).
+    .kill_grace(Duration::from_millis(1200));
     launch(&s, &mut events, task).await;
     wait_state(&mut events, &tid("stubborn"), TaskState::Running).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -146,7 +148,7 @@ async fn a_task_that_ignores_sigterm_is_killed_after_the_grace_period() {
     let end = wait_terminal(&mut events, &tid("stubborn")).await;
     assert_eq!(state_of(&end), TaskState::Killed, "{}", end.message);
     assert!(
-        t.elapsed() >= Duration::from_millis(450),
+        t.elapsed() >= Duration::from_millis(1150),
         "{:?}",
         t.elapsed()
     );
