@@ -33,6 +33,11 @@ pub struct NativeConfig {
     pub namespaces: bool,
     /// Between SIGTERM and SIGKILL when a task is killed.
     pub kill_grace: Duration,
+    /// Rotate a task's stdout and stderr when they reach this size (`None`: no rotation,
+    /// the task writes its files directly).
+    pub log_max_bytes: Option<u64>,
+    /// Rotated files kept (`stdout.1` … `stdout.N`).
+    pub log_keep: usize,
     pub rlimits: Rlimits,
 }
 
@@ -45,6 +50,8 @@ impl Default for NativeConfig {
             pids_max: Some(4096),
             namespaces: true,
             kill_grace: Duration::from_secs(3),
+            log_max_bytes: None,
+            log_keep: 3,
             rlimits: Rlimits::default(),
         }
     }
@@ -196,7 +203,19 @@ impl Containerizer for NativeContainerizer {
                 )
             })
         };
-        cmd.stdout(open("stdout")?).stderr(open("stderr")?);
+        let rotate = self.config.log_max_bytes.map(|max| Rotation {
+            dir: spec.sandbox.clone(),
+            max: max.max(1),
+            keep: self.config.log_keep,
+        });
+        if rotate.is_some() {
+            // Pumped through pipes into rotating files once the task runs.
+            open("stdout")?;
+            open("stderr")?;
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        } else {
+            cmd.stdout(open("stdout")?).stderr(open("stderr")?);
+        }
 
         let mem = spec.resources.mem();
         let cpus = spec.resources.cpus();
@@ -258,6 +277,7 @@ impl Containerizer for NativeContainerizer {
         Ok(Box::new(NativeContainer {
             cmd,
             cgroup,
+            rotate,
             grace,
             limit,
             mem_limit: limits.memory_bytes,
@@ -268,6 +288,7 @@ impl Containerizer for NativeContainerizer {
 struct NativeContainer {
     cmd: std::process::Command,
     cgroup: Option<TaskCgroup>,
+    rotate: Option<Rotation>,
     grace: Duration,
     limit: Option<Duration>,
     mem_limit: Option<u64>,
@@ -330,6 +351,15 @@ impl Container for NativeContainer {
                 );
             }
         };
+        let mut pumps = Vec::new();
+        if let Some(r) = &self.rotate {
+            if let Some(out) = child.stdout.take() {
+                pumps.push(tokio::spawn(r.clone().pump(out, "stdout")));
+            }
+            if let Some(err) = child.stderr.take() {
+                pumps.push(tokio::spawn(r.clone().pump(err, "stderr")));
+            }
+        }
         let limit = self.limit;
         let end = tokio::select! {
             status = child.wait() => match status {
@@ -342,6 +372,16 @@ impl Container for NativeContainer {
         match end {
             End::Exited(_) => self.kill_rest(child.id()),
             End::Killed | End::TimedOut => self.stop(&mut child, self.grace).await,
+        }
+        // Every writer is gone now, so the pumps reach end of file.
+        for mut p in pumps {
+            // A process that escaped a task without cgroups may still hold a pipe open.
+            if tokio::time::timeout(Duration::from_secs(2), &mut p)
+                .await
+                .is_err()
+            {
+                p.abort();
+            }
         }
         let usage = self.cgroup.as_ref().map(TaskCgroup::usage);
         let oom = self.cgroup.as_ref().is_some_and(TaskCgroup::oom_killed);
@@ -409,5 +449,81 @@ impl Container for NativeContainer {
             tracing::warn!(error = %e, "could not remove the task's cgroup");
         }
         t
+    }
+}
+
+/// Size-bounded logs: `NAME` grows to `max` bytes, then becomes `NAME.1` (older ones shift
+/// up to `NAME.keep`, the oldest is dropped) and a new `NAME` starts.
+#[derive(Debug, Clone)]
+struct Rotation {
+    dir: PathBuf,
+    max: u64,
+    keep: usize,
+}
+
+impl Rotation {
+    fn rotate(&self, name: &str) -> std::io::Result<()> {
+        let path = |i: usize| {
+            if i == 0 {
+                self.dir.join(name)
+            } else {
+                self.dir.join(format!("{name}.{i}"))
+            }
+        };
+        if self.keep == 0 {
+            return std::fs::File::create(path(0)).map(|_| ());
+        }
+        let _ = std::fs::remove_file(path(self.keep));
+        for i in (0..self.keep).rev() {
+            if path(i).exists() {
+                std::fs::rename(path(i), path(i + 1))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn pump(self, mut from: impl tokio::io::AsyncRead + Unpin, name: &'static str) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut file = match tokio::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join(name))
+            .await
+        {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, name, "cannot open the task's log");
+                return;
+            }
+        };
+        let mut size = 0u64;
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let mut data = &buf[..n];
+            while !data.is_empty() {
+                // Rotate only when more comes, so a full file is not followed by an empty one.
+                if size >= self.max {
+                    let _ = file.flush().await;
+                    if let Err(e) = self.rotate(name) {
+                        tracing::warn!(error = %e, name, "rotating the task's log");
+                    }
+                    file = match tokio::fs::File::create(self.dir.join(name)).await {
+                        Ok(f) => f,
+                        Err(_) => return,
+                    };
+                    size = 0;
+                }
+                let take = ((self.max - size) as usize).min(data.len());
+                if file.write_all(&data[..take]).await.is_err() {
+                    return;
+                }
+                size += take as u64;
+                data = &data[take..];
+            }
+        }
+        let _ = file.flush().await;
     }
 }

@@ -119,6 +119,21 @@ struct AgentArgs {
     /// The agent's host name (default: the machine's).
     #[arg(long)]
     hostname: Option<String>,
+    /// Where cgroups are mounted; an empty directory runs native tasks without cgroups.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
+    /// Cap native tasks' CPU time at their cpus (CFS quota / cpu.max), not only weight it.
+    #[arg(long)]
+    cgroups_enable_cfs: bool,
+    /// pids.max of each native task's cgroup.
+    #[arg(long, default_value_t = 4096)]
+    pids_max: u64,
+    /// Rotate native tasks' stdout/stderr at this many bytes (default: no rotation).
+    #[arg(long)]
+    log_max_bytes: Option<u64>,
+    /// Rotated log files kept per stream.
+    #[arg(long, default_value_t = 3)]
+    log_keep: usize,
 }
 
 #[derive(Args)]
@@ -235,6 +250,11 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     config.attributes = args.attributes.unwrap_or_default();
     config.hostname = args.hostname;
     config.advertise = args.advertise;
+    config.native.cgroup_root = args.cgroup_root;
+    config.native.cgroups_enable_cfs = args.cgroups_enable_cfs;
+    config.native.pids_max = Some(args.pids_max);
+    config.native.log_max_bytes = args.log_max_bytes;
+    config.native.log_keep = args.log_keep;
     eprintln!(
         "agora agent serving sandboxes on http://{}; master {}",
         listener.local_addr()?,

@@ -293,3 +293,58 @@ async fn network_none_cannot_reach_the_hosts_loopback() {
     assert_eq!(sealed[2..], *std::slice::from_ref(&probe), "{outs:?}");
     assert!(!std::path::Path::new("/tmp").join(&probe).exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_rotate_at_their_size_bound() {
+    let mut cluster = Cluster::start(&[]).await;
+    let mut config = cluster.agent_config("cpus:2;mem:1024");
+    config.native.cgroup_parent = parent("logs_rotate_at_their_size_bound");
+    config.native.log_max_bytes = Some(10_000);
+    config.native.log_keep = 2;
+    cluster.add_agent_with(config).await;
+    cluster.wait_for_agents(1).await;
+    let (s, mut events) = cluster.framework("native").await;
+    // 1,000 numbered lines of 50 bytes: 50,000 bytes through a 10,000-byte log.
+    let script = "i=1; while [ $i -le 1000 ]; do printf '%049d\\n' $i; i=$((i+1)); done";
+    launch(
+        &s,
+        &mut events,
+        command("chatty", script, "cpus:0.5;mem:64"),
+    )
+    .await;
+    let end = wait_terminal(&mut events, &tid("chatty")).await;
+    assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+    let st = cluster.state().await;
+    let fw = s.framework_id().unwrap();
+    let endpoint = st.agents[0].info.as_ref().unwrap().endpoint.clone();
+    let mut all = Vec::new();
+    for name in ["stdout.2", "stdout.1", "stdout"] {
+        let f = read_sandbox_file(&endpoint, &fw, &tid("chatty"), name)
+            .await
+            .unwrap();
+        assert!(f.len() <= 10_000, "{name}: {} bytes", f.len());
+        all.extend(f);
+    }
+    assert!(
+        read_sandbox_file(&endpoint, &fw, &tid("chatty"), "stdout.3")
+            .await
+            .is_err()
+    );
+    // The newest 30,000 bytes or less are kept, in order, ending with the last line.
+    let text = String::from_utf8(all).unwrap();
+    assert!(
+        text.ends_with(&format!("{:049}\n", 1000)),
+        "{}",
+        &text[text.len() - 100..]
+    );
+    let numbers: Vec<u32> = text
+        .lines()
+        .filter(|l| l.len() == 49)
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "lines out of order"
+    );
+    assert_eq!(numbers.len(), 600, "three full files of 200 lines");
+}
