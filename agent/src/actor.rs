@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::containerizer::{Containerizer, LaunchSpec, Termination};
+use crate::containerizer::{Containerizer, Containers, LaunchSpec, Termination};
 use crate::sandbox;
 
 /// What reaches the owner task.
@@ -74,6 +74,7 @@ pub struct Actor {
     pub(crate) work_dir: PathBuf,
     pub(crate) info: v1::AgentInfo,
     pub(crate) containerizers: Vec<Arc<dyn Containerizer>>,
+    containers: Containers,
     pub(crate) retry: RetryPolicy,
     pub(crate) events: mpsc::Sender<Event>,
     agent_id: Option<AgentId>,
@@ -102,6 +103,7 @@ impl Actor {
         work_dir: PathBuf,
         info: v1::AgentInfo,
         containerizers: Vec<Arc<dyn Containerizer>>,
+        containers: Containers,
         retry: RetryPolicy,
         events: mpsc::Sender<Event>,
     ) -> Self {
@@ -109,6 +111,7 @@ impl Actor {
             work_dir,
             info,
             containerizers,
+            containers,
             retry,
             events,
             agent_id: None,
@@ -350,6 +353,7 @@ impl Actor {
         let span = tracing::info_span!("task", framework_id = %fw, task_id = %tid, containerizer = containerizer.name());
         let runner = Runner {
             containerizer,
+            containers: self.containers.clone(),
             agent_id: self.agent_id.clone(),
             work_dir: self.work_dir.clone(),
             framework: fw,
@@ -464,6 +468,7 @@ fn uuid_bytes() -> Vec<u8> {
 /// Drives one task through its containerizer, reporting each step to the owner task.
 struct Runner {
     containerizer: Arc<dyn Containerizer>,
+    containers: Containers,
     agent_id: Option<AgentId>,
     work_dir: PathBuf,
     framework: FrameworkId,
@@ -529,7 +534,17 @@ impl Runner {
                     "",
                 ))
                 .await;
-                container.run(self.kill.clone()).await
+                let key = (self.framework.clone(), self.task_id.clone());
+                if let Some(probe) = container.usage_probe()
+                    && let Ok(mut c) = self.containers.lock()
+                {
+                    c.insert(key.clone(), (self.containerizer.name(), probe));
+                }
+                let end = container.run(self.kill.clone()).await;
+                if let Ok(mut c) = self.containers.lock() {
+                    c.remove(&key);
+                }
+                end
             }
         };
         self.report(end).await;

@@ -63,11 +63,23 @@ pub trait Containerizer: Send + Sync {
     async fn prepare(&self, spec: &LaunchSpec) -> Result<Box<dyn Container>, Termination>;
 }
 
+/// Reads a running task's resource usage.
+pub type UsageProbe = Arc<dyn Fn() -> v1::TaskUsage + Send + Sync>;
+
+/// The running tasks of this agent that can report usage, by (framework, task).
+pub type Containers = Arc<
+    std::sync::Mutex<std::collections::HashMap<(FrameworkId, TaskId), (&'static str, UsageProbe)>>,
+>;
+
 /// A prepared task.
 #[async_trait::async_trait]
 pub trait Container: Send {
     /// Runs until the task ends or `kill` is cancelled.
     async fn run(self: Box<Self>, kill: CancellationToken) -> Termination;
+    /// Reads the task's usage while it runs, where the containerizer can.
+    fn usage_probe(&self) -> Option<UsageProbe> {
+        None
+    }
 }
 
 const MIB: u64 = 1 << 20;
@@ -249,6 +261,7 @@ pub fn termination(report: RunReport) -> Termination {
             cpu_seconds: u.cpu.as_secs_f64(),
             wall_seconds: u.wall.as_secs_f64(),
             mem_peak_bytes: u.mem_peak_bytes,
+            ..Default::default()
         }),
     }
 }

@@ -149,10 +149,12 @@ pub async fn run(
     tracing::info!(%endpoint, master = %config.master, resources = %total, work_dir = %work_dir.display(), "agent starting");
 
     let (events_tx, events_rx) = mpsc::channel(16 * 1024);
+    let containers = containerizer::Containers::default();
     let actor = actor::Actor::new(
         work_dir.clone(),
         info,
         containerizers,
+        containers.clone(),
         actor::RetryPolicy {
             initial: config.status_retry,
             max: Duration::from_secs(600).max(config.status_retry),
@@ -173,7 +175,10 @@ pub async fn run(
         let mut stop = stop_rx.clone();
         tonic::transport::Server::builder()
             .add_service(v1::sandbox_server::SandboxServer::new(
-                sandbox::SandboxService { work_dir },
+                sandbox::SandboxService {
+                    work_dir,
+                    containers,
+                },
             ))
             .serve_with_incoming_shutdown(
                 // Given a listener, tonic leaves socket options to us; without nodelay a lone

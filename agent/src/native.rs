@@ -338,6 +338,20 @@ impl NativeContainer {
 
 #[async_trait::async_trait]
 impl Container for NativeContainer {
+    fn usage_probe(&self) -> Option<crate::containerizer::UsageProbe> {
+        let reader = self.cgroup.as_ref()?.reader();
+        Some(std::sync::Arc::new(move || {
+            let u = reader.usage();
+            v1::TaskUsage {
+                cpu_seconds: u.cpu_seconds,
+                mem_peak_bytes: u.memory_peak_bytes,
+                mem_bytes: u.memory_bytes,
+                pids: u.pids,
+                ..Default::default()
+            }
+        }))
+    }
+
     async fn run(mut self: Box<Self>, kill: CancellationToken) -> Termination {
         let started = Instant::now();
         let std_cmd = std::mem::replace(&mut self.cmd, std::process::Command::new("/bin/true"));
@@ -442,6 +456,7 @@ impl Container for NativeContainer {
             cpu_seconds: usage.map_or(0.0, |u| u.cpu_seconds),
             wall_seconds: wall,
             mem_peak_bytes: usage.map_or(0, |u| u.memory_peak_bytes),
+            ..Default::default()
         });
         if let Some(cg) = self.cgroup.take()
             && let Err(e) = cg.destroy()

@@ -118,13 +118,42 @@ pub fn read_file(
 }
 
 /// The Sandbox gRPC service of an agent.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SandboxService {
     pub work_dir: PathBuf,
+    pub containers: crate::containerizer::Containers,
 }
 
 #[tonic::async_trait]
 impl Sandbox for SandboxService {
+    async fn get_containers(
+        &self,
+        _request: Request<v1::GetContainersRequest>,
+    ) -> Result<Response<v1::GetContainersResponse>, Status> {
+        let probes: Vec<_> = self
+            .containers
+            .lock()
+            .map_err(|_| Status::internal("container registry poisoned"))?
+            .iter()
+            .map(|((f, t), (name, p))| (f.clone(), t.clone(), *name, p.clone()))
+            .collect();
+        // Reading cgroup files is blocking I/O.
+        let containers = tokio::task::spawn_blocking(move || {
+            probes
+                .into_iter()
+                .map(|(f, t, name, probe)| v1::ContainerStatus {
+                    framework_id: Some((&f).into()),
+                    task_id: Some((&t).into()),
+                    containerizer: name.to_owned(),
+                    usage: Some(probe()),
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::GetContainersResponse { containers }))
+    }
+
     async fn read_file(
         &self,
         request: Request<v1::ReadFileRequest>,

@@ -150,6 +150,10 @@ struct TasksArgs {
     /// Include finished tasks.
     #[arg(long)]
     all: bool,
+    /// Add each running task's usage now (CPU seconds, memory, peak, processes), read from
+    /// its agent.
+    #[arg(long)]
+    usage: bool,
 }
 
 /// `5s`, `250ms`, `2m`, or plain seconds (`1.5`).
@@ -283,7 +287,7 @@ async fn main() -> std::process::ExitCode {
         Command::Agent(args) => agent(args).await,
         Command::Run(args) => return run::run(args).await,
         Command::Agents(args) => tables::agents(&args).await,
-        Command::Tasks(args) => tables::tasks(&args.query, args.all).await,
+        Command::Tasks(args) => tables::tasks(&args.query, args.all, args.usage).await,
         Command::Roles(args) => tables::roles(&args).await,
         Command::Quota { action } => roles::quota(action).await,
         Command::Weight { action } => roles::weight(action).await,

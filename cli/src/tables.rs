@@ -95,11 +95,33 @@ pub async fn agents(args: &QueryArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn tasks(args: &QueryArgs, all: bool) -> anyhow::Result<()> {
+pub async fn tasks(args: &QueryArgs, all: bool, usage: bool) -> anyhow::Result<()> {
     let state = Operator::connect(&master_url(&args.master))
         .await?
         .state()
         .await?;
+    // Usage comes from each agent, for the tasks running there now.
+    let mut live: std::collections::HashMap<(String, String), v1::TaskUsage> =
+        std::collections::HashMap::new();
+    if usage {
+        for a in &state.agents {
+            let Some(endpoint) = a.info.as_ref().map(|i| i.endpoint.clone()) else {
+                continue;
+            };
+            match agora_sdk::agent_containers(&endpoint).await {
+                Ok(cs) => {
+                    for c in cs {
+                        let key = (
+                            c.framework_id.map(|f| f.value).unwrap_or_default(),
+                            c.task_id.map(|t| t.value).unwrap_or_default(),
+                        );
+                        live.insert(key, c.usage.unwrap_or_default());
+                    }
+                }
+                Err(e) => eprintln!("agora: usage from {endpoint}: {e}"),
+            }
+        }
+    }
     let mut records = state.tasks;
     if all {
         records.extend(state.completed_tasks);
@@ -114,7 +136,7 @@ pub async fn tasks(args: &QueryArgs, all: bool) -> anyhow::Result<()> {
                 (v1::Reason::Unspecified, None) => String::new(),
                 (reason, m) => format!("{}: {}", reason_name(reason), m.unwrap_or_default()),
             };
-            vec![
+            let mut row = vec![
                 t.task_id
                     .as_ref()
                     .map(|i| i.value.clone())
@@ -134,22 +156,41 @@ pub async fn tasks(args: &QueryArgs, all: bool) -> anyhow::Result<()> {
                 fmt(r.cpus()),
                 fmt(r.mem()),
                 detail,
-            ]
+            ];
+            if usage {
+                let key = (
+                    t.framework_id
+                        .as_ref()
+                        .map(|i| i.value.clone())
+                        .unwrap_or_default(),
+                    t.task_id
+                        .as_ref()
+                        .map(|i| i.value.clone())
+                        .unwrap_or_default(),
+                );
+                let cells = match live.get(&key) {
+                    Some(u) => vec![
+                        format!("{:.2}", u.cpu_seconds),
+                        format!("{:.1}", u.mem_bytes as f64 / 1048576.0),
+                        format!("{:.1}", u.mem_peak_bytes as f64 / 1048576.0),
+                        u.pids.to_string(),
+                    ],
+                    None => vec!["-".into(); 4],
+                };
+                // Usage goes before the free-text detail column.
+                let detail = row.pop().unwrap_or_default();
+                row.extend(cells);
+                row.push(detail);
+            }
+            row
         })
         .collect();
-    print_table(
-        &[
-            "ID",
-            "NAME",
-            "STATE",
-            "FRAMEWORK",
-            "AGENT",
-            "CPUS",
-            "MEM",
-            "DETAIL",
-        ],
-        &rows,
-    );
+    let mut header = vec!["ID", "NAME", "STATE", "FRAMEWORK", "AGENT", "CPUS", "MEM"];
+    if usage {
+        header.extend(["CPU(S)", "MEM(MIB)", "PEAK(MIB)", "PIDS"]);
+    }
+    header.push("DETAIL");
+    print_table(&header, &rows);
     Ok(())
 }
 

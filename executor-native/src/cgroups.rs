@@ -344,6 +344,18 @@ impl TaskCgroup {
         }
     }
 
+    /// A handle that reads this cgroup's usage, for as long as it exists.
+    pub fn reader(&self) -> UsageReader {
+        UsageReader {
+            cgroup: TaskCgroup {
+                layout: self.layout.clone(),
+                dirs: self.dirs.clone(),
+                kill_file: None,
+                freezer: None,
+            },
+        }
+    }
+
     /// Current usage.
     pub fn usage(&self) -> Usage {
         let mut u = Usage::default();
@@ -448,6 +460,25 @@ impl TaskCgroup {
     /// The directories, for tests and reports.
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
+    }
+}
+
+/// Reads a task cgroup's usage without owning it (reads after removal give zeros).
+#[derive(Debug)]
+pub struct UsageReader {
+    cgroup: TaskCgroup,
+}
+
+impl UsageReader {
+    pub fn usage(&self) -> Usage {
+        self.cgroup.usage()
+    }
+}
+
+impl Drop for UsageReader {
+    fn drop(&mut self) {
+        // Not the owner: leave the directories alone.
+        self.cgroup.dirs.clear();
     }
 }
 

@@ -8,5 +8,5 @@
 pub mod cgroups;
 pub mod launch;
 
-pub use cgroups::{CgroupError, Cgroups, Limits, TaskCgroup, Usage};
+pub use cgroups::{CgroupError, Cgroups, Limits, TaskCgroup, Usage, UsageReader};
 pub use launch::{Namespaces, Rlimits, confine, spawn};

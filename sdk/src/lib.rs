@@ -22,7 +22,7 @@ pub mod task;
 
 pub use agora_core as core;
 pub use agora_proto::v1 as proto;
-pub use operator::{Operator, read_sandbox_file};
+pub use operator::{Operator, agent_containers, read_sandbox_file};
 pub use scheduler::{Event, Events, Scheduler, SchedulerConfig, subscribe};
 pub use task::{OfferPool, TaskBuilder, offer_resources};
 

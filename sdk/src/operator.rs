@@ -145,3 +145,17 @@ pub async fn read_sandbox_file(
         }
     }
 }
+
+/// The running tasks of the agent at `agent_endpoint` and their usage now (from the agent's
+/// Sandbox API; the master's state names each agent's endpoint).
+///
+/// # Errors
+/// When the agent cannot be reached.
+pub async fn agent_containers(agent_endpoint: &str) -> Result<Vec<v1::ContainerStatus>, Error> {
+    let mut client = SandboxClient::new(channel(agent_endpoint).await?);
+    Ok(client
+        .get_containers(v1::GetContainersRequest {})
+        .await?
+        .into_inner()
+        .containers)
+}

@@ -348,3 +348,62 @@ async fn logs_rotate_at_their_size_bound() {
     );
     assert_eq!(numbers.len(), 600, "three full files of 200 lines");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_tasks_usage_is_reported() {
+    let cluster = start("a_running_tasks_usage_is_reported", None).await;
+    let (s, mut events) = cluster.framework("native").await;
+    launch(
+        &s,
+        &mut events,
+        command("busy", "while :; do :; done", "cpus:0.5;mem:64"),
+    )
+    .await;
+    wait_state(&mut events, &tid("busy"), TaskState::Running).await;
+    let endpoint = cluster.state().await.agents[0]
+        .info
+        .as_ref()
+        .unwrap()
+        .endpoint
+        .clone();
+    let deadline = Instant::now() + WAIT;
+    let usage = loop {
+        let cs = agora_sdk::agent_containers(&endpoint).await.unwrap();
+        let found = cs
+            .iter()
+            .find(|c| c.task_id.as_ref().unwrap().value == "busy");
+        if let Some(c) = found {
+            assert_eq!(c.containerizer, "native");
+            let u = c.usage.unwrap();
+            if u.cpu_seconds > 0.2 {
+                break u;
+            }
+        }
+        assert!(Instant::now() < deadline, "no CPU time shown: {cs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(usage.mem_bytes > 0 && usage.pids >= 1, "{usage:?}");
+
+    // The same through the command line.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(["tasks", "--usage", "--master", &cluster.master])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.lines().next().unwrap().contains("PEAK(MIB)"),
+        "{table}"
+    );
+    let row = table.lines().find(|l| l.starts_with("busy")).unwrap();
+    assert!(!row.contains(" - "), "no usage in {row}");
+
+    s.kill(&tid("busy"), None).await.unwrap();
+    wait_state(&mut events, &tid("busy"), TaskState::Killed).await;
+    assert!(
+        agora_sdk::agent_containers(&endpoint)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
