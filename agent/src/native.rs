@@ -31,6 +31,10 @@ pub struct NativeConfig {
     /// Give each task mount (private `/tmp`), UTS and IPC namespaces, and a network
     /// namespace when it asks for `network: none`. Needs root; ignored without it.
     pub namespaces: bool,
+    /// The command that runs a task as PID 1's child in a PID namespace of its own, e.g.
+    /// `["/usr/bin/agora", "__init", "--"]` (the task's argv follows). Default: this
+    /// program when it is `agora`. Without it, tasks share the agent's PID namespace.
+    pub init: Option<Vec<std::ffi::OsString>>,
     /// Between SIGTERM and SIGKILL when a task is killed.
     pub kill_grace: Duration,
     /// Rotate a task's stdout and stderr when they reach this size (`None`: no rotation,
@@ -49,6 +53,10 @@ impl Default for NativeConfig {
             cgroups_enable_cfs: false,
             pids_max: Some(4096),
             namespaces: true,
+            init: std::env::current_exe()
+                .ok()
+                .filter(|p| p.file_name().is_some_and(|n| n == "agora"))
+                .map(|p| vec![p.into_os_string(), "__init".into(), "--".into()]),
             kill_grace: Duration::from_secs(3),
             log_max_bytes: None,
             log_keep: 3,
@@ -61,6 +69,7 @@ impl Default for NativeConfig {
 pub struct NativeContainerizer {
     config: NativeConfig,
     cgroups: Cgroups,
+    init: Option<Vec<std::ffi::OsString>>,
     /// Namespaces are on and the agent may make them.
     namespaces: bool,
 }
@@ -87,6 +96,7 @@ impl NativeContainerizer {
         let namespaces = config.namespaces && root;
         tracing::info!(isolation = %cgroups.describe(), namespaces, "native containerizer ready");
         NativeContainerizer {
+            init: config.init.clone(),
             config,
             cgroups,
             namespaces,
@@ -130,6 +140,9 @@ impl Containerizer for NativeContainerizer {
             parts.push(self.cgroups.describe());
         }
         if self.namespaces {
+            if self.init.is_some() {
+                parts.push("pid-ns".into());
+            }
             parts.push("mnt-ns+uts-ns+ipc-ns+net-ns(on request)".into());
         }
         if parts.is_empty() {
@@ -157,15 +170,21 @@ impl Containerizer for NativeContainerizer {
                 "the task asks for network: none, which needs a network namespace; this agent cannot make one (it is not root, or namespaces are off)",
             ));
         }
-        let mut cmd = if c.shell {
-            let mut cmd = std::process::Command::new("/bin/sh");
-            cmd.arg("-c").arg(&c.value);
-            cmd
+        let argv: Vec<std::ffi::OsString> = if c.shell {
+            vec!["/bin/sh".into(), "-c".into(), c.value.clone().into()]
         } else {
-            let mut cmd = std::process::Command::new(&c.value);
-            cmd.args(&c.arguments);
-            cmd
+            std::iter::once(&c.value)
+                .chain(&c.arguments)
+                .map(Into::into)
+                .collect()
         };
+        // With a PID namespace the task runs under the init, which becomes PID 1 there.
+        let argv: Vec<std::ffi::OsString> = match self.init.as_ref().filter(|_| self.namespaces) {
+            Some(init) => init.iter().cloned().chain(argv).collect(),
+            None => argv,
+        };
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         if !c.user.is_empty() {
             let Some((uid, gid)) = lookup_user(&c.user) else {
                 return Err(invalid(format!(
@@ -255,6 +274,7 @@ impl Containerizer for NativeContainerizer {
                 c.hostname.clone()
             }),
             network_none,
+            pid: self.namespaces && self.init.is_some(),
         };
         confine(&mut cmd, cgroup.as_ref(), &self.config.rlimits, &ns).map_err(|e| {
             Termination::new(

@@ -158,8 +158,8 @@ enum Kind<'a> {
     },
 }
 
-/// `/bin/true` through the cluster, with full isolation and with none, beside bare
-/// fork/exec of it in the same run.
+/// `/bin/true` through the cluster, with full isolation (cgroups; PID, mount, UTS and IPC
+/// namespaces) and with none, beside bare fork/exec of it in the same run.
 fn native(args: &Args) {
     println!("# native launch benchmark: /bin/true");
     println!(
@@ -220,6 +220,11 @@ async fn cluster(kind: Kind<'_>, args: &Args) -> (Duration, Vec<Duration>, Vec<D
     let mut config = AgentConfig::new(master.clone(), dir.path().join("agent"));
     config.resources = Some(parse_resources("cpus:8;mem:16384").unwrap());
     config.native.cgroup_parent = format!("agora-bench-{}", std::process::id());
+    config.native.init = Some(vec![
+        env!("CARGO_BIN_EXE_agora").into(),
+        "__init".into(),
+        "--".into(),
+    ]);
     if let Kind::Native { isolated: false } = kind {
         config.native.cgroup_root = dir.path().join("no-cgroups");
         config.native.namespaces = false;

@@ -268,8 +268,29 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// The hidden `__init` subcommand: the init of a native task's PID namespace. Handled
+/// before any thread starts, because it forks.
+const INIT_SUBCOMMAND: &str = "__init";
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == INIT_SUBCOMMAND) {
+        let rest = match args.get(2) {
+            Some(dashes) if dashes == "--" => &args[3..],
+            _ => &args[2..],
+        };
+        agora_executor_native::init::run(rest);
+    }
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(async_main()),
+        Err(e) => {
+            eprintln!("agora: starting the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn async_main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let quiet = matches!(
         cli.command,

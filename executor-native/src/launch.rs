@@ -34,6 +34,8 @@ pub struct Namespaces {
     pub enabled: bool,
     pub hostname: Option<String>,
     pub network_none: bool,
+    /// A PID namespace too; the command must then be the [`crate::init`] wrapping the task.
+    pub pid: bool,
 }
 
 /// Spawns `cmd` in `cgroup` (when given) with `rlimits`.
@@ -135,6 +137,9 @@ fn enter_namespaces(ns: &Namespaces, hostname: &[u8]) -> io::Result<()> {
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     if ns.network_none {
         flags |= libc::CLONE_NEWNET;
+    }
+    if ns.pid {
+        flags |= libc::CLONE_NEWPID;
     }
     // SAFETY: unshare, mount, sethostname, socket, ioctl and close are plain syscalls on
     // NUL-terminated literals and buffers that live across the call.

@@ -6,6 +6,7 @@
 //! before exec) as a session leader with rlimits.
 
 pub mod cgroups;
+pub mod init;
 pub mod launch;
 
 pub use cgroups::{CgroupError, Cgroups, Limits, TaskCgroup, Usage, UsageReader};

@@ -19,6 +19,11 @@ async fn start(test: &str, cgroup_root: Option<&std::path::Path>) -> Cluster {
     let mut config = cluster.agent_config("cpus:2;mem:1024");
     config.native.kill_grace = Duration::from_millis(500);
     config.native.cgroup_parent = parent(test);
+    config.native.init = Some(vec![
+        env!("CARGO_BIN_EXE_agora").into(),
+        "__init".into(),
+        "--".into(),
+    ]);
     if let Some(root) = cgroup_root {
         // As on a machine where the agent is not root: no cgroups, no namespaces.
         config.native.cgroup_root = root.to_owned();
@@ -406,4 +411,48 @@ async fn a_running_tasks_usage_is_reported() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_has_its_own_pid_namespace_and_stops_on_sigterm() {
+    let cluster = start(
+        "a_task_has_its_own_pid_namespace_and_stops_on_sigterm",
+        None,
+    )
+    .await;
+    let iso = isolation(&cluster.state().await);
+    assert!(iso.contains("pid-ns"), "{iso}");
+    let (s, mut events) = cluster.framework("native").await;
+    // An orphan is left behind to be reaped; then count what the namespace holds.
+    let script = "echo $$; (sleep 0.05 &); sleep 0.2; ls /proc | grep -c '^[0-9]*$'";
+    launch(&s, &mut events, command("pidns", script, "cpus:0.1;mem:32")).await;
+    let end = wait_terminal(&mut events, &tid("pidns")).await;
+    assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+    let endpoint = cluster.state().await.agents[0]
+        .info
+        .as_ref()
+        .unwrap()
+        .endpoint
+        .clone();
+    let fw = s.framework_id().unwrap();
+    let out = read_sandbox_file(&endpoint, &fw, &tid("pidns"), "stdout")
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "2", "the task is PID 1's child: {out}");
+    let n: u32 = lines[1].parse().unwrap();
+    assert!(n <= 6, "{n} processes visible in the task's namespace");
+
+    // SIGTERM reaches the task through its init: it ends long before the grace period.
+    let task =
+        command("sleeper", "sleep 1000", "cpus:0.1;mem:32").kill_grace(Duration::from_secs(10));
+    launch(&s, &mut events, task).await;
+    wait_state(&mut events, &tid("sleeper"), TaskState::Running).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    s.kill(&tid("sleeper"), None).await.unwrap();
+    let end = wait_terminal(&mut events, &tid("sleeper")).await;
+    assert_eq!(state_of(&end), TaskState::Killed);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
