@@ -1,7 +1,8 @@
 //! The agent's owner task: its tasks, their status updates, and what it says to the master.
 //!
 //! ```text
-//!  RunTask ──> STAGING ──(runner)──> STARTING ──> prepare ──> RUNNING ──> run ──> terminal
+//!  RunTask ──> STAGING ──(runner)──> STARTING ──> fetch uris ──> prepare ──> RUNNING ──> run
+//!                                                                   ──> terminal
 //!  KillTask / ShutdownFramework ──> the runner's kill token is cancelled
 //!
 //!  every status update: uuid + timestamp, queued per task, sent now if registered,
@@ -25,7 +26,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::containerizer::{Containerizer, Containers, LaunchSpec, Termination};
+use crate::containerizer::{
+    ContainerEntry, ContainerKey, Containerizer, Containers, LaunchSpec, Termination, Updates,
+};
+use crate::fetcher::Fetcher;
 use crate::sandbox;
 
 /// What reaches the owner task.
@@ -38,7 +42,8 @@ pub enum Event {
     LinkUp {
         tx: mpsc::Sender<v1::AgentMessage>,
     },
-    FromMaster(master_message::Message),
+    /// Boxed: a RunTask carries a whole task.
+    FromMaster(Box<master_message::Message>),
     LinkDown,
     /// A task's runner reports a change.
     Task {
@@ -64,6 +69,8 @@ struct Pending {
 struct TaskEntry {
     info: v1::TaskInfo,
     state: TaskState,
+    /// What the task's container gives it, once known; carried by every later update.
+    isolation: String,
     kill: CancellationToken,
     pending: VecDeque<Pending>,
 }
@@ -75,6 +82,7 @@ pub struct Actor {
     pub(crate) info: v1::AgentInfo,
     pub(crate) containerizers: Vec<Arc<dyn Containerizer>>,
     containers: Containers,
+    fetcher: Option<Fetcher>,
     pub(crate) retry: RetryPolicy,
     pub(crate) events: mpsc::Sender<Event>,
     agent_id: Option<AgentId>,
@@ -104,6 +112,7 @@ impl Actor {
         info: v1::AgentInfo,
         containerizers: Vec<Arc<dyn Containerizer>>,
         containers: Containers,
+        fetcher: Option<Fetcher>,
         retry: RetryPolicy,
         events: mpsc::Sender<Event>,
     ) -> Self {
@@ -112,6 +121,7 @@ impl Actor {
             info,
             containerizers,
             containers,
+            fetcher,
             retry,
             events,
             agent_id: None,
@@ -152,8 +162,18 @@ impl Actor {
         for t in self.tasks.values() {
             t.kill.cancel();
         }
-        self.runners.abort_all();
-        while self.runners.join_next().await.is_some() {}
+        // Runners end their tasks when told; give them a moment before cutting them off.
+        let drain = async { while self.runners.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .is_err()
+        {
+            self.runners.abort_all();
+            while self.runners.join_next().await.is_some() {}
+        }
+        for c in &self.containerizers {
+            c.shutdown().await;
+        }
     }
 
     fn handle(&mut self, ev: Event) {
@@ -171,7 +191,7 @@ impl Actor {
                 }
                 self.registered = false;
             }
-            Event::FromMaster(msg) => self.on_master_message(msg),
+            Event::FromMaster(msg) => self.on_master_message(*msg),
             Event::Task {
                 framework,
                 task,
@@ -284,6 +304,11 @@ impl Actor {
                         t.kill.cancel();
                     }
                 }
+                for c in self.containerizers.clone() {
+                    let fw = fw.clone();
+                    self.runners
+                        .spawn(async move { c.shutdown_framework(&fw).await });
+                }
             }
             master_message::Message::Heartbeat(_) => {}
         }
@@ -316,6 +341,7 @@ impl Actor {
             TaskEntry {
                 info: strip_module(&task),
                 state: TaskState::Staging,
+                isolation: String::new(),
                 kill: kill.clone(),
                 pending: VecDeque::new(),
             },
@@ -354,6 +380,7 @@ impl Actor {
         let runner = Runner {
             containerizer,
             containers: self.containers.clone(),
+            fetcher: self.fetcher.clone(),
             agent_id: self.agent_id.clone(),
             work_dir: self.work_dir.clone(),
             framework: fw,
@@ -376,18 +403,22 @@ impl Actor {
             return;
         }
         entry.state = change.state;
+        if let Some(iso) = change.isolation {
+            entry.isolation = iso;
+        }
         let status = v1::TaskStatus {
             task_id: Some((&task).into()),
             state: state_to_proto(change.state) as i32,
             reason: change.reason as i32,
             message: change.message,
-            source: v1::StatusSource::SourceAgent as i32,
+            source: change.source as i32,
             uuid: uuid_bytes(),
             timestamp: now_timestamp(),
             agent_id: self.agent_id.as_ref().map(Into::into),
             exit_code: change.exit_code,
-            data: Vec::new(),
-            usage: change.usage,
+            data: change.data,
+            usage: change.usage.map(|u| *u),
+            isolation: entry.isolation.clone(),
         };
         if change.state.is_terminal() {
             tracing::info!(state = %change.state, message = %status.message, "task ended");
@@ -469,6 +500,7 @@ fn uuid_bytes() -> Vec<u8> {
 struct Runner {
     containerizer: Arc<dyn Containerizer>,
     containers: Containers,
+    fetcher: Option<Fetcher>,
     agent_id: Option<AgentId>,
     work_dir: PathBuf,
     framework: FrameworkId,
@@ -520,6 +552,41 @@ impl Runner {
             resources: self.resources.clone(),
             sandbox,
         };
+        if !self.task.uris.is_empty() {
+            let Some(fetcher) = &self.fetcher else {
+                self.report(Termination::new(
+                    TaskState::Failed,
+                    v1::Reason::FetcherFailed,
+                    "the task has uris but this agent has no fetcher",
+                ))
+                .await;
+                return;
+            };
+            let disk = self.resources.disk();
+            let budget = (disk > 0.0).then_some((disk * (1u64 << 20) as f64) as u64);
+            let fetch = fetcher.fetch_all(&self.task.uris, &spec.sandbox, budget);
+            let fetched = tokio::select! {
+                r = fetch => Some(r),
+                () = self.kill.cancelled() => None,
+            };
+            let failed = match fetched {
+                None => Some(Termination::new(
+                    TaskState::Killed,
+                    v1::Reason::TaskKilled,
+                    "killed while its uris were being fetched",
+                )),
+                Some(Err(e)) => Some(Termination::new(
+                    TaskState::Failed,
+                    v1::Reason::FetcherFailed,
+                    e.to_string(),
+                )),
+                Some(Ok(())) => None,
+            };
+            if let Some(t) = failed {
+                self.report(t).await;
+                return;
+            }
+        }
         let end = match self.containerizer.prepare(&spec).await {
             Err(t) => t,
             Ok(_) if self.kill.is_cancelled() => Termination::new(
@@ -528,21 +595,40 @@ impl Runner {
                 "killed before it started",
             ),
             Ok(container) => {
-                self.report(Termination::new(
-                    TaskState::Running,
-                    v1::Reason::Unspecified,
-                    "",
-                ))
-                .await;
-                let key = (self.framework.clone(), self.task_id.clone());
-                if let Some(probe) = container.usage_probe()
-                    && let Ok(mut c) = self.containers.lock()
-                {
-                    c.insert(key.clone(), (self.containerizer.name(), probe));
+                let isolation = container.isolation();
+                let updates = Updates {
+                    events: self.events.clone(),
+                    framework: self.framework.clone(),
+                    task: self.task_id.clone(),
+                    isolation: isolation.clone(),
+                };
+                if !container.reports_running() {
+                    let mut running =
+                        Termination::new(TaskState::Running, v1::Reason::Unspecified, "");
+                    running.isolation.clone_from(&isolation);
+                    self.report(running).await;
                 }
-                let end = container.run(self.kill.clone()).await;
+                let key = ContainerKey {
+                    framework: self.framework.clone(),
+                    task: Some(self.task_id.clone()),
+                    executor: container.executor(),
+                };
+                if let Ok(mut c) = self.containers.lock() {
+                    c.insert(
+                        key.clone(),
+                        ContainerEntry {
+                            containerizer: self.containerizer.name(),
+                            probe: container.usage_probe(),
+                            pid: container.pid().unwrap_or_default(),
+                        },
+                    );
+                }
+                let mut end = container.run(self.kill.clone(), updates).await;
                 if let Ok(mut c) = self.containers.lock() {
                     c.remove(&key);
+                }
+                if end.isolation.is_none() {
+                    end.isolation = isolation;
                 }
                 end
             }

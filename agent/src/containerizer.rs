@@ -3,13 +3,14 @@
 //! A containerizer turns a task into a [`Container`] in two steps, so the agent can report
 //! TASK_STARTING while the task is prepared (a module compiled, a file fetched) and
 //! TASK_RUNNING once it is under way. Each task picks its containerizer by its payload; the
-//! native one (processes in cgroups) plugs in beside Wasm.
+//! native one (processes in cgroups) and custom executors plug in beside Wasm.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
-use agora_core::{AgentId, FrameworkId, Resources, TaskId, TaskState};
+use agora_core::{AgentId, ExecutorId, FrameworkId, Resources, TaskId, TaskState};
 use agora_executor_wasm::{
     CancellationToken, LoadError, ModuleSource, Outcome, Program, RunReport, RunSpec, WasmRuntime,
 };
@@ -28,14 +29,22 @@ pub struct LaunchSpec {
     pub sandbox: PathBuf,
 }
 
-/// How a task ended, in the terms of a status update.
+/// A change of a task's state — how it ended, or a step on the way — in the terms of a
+/// status update.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Termination {
     pub state: TaskState,
     pub reason: v1::Reason,
     pub message: String,
     pub exit_code: Option<i32>,
-    pub usage: Option<v1::TaskUsage>,
+    /// Boxed: most changes carry none, and a smaller change keeps `Result`s small.
+    pub usage: Option<Box<v1::TaskUsage>>,
+    /// Bytes for the framework (an executor's or a guest's data).
+    pub data: Vec<u8>,
+    /// Who made the change: the agent, or the task's executor.
+    pub source: v1::StatusSource,
+    /// The isolation the task got, once known.
+    pub isolation: Option<String>,
 }
 
 impl Termination {
@@ -46,8 +55,104 @@ impl Termination {
             message: message.into(),
             exit_code: None,
             usage: None,
+            data: Vec::new(),
+            source: v1::StatusSource::SourceAgent,
+            isolation: None,
         }
     }
+}
+
+/// Where a running container sends the changes it makes before its end (an executor's
+/// TASK_RUNNING, a progress report).
+#[derive(Clone)]
+pub struct Updates {
+    pub(crate) events: tokio::sync::mpsc::Sender<crate::actor::Event>,
+    pub(crate) framework: FrameworkId,
+    pub(crate) task: TaskId,
+    pub(crate) isolation: Option<String>,
+}
+
+impl Updates {
+    pub async fn send(&self, mut change: Termination) {
+        if change.isolation.is_none() {
+            change.isolation.clone_from(&self.isolation);
+        }
+        let _ = self
+            .events
+            .send(crate::actor::Event::Task {
+                framework: self.framework.clone(),
+                task: self.task.clone(),
+                change,
+            })
+            .await;
+    }
+}
+
+/// The isolation words a task may require, and what each means.
+pub const ISOLATION_WORDS: &[&str] = &[
+    "cgroups",
+    "cgroups-v1",
+    "cgroups-v2",
+    "memory",
+    "cpu",
+    "pids",
+    "pid-ns",
+    "mnt-ns",
+    "uts-ns",
+    "ipc-ns",
+    "net-ns",
+    "process-group",
+    "rlimits",
+    "wasm",
+];
+
+/// Checks a task's `required_isolation` against what it would get (`actual`, as in
+/// [`Containerizer::isolation`]: `+`-joined parts, controllers in parentheses).
+///
+/// # Errors
+/// A TASK_ERROR naming the first requirement that is unknown or not met.
+pub fn check_required(required: &[String], actual: &str) -> Result<(), Termination> {
+    let parts: Vec<(&str, Vec<&str>)> = actual
+        .split('+')
+        .map(|p| match p.split_once('(') {
+            Some((name, rest)) => (
+                name,
+                rest.trim_end_matches(')')
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+            ),
+            None => (p, Vec::new()),
+        })
+        .collect();
+    for want in required {
+        let want = want.trim();
+        if !ISOLATION_WORDS.contains(&want) {
+            return Err(Termination::new(
+                TaskState::Error,
+                v1::Reason::TaskInvalid,
+                format!(
+                    "unknown isolation {want:?} in required_isolation (known: {})",
+                    ISOLATION_WORDS.join(", ")
+                ),
+            ));
+        }
+        let met = parts.iter().any(|(name, inner)| {
+            *name == want
+                || (want == "cgroups" && name.starts_with("cgroups-v"))
+                || (name.starts_with("cgroups-v") && inner.contains(&want))
+        });
+        if !met {
+            return Err(Termination::new(
+                TaskState::Error,
+                v1::Reason::IsolationUnavailable,
+                format!(
+                    "the task requires isolation {want:?}, which this agent cannot give it (it would get {actual})"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Runs tasks of some kind.
@@ -61,23 +166,60 @@ pub trait Containerizer: Send + Sync {
     fn supports(&self, task: &v1::TaskInfo) -> bool;
     /// Gets the task ready to run; a refusal ends the task with the returned status.
     async fn prepare(&self, spec: &LaunchSpec) -> Result<Box<dyn Container>, Termination>;
+    /// The framework is gone from this agent: stop anything of its that outlives tasks.
+    async fn shutdown_framework(&self, _framework: &FrameworkId) {}
+    /// The agent is stopping: stop everything.
+    async fn shutdown(&self) {}
 }
 
 /// Reads a running task's resource usage.
 pub type UsageProbe = Arc<dyn Fn() -> v1::TaskUsage + Send + Sync>;
 
-/// The running tasks of this agent that can report usage, by (framework, task).
-pub type Containers = Arc<
-    std::sync::Mutex<std::collections::HashMap<(FrameworkId, TaskId), (&'static str, UsageProbe)>>,
->;
+/// What [`Containers`] lists: a task's container, or an executor's own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ContainerKey {
+    pub framework: FrameworkId,
+    pub task: Option<TaskId>,
+    pub executor: Option<ExecutorId>,
+}
+
+#[derive(Clone)]
+pub struct ContainerEntry {
+    pub containerizer: &'static str,
+    pub probe: Option<UsageProbe>,
+    /// The host pid of the container's first process (0 until it starts).
+    pub pid: Arc<AtomicU32>,
+}
+
+/// The running containers of this agent, for GetContainers.
+pub type Containers =
+    Arc<std::sync::Mutex<std::collections::HashMap<ContainerKey, ContainerEntry>>>;
 
 /// A prepared task.
 #[async_trait::async_trait]
 pub trait Container: Send {
-    /// Runs until the task ends or `kill` is cancelled.
-    async fn run(self: Box<Self>, kill: CancellationToken) -> Termination;
+    /// Runs until the task ends or `kill` is cancelled; changes before the end go to
+    /// `updates`.
+    async fn run(self: Box<Self>, kill: CancellationToken, updates: Updates) -> Termination;
     /// Reads the task's usage while it runs, where the containerizer can.
     fn usage_probe(&self) -> Option<UsageProbe> {
+        None
+    }
+    /// The host pid of the task's first process, once it runs.
+    fn pid(&self) -> Option<Arc<AtomicU32>> {
+        None
+    }
+    /// The isolation this task gets.
+    fn isolation(&self) -> Option<String> {
+        None
+    }
+    /// The container reports TASK_RUNNING itself (an executor does, when it starts the
+    /// task); otherwise the agent reports it once the container is prepared.
+    fn reports_running(&self) -> bool {
+        false
+    }
+    /// The executor the task runs in, if any.
+    fn executor(&self) -> Option<ExecutorId> {
         None
     }
 }
@@ -87,18 +229,28 @@ const MIB: u64 = 1 << 20;
 /// Runs Wasm tasks in this process with wasmtime, behind the containerizer boundary.
 pub struct WasmContainerizer {
     runtime: WasmRuntime,
+    fetcher: Option<crate::fetcher::Fetcher>,
 }
 
 impl WasmContainerizer {
     pub fn new(runtime: WasmRuntime) -> Self {
-        WasmContainerizer { runtime }
+        WasmContainerizer {
+            runtime,
+            fetcher: None,
+        }
+    }
+
+    /// Modules named by http(s):// URIs or blob digests come through `fetcher` (cached).
+    pub fn with_fetcher(mut self, fetcher: crate::fetcher::Fetcher) -> Self {
+        self.fetcher = Some(fetcher);
+        self
     }
 
     pub fn runtime(&self) -> &WasmRuntime {
         &self.runtime
     }
 
-    async fn module_source(wasm: &v1::WasmTask) -> Result<ModuleSource, Termination> {
+    async fn module_source(&self, wasm: &v1::WasmTask) -> Result<ModuleSource, Termination> {
         let invalid =
             |msg: String| Termination::new(TaskState::Error, v1::Reason::ModuleInvalid, msg);
         match &wasm.module {
@@ -106,16 +258,29 @@ impl WasmContainerizer {
                 Ok(ModuleSource::Bytes(Arc::from(b.as_slice())))
             }
             Some(v1::wasm_task::Module::Digest(d)) => Ok(ModuleSource::Digest(d.clone())),
-            Some(v1::wasm_task::Module::Uri(uri)) => {
-                let Some(path) = uri.strip_prefix("file://") else {
+            Some(v1::wasm_task::Module::Uri(uri)) if !uri.starts_with("file://") => {
+                let Some(fetcher) = &self.fetcher else {
                     return Err(Termination::new(
                         TaskState::Error,
                         v1::Reason::FetcherFailed,
                         format!(
-                            "cannot fetch module {uri:?}: only file:// URIs are supported by this agent"
+                            "cannot fetch module {uri:?}: this agent has no fetcher; use a file:// URI"
                         ),
                     ));
                 };
+                let fetch = v1::Uri {
+                    value: uri.clone(),
+                    cache: true,
+                    sha256: wasm.sha256.clone(),
+                    ..Default::default()
+                };
+                let bytes = fetcher.read(&fetch, u64::MAX).await.map_err(|e| {
+                    Termination::new(TaskState::Failed, v1::Reason::FetcherFailed, e.to_string())
+                })?;
+                Ok(ModuleSource::Bytes(Arc::from(bytes)))
+            }
+            Some(v1::wasm_task::Module::Uri(uri)) => {
+                let path = uri.strip_prefix("file://").unwrap_or(uri);
                 let bytes = tokio::fs::read(path).await.map_err(|e| {
                     Termination::new(
                         TaskState::Error,
@@ -160,7 +325,8 @@ impl Containerizer for WasmContainerizer {
                 "a Wasm task needs a mem resource: it is the ceiling on the task's linear memory",
             ));
         }
-        let source = Self::module_source(wasm).await?;
+        check_required(&spec.task.required_isolation, &self.isolation())?;
+        let source = self.module_source(wasm).await?;
         let expected = (!wasm.sha256.is_empty()).then_some(wasm.sha256.as_str());
         let program = self.runtime.load(source, expected).await.map_err(|e| {
             let reason = match e {
@@ -203,6 +369,7 @@ impl Containerizer for WasmContainerizer {
             runtime: self.runtime.clone(),
             program,
             run,
+            isolation: self.isolation(),
         }))
     }
 }
@@ -211,13 +378,18 @@ struct WasmContainer {
     runtime: WasmRuntime,
     program: Program,
     run: RunSpec,
+    isolation: String,
 }
 
 #[async_trait::async_trait]
 impl Container for WasmContainer {
-    async fn run(self: Box<Self>, kill: CancellationToken) -> Termination {
+    async fn run(self: Box<Self>, kill: CancellationToken, _updates: Updates) -> Termination {
         let report = self.runtime.run(&self.program, self.run, kill).await;
         termination(report)
+    }
+
+    fn isolation(&self) -> Option<String> {
+        Some(self.isolation.clone())
     }
 }
 
@@ -251,17 +423,50 @@ pub fn termination(report: RunReport) -> Termination {
         Outcome::Killed => (TaskState::Killed, v1::Reason::TaskKilled, None),
     };
     let u = report.usage;
-    Termination {
-        state,
-        reason,
-        message,
-        exit_code,
-        usage: Some(v1::TaskUsage {
-            fuel_used: u.fuel_used,
-            cpu_seconds: u.cpu.as_secs_f64(),
-            wall_seconds: u.wall.as_secs_f64(),
-            mem_peak_bytes: u.mem_peak_bytes,
-            ..Default::default()
-        }),
+    let mut t = Termination::new(state, reason, message);
+    t.exit_code = exit_code;
+    t.usage = Some(Box::new(v1::TaskUsage {
+        fuel_used: u.fuel_used,
+        cpu_seconds: u.cpu.as_secs_f64(),
+        wall_seconds: u.wall.as_secs_f64(),
+        mem_peak_bytes: u.mem_peak_bytes,
+        ..Default::default()
+    }));
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| (*w).to_owned()).collect()
+    }
+
+    #[test]
+    fn required_isolation_is_matched_word_by_word() {
+        let full = "cgroups-v1(memory,cpu,pids)+pid-ns+mnt-ns+uts-ns+ipc-ns+process-group+rlimits";
+        assert!(check_required(&req(&["cgroups", "memory", "pid-ns", "cgroups-v1"]), full).is_ok());
+        let err = check_required(&req(&["cgroups-v2"]), full).unwrap_err();
+        assert_eq!(
+            (err.state, err.reason),
+            (TaskState::Error, v1::Reason::IsolationUnavailable)
+        );
+        assert!(err.message.contains("\"cgroups-v2\"") && err.message.contains(full));
+        let err = check_required(&req(&["net-ns"]), full).unwrap_err();
+        assert_eq!(err.reason, v1::Reason::IsolationUnavailable);
+        let err = check_required(&req(&["memory"]), "none").unwrap_err();
+        assert!(err.message.contains("it would get none"), "{}", err.message);
+        let err = check_required(&req(&["selinux"]), full).unwrap_err();
+        assert_eq!(err.reason, v1::Reason::TaskInvalid);
+        assert!(err.message.contains("unknown isolation"));
+        assert!(check_required(&[], "none").is_ok());
+        assert!(
+            check_required(
+                &req(&["wasm"]),
+                "wasm(epoch-cpu,fuel,memory-ceiling,wasi-sandbox)"
+            )
+            .is_ok()
+        );
     }
 }

@@ -11,6 +11,8 @@
 //!
 //! - [`containerizer`]: the [`Containerizer`] trait and the Wasm containerizer.
 //! - [`native`]: the native containerizer (`command` tasks as processes in cgroups).
+//! - [`executor`]: custom executors and the Executor API they use.
+//! - [`fetcher`]: tasks' URIs into their sandboxes, through a bounded cache.
 //! - [`actor`]: the owner task: tasks, status updates, the state machine of a launch.
 //! - [`link`]: the connection to the master, with reconnect.
 //! - [`sandbox`]: sandbox directories and the Sandbox API.
@@ -18,6 +20,8 @@
 
 pub mod actor;
 pub mod containerizer;
+pub mod executor;
+pub mod fetcher;
 pub mod link;
 pub mod native;
 pub mod resources;
@@ -36,6 +40,8 @@ use tokio::sync::mpsc;
 use tonic::transport::server::TcpIncoming;
 
 pub use containerizer::{Container, Containerizer, LaunchSpec, Termination, WasmContainerizer};
+pub use executor::{ExecutorConfig, ExecutorContainerizer};
+pub use fetcher::{FetchStats, Fetcher, FetcherConfig};
 pub use native::{NativeConfig, NativeContainerizer};
 
 /// Settings of an agent.
@@ -55,6 +61,10 @@ pub struct AgentConfig {
     pub wasm: WasmConfig,
     /// How `command` tasks are contained.
     pub native: native::NativeConfig,
+    /// The fetcher and its cache (under `<work_dir>/fetch-cache`).
+    pub fetcher: fetcher::FetcherConfig,
+    /// Timing of custom executors.
+    pub executors: executor::ExecutorConfig,
     /// First retry of an unacknowledged status update. Default 10 s (doubling to 10 min).
     pub status_retry: Duration,
     /// First wait after a failed connection to the master. Default 100 ms (doubling to 10 s).
@@ -72,6 +82,8 @@ impl AgentConfig {
             advertise: None,
             wasm: WasmConfig::default(),
             native: native::NativeConfig::default(),
+            fetcher: fetcher::FetcherConfig::default(),
+            executors: executor::ExecutorConfig::default(),
             status_retry: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(100),
         }
@@ -91,6 +103,8 @@ pub enum AgentError {
     Serve(#[from] tonic::transport::Error),
     #[error("the listener has no local address: {0}")]
     Listener(std::io::Error),
+    #[error("preparing the fetch cache: {0}")]
+    Fetcher(std::io::Error),
 }
 
 fn hostname() -> String {
@@ -125,23 +139,44 @@ pub async fn run(
         Some(flags) => resources::merge(&detected, flags),
         None => detected,
     };
-    let wasm = Arc::new(WasmContainerizer::new(WasmRuntime::new(
-        config.wasm.clone(),
-    )?));
-    let native = Arc::new(native::NativeContainerizer::new(config.native.clone()));
-    let containerizers: Vec<Arc<dyn Containerizer>> = vec![wasm, native];
+    let fetcher = Fetcher::new(
+        work_dir.join("fetch-cache"),
+        config.master.clone(),
+        config.fetcher.clone(),
+    )
+    .map_err(AgentError::Fetcher)?;
     let addr = listener.local_addr().map_err(AgentError::Listener)?;
     let endpoint = config
         .advertise
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
+    let containers = containerizer::Containers::default();
+    let wasm = Arc::new(
+        WasmContainerizer::new(WasmRuntime::new(config.wasm.clone())?)
+            .with_fetcher(fetcher.clone()),
+    );
+    let native = Arc::new(native::NativeContainerizer::new(config.native.clone()));
+    let executors = ExecutorContainerizer::new(
+        native.clone(),
+        Some(fetcher.clone()),
+        work_dir.clone(),
+        endpoint.clone(),
+        config.executors.clone(),
+        containers.clone(),
+    );
+    // The first that supports a task runs it: a task naming an executor goes to it,
+    // whatever its payload.
+    let containerizers: Vec<Arc<dyn Containerizer>> =
+        vec![Arc::new(executors.clone()), wasm, native];
     let info = v1::AgentInfo {
         hostname: config.hostname.clone().unwrap_or_else(hostname),
         resources: resources_to_proto(&total),
         attributes: attributes_to_proto(&config.attributes),
         endpoint: endpoint.clone(),
+        // Executors get the native isolation; saying it twice would say nothing new.
         isolation: containerizers
             .iter()
+            .filter(|c| c.name() != "executor")
             .map(|c| c.isolation())
             .collect::<Vec<_>>()
             .join("+"),
@@ -149,12 +184,28 @@ pub async fn run(
     tracing::info!(%endpoint, master = %config.master, resources = %total, work_dir = %work_dir.display(), "agent starting");
 
     let (events_tx, events_rx) = mpsc::channel(16 * 1024);
-    let containers = containerizer::Containers::default();
+    let metrics = {
+        let (fetcher, executors) = (fetcher.clone(), executors.clone());
+        Arc::new(move || {
+            let mut m: Vec<(String, f64)> = fetcher
+                .stats()
+                .metrics()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+            m.push((
+                "agora_agent_executors_running".into(),
+                executors.running() as f64,
+            ));
+            m
+        })
+    };
     let actor = actor::Actor::new(
         work_dir.clone(),
         info,
         containerizers,
         containers.clone(),
+        Some(fetcher),
         actor::RetryPolicy {
             initial: config.status_retry,
             max: Duration::from_secs(600).max(config.status_retry),
@@ -178,7 +229,11 @@ pub async fn run(
                 sandbox::SandboxService {
                     work_dir,
                     containers,
+                    metrics,
                 },
+            ))
+            .add_service(v1::executor_server::ExecutorServer::new(
+                executors.service(),
             ))
             .serve_with_incoming_shutdown(
                 // Given a listener, tonic leaves socket options to us; without nodelay a lone

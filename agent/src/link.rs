@@ -51,7 +51,7 @@ async fn session(endpoint: &Endpoint, events: &mpsc::Sender<Event>) -> Result<()
     loop {
         match inbound.message().await {
             Ok(Some(v1::MasterMessage { message: Some(m) })) => {
-                if events.send(Event::FromMaster(m)).await.is_err() {
+                if events.send(Event::FromMaster(Box::new(m))).await.is_err() {
                     return Ok(());
                 }
             }

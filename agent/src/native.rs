@@ -15,7 +15,7 @@ use agora_executor_native::{Cgroups, Limits, Namespaces, Rlimits, TaskCgroup, co
 use agora_proto::v1;
 use tokio_util::sync::CancellationToken;
 
-use crate::containerizer::{Container, Containerizer, LaunchSpec, Termination};
+use crate::containerizer::{Container, Containerizer, LaunchSpec, Termination, Updates};
 
 /// Settings of the native containerizer.
 #[derive(Debug, Clone)]
@@ -42,6 +42,9 @@ pub struct NativeConfig {
     pub log_max_bytes: Option<u64>,
     /// Rotated files kept (`stdout.1` … `stdout.N`).
     pub log_keep: usize,
+    /// Run a task as the user it names (`CommandTask.user`); off, tasks run as the agent's
+    /// user. Default on.
+    pub switch_user: bool,
     pub rlimits: Rlimits,
 }
 
@@ -60,6 +63,7 @@ impl Default for NativeConfig {
             kill_grace: Duration::from_secs(3),
             log_max_bytes: None,
             log_keep: 3,
+            switch_user: true,
             rlimits: Rlimits::default(),
         }
     }
@@ -135,21 +139,11 @@ impl Containerizer for NativeContainerizer {
     }
 
     fn isolation(&self) -> String {
-        let mut parts = Vec::new();
-        if self.cgroups != Cgroups::None {
-            parts.push(self.cgroups.describe());
-        }
+        let base = self.isolation_of(false);
         if self.namespaces {
-            if self.init.is_some() {
-                parts.push("pid-ns".into());
-            }
-            parts.push("mnt-ns+uts-ns+ipc-ns+net-ns(on request)".into());
-        }
-        if parts.is_empty() {
-            "none".into()
+            base.replace("ipc-ns", "ipc-ns+net-ns(on request)")
         } else {
-            parts.push("process-group+rlimits".into());
-            parts.join("+")
+            base
         }
     }
 
@@ -161,15 +155,112 @@ impl Containerizer for NativeContainerizer {
         let Some(v1::task_info::Payload::Command(c)) = &spec.task.payload else {
             return Err(invalid("not a command task"));
         };
+        let env = vec![
+            ("AGORA_TASK_ID".to_owned(), spec.task_id.to_string()),
+            ("MESOS_TASK_ID".to_owned(), spec.task_id.to_string()),
+        ];
+        let container = self.process(&ProcessSpec {
+            command: c,
+            framework: &spec.framework_id,
+            agent: spec.agent_id.as_ref(),
+            name: spec.task_id.as_str(),
+            env,
+            sandbox: &spec.sandbox,
+            resources: &spec.resources,
+            max_duration: spec.task.max_duration,
+            kill_policy: spec.task.kill_policy.as_ref(),
+            required_isolation: &spec.task.required_isolation,
+        })?;
+        Ok(Box::new(container))
+    }
+}
+
+/// A process to start in a container: a task's command, or a custom executor.
+pub(crate) struct ProcessSpec<'a> {
+    pub command: &'a v1::CommandTask,
+    pub framework: &'a agora_core::FrameworkId,
+    pub agent: Option<&'a agora_core::AgentId>,
+    /// Names the cgroup and, by default, the host name.
+    pub name: &'a str,
+    /// Added to the environment every process gets.
+    pub env: Vec<(String, String)>,
+    pub sandbox: &'a std::path::Path,
+    pub resources: &'a agora_core::Resources,
+    /// Seconds; 0 is none.
+    pub max_duration: f64,
+    pub kill_policy: Option<&'a v1::KillPolicy>,
+    pub required_isolation: &'a [String],
+}
+
+/// The limits of a container holding `resources`.
+pub(crate) fn limits(resources: &agora_core::Resources, config: &NativeConfig) -> Limits {
+    let mem = resources.mem();
+    let cpus = resources.cpus();
+    Limits {
+        memory_bytes: (mem > 0.0).then_some((mem * (1u64 << 20) as f64) as u64),
+        no_swap: true,
+        cpus: (cpus > 0.0).then_some(cpus),
+        cpu_hard_cap: config.cgroups_enable_cfs,
+        pids_max: config.pids_max,
+    }
+}
+
+impl NativeContainerizer {
+    pub(crate) fn config(&self) -> &NativeConfig {
+        &self.config
+    }
+
+    /// The isolation a process with (or without) `network: none` gets here.
+    fn isolation_of(&self, network_none: bool) -> String {
+        let mut parts = Vec::new();
+        if self.cgroups != Cgroups::None {
+            parts.push(self.cgroups.describe());
+        }
+        if self.namespaces {
+            if self.init.is_some() {
+                parts.push("pid-ns".into());
+            }
+            parts.push("mnt-ns+uts-ns+ipc-ns".into());
+            if network_none {
+                parts.push("net-ns".into());
+            }
+        }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.push("process-group+rlimits".into());
+            parts.join("+")
+        }
+    }
+
+    /// Builds the container of one process: command line, user, environment, sandbox
+    /// files, cgroup, namespaces. Nothing runs until [`Container::run`].
+    pub(crate) fn process(&self, p: &ProcessSpec<'_>) -> Result<NativeContainer, Termination> {
+        let c = p.command;
         if c.value.trim().is_empty() {
             return Err(invalid("the command is empty"));
         }
         let network_none = c.network() == v1::command_task::Network::None;
         if network_none && !self.namespaces {
-            return Err(invalid(
+            return Err(Termination::new(
+                TaskState::Error,
+                v1::Reason::IsolationUnavailable,
                 "the task asks for network: none, which needs a network namespace; this agent cannot make one (it is not root, or namespaces are off)",
             ));
         }
+        let isolation = self.isolation_of(network_none);
+        crate::containerizer::check_required(p.required_isolation, &isolation)?;
+        let user = if c.user.is_empty() || !self.config.switch_user {
+            None
+        } else {
+            let Some(ids) = lookup_user(&c.user) else {
+                return Err(invalid(format!(
+                    "user {:?} does not exist on this agent",
+                    c.user
+                )));
+            };
+            Some(ids)
+        };
         let argv: Vec<std::ffi::OsString> = if c.shell {
             vec!["/bin/sh".into(), "-c".into(), c.value.clone().into()]
         } else {
@@ -178,24 +269,22 @@ impl Containerizer for NativeContainerizer {
                 .map(Into::into)
                 .collect()
         };
-        // With a PID namespace the task runs under the init, which becomes PID 1 there.
-        let argv: Vec<std::ffi::OsString> = match self.init.as_ref().filter(|_| self.namespaces) {
-            Some(init) => init.iter().cloned().chain(argv).collect(),
+        let pid_ns = self.namespaces && self.init.is_some();
+        // With a PID namespace the process runs under the init, which becomes PID 1 there
+        // and drops to the user just before exec (it needs root to mount /proc).
+        let argv: Vec<std::ffi::OsString> = match self.init.as_ref().filter(|_| pid_ns) {
+            Some(init) => {
+                let mut v: Vec<std::ffi::OsString> =
+                    init.iter().filter(|a| *a != "--").cloned().collect();
+                v.extend(agora_executor_native::init::args(user));
+                v.extend(argv);
+                v
+            }
             None => argv,
         };
         let mut cmd = std::process::Command::new(&argv[0]);
         cmd.args(&argv[1..]);
-        if !c.user.is_empty() {
-            let Some((uid, gid)) = lookup_user(&c.user) else {
-                return Err(invalid(format!(
-                    "user {:?} does not exist on this agent",
-                    c.user
-                )));
-            };
-            std::os::unix::process::CommandExt::uid(&mut cmd, uid);
-            std::os::unix::process::CommandExt::gid(&mut cmd, gid);
-        }
-        let sandbox = spec.sandbox.to_string_lossy().into_owned();
+        let sandbox = p.sandbox.to_string_lossy().into_owned();
         cmd.env_clear()
             .env(
                 "PATH",
@@ -203,18 +292,30 @@ impl Containerizer for NativeContainerizer {
             )
             .env("HOME", &sandbox)
             .envs(c.env.iter().map(|e| (e.name.as_str(), e.value.as_str())))
-            .env("AGORA_TASK_ID", spec.task_id.as_str())
-            .env("AGORA_FRAMEWORK_ID", spec.framework_id.as_str())
+            .env("AGORA_FRAMEWORK_ID", p.framework.as_str())
             .env("AGORA_SANDBOX", &sandbox)
-            .env("MESOS_TASK_ID", spec.task_id.as_str())
+            .env("MESOS_FRAMEWORK_ID", p.framework.as_str())
             .env("MESOS_SANDBOX", &sandbox)
-            .current_dir(&spec.sandbox)
+            .env("MESOS_DIRECTORY", &sandbox)
+            .envs(p.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(p.sandbox)
             .stdin(Stdio::null());
-        if let Some(a) = &spec.agent_id {
-            cmd.env("AGORA_AGENT_ID", a.as_str());
+        if let Some(a) = p.agent {
+            cmd.env("AGORA_AGENT_ID", a.as_str())
+                .env("MESOS_AGENT_ID", a.as_str());
+        }
+        if let Some((uid, gid)) = user {
+            // The task owns its sandbox, as under Mesos.
+            std::os::unix::fs::chown(p.sandbox, Some(uid), Some(gid)).map_err(|e| {
+                Termination::new(
+                    TaskState::Failed,
+                    v1::Reason::ContainerLaunchFailed,
+                    format!("giving the sandbox to user {:?}: {e}", c.user),
+                )
+            })?;
         }
         let open = |name: &str| {
-            std::fs::File::create(spec.sandbox.join(name)).map_err(|e| {
+            std::fs::File::create(p.sandbox.join(name)).map_err(|e| {
                 Termination::new(
                     TaskState::Failed,
                     v1::Reason::ContainerLaunchFailed,
@@ -223,7 +324,7 @@ impl Containerizer for NativeContainerizer {
             })
         };
         let rotate = self.config.log_max_bytes.map(|max| Rotation {
-            dir: spec.sandbox.clone(),
+            dir: p.sandbox.to_owned(),
             max: max.max(1),
             keep: self.config.log_keep,
         });
@@ -236,22 +337,14 @@ impl Containerizer for NativeContainerizer {
             cmd.stdout(open("stdout")?).stderr(open("stderr")?);
         }
 
-        let mem = spec.resources.mem();
-        let cpus = spec.resources.cpus();
-        let limits = Limits {
-            memory_bytes: (mem > 0.0).then_some((mem * (1u64 << 20) as f64) as u64),
-            no_swap: true,
-            cpus: (cpus > 0.0).then_some(cpus),
-            cpu_hard_cap: self.config.cgroups_enable_cfs,
-            pids_max: self.config.pids_max,
-        };
+        let limits = limits(p.resources, &self.config);
         let cgroup = if self.cgroups == Cgroups::None {
             None
         } else {
             let name = format!(
                 "{}-{}-{}",
-                spec.framework_id,
-                spec.task_id,
+                p.framework,
+                p.name,
                 uuid::Uuid::new_v4().simple()
             );
             Some(
@@ -269,49 +362,58 @@ impl Containerizer for NativeContainerizer {
         let ns = Namespaces {
             enabled: self.namespaces,
             hostname: Some(if c.hostname.is_empty() {
-                spec.task_id.to_string()
+                p.name.to_owned()
             } else {
                 c.hostname.clone()
             }),
             network_none,
-            pid: self.namespaces && self.init.is_some(),
+            pid: pid_ns,
         };
-        confine(&mut cmd, cgroup.as_ref(), &self.config.rlimits, &ns).map_err(|e| {
+        confine(
+            &mut cmd,
+            cgroup.as_ref(),
+            &self.config.rlimits,
+            &ns,
+            user.filter(|_| !pid_ns),
+        )
+        .map_err(|e| {
             Termination::new(
                 TaskState::Failed,
                 v1::Reason::ContainerLaunchFailed,
                 e.to_string(),
             )
         })?;
-        let limit =
-            (spec.task.max_duration > 0.0).then(|| Duration::from_secs_f64(spec.task.max_duration));
-        let grace = spec
-            .task
+        let limit = (p.max_duration > 0.0).then(|| Duration::from_secs_f64(p.max_duration));
+        let grace = p
             .kill_policy
-            .as_ref()
             .map(|k| k.grace_period_seconds)
             .filter(|g| g.is_finite() && *g > 0.0)
             .map_or(self.config.kill_grace, |g| {
                 Duration::from_secs_f64(g.min(3600.0))
             });
-        Ok(Box::new(NativeContainer {
+        Ok(NativeContainer {
             cmd,
             cgroup,
             rotate,
             grace,
             limit,
             mem_limit: limits.memory_bytes,
-        }))
+            isolation,
+            pid: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0)),
+        })
     }
 }
 
-struct NativeContainer {
+/// A process, ready to start, and the cgroup it will run in.
+pub(crate) struct NativeContainer {
     cmd: std::process::Command,
     cgroup: Option<TaskCgroup>,
     rotate: Option<Rotation>,
     grace: Duration,
     limit: Option<Duration>,
     mem_limit: Option<u64>,
+    isolation: String,
+    pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 enum End {
@@ -321,6 +423,11 @@ enum End {
 }
 
 impl NativeContainer {
+    /// Changes the limits of the container's cgroup while it runs, if it has one.
+    pub(crate) fn limiter(&self) -> Option<agora_executor_native::Limiter> {
+        self.cgroup.as_ref().map(TaskCgroup::limiter)
+    }
+
     fn signal(&self, pid: Option<u32>, signal: i32) {
         match (&self.cgroup, pid) {
             (Some(cg), _) => cg.signal_all(signal),
@@ -372,7 +479,23 @@ impl Container for NativeContainer {
         }))
     }
 
-    async fn run(mut self: Box<Self>, kill: CancellationToken) -> Termination {
+    fn pid(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicU32>> {
+        Some(self.pid.clone())
+    }
+
+    fn isolation(&self) -> Option<String> {
+        Some(self.isolation.clone())
+    }
+
+    async fn run(self: Box<Self>, kill: CancellationToken, _updates: Updates) -> Termination {
+        self.run_process(kill).await
+    }
+}
+
+impl NativeContainer {
+    /// Runs the process until it ends, or `kill` asks for it to end (SIGTERM, the grace
+    /// period, then every process of the container); cleans the cgroup up.
+    pub(crate) async fn run_process(mut self, kill: CancellationToken) -> Termination {
         let started = Instant::now();
         let std_cmd = std::mem::replace(&mut self.cmd, std::process::Command::new("/bin/true"));
         let mut child = match tokio::process::Command::from(std_cmd).spawn() {
@@ -385,6 +508,10 @@ impl Container for NativeContainer {
                 );
             }
         };
+        self.pid.store(
+            child.id().unwrap_or_default(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let mut pumps = Vec::new();
         if let Some(r) = &self.rotate {
             if let Some(out) = child.stdout.take() {
@@ -471,13 +598,13 @@ impl Container for NativeContainer {
                 }
             }
         };
-        t.usage = Some(v1::TaskUsage {
+        t.usage = Some(Box::new(v1::TaskUsage {
             fuel_used: 0,
             cpu_seconds: usage.map_or(0.0, |u| u.cpu_seconds),
             wall_seconds: wall,
             mem_peak_bytes: usage.map_or(0, |u| u.memory_peak_bytes),
             ..Default::default()
-        });
+        }));
         if let Some(cg) = self.cgroup.take()
             && let Err(e) = cg.destroy()
         {

@@ -5,6 +5,8 @@
 //! ```text
 //! frameworks/<framework_id>/tasks/<task_id>/runs/<run>/   one directory per launch
 //!     stdout, stderr                                      the task's output
+//! frameworks/<framework_id>/executors/<executor_id>/runs/<run>/   a custom executor's
+//! fetch-cache/                                            the fetcher's cache
 //! ```
 //!
 //! Run directory names sort in launch order, so the latest run of a task is the greatest name.
@@ -44,6 +46,28 @@ pub fn create_run_dir(
     framework: &FrameworkId,
     task: &TaskId,
 ) -> std::io::Result<PathBuf> {
+    new_run(task_dir(work_dir, framework, task))
+}
+
+/// A new, empty run directory for a start of a custom executor.
+///
+/// # Errors
+/// When the directory cannot be created.
+pub fn create_executor_run_dir(
+    work_dir: &Path,
+    framework: &FrameworkId,
+    executor: &agora_core::ExecutorId,
+) -> std::io::Result<PathBuf> {
+    new_run(
+        work_dir
+            .join("frameworks")
+            .join(framework.as_str())
+            .join("executors")
+            .join(executor.as_str()),
+    )
+}
+
+fn new_run(parent: PathBuf) -> std::io::Result<PathBuf> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -53,7 +77,7 @@ pub fn create_run_dir(
         "{nanos:024}-{:06}",
         SEQ.fetch_add(1, Ordering::Relaxed) % 1_000_000
     );
-    let dir = task_dir(work_dir, framework, task).join("runs").join(name);
+    let dir = parent.join("runs").join(name);
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
@@ -122,30 +146,43 @@ pub fn read_file(
 pub struct SandboxService {
     pub work_dir: PathBuf,
     pub containers: crate::containerizer::Containers,
+    /// Reads the agent's metrics now.
+    pub metrics: std::sync::Arc<dyn Fn() -> Vec<(String, f64)> + Send + Sync>,
 }
 
 #[tonic::async_trait]
 impl Sandbox for SandboxService {
+    async fn get_metrics(
+        &self,
+        _request: Request<v1::GetMetricsRequest>,
+    ) -> Result<Response<v1::GetMetricsResponse>, Status> {
+        Ok(Response::new(v1::GetMetricsResponse {
+            metrics: (self.metrics)().into_iter().collect(),
+        }))
+    }
+
     async fn get_containers(
         &self,
         _request: Request<v1::GetContainersRequest>,
     ) -> Result<Response<v1::GetContainersResponse>, Status> {
-        let probes: Vec<_> = self
+        let entries: Vec<_> = self
             .containers
             .lock()
             .map_err(|_| Status::internal("container registry poisoned"))?
             .iter()
-            .map(|((f, t), (name, p))| (f.clone(), t.clone(), *name, p.clone()))
+            .map(|(k, e)| (k.clone(), e.clone()))
             .collect();
         // Reading cgroup files is blocking I/O.
         let containers = tokio::task::spawn_blocking(move || {
-            probes
+            entries
                 .into_iter()
-                .map(|(f, t, name, probe)| v1::ContainerStatus {
-                    framework_id: Some((&f).into()),
-                    task_id: Some((&t).into()),
-                    containerizer: name.to_owned(),
-                    usage: Some(probe()),
+                .map(|(k, e)| v1::ContainerStatus {
+                    framework_id: Some((&k.framework).into()),
+                    task_id: k.task.as_ref().map(Into::into),
+                    containerizer: e.containerizer.to_owned(),
+                    usage: e.probe.as_ref().map(|p| p()),
+                    executor_id: k.executor.as_ref().map(Into::into),
+                    pid: e.pid.load(std::sync::atomic::Ordering::Relaxed),
                 })
                 .collect()
         })

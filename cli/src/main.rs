@@ -1,6 +1,7 @@
 //! `agora`: run a local cluster, a master, an agent, a one-shot task; list agents and tasks.
 
 mod dev;
+mod executor;
 mod roles;
 mod run;
 mod tables;
@@ -50,6 +51,9 @@ enum Command {
         #[command(subcommand)]
         action: roles::WeightAction,
     },
+    /// Be a custom executor (started by an agent): run each task given as a shell command
+    /// in its sandbox and report how it ends.
+    Executor,
 }
 
 #[derive(Args)]
@@ -134,6 +138,21 @@ struct AgentArgs {
     /// Rotated log files kept per stream.
     #[arg(long, default_value_t = 3)]
     log_keep: usize,
+    /// Run native tasks as the user they name (false: as the agent's user).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    switch_user: bool,
+    /// Most MiB the fetch cache keeps (least recently used artifacts go first).
+    #[arg(long, default_value_t = 2048)]
+    fetcher_cache_size: u64,
+    /// Longest one fetch may take.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    fetcher_timeout: Duration,
+    /// Kill a custom executor that has not subscribed within this.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    executor_registration_timeout: Duration,
+    /// Shut down a custom executor that has had no tasks for this long.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    executor_idle_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -259,6 +278,11 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     config.native.pids_max = Some(args.pids_max);
     config.native.log_max_bytes = args.log_max_bytes;
     config.native.log_keep = args.log_keep;
+    config.native.switch_user = args.switch_user;
+    config.fetcher.cache_max_bytes = args.fetcher_cache_size << 20;
+    config.fetcher.timeout = args.fetcher_timeout;
+    config.executors.registration_timeout = args.executor_registration_timeout;
+    config.executors.idle_timeout = args.executor_idle_timeout;
     eprintln!(
         "agora agent serving sandboxes on http://{}; master {}",
         listener.local_addr()?,
@@ -275,11 +299,7 @@ const INIT_SUBCOMMAND: &str = "__init";
 fn main() -> std::process::ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == INIT_SUBCOMMAND) {
-        let rest = match args.get(2) {
-            Some(dashes) if dashes == "--" => &args[3..],
-            _ => &args[2..],
-        };
-        agora_executor_native::init::run(rest);
+        agora_executor_native::init::main(&args[2..]);
     }
     match tokio::runtime::Runtime::new() {
         Ok(rt) => rt.block_on(async_main()),
@@ -300,6 +320,7 @@ async fn async_main() -> std::process::ExitCode {
             | Command::Roles(_)
             | Command::Quota { .. }
             | Command::Weight { .. }
+            | Command::Executor
     );
     init_tracing(if quiet { "warn" } else { "info" });
     let result = match cli.command {
@@ -312,6 +333,7 @@ async fn async_main() -> std::process::ExitCode {
         Command::Roles(args) => tables::roles(&args).await,
         Command::Quota { action } => roles::quota(action).await,
         Command::Weight { action } => roles::weight(action).await,
+        Command::Executor => executor::executor().await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -21,7 +21,8 @@ pub struct RunArgs {
     /// The Wasm module or component to run.
     #[arg(required_unless_present = "cmd", conflicts_with = "cmd")]
     file: Option<PathBuf>,
-    /// Run a shell command as a native task instead (in a cgroup on the agent).
+    /// Run a shell command as a native task instead (in a cgroup on the agent), e.g.
+    /// `--cmd 'python3 -c "print(1)"'`.
     #[arg(long)]
     cmd: Option<String>,
     /// Arguments passed to the task.
@@ -51,6 +52,42 @@ pub struct RunArgs {
     /// How long to wait for an offer that fits.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     offer_wait: Duration,
+    /// Fetch into the sandbox first: 'URL[,extract][,cache][,executable][,sha256=HEX][,as=NAME]'
+    /// (http://, https://, file:///… or sha256:HEX). Repeatable.
+    #[arg(long = "uri", value_parser = parse_uri)]
+    uris: Vec<v1::Uri>,
+    /// Refuse to run unless the agent gives this isolation (cgroups, memory, pid-ns, …).
+    /// Repeatable.
+    #[arg(long = "require-isolation")]
+    require_isolation: Vec<String>,
+    /// Run a --cmd task as this user on the agent.
+    #[arg(long, requires = "cmd")]
+    user: Option<String>,
+}
+
+/// `URL[,extract][,cache][,executable][,sha256=HEX][,as=NAME]`: options are peeled off the
+/// end, so a URL may itself hold commas.
+pub fn parse_uri(s: &str) -> Result<v1::Uri, String> {
+    let mut uri = v1::Uri::default();
+    let mut rest = s.trim();
+    while let Some((head, opt)) = rest.rsplit_once(',') {
+        match opt.trim() {
+            "extract" => uri.extract = true,
+            "cache" => uri.cache = true,
+            "executable" => uri.executable = true,
+            o if o.starts_with("sha256=") => {
+                uri.sha256 = format!("sha256:{}", &o["sha256=".len()..]);
+            }
+            o if o.starts_with("as=") => uri.output_file = o["as=".len()..].to_owned(),
+            _ => break,
+        }
+        rest = head;
+    }
+    if rest.is_empty() {
+        return Err(format!("{s:?}: no URL"));
+    }
+    uri.value = rest.to_owned();
+    Ok(uri)
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -133,6 +170,15 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(t) = args.timeout {
         builder = builder.max_duration(t.as_secs_f64());
+    }
+    for u in &args.uris {
+        builder = builder.uri(u.clone());
+    }
+    for w in &args.require_isolation {
+        builder = builder.require_isolation(w);
+    }
+    if let Some(u) = &args.user {
+        builder = builder.user(u);
     }
     let mut builder = Some(builder);
 
@@ -277,5 +323,24 @@ async fn print_output(
             }
             Err(e) => eprintln!("agora: reading the task's {file}: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_take_options_after_commas() {
+        let u = parse_uri("https://h/a,b.tgz,extract,cache,sha256=ab,as=x.tgz").unwrap();
+        assert_eq!(u.value, "https://h/a,b.tgz");
+        assert!(u.extract && u.cache && !u.executable);
+        assert_eq!(
+            (u.sha256.as_str(), u.output_file.as_str()),
+            ("sha256:ab", "x.tgz")
+        );
+        let u = parse_uri("file:///bin/tool,executable").unwrap();
+        assert_eq!((u.value.as_str(), u.executable), ("file:///bin/tool", true));
+        assert!(parse_uri(",cache").is_err());
     }
 }

@@ -192,25 +192,6 @@ impl Cgroups {
                 fs::create_dir_all(&d).map_err(io_err(&d))?;
                 cg.dirs.push(d.clone());
                 cg.kill_file = Some(d.join("cgroup.kill")).filter(|k| k.exists());
-                if let Some(mem) = limits.memory_bytes {
-                    write(&d.join("memory.max"), &mem.to_string())?;
-                    if limits.no_swap {
-                        let _ = fs::write(d.join("memory.swap.max"), "0");
-                    }
-                }
-                if let Some(cpus) = limits.cpus {
-                    // cpu.weight is 1..10000, default 100 for one CPU's worth.
-                    let weight = ((cpus * 100.0).round() as u64).clamp(1, 10_000);
-                    write(&d.join("cpu.weight"), &weight.to_string())?;
-                    if limits.cpu_hard_cap {
-                        let period = 100_000u64;
-                        let quota = ((cpus * period as f64).round() as u64).max(1000);
-                        write(&d.join("cpu.max"), &format!("{quota} {period}"))?;
-                    }
-                }
-                if let Some(p) = limits.pids_max {
-                    write(&d.join("pids.max"), &p.to_string())?;
-                }
             }
             Cgroups::V1 { unified, .. } => {
                 for controller in V1_CONTROLLERS {
@@ -223,38 +204,8 @@ impl Cgroups {
                     }
                     fs::create_dir_all(&d).map_err(io_err(&d))?;
                     cg.dirs.push(d.clone());
-                    match controller {
-                        "memory" => {
-                            if let Some(mem) = limits.memory_bytes {
-                                write(&d.join("memory.limit_in_bytes"), &mem.to_string())?;
-                                if limits.no_swap {
-                                    // Only where swap accounting is on.
-                                    let _ = fs::write(
-                                        d.join("memory.memsw.limit_in_bytes"),
-                                        mem.to_string(),
-                                    );
-                                }
-                            }
-                        }
-                        "cpu" => {
-                            if let Some(cpus) = limits.cpus {
-                                let shares = ((cpus * 1024.0).round() as u64).max(2);
-                                write(&d.join("cpu.shares"), &shares.to_string())?;
-                                if limits.cpu_hard_cap {
-                                    let period = 100_000u64;
-                                    let quota = ((cpus * period as f64).round() as u64).max(1000);
-                                    write(&d.join("cpu.cfs_period_us"), &period.to_string())?;
-                                    write(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
-                                }
-                            }
-                        }
-                        "pids" => {
-                            if let Some(p) = limits.pids_max {
-                                write(&d.join("pids.max"), &p.to_string())?;
-                            }
-                        }
-                        "freezer" => cg.freezer = Some(d.clone()),
-                        _ => {}
+                    if controller == "freezer" {
+                        cg.freezer = Some(d.clone());
                     }
                 }
                 if let Some(u) = unified {
@@ -265,6 +216,7 @@ impl Cgroups {
                 }
             }
         }
+        cg.set_limits(limits)?;
         Ok(cg)
     }
 }
@@ -321,6 +273,82 @@ impl TaskCgroup {
         }
     }
 
+    /// Writes `limits` (again): at creation, and when a container's tasks change, as an
+    /// executor's cgroup follows the sum of its tasks.
+    ///
+    /// # Errors
+    /// When a limit file cannot be written, e.g. a memory limit below what is in use.
+    pub fn set_limits(&self, limits: &Limits) -> Result<(), CgroupError> {
+        const PERIOD: u64 = 100_000;
+        let quota = |cpus: f64| ((cpus * PERIOD as f64).round() as u64).max(1000);
+        match &self.layout {
+            Cgroups::None => {}
+            Cgroups::V2 { .. } => {
+                let Some(d) = self.dirs.first() else {
+                    return Ok(());
+                };
+                if let Some(mem) = limits.memory_bytes {
+                    write(&d.join("memory.max"), &mem.to_string())?;
+                    if limits.no_swap {
+                        let _ = fs::write(d.join("memory.swap.max"), "0");
+                    }
+                }
+                if let Some(cpus) = limits.cpus {
+                    // cpu.weight is 1..10000, default 100 for one CPU's worth.
+                    let weight = ((cpus * 100.0).round() as u64).clamp(1, 10_000);
+                    write(&d.join("cpu.weight"), &weight.to_string())?;
+                    if limits.cpu_hard_cap {
+                        write(&d.join("cpu.max"), &format!("{} {PERIOD}", quota(cpus)))?;
+                    }
+                }
+                if let Some(p) = limits.pids_max {
+                    write(&d.join("pids.max"), &p.to_string())?;
+                }
+            }
+            Cgroups::V1 { .. } => {
+                if let (Some(d), Some(mem)) = (self.dir("memory"), limits.memory_bytes) {
+                    if limits.no_swap {
+                        // memsw must stay >= the memory limit: raise in the order that keeps
+                        // it so. Only where swap accounting is on.
+                        let _ = fs::write(d.join("memory.memsw.limit_in_bytes"), mem.to_string());
+                    }
+                    write(&d.join("memory.limit_in_bytes"), &mem.to_string())?;
+                    if limits.no_swap {
+                        let _ = fs::write(d.join("memory.memsw.limit_in_bytes"), mem.to_string());
+                    }
+                }
+                if let (Some(d), Some(cpus)) = (self.dir("cpu"), limits.cpus) {
+                    let shares = ((cpus * 1024.0).round() as u64).max(2);
+                    write(&d.join("cpu.shares"), &shares.to_string())?;
+                    if limits.cpu_hard_cap {
+                        write(&d.join("cpu.cfs_period_us"), &PERIOD.to_string())?;
+                        write(&d.join("cpu.cfs_quota_us"), &quota(cpus).to_string())?;
+                    }
+                }
+                if let (Some(d), Some(p)) = (self.dir("pids"), limits.pids_max) {
+                    write(&d.join("pids.max"), &p.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A handle that can change this cgroup's limits, for as long as it exists.
+    pub fn limiter(&self) -> Limiter {
+        Limiter {
+            cgroup: self.borrowed(),
+        }
+    }
+
+    fn borrowed(&self) -> TaskCgroup {
+        TaskCgroup {
+            layout: self.layout.clone(),
+            dirs: self.dirs.clone(),
+            kill_file: None,
+            freezer: None,
+        }
+    }
+
     /// Every process in the cgroup (from the tracking directory, or the first controller).
     pub fn pids(&self) -> Vec<i32> {
         let dir = self
@@ -347,12 +375,7 @@ impl TaskCgroup {
     /// A handle that reads this cgroup's usage, for as long as it exists.
     pub fn reader(&self) -> UsageReader {
         UsageReader {
-            cgroup: TaskCgroup {
-                layout: self.layout.clone(),
-                dirs: self.dirs.clone(),
-                kill_file: None,
-                freezer: None,
-            },
+            cgroup: self.borrowed(),
         }
     }
 
@@ -476,6 +499,29 @@ impl UsageReader {
 }
 
 impl Drop for UsageReader {
+    fn drop(&mut self) {
+        // Not the owner: leave the directories alone.
+        self.cgroup.dirs.clear();
+    }
+}
+
+/// Changes a task cgroup's limits without owning it.
+#[derive(Debug)]
+pub struct Limiter {
+    cgroup: TaskCgroup,
+}
+
+impl Limiter {
+    /// See [`TaskCgroup::set_limits`].
+    ///
+    /// # Errors
+    /// As [`TaskCgroup::set_limits`].
+    pub fn set(&self, limits: &Limits) -> Result<(), CgroupError> {
+        self.cgroup.set_limits(limits)
+    }
+}
+
+impl Drop for Limiter {
     fn drop(&mut self) {
         // Not the owner: leave the directories alone.
         self.cgroup.dirs.clear();

@@ -48,12 +48,17 @@ pub fn spawn(
     cgroup: Option<&TaskCgroup>,
     rlimits: &Rlimits,
 ) -> io::Result<Child> {
-    confine(cmd, cgroup, rlimits, &Namespaces::default())?;
+    confine(cmd, cgroup, rlimits, &Namespaces::default(), None)?;
     cmd.spawn()
 }
 
-/// Sets `cmd` up to join `cgroup`, lead its own session and take `rlimits` between fork
-/// and exec; spawn it with std or tokio.
+/// Sets `cmd` up to join `cgroup`, lead its own session, enter `ns`, take `rlimits` and
+/// then drop to `user` (uid, gid) between fork and exec, in that order: the cgroup and
+/// namespaces need root. With a PID namespace the init switches user instead (it needs
+/// root to mount `/proc`), so pass the user to it ([`crate::init::args`]) and `None` here.
+/// Spawn `cmd` with std or tokio.
+///
+/// Do not set the uid with `CommandExt::uid`: std switches before this runs.
 ///
 /// # Errors
 /// When a cgroup path cannot be passed to the child.
@@ -62,6 +67,7 @@ pub fn confine(
     cgroup: Option<&TaskCgroup>,
     rlimits: &Rlimits,
     ns: &Namespaces,
+    user: Option<(u32, u32)>,
 ) -> io::Result<()> {
     let hostname = ns.hostname.clone().unwrap_or_default().into_bytes();
     let ns = ns.clone();
@@ -84,8 +90,9 @@ pub fn confine(
         limits.nofile = limits.nofile.min(current.rlim_max);
     }
     // SAFETY: the closure runs in the forked child before exec and only calls
-    // async-signal-safe functions (open, write, close, setsid, setrlimit) on data prepared
-    // before the fork; it allocates nothing.
+    // async-signal-safe functions (open, write, close, setsid, unshare, mount, setrlimit,
+    // setgroups, setresgid, setresuid) on data prepared before the fork; it allocates
+    // nothing.
     unsafe {
         cmd.pre_exec(move || {
             for path in &joins {
@@ -117,6 +124,9 @@ pub fn confine(
                 if libc::setrlimit(resource, &lim) < 0 {
                     return Err(io::Error::last_os_error());
                 }
+            }
+            if let Some((uid, gid)) = user {
+                crate::init::switch_user(uid, gid)?;
             }
             Ok(())
         });

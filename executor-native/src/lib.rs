@@ -9,5 +9,5 @@ pub mod cgroups;
 pub mod init;
 pub mod launch;
 
-pub use cgroups::{CgroupError, Cgroups, Limits, TaskCgroup, Usage, UsageReader};
+pub use cgroups::{CgroupError, Cgroups, Limiter, Limits, TaskCgroup, Usage, UsageReader};
 pub use launch::{Namespaces, Rlimits, confine, spawn};

@@ -60,6 +60,9 @@ pub struct EngineConfig {
 }
 
 /// What the runtime must do after a call.
+// Effects live only from a call to the runtime's dispatch of them; boxing the events would
+// cost an allocation for each one sent.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Effect {
     /// Send an event on the framework's subscription stream.

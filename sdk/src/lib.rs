@@ -6,6 +6,8 @@
 //! - [`TaskBuilder`] builds launchable tasks; [`OfferPool`] carves tasks out of an offer.
 //! - [`Operator`] reads the cluster's state; [`read_sandbox_file`] reads a task's stdout or
 //!   stderr from its agent.
+//! - [`executor`] writes custom executors: processes the agent starts to run a framework's
+//!   tasks.
 //!
 //! Errors separate "your request was refused" ([`Error::Refused`], [`Error::Invalid`]) from
 //! "the connection or the master failed" ([`Error::Connection`]), so callers can match.
@@ -15,14 +17,16 @@
 //! - [`scheduler`]: the driver.
 //! - [`task`]: task builders and offer matching.
 //! - [`operator`]: operator and sandbox clients.
+//! - [`executor`]: the executor side of the agent's Executor API.
 
+pub mod executor;
 pub mod operator;
 pub mod scheduler;
 pub mod task;
 
 pub use agora_core as core;
 pub use agora_proto::v1 as proto;
-pub use operator::{Operator, agent_containers, read_sandbox_file};
+pub use operator::{Operator, agent_containers, agent_metrics, read_sandbox_file};
 pub use scheduler::{Event, Events, Scheduler, SchedulerConfig, subscribe};
 pub use task::{OfferPool, TaskBuilder, offer_resources};
 

@@ -159,3 +159,18 @@ pub async fn agent_containers(agent_endpoint: &str) -> Result<Vec<v1::ContainerS
         .into_inner()
         .containers)
 }
+
+/// An agent's metrics now (fetcher cache counters, executors), by name.
+///
+/// # Errors
+/// When the agent cannot be reached or refuses.
+pub async fn agent_metrics(
+    agent_endpoint: &str,
+) -> Result<std::collections::HashMap<String, f64>, Error> {
+    let mut client = SandboxClient::new(channel(agent_endpoint).await?);
+    Ok(client
+        .get_metrics(v1::GetMetricsRequest {})
+        .await?
+        .into_inner()
+        .metrics)
+}

@@ -214,6 +214,48 @@ impl TaskBuilder {
         self
     }
 
+    /// Fetch `uri` into the sandbox before the task starts (see [`uri`] to build one).
+    pub fn uri(mut self, uri: v1::Uri) -> Self {
+        self.task.uris.push(uri);
+        self
+    }
+
+    /// Run the task in a custom executor (see [`executor`]); the agent starts it, or
+    /// reuses the framework's running executor of that id.
+    pub fn executor(mut self, executor: v1::ExecutorInfo) -> Self {
+        self.task.executor = Some(executor);
+        self
+    }
+
+    /// Opaque bytes for the task's executor.
+    pub fn data(mut self, data: impl Into<Vec<u8>>) -> Self {
+        self.task.data = data.into();
+        self
+    }
+
+    /// Refuse to run unless the agent gives this isolation (e.g. `cgroups`, `memory`,
+    /// `pid-ns`, `net-ns`); see the agent's `ISOLATION_WORDS`.
+    pub fn require_isolation(mut self, word: impl Into<String>) -> Self {
+        self.task.required_isolation.push(word.into());
+        self
+    }
+
+    /// Run a native task as this user (it must exist on the agent).
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        if let Some(v1::task_info::Payload::Command(c)) = &mut self.task.payload {
+            c.user = user.into();
+        }
+        self
+    }
+
+    /// Give a native task a network namespace with loopback only.
+    pub fn network_none(mut self) -> Self {
+        if let Some(v1::task_info::Payload::Command(c)) = &mut self.task.payload {
+            c.set_network(v1::command_task::Network::None);
+        }
+        self
+    }
+
     /// Pins the task to an agent (set by [`TaskBuilder::build_for`]).
     pub fn agent(mut self, agent: &AgentId) -> Self {
         self.task.agent_id = Some(agent.into());
@@ -229,6 +271,35 @@ impl TaskBuilder {
         let mut t = self.task;
         t.agent_id = offer.agent_id.clone();
         t
+    }
+}
+
+/// A URI to fetch: `http(s)://…`, `file:///…` or `sha256:<hex>`. Set its flags
+/// (`executable`, `extract`, `cache`, `sha256`, `output_file`) on the returned value.
+///
+/// ```
+/// let mut u = agora_sdk::task::uri("https://example.org/tool.tar.gz");
+/// u.extract = true;
+/// u.cache = true;
+/// ```
+pub fn uri(value: impl Into<String>) -> v1::Uri {
+    v1::Uri {
+        value: value.into(),
+        ..Default::default()
+    }
+}
+
+/// A custom executor running `shell_command`, with id `id`.
+pub fn executor(id: &agora_core::ExecutorId, shell_command: impl Into<String>) -> v1::ExecutorInfo {
+    v1::ExecutorInfo {
+        executor_id: Some(id.into()),
+        name: id.to_string(),
+        command: Some(v1::CommandTask {
+            value: shell_command.into(),
+            shell: true,
+            ..Default::default()
+        }),
+        uris: Vec::new(),
     }
 }
 

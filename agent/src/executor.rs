@@ -1,0 +1,822 @@
+//! Custom executors: long-lived processes, one per (framework, executor id) on this agent,
+//! that run the tasks the agent hands them over the Executor API (`agora.v1.Executor`).
+//!
+//! ```text
+//!  task with ExecutorInfo ──> executor running? ── no ──> fetch its uris, start its
+//!        │                          │ yes                 process (native container)
+//!        v                          v
+//!  slot for the task ──> LAUNCH on the executor's stream (queued until it subscribes)
+//!  executor Update(status) ──> the task's updates (RUNNING, …, terminal) ──> ACKNOWLEDGED
+//!  KILL ──> KILL event; no terminal update within the grace period + 5 s: the executor
+//!           is killed
+//!  process ends ──> every task still in it: TASK_FAILED, REASON_EXECUTOR_TERMINATED
+//!  no tasks for idle_timeout, framework shut down, agent stopping ──> SHUTDOWN event,
+//!           then SIGTERM, grace, SIGKILL of its whole cgroup
+//! ```
+//!
+//! An executor's cgroup is sized to the sum of its tasks' resources and follows them as
+//! tasks come and go. It runs with the agent's isolation on the host network, and reaches
+//! the agent at `AGORA_AGENT_ENDPOINT` with the secret `AGORA_EXECUTOR_TOKEN`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agora_core::{AgentId, ExecutorId, FrameworkId, Resources, TaskId, TaskState};
+use agora_proto::v1::{self, executor_event};
+use agora_proto::{required, state_from_proto};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::containerizer::{
+    Container, ContainerEntry, ContainerKey, Containerizer, Containers, LaunchSpec, Termination,
+    Updates,
+};
+use crate::fetcher::Fetcher;
+use crate::native::{NativeContainerizer, ProcessSpec};
+
+/// Timing of custom executors.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// An executor that has not subscribed this long after it started is killed and its
+    /// tasks fail with REASON_EXECUTOR_REGISTRATION_TIMEOUT. Default 20 s.
+    pub registration_timeout: Duration,
+    /// An executor without tasks this long is shut down. Default 5 s.
+    pub idle_timeout: Duration,
+    /// Between the SHUTDOWN event and SIGTERM. Default 3 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        ExecutorConfig {
+            registration_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(3),
+        }
+    }
+}
+
+type Key = (FrameworkId, ExecutorId);
+type EventTx = mpsc::Sender<Result<v1::ExecutorEvent, Status>>;
+
+struct Slot {
+    updates: mpsc::UnboundedSender<v1::TaskStatus>,
+    resources: Resources,
+    /// LAUNCH was sent on a stream (not only queued).
+    sent: bool,
+}
+
+#[derive(Default)]
+struct ExecState {
+    stream: Option<EventTx>,
+    tasks: HashMap<TaskId, Slot>,
+    queued: Vec<(TaskId, v1::ExecutorEvent)>,
+    idle_since: Option<Instant>,
+    shutting_down: bool,
+    /// Why the agent stopped it, when it did.
+    stopped_because: Option<(v1::Reason, String)>,
+}
+
+/// One executor process and what the agent knows of it.
+struct Exec {
+    key: Key,
+    info: v1::ExecutorInfo,
+    agent_id: Option<AgentId>,
+    token: String,
+    state: Mutex<ExecState>,
+    subscribed: watch::Sender<bool>,
+    /// Cancelled to end the process (SIGTERM, grace, then its whole cgroup).
+    stop: CancellationToken,
+    /// Cancelled once the process has ended and `end` is set.
+    dead: CancellationToken,
+    end: Mutex<Option<Termination>>,
+    limiter: Option<agora_executor_native::Limiter>,
+}
+
+impl Exec {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ExecState> {
+        // A panic while holding this lock leaves plain data behind; carry on with it.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn id(&self) -> &ExecutorId {
+        &self.key.1
+    }
+
+    /// Sends `event` on the executor's stream; false when there is no stream (or it is
+    /// full or closed, and then it is dropped: the executor must subscribe again).
+    fn send(&self, state: &mut ExecState, event: executor_event::Event) -> bool {
+        let Some(tx) = &state.stream else {
+            return false;
+        };
+        match tx.try_send(Ok(v1::ExecutorEvent { event: Some(event) })) {
+            Ok(()) => true,
+            Err(_) => {
+                tracing::warn!(executor_id = %self.id(), "executor's event stream is full or closed; dropping it");
+                state.stream = None;
+                false
+            }
+        }
+    }
+
+    fn begin_shutdown(self: &Arc<Self>, grace: Duration, why: Option<(v1::Reason, String)>) {
+        let mut st = self.lock();
+        if st.shutting_down {
+            return;
+        }
+        st.shutting_down = true;
+        if st.stopped_because.is_none() {
+            st.stopped_because = why;
+        }
+        let told = self.send(
+            &mut st,
+            executor_event::Event::Shutdown(executor_event::Shutdown {
+                grace_period_seconds: grace.as_secs_f64(),
+            }),
+        );
+        drop(st);
+        let me = self.clone();
+        tokio::spawn(async move {
+            if told {
+                let _ = tokio::time::timeout(grace, me.dead.cancelled()).await;
+            }
+            me.stop.cancel();
+        });
+    }
+
+    /// Sets the cgroup's limits to the sum of the tasks' resources.
+    fn resize(&self, config: &crate::native::NativeConfig) {
+        let Some(limiter) = &self.limiter else { return };
+        let total = {
+            let st = self.lock();
+            if st.tasks.is_empty() {
+                return;
+            }
+            let mut total = Resources::default();
+            for s in st.tasks.values() {
+                total += &s.resources;
+            }
+            total
+        };
+        if let Err(e) = limiter.set(&crate::native::limits(&total, config)) {
+            tracing::warn!(executor_id = %self.id(), error = %e, "resizing the executor's cgroup");
+        }
+    }
+
+    /// What a task still in the executor ends with, once the executor is gone.
+    fn terminated(&self) -> Termination {
+        let end = self
+            .end
+            .lock()
+            .ok()
+            .and_then(|e| e.as_ref().map(|t| t.message.clone()))
+            .unwrap_or_else(|| "it ended".into());
+        let because = self.lock().stopped_because.clone();
+        match because {
+            Some((reason, why)) => Termination::new(
+                TaskState::Failed,
+                reason,
+                format!("executor {} was stopped: {why}", self.id()),
+            ),
+            None => Termination::new(
+                TaskState::Failed,
+                v1::Reason::ExecutorTerminated,
+                format!("executor {} terminated: {end}", self.id()),
+            ),
+        }
+    }
+}
+
+struct Inner {
+    native: Arc<NativeContainerizer>,
+    fetcher: Option<Fetcher>,
+    work_dir: PathBuf,
+    endpoint: String,
+    config: ExecutorConfig,
+    containers: Containers,
+    running: Mutex<HashMap<Key, Arc<Exec>>>,
+    /// Serialises launches, so two tasks for a new executor start it once.
+    launching: tokio::sync::Mutex<()>,
+    lifecycles: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Inner {
+    fn get(&self, key: &Key) -> Option<Arc<Exec>> {
+        self.running.lock().ok().and_then(|r| r.get(key).cloned())
+    }
+}
+
+/// Runs tasks that name an executor. Cheap to clone; [`ExecutorService`] serves the
+/// executors' side.
+#[derive(Clone)]
+pub struct ExecutorContainerizer {
+    inner: Arc<Inner>,
+}
+
+impl ExecutorContainerizer {
+    /// `endpoint` is the agent's own address, which executors dial.
+    pub fn new(
+        native: Arc<NativeContainerizer>,
+        fetcher: Option<Fetcher>,
+        work_dir: PathBuf,
+        endpoint: String,
+        config: ExecutorConfig,
+        containers: Containers,
+    ) -> Self {
+        ExecutorContainerizer {
+            inner: Arc::new(Inner {
+                native,
+                fetcher,
+                work_dir,
+                endpoint,
+                config,
+                containers,
+                running: Mutex::new(HashMap::new()),
+                launching: tokio::sync::Mutex::new(()),
+                lifecycles: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The gRPC service executors talk to.
+    pub fn service(&self) -> ExecutorService {
+        ExecutorService {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Executors running now.
+    pub fn running(&self) -> usize {
+        self.inner.running.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    async fn get_or_launch(
+        &self,
+        spec: &LaunchSpec,
+        info: &v1::ExecutorInfo,
+        id: ExecutorId,
+    ) -> Result<Arc<Exec>, Termination> {
+        let key = (spec.framework_id.clone(), id.clone());
+        let _turn = self.inner.launching.lock().await;
+        if let Some(e) = self.inner.get(&key)
+            && !e.dead.is_cancelled()
+            && !e.lock().shutting_down
+        {
+            if e.info.command != info.command {
+                return Err(Termination::new(
+                    TaskState::Error,
+                    v1::Reason::TaskInvalid,
+                    format!(
+                        "executor {id} is already running on this agent with another command; give the new one another executor id"
+                    ),
+                ));
+            }
+            return Ok(e);
+        }
+        let failed = |reason, msg: String| Termination::new(TaskState::Failed, reason, msg);
+        let sandbox =
+            crate::sandbox::create_executor_run_dir(&self.inner.work_dir, &spec.framework_id, &id)
+                .map_err(|e| {
+                    failed(
+                        v1::Reason::ContainerLaunchFailed,
+                        format!("creating executor {id}'s sandbox: {e}"),
+                    )
+                })?;
+        if !info.uris.is_empty() {
+            let Some(fetcher) = &self.inner.fetcher else {
+                return Err(failed(
+                    v1::Reason::FetcherFailed,
+                    "the executor has uris but this agent has no fetcher".into(),
+                ));
+            };
+            fetcher
+                .fetch_all(&info.uris, &sandbox, None)
+                .await
+                .map_err(|e| {
+                    failed(
+                        v1::Reason::FetcherFailed,
+                        format!("fetching executor {id}'s uris: {e}"),
+                    )
+                })?;
+        }
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let endpoint = self.inner.endpoint.clone();
+        let host_port = endpoint
+            .split_once("://")
+            .map_or(endpoint.as_str(), |(_, rest)| rest)
+            .to_owned();
+        let command = info.command.clone().unwrap_or_default();
+        let env = vec![
+            ("AGORA_EXECUTOR_ID".to_owned(), id.to_string()),
+            ("AGORA_EXECUTOR_TOKEN".to_owned(), token.clone()),
+            ("AGORA_AGENT_ENDPOINT".to_owned(), endpoint),
+            ("MESOS_EXECUTOR_ID".to_owned(), id.to_string()),
+            ("MESOS_AGENT_ENDPOINT".to_owned(), host_port),
+        ];
+        let name = format!("executor-{id}");
+        let container = self.inner.native.process(&ProcessSpec {
+            command: &command,
+            framework: &spec.framework_id,
+            agent: spec.agent_id.as_ref(),
+            name: &name,
+            env,
+            sandbox: &sandbox,
+            resources: &spec.resources,
+            max_duration: 0.0,
+            kill_policy: None,
+            required_isolation: &[],
+        })?;
+        let (subscribed, _) = watch::channel(false);
+        let exec = Arc::new(Exec {
+            key: key.clone(),
+            info: info.clone(),
+            agent_id: spec.agent_id.clone(),
+            token,
+            state: Mutex::new(ExecState::default()),
+            subscribed,
+            stop: CancellationToken::new(),
+            dead: CancellationToken::new(),
+            end: Mutex::new(None),
+            limiter: container.limiter(),
+        });
+        let entry_key = ContainerKey {
+            framework: key.0.clone(),
+            task: None,
+            executor: Some(id.clone()),
+        };
+        if let Ok(mut c) = self.inner.containers.lock() {
+            c.insert(
+                entry_key.clone(),
+                ContainerEntry {
+                    containerizer: "executor",
+                    probe: container.usage_probe(),
+                    pid: container
+                        .pid()
+                        .unwrap_or_else(|| Arc::new(AtomicU32::new(0))),
+                },
+            );
+        }
+        if let Ok(mut r) = self.inner.running.lock() {
+            r.insert(key, exec.clone());
+        }
+        tracing::info!(framework_id = %spec.framework_id, executor_id = %id, sandbox = %sandbox.display(), "starting executor");
+        let handle = tokio::spawn(lifecycle(
+            self.inner.clone(),
+            exec.clone(),
+            container,
+            entry_key,
+        ));
+        if let Ok(mut l) = self.inner.lifecycles.lock() {
+            l.retain(|h| !h.is_finished());
+            l.push(handle);
+        }
+        Ok(exec)
+    }
+}
+
+/// Runs the executor's process until it ends; stops it when it does not subscribe in
+/// time or stays idle.
+async fn lifecycle(
+    inner: Arc<Inner>,
+    exec: Arc<Exec>,
+    container: crate::native::NativeContainer,
+    entry_key: ContainerKey,
+) {
+    let run = container.run_process(exec.stop.clone());
+    tokio::pin!(run);
+    let registration = tokio::time::sleep(inner.config.registration_timeout);
+    tokio::pin!(registration);
+    let subscribed = exec.subscribed.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let end = loop {
+        tokio::select! {
+            end = &mut run => break end,
+            () = &mut registration, if !*subscribed.borrow() => {
+                let why = format!(
+                    "it did not subscribe within {:?}",
+                    inner.config.registration_timeout
+                );
+                tracing::warn!(executor_id = %exec.id(), "{why}");
+                exec.lock().stopped_because = Some((v1::Reason::ExecutorRegistrationTimeout, why));
+                exec.stop.cancel();
+            }
+            _ = tick.tick() => {
+                let idle = {
+                    let st = exec.lock();
+                    !st.shutting_down
+                        && st.idle_since.is_some_and(|t| t.elapsed() >= inner.config.idle_timeout)
+                };
+                if idle {
+                    tracing::info!(executor_id = %exec.id(), "executor has no tasks; shutting it down");
+                    exec.begin_shutdown(inner.config.shutdown_grace, None);
+                }
+            }
+        }
+    };
+    tracing::info!(executor_id = %exec.id(), state = %end.state, message = %end.message, "executor ended");
+    if let Ok(mut e) = exec.end.lock() {
+        *e = Some(end);
+    }
+    exec.lock().stream = None;
+    exec.dead.cancel();
+    if let Ok(mut r) = inner.running.lock()
+        && r.get(&exec.key).is_some_and(|e| Arc::ptr_eq(e, &exec))
+    {
+        r.remove(&exec.key);
+    }
+    if let Ok(mut c) = inner.containers.lock() {
+        c.remove(&entry_key);
+    }
+}
+
+#[async_trait::async_trait]
+impl Containerizer for ExecutorContainerizer {
+    fn name(&self) -> &'static str {
+        "executor"
+    }
+
+    fn isolation(&self) -> String {
+        format!("executor({})", self.inner.native.isolation())
+    }
+
+    fn supports(&self, task: &v1::TaskInfo) -> bool {
+        task.executor.is_some()
+    }
+
+    async fn prepare(&self, spec: &LaunchSpec) -> Result<Box<dyn Container>, Termination> {
+        let invalid =
+            |msg: String| Termination::new(TaskState::Error, v1::Reason::TaskInvalid, msg);
+        let Some(info) = &spec.task.executor else {
+            return Err(invalid("the task names no executor".into()));
+        };
+        let id = info
+            .executor_id
+            .as_ref()
+            .ok_or_else(|| invalid("the executor has no executor_id".into()))
+            .and_then(|i| {
+                ExecutorId::try_from(i).map_err(|e| invalid(format!("executor_id: {e}")))
+            })?;
+        let Some(command) = &info.command else {
+            return Err(invalid(format!("executor {id} has no command")));
+        };
+        if command.network() == v1::command_task::Network::None {
+            return Err(invalid(format!(
+                "executor {id} asks for network: none, but an executor needs the host network to reach the agent"
+            )));
+        }
+        let exec = self.get_or_launch(spec, info, id).await?;
+        let isolation = self
+            .inner
+            .native
+            .isolation()
+            .replace("+net-ns(on request)", "");
+        crate::containerizer::check_required(&spec.task.required_isolation, &isolation)?;
+        let grace = spec
+            .task
+            .kill_policy
+            .as_ref()
+            .map(|k| k.grace_period_seconds)
+            .filter(|g| g.is_finite() && *g > 0.0)
+            .map_or(self.inner.native.config().kill_grace, |g| {
+                Duration::from_secs_f64(g.min(3600.0))
+            });
+        Ok(Box::new(ExecutorTask {
+            inner: self.inner.clone(),
+            exec,
+            task: spec.task.clone(),
+            task_id: spec.task_id.clone(),
+            sandbox: spec.sandbox.clone(),
+            resources: spec.resources.clone(),
+            grace,
+            isolation,
+        }))
+    }
+
+    async fn shutdown_framework(&self, framework: &FrameworkId) {
+        let execs: Vec<Arc<Exec>> = self
+            .inner
+            .running
+            .lock()
+            .map(|r| {
+                r.values()
+                    .filter(|e| e.key.0 == *framework)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for e in &execs {
+            e.begin_shutdown(
+                self.inner.config.shutdown_grace,
+                Some((
+                    v1::Reason::FrameworkRemoved,
+                    "its framework was shut down".into(),
+                )),
+            );
+        }
+        for e in execs {
+            e.dead.cancelled().await;
+        }
+    }
+
+    async fn shutdown(&self) {
+        let execs: Vec<Arc<Exec>> = self
+            .inner
+            .running
+            .lock()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default();
+        for e in &execs {
+            e.begin_shutdown(
+                self.inner.config.shutdown_grace,
+                Some((v1::Reason::AgentRestarted, "the agent is stopping".into())),
+            );
+        }
+        let handles: Vec<_> = self
+            .inner
+            .lifecycles
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default();
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+}
+
+/// A task handed to an executor.
+struct ExecutorTask {
+    inner: Arc<Inner>,
+    exec: Arc<Exec>,
+    task: v1::TaskInfo,
+    task_id: TaskId,
+    sandbox: PathBuf,
+    resources: Resources,
+    grace: Duration,
+    isolation: String,
+}
+
+/// Margin past the grace period for an executor to report a killed task.
+const KILL_MARGIN: Duration = Duration::from_secs(5);
+
+impl ExecutorTask {
+    fn change(status: v1::TaskStatus) -> Option<Termination> {
+        let state = state_from_proto(status.state())?;
+        let mut t = Termination::new(state, status.reason(), status.message);
+        t.exit_code = status.exit_code;
+        t.data = status.data;
+        t.usage = status.usage.map(Box::new);
+        t.source = v1::StatusSource::SourceExecutor;
+        Some(t)
+    }
+
+    async fn watch(&self, kill: CancellationToken, updates: &Updates) -> Termination {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let exec = &self.exec;
+        {
+            let mut st = exec.lock();
+            if exec.dead.is_cancelled() {
+                drop(st);
+                return exec.terminated();
+            }
+            st.tasks.insert(
+                self.task_id.clone(),
+                Slot {
+                    updates: tx,
+                    resources: self.resources.clone(),
+                    sent: false,
+                },
+            );
+            st.idle_since = None;
+            let launch = executor_event::Event::Launch(executor_event::Launch {
+                task: Some(self.task.clone()),
+                sandbox: self.sandbox.to_string_lossy().into_owned(),
+            });
+            if exec.send(&mut st, launch.clone()) {
+                if let Some(s) = st.tasks.get_mut(&self.task_id) {
+                    s.sent = true;
+                }
+            } else {
+                st.queued.push((
+                    self.task_id.clone(),
+                    v1::ExecutorEvent {
+                        event: Some(launch),
+                    },
+                ));
+            }
+        }
+        exec.resize(self.inner.native.config());
+        let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        loop {
+            tokio::select! {
+                biased;
+                Some(status) = rx.recv() => {
+                    let Some(change) = Self::change(status) else { continue };
+                    if change.state.is_terminal() {
+                        return change;
+                    }
+                    updates.send(change).await;
+                }
+                () = exec.dead.cancelled() => return exec.terminated(),
+                () = kill.cancelled(), if deadline.is_none() => {
+                    let mut st = exec.lock();
+                    let before = st.queued.len();
+                    st.queued.retain(|(t, _)| *t != self.task_id);
+                    if st.queued.len() < before {
+                        return Termination::new(
+                            TaskState::Killed,
+                            v1::Reason::TaskKilled,
+                            "killed before its executor subscribed",
+                        );
+                    }
+                    exec.send(
+                        &mut st,
+                        executor_event::Event::Kill(executor_event::Kill {
+                            task_id: Some((&self.task_id).into()),
+                            kill_policy: Some(v1::KillPolicy {
+                                grace_period_seconds: self.grace.as_secs_f64(),
+                            }),
+                        }),
+                    );
+                    deadline = Some(Box::pin(tokio::time::sleep(self.grace + KILL_MARGIN)));
+                }
+                () = async { match deadline.as_mut() { Some(d) => d.await, None => std::future::pending().await } } => {
+                    let why = format!(
+                        "it did not end task {} within {:?} of being told to kill it",
+                        self.task_id,
+                        self.grace + KILL_MARGIN
+                    );
+                    tracing::warn!(executor_id = %exec.id(), "{why}; killing the executor");
+                    exec.lock().stopped_because = Some((v1::Reason::ExecutorTerminated, why));
+                    exec.stop.cancel();
+                    return Termination::new(
+                        TaskState::Killed,
+                        v1::Reason::TaskKilled,
+                        format!(
+                            "killed with its executor {}, which did not end it within {:?}",
+                            exec.id(),
+                            self.grace + KILL_MARGIN
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Container for ExecutorTask {
+    async fn run(self: Box<Self>, kill: CancellationToken, updates: Updates) -> Termination {
+        let end = self.watch(kill, &updates).await;
+        {
+            let mut st = self.exec.lock();
+            st.tasks.remove(&self.task_id);
+            st.queued.retain(|(t, _)| *t != self.task_id);
+            if st.tasks.is_empty() {
+                st.idle_since = Some(Instant::now());
+            }
+        }
+        self.exec.resize(self.inner.native.config());
+        end
+    }
+
+    fn isolation(&self) -> Option<String> {
+        Some(self.isolation.clone())
+    }
+
+    fn reports_running(&self) -> bool {
+        true
+    }
+
+    fn executor(&self) -> Option<ExecutorId> {
+        Some(self.exec.id().clone())
+    }
+}
+
+/// The Executor API: where executors subscribe for their tasks and send status updates.
+#[derive(Clone)]
+pub struct ExecutorService {
+    inner: Arc<Inner>,
+}
+
+impl ExecutorService {
+    fn authorise(&self, header: Option<v1::ExecutorHeader>) -> Result<Arc<Exec>, Status> {
+        let h = required(header, "header")?;
+        let framework = FrameworkId::try_from(required(h.framework_id.as_ref(), "framework_id")?)?;
+        let executor = ExecutorId::try_from(required(h.executor_id.as_ref(), "executor_id")?)?;
+        let exec = self
+            .inner
+            .get(&(framework.clone(), executor.clone()))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no executor {executor} of framework {framework} runs on this agent"
+                ))
+            })?;
+        if h.token != exec.token {
+            return Err(Status::permission_denied(format!(
+                "wrong token for executor {executor}"
+            )));
+        }
+        if exec.dead.is_cancelled() {
+            return Err(Status::failed_precondition(format!(
+                "executor {executor} has ended"
+            )));
+        }
+        Ok(exec)
+    }
+}
+
+#[tonic::async_trait]
+impl v1::executor_server::Executor for ExecutorService {
+    type SubscribeStream =
+        tokio_stream::wrappers::ReceiverStream<Result<v1::ExecutorEvent, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<v1::ExecutorSubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let exec = self.authorise(request.into_inner().header)?;
+        let (tx, rx) = mpsc::channel(1024);
+        let subscribed = v1::ExecutorEvent {
+            event: Some(executor_event::Event::Subscribed(
+                executor_event::Subscribed {
+                    agent_id: exec.agent_id.as_ref().map(Into::into),
+                    executor_info: Some(exec.info.clone()),
+                    framework_name: String::new(),
+                },
+            )),
+        };
+        let _ = tx.try_send(Ok(subscribed));
+        {
+            let mut st = exec.lock();
+            if st.stream.is_some() {
+                tracing::info!(executor_id = %exec.id(), "executor subscribed again; the old stream is closed");
+            }
+            st.stream = Some(tx);
+            for (task, event) in std::mem::take(&mut st.queued) {
+                if let Some(e) = event.event
+                    && exec.send(&mut st, e)
+                    && let Some(s) = st.tasks.get_mut(&task)
+                {
+                    s.sent = true;
+                }
+            }
+            if st.shutting_down {
+                exec.send(
+                    &mut st,
+                    executor_event::Event::Shutdown(executor_event::Shutdown {
+                        grace_period_seconds: self.inner.config.shutdown_grace.as_secs_f64(),
+                    }),
+                );
+            }
+        }
+        exec.subscribed.send_replace(true);
+        tracing::info!(framework_id = %exec.key.0, executor_id = %exec.id(), "executor subscribed");
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn update(
+        &self,
+        request: Request<v1::ExecutorUpdateRequest>,
+    ) -> Result<Response<v1::CallResponse>, Status> {
+        let r = request.into_inner();
+        let exec = self.authorise(r.header)?;
+        let status = required(r.status, "status")?;
+        let task = TaskId::try_from(required(status.task_id.as_ref(), "status.task_id")?)?;
+        let state = v1::TaskState::try_from(status.state)
+            .ok()
+            .and_then(state_from_proto)
+            .filter(|s| !matches!(s, TaskState::Staging | TaskState::Unknown))
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "status.state {} is not a state an executor may report",
+                    status.state
+                ))
+            })?;
+        let uuid = status.uuid.clone();
+        let mut st = exec.lock();
+        let slot = st.tasks.get(&task).ok_or_else(|| {
+            Status::not_found(format!(
+                "task {task} is not a running task of executor {}",
+                exec.id()
+            ))
+        })?;
+        tracing::debug!(executor_id = %exec.id(), task_id = %task, %state, "status update from executor");
+        let _ = slot.updates.send(status);
+        exec.send(
+            &mut st,
+            executor_event::Event::Acknowledged(executor_event::Acknowledged {
+                task_id: Some((&task).into()),
+                uuid,
+            }),
+        );
+        Ok(Response::new(v1::CallResponse {}))
+    }
+}
