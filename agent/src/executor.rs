@@ -331,6 +331,13 @@ impl ExecutorContainerizer {
             max_duration: 0.0,
             kill_policy: None,
             required_isolation: &[],
+            // It runs its tasks in their sandboxes, all under its framework's directory.
+            visible: vec![
+                self.inner
+                    .work_dir
+                    .join("frameworks")
+                    .join(spec.framework_id.as_str()),
+            ],
         })?;
         let (subscribed, _) = watch::channel(false);
         let exec = Arc::new(Exec {

@@ -170,6 +170,7 @@ impl Containerizer for NativeContainerizer {
             max_duration: spec.task.max_duration,
             kill_policy: spec.task.kill_policy.as_ref(),
             required_isolation: &spec.task.required_isolation,
+            visible: vec![spec.sandbox.clone()],
         })?;
         Ok(Box::new(container))
     }
@@ -190,6 +191,9 @@ pub(crate) struct ProcessSpec<'a> {
     pub max_duration: f64,
     pub kill_policy: Option<&'a v1::KillPolicy>,
     pub required_isolation: &'a [String],
+    /// Directories the process must see at their paths even when its private `/tmp`
+    /// hides them (default: its sandbox).
+    pub visible: Vec<std::path::PathBuf>,
 }
 
 /// The limits of a container holding `resources`.
@@ -368,6 +372,7 @@ impl NativeContainerizer {
             }),
             network_none,
             pid: pid_ns,
+            keep: p.visible.clone(),
         };
         confine(
             &mut cmd,

@@ -36,6 +36,51 @@ pub struct Namespaces {
     pub network_none: bool,
     /// A PID namespace too; the command must then be the [`crate::init`] wrapping the task.
     pub pid: bool,
+    /// Directories under `/tmp` (a sandbox, say) that stay visible at the same path inside
+    /// the private `/tmp`: bind-mounted back over it.
+    pub keep: Vec<PathBuf>,
+}
+
+/// A directory to bind back into the private `/tmp`, prepared before the fork: its path and
+/// every ancestor below `/tmp`, to create in the new tmpfs first.
+struct Keep {
+    path: CString,
+    ancestors: Vec<CString>,
+}
+
+/// Most directories [`Namespaces::keep`] may hold.
+pub const MAX_KEEP: usize = 8;
+
+fn keeps(paths: &[PathBuf]) -> io::Result<Vec<Keep>> {
+    if paths.len() > MAX_KEEP {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("at most {MAX_KEEP} directories can be kept visible in a private /tmp"),
+        ));
+    }
+    let c = |p: &std::path::Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    };
+    let mut out = Vec::new();
+    for p in paths {
+        let Ok(rel) = p.strip_prefix("/tmp") else {
+            continue;
+        };
+        let mut ancestors = Vec::new();
+        let mut at = PathBuf::from("/tmp");
+        for part in rel.components() {
+            at.push(part);
+            ancestors.push(c(&at)?);
+        }
+        if !ancestors.is_empty() {
+            out.push(Keep {
+                path: c(p)?,
+                ancestors,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Spawns `cmd` in `cgroup` (when given) with `rlimits`.
@@ -70,6 +115,7 @@ pub fn confine(
     user: Option<(u32, u32)>,
 ) -> io::Result<()> {
     let hostname = ns.hostname.clone().unwrap_or_default().into_bytes();
+    let keep = keeps(&ns.keep)?;
     let ns = ns.clone();
     let joins: Vec<CString> = cgroup
         .map(TaskCgroup::join_paths)
@@ -111,7 +157,7 @@ pub fn confine(
                 return Err(io::Error::last_os_error());
             }
             if ns.enabled {
-                enter_namespaces(&ns, &hostname)?;
+                enter_namespaces(&ns, &hostname, &keep)?;
             }
             for (resource, value) in [
                 (libc::RLIMIT_NOFILE, limits.nofile),
@@ -142,8 +188,30 @@ fn check(rc: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Writes `/proc/self/fd/<fd>` into `buf` as a C string, without allocating.
+fn fd_path(fd: libc::c_int, buf: &mut [u8; 32]) -> *const libc::c_char {
+    let prefix = b"/proc/self/fd/";
+    buf[..prefix.len()].copy_from_slice(prefix);
+    let mut digits = [0u8; 12];
+    let mut n = fd.unsigned_abs();
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[prefix.len() + i] = digits[len - 1 - i];
+    }
+    buf[prefix.len() + len] = 0;
+    buf.as_ptr().cast()
+}
+
 /// Runs in the forked child: only syscalls on data prepared before the fork.
-fn enter_namespaces(ns: &Namespaces, hostname: &[u8]) -> io::Result<()> {
+fn enter_namespaces(ns: &Namespaces, hostname: &[u8], keep: &[Keep]) -> io::Result<()> {
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     if ns.network_none {
         flags |= libc::CLONE_NEWNET;
@@ -163,6 +231,15 @@ fn enter_namespaces(ns: &Namespaces, hostname: &[u8]) -> io::Result<()> {
             libc::MS_REC | libc::MS_PRIVATE,
             std::ptr::null(),
         ))?;
+        // Hold on to the directories to keep before the tmpfs hides them. At most a few.
+        let mut fds = [-1 as libc::c_int; MAX_KEEP];
+        for (k, fd) in keep.iter().zip(fds.iter_mut()) {
+            *fd = libc::open(
+                k.path.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            );
+            check(*fd)?;
+        }
         check(libc::mount(
             c"tmpfs".as_ptr(),
             c"/tmp".as_ptr(),
@@ -170,6 +247,24 @@ fn enter_namespaces(ns: &Namespaces, hostname: &[u8]) -> io::Result<()> {
             libc::MS_NOSUID | libc::MS_NODEV,
             c"mode=1777".as_ptr().cast(),
         ))?;
+        for (k, fd) in keep.iter().zip(fds) {
+            for a in &k.ancestors {
+                if libc::mkdir(a.as_ptr(), 0o755) < 0
+                    && io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            let mut buf = [0u8; 32];
+            check(libc::mount(
+                fd_path(fd, &mut buf),
+                k.path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            libc::close(fd);
+        }
         if !hostname.is_empty() {
             check(libc::sethostname(hostname.as_ptr().cast(), hostname.len()))?;
         }

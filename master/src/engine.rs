@@ -876,8 +876,35 @@ impl Engine {
         if resources.cpus() <= 0.0 && resources.mem() <= 0.0 {
             return Err("a task needs some cpus or mem".into());
         }
+        if let Some(e) = &task.executor {
+            let id = e
+                .executor_id
+                .as_ref()
+                .ok_or("the task's executor has no executor_id")?;
+            agora_core::ExecutorId::try_from(id).map_err(|e| format!("executor_id: {e}"))?;
+            if e.command.as_ref().is_none_or(|c| c.value.trim().is_empty()) {
+                return Err(format!("executor {} has no command", id.value));
+            }
+        }
+        if let Some(u) = task
+            .uris
+            .iter()
+            .chain(task.executor.iter().flat_map(|e| &e.uris))
+            .find(|u| u.value.trim().is_empty())
+        {
+            return Err(format!(
+                "a uri has no value (output_file {:?})",
+                u.output_file
+            ));
+        }
         match &task.payload {
-            None => return Err("task has neither a wasm nor a command payload".into()),
+            // An executor makes of the task what it will (its data, say).
+            None if task.executor.is_some() => {}
+            None => {
+                return Err(
+                    "task has neither a wasm nor a command payload, nor an executor".into(),
+                );
+            }
             Some(v1::task_info::Payload::Wasm(w)) if w.module.is_none() => {
                 return Err("wasm task has no module (bytes, digest or uri)".into());
             }

@@ -3,7 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cluster;
+mod executors;
 mod faults;
+mod fetch;
 mod native;
 mod processes;
 mod roles;
@@ -260,6 +262,21 @@ pub async fn launch(scheduler: &Scheduler, events: &mut Events, task: TaskBuilde
         .await
         .unwrap();
     offer
+}
+
+/// Asserts how a task ended: its state, its reason, and a phrase of its message.
+pub fn assert_ended(end: &v1::TaskStatus, state: TaskState, reason: v1::Reason, says: &str) {
+    assert_eq!(
+        (state_of(end), end.reason()),
+        (state, reason),
+        "{}",
+        end.message
+    );
+    assert!(
+        end.message.contains(says),
+        "{says:?} not in {:?}",
+        end.message
+    );
 }
 
 pub fn state_of(s: &v1::TaskStatus) -> TaskState {

@@ -9,14 +9,23 @@ use agora_sdk::{TaskBuilder, read_sandbox_file};
 
 use crate::*;
 
-fn command(id: &str, script: &str, resources: &str) -> TaskBuilder {
+pub fn command(id: &str, script: &str, resources: &str) -> TaskBuilder {
     TaskBuilder::command(tid(id), script).resources(parse_resources(resources).unwrap())
 }
 
 /// A cluster with one agent whose task cgroups live under `parent(test)`.
-async fn start(test: &str, cgroup_root: Option<&std::path::Path>) -> Cluster {
+pub async fn start(test: &str, cgroup_root: Option<&std::path::Path>) -> Cluster {
+    start_with(test, cgroup_root, |_| {}).await
+}
+
+/// As [`start`], with the agent's settings changed by `tweak` first.
+pub async fn start_with(
+    test: &str,
+    cgroup_root: Option<&std::path::Path>,
+    tweak: impl FnOnce(&mut agora_agent::AgentConfig),
+) -> Cluster {
     let mut cluster = Cluster::start(&[]).await;
-    let mut config = cluster.agent_config("cpus:2;mem:1024");
+    let mut config = cluster.agent_config("cpus:2;mem:1024;disk:1024");
     config.native.kill_grace = Duration::from_millis(500);
     config.native.cgroup_parent = parent(test);
     config.native.init = Some(vec![
@@ -29,13 +38,51 @@ async fn start(test: &str, cgroup_root: Option<&std::path::Path>) -> Cluster {
         config.native.cgroup_root = root.to_owned();
         config.native.namespaces = false;
     }
+    tweak(&mut config);
     cluster.add_agent_with(config).await;
     cluster.wait_for_agents(1).await;
     cluster
 }
 
-fn parent(test: &str) -> String {
+pub fn parent(test: &str) -> String {
     format!("agora-test-{}-{test}", std::process::id())
+}
+
+/// Cgroups under `parent(test)` in any controller: none once every container is gone.
+pub fn cgroups_left(test: &str) -> Vec<std::path::PathBuf> {
+    let parent = parent(test);
+    let mut left = Vec::new();
+    for root in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let dir = root.path().join(&parent);
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                left.push(e.path());
+            }
+        }
+    }
+    left
+}
+
+/// Waits until no cgroup of `test` is left.
+pub async fn wait_no_cgroups(test: &str) {
+    wait_until("the test's cgroups to go", || async {
+        cgroups_left(test).is_empty()
+    })
+    .await;
+}
+
+/// The agent's Sandbox API address.
+pub async fn endpoint(cluster: &Cluster) -> String {
+    cluster.state().await.agents[0]
+        .info
+        .as_ref()
+        .unwrap()
+        .endpoint
+        .clone()
 }
 
 fn isolation(state: &v1::GetStateResponse) -> String {
@@ -50,7 +97,7 @@ async fn a_command_runs_in_its_sandbox_with_its_environment() {
     let (s, mut events) = cluster.framework("native").await;
     let task = command(
         "env",
-        "echo \"$AGORA_TASK_ID $MESOS_TASK_ID $(pwd) $MESOS_SANDBOX\"; echo oops >&2; cat /proc/self/cgroup",
+        "echo \"$AGORA_TASK_ID $MESOS_TASK_ID $(pwd) $MESOS_SANDBOX\"; echo oops >&2; cat /proc/self/cgroup; test -f \"$MESOS_SANDBOX/stdout\" && echo sandbox-visible",
         "cpus:0.5;mem:64",
     );
     launch(&s, &mut events, task).await;
@@ -77,12 +124,126 @@ async fn a_command_runs_in_its_sandbox_with_its_environment() {
         out.contains(&format!("agora-test-{}", std::process::id())),
         "not in its cgroup: {out}"
     );
+    // Its sandbox is at its path even though the work directory is under the private /tmp.
+    assert!(out.ends_with("sandbox-visible\n"), "{out}");
     let err = read_sandbox_file(&endpoint, &fw, &tid("env"), "stderr")
         .await
         .unwrap();
     assert_eq!(err, b"oops\n");
     let usage = end.usage.unwrap();
     assert!(usage.wall_seconds > 0.0);
+    // Every update says what isolation the task got.
+    assert!(
+        end.isolation.starts_with("cgroups-v") && end.isolation.contains("pid-ns+mnt-ns"),
+        "{}",
+        end.isolation
+    );
+    assert!(!end.isolation.contains("net-ns"), "{}", end.isolation);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_runs_as_its_user_and_unknown_users_are_refused() {
+    let test = "a_task_runs_as_its_user_and_unknown_users_are_refused";
+    let cluster = start(test, None).await;
+    let (s, mut events) = cluster.framework("native").await;
+    let script = "id -u; id -g; echo written > own-file && echo wrote; echo $$";
+    launch(
+        &s,
+        &mut events,
+        command("as-nobody", script, "cpus:0.1;mem:32").user("nobody"),
+    )
+    .await;
+    let end = wait_terminal(&mut events, &tid("as-nobody")).await;
+    assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+    let fw = s.framework_id().unwrap();
+    let out = read_sandbox_file(&endpoint(&cluster).await, &fw, &tid("as-nobody"), "stdout")
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "65534", "{out}");
+    assert_eq!(lines[2], "wrote", "the user owns its sandbox: {out}");
+    assert_eq!(lines[3], "2", "still in its PID namespace: {out}");
+
+    launch(
+        &s,
+        &mut events,
+        command("as-ghost", "true", "cpus:0.1;mem:32").user("no-such-user-here"),
+    )
+    .await;
+    let end = wait_terminal(&mut events, &tid("as-ghost")).await;
+    assert_eq!(state_of(&end), TaskState::Error);
+    assert!(
+        end.message.contains("\"no-such-user-here\" does not exist"),
+        "{}",
+        end.message
+    );
+    assert!(cgroups_left(test).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_user_off_runs_tasks_as_the_agent() {
+    let test = "switch_user_off_runs_tasks_as_the_agent";
+    let cluster = start_with(test, None, |c| c.native.switch_user = false).await;
+    let (s, mut events) = cluster.framework("native").await;
+    launch(
+        &s,
+        &mut events,
+        command("as-agent", "id -u", "cpus:0.1;mem:32").user("nobody"),
+    )
+    .await;
+    let end = wait_terminal(&mut events, &tid("as-agent")).await;
+    assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+    let fw = s.framework_id().unwrap();
+    let out = read_sandbox_file(&endpoint(&cluster).await, &fw, &tid("as-agent"), "stdout")
+        .await
+        .unwrap();
+    assert_eq!(out, b"0\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_isolation_is_given_or_the_task_is_refused() {
+    let test = "required_isolation_is_given_or_the_task_is_refused";
+    let cluster = start(test, None).await;
+    let (s, mut events) = cluster.framework("native").await;
+    let task = offline(command("strict", "true", "cpus:0.1;mem:32"))
+        .require_isolation("cgroups")
+        .require_isolation("memory")
+        .require_isolation("pid-ns")
+        .require_isolation("net-ns");
+    launch(&s, &mut events, task).await;
+    let running = wait_state(&mut events, &tid("strict"), TaskState::Running).await;
+    assert!(
+        running.isolation.contains("net-ns"),
+        "{}",
+        running.isolation
+    );
+    let end = wait_terminal(&mut events, &tid("strict")).await;
+    assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+
+    // On the host network there is no network namespace to give.
+    let task = command("wants-netns", "true", "cpus:0.1;mem:32").require_isolation("net-ns");
+    launch(&s, &mut events, task).await;
+    let end = wait_terminal(&mut events, &tid("wants-netns")).await;
+    assert_eq!(
+        (state_of(&end), end.reason()),
+        (TaskState::Error, v1::Reason::IsolationUnavailable),
+        "{}",
+        end.message
+    );
+    let task = command("typo", "true", "cpus:0.1;mem:32").require_isolation("cgroup");
+    launch(&s, &mut events, task).await;
+    let end = wait_terminal(&mut events, &tid("typo")).await;
+    assert_eq!(
+        (state_of(&end), end.reason()),
+        (TaskState::Error, v1::Reason::TaskInvalid)
+    );
+    assert!(
+        end.message.contains("unknown isolation \"cgroup\""),
+        "{}",
+        end.message
+    );
+    assert!(cgroups_left(test).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +354,22 @@ async fn without_cgroups_tasks_run_and_the_agent_says_so() {
     .await;
     let end = wait_terminal(&mut events, &tid("plain")).await;
     assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+    assert_eq!(end.isolation, "none");
     // Isolation it cannot give is refused.
+    launch(
+        &s,
+        &mut events,
+        command("needs-cgroups", "true", "cpus:0.1;mem:32").require_isolation("memory"),
+    )
+    .await;
+    let end = wait_terminal(&mut events, &tid("needs-cgroups")).await;
+    assert_eq!(
+        (state_of(&end), end.reason()),
+        (TaskState::Error, v1::Reason::IsolationUnavailable),
+        "{}",
+        end.message
+    );
+    assert!(end.message.contains("it would get none"), "{}", end.message);
     launch(
         &s,
         &mut events,
