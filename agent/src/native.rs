@@ -341,7 +341,13 @@ impl NativeContainerizer {
             cmd.stdout(open("stdout")?).stderr(open("stderr")?);
         }
 
-        let limits = limits(p.resources, &self.config);
+        let mut limits = limits(p.resources, &self.config);
+        if let Some(n) = c.pids_max {
+            if n == 0 {
+                return Err(invalid("pids_max must be at least 1"));
+            }
+            limits.pids_max = Some(n);
+        }
         let cgroup = if self.cgroups == Cgroups::None {
             None
         } else {

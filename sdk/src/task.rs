@@ -248,6 +248,15 @@ impl TaskBuilder {
         self
     }
 
+    /// The most processes a native task may have at once (its cgroup's `pids.max`), in
+    /// place of the agent's default.
+    pub fn pids_max(mut self, n: u64) -> Self {
+        if let Some(v1::task_info::Payload::Command(c)) = &mut self.task.payload {
+            c.pids_max = Some(n);
+        }
+        self
+    }
+
     /// Give a native task a network namespace with loopback only.
     pub fn network_none(mut self) -> Self {
         if let Some(v1::task_info::Payload::Command(c)) = &mut self.task.payload {

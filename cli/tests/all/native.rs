@@ -292,6 +292,47 @@ async fn a_memory_bomb_fails_for_memory_and_the_agent_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_bomb_stops_at_the_tasks_pids_max_and_is_killed() {
+    let test = "a_fork_bomb_stops_at_the_tasks_pids_max_and_is_killed";
+    let cluster = start(test, None).await;
+    let (s, mut events) = cluster.framework("native").await;
+    // Forks without end; each fork that fails is retried.
+    let bomb = "while :; do (sleep 600 &) 2>/dev/null; done";
+    launch(
+        &s,
+        &mut events,
+        command("bomb", bomb, "cpus:0.5;mem:256").pids_max(40),
+    )
+    .await;
+    // The rest of the agent is offered at once: keep it for a task to run beside the bomb.
+    let rest = next_offers(&mut events).await.remove(0);
+    let endpoint = endpoint(&cluster).await;
+    // It reaches its cap and stays there.
+    wait_until("the bomb to reach pids.max", || async {
+        agora_sdk::agent_containers(&endpoint)
+            .await
+            .unwrap()
+            .iter()
+            .any(|c| c.usage.is_some_and(|u| u.pids >= 38))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cs = agora_sdk::agent_containers(&endpoint).await.unwrap();
+    assert!(cs[0].usage.unwrap().pids <= 40, "{cs:?}");
+    // The agent still serves while the bomb runs, and the bomb dies on KILL.
+    let calm = command("calm", "true", "cpus:0.1;mem:32").build_for(&rest);
+    s.accept(&[rest.id.clone().unwrap()], vec![calm], Some(0.0))
+        .await
+        .unwrap();
+    let end = wait_terminal(&mut events, &tid("calm")).await;
+    assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+    s.kill(&tid("bomb"), None).await.unwrap();
+    let end = wait_terminal(&mut events, &tid("bomb")).await;
+    assert_eq!(state_of(&end), TaskState::Killed, "{}", end.message);
+    wait_no_cgroups(test).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_ignores_sigterm_is_killed_after_the_grace_period() {
     let cluster = start(
         "a_task_that_ignores_sigterm_is_killed_after_the_grace_period",
