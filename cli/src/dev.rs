@@ -86,6 +86,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let config = agora_master::MasterConfig {
         agent_heartbeat_interval: Duration::from_secs(1),
+        work_dir: Some(work_dir.join("master")),
         ..Default::default()
     };
     let master_task = tokio::spawn(agora_master::run(

@@ -54,6 +54,22 @@ enum Command {
     /// Be a custom executor (started by an agent): run each task given as a shell command
     /// in its sandbox and report how it ends.
     Executor,
+    /// The master's blob store.
+    Blob {
+        #[command(subcommand)]
+        action: BlobAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum BlobAction {
+    /// Upload a file (a Wasm module, an archive); prints its sha256:<hex> digest, by which
+    /// tasks can name it.
+    Put {
+        file: PathBuf,
+        #[command(flatten)]
+        query: QueryArgs,
+    },
 }
 
 #[derive(Args)]
@@ -83,6 +99,13 @@ pub struct MasterArgs {
     /// framework with a principal, for the roles of its offers.
     #[arg(long, value_parser = parse_acl)]
     reserve_acl: Option<std::collections::HashMap<String, Vec<String>>>,
+    /// Where the master keeps its blob store (Wasm modules, bundle files). Without it, the
+    /// master stores no blobs.
+    #[arg(long, env = "AGORA_MASTER_WORK_DIR")]
+    work_dir: Option<PathBuf>,
+    /// Largest blob the store takes, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    max_blob_size: u64,
 }
 
 impl MasterArgs {
@@ -95,6 +118,8 @@ impl MasterArgs {
             offer_timeout: self.offer_timeout,
             min_allocatable: self.min_allocatable_resources.clone(),
             reservers: self.reserve_acl.clone().unwrap_or_default(),
+            work_dir: self.work_dir.clone(),
+            max_blob_bytes: self.max_blob_size << 20,
             ..Default::default()
         }
     }
@@ -225,6 +250,38 @@ fn parse_attributes(s: &str) -> Result<Vec<agora_core::Attribute>, String> {
     agora_core::parse_attributes(s).map_err(|e| e.to_string())
 }
 
+/// Uploads `file` to the master's blob store with a progress bar on stderr (for files
+/// large enough to need one); returns its digest.
+pub async fn upload(master: &str, file: &std::path::Path) -> anyhow::Result<String> {
+    let size = std::fs::metadata(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .len();
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(size),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if size < 4 << 20 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!(
+        "uploading {}",
+        file.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let b = bar.clone();
+    let digest = agora_sdk::blob::upload_file(master, file, move |sent, _| b.set_position(sent))
+        .await
+        .with_context(|| format!("uploading {} to {master}", file.display()))?;
+    bar.finish_and_clear();
+    Ok(digest)
+}
+
 /// `host:port` becomes `http://host:port`.
 pub fn master_url(addr: &str) -> String {
     if addr.contains("://") {
@@ -321,6 +378,7 @@ async fn async_main() -> std::process::ExitCode {
             | Command::Quota { .. }
             | Command::Weight { .. }
             | Command::Executor
+            | Command::Blob { .. }
     );
     init_tracing(if quiet { "warn" } else { "info" });
     let result = match cli.command {
@@ -334,6 +392,11 @@ async fn async_main() -> std::process::ExitCode {
         Command::Quota { action } => roles::quota(action).await,
         Command::Weight { action } => roles::weight(action).await,
         Command::Executor => executor::executor().await,
+        Command::Blob {
+            action: BlobAction::Put { file, query },
+        } => upload(&master_url(&query.master), &file)
+            .await
+            .map(|d| println!("{d}")),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -2,7 +2,7 @@
 //!
 //! [`run`] serves, on one listener, the Scheduler API (frameworks subscribe and make calls),
 //! the AgentLink API (agents register and stream status updates), the Operator API (state and
-//! health) and HTTP `GET /health`. Tests bind port 0 and pass a shutdown future; the binary
+//! health), HTTP `GET /health`, and, with a work directory, the blob store (`/blobs/…`). Tests bind port 0 and pass a shutdown future; the binary
 //! passes Ctrl-C.
 //!
 //! Inside, one owner task holds all state in an [`engine::Engine`] — a pure state machine
@@ -15,8 +15,10 @@
 //! - [`allocator`]: the [`allocator::Allocator`] trait and dominant resource fairness.
 //! - [`runtime`]: the owner task: commands in, effects out, timers, snapshots.
 //! - [`service`]: gRPC and HTTP handlers.
+//! - [`blobs`]: the content-addressed blob store.
 
 pub mod allocator;
+pub mod blobs;
 pub mod engine;
 pub mod runtime;
 pub mod service;
@@ -66,6 +68,11 @@ pub struct MasterConfig {
     pub link_buffer: usize,
     /// Finished tasks kept for the operator API and reconciliation. Default 1000.
     pub max_completed_tasks: usize,
+    /// Where the master keeps what it stores (the blob store, under `blobs/`). Without one,
+    /// there is no blob store.
+    pub work_dir: Option<std::path::PathBuf>,
+    /// Largest blob the store takes, in bytes. Default 1 GiB.
+    pub max_blob_bytes: u64,
 }
 
 impl Default for MasterConfig {
@@ -84,6 +91,8 @@ impl Default for MasterConfig {
             event_buffer: 4096,
             link_buffer: 4096,
             max_completed_tasks: 1000,
+            work_dir: None,
+            max_blob_bytes: 1 << 30,
         }
     }
 }
@@ -94,6 +103,8 @@ pub enum MasterError {
     Config(String),
     #[error("serving gRPC: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Blobs(#[from] blobs::BlobError),
 }
 
 /// How long a stopping master waits for its connections to drain.
@@ -183,9 +194,14 @@ pub async fn run(
             snapshot: snap_rx.clone(),
             commands: tx.clone(),
         }));
+    let blob_routes = match &config.work_dir {
+        Some(dir) => blobs::BlobStore::open(dir.join("blobs"), config.max_blob_bytes)?.router(),
+        None => blobs::BlobStore::disabled_router(),
+    };
     let mut routes = routes.routes();
-    *routes.axum_router_mut() =
-        std::mem::take(routes.axum_router_mut()).merge(health_router(snap_rx));
+    *routes.axum_router_mut() = std::mem::take(routes.axum_router_mut())
+        .merge(health_router(snap_rx))
+        .merge(blob_routes);
     drop(tx);
 
     // Subscriptions and agent links are endless streams, so a graceful shutdown must first

@@ -18,7 +18,9 @@
 //! - [`task`]: task builders and offer matching.
 //! - [`operator`]: operator and sandbox clients.
 //! - [`executor`]: the executor side of the agent's Executor API.
+//! - [`blob`]: uploads to the master's blob store.
 
+pub mod blob;
 pub mod executor;
 pub mod operator;
 pub mod scheduler;

@@ -295,3 +295,72 @@ async fn files_and_wasm_modules_are_fetched_too() {
     assert_eq!(out, b"Hello, fetched!\n");
     assert_eq!(files.hits("/hello.wasm"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_uploaded_to_the_master_are_fetched_by_digest() {
+    let test = "blobs_uploaded_to_the_master_are_fetched_by_digest";
+    let cluster = start(test, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let archive = tar_gz(&[("data/words.txt", b"alpha beta\n", 0o644)]);
+    let path = dir.path().join("files.tar.gz");
+    std::fs::write(&path, &archive).unwrap();
+    // Through the command line, as a user would.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(["blob", "put", "--master", &cluster.master])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(digest, sha256(&archive));
+    // Again through the SDK: the master has it, so nothing is sent.
+    let again = agora_sdk::blob::upload_file(&cluster.master, &path, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(again, digest);
+
+    let (s, mut events) = cluster.framework("fetch").await;
+    let mut u = uri(&digest);
+    u.extract = true;
+    u.output_file = "files.tar.gz".into();
+    for id in ["by-digest", "by-digest-again"] {
+        launch(
+            &s,
+            &mut events,
+            command(id, "cat data/words.txt", "cpus:0.1;mem:32").uri(u.clone()),
+        )
+        .await;
+        let end = wait_terminal(&mut events, &tid(id)).await;
+        assert_eq!(state_of(&end), TaskState::Finished, "{id}: {}", end.message);
+        let fw = s.framework_id().unwrap();
+        let out = read_sandbox_file(&endpoint(&cluster).await, &fw, &tid(id), "stdout")
+            .await
+            .unwrap();
+        assert_eq!(out, b"alpha beta\n");
+    }
+    // Blobs are content-addressed: always cached.
+    assert_eq!(
+        metric(&cluster, "agora_agent_fetcher_cache_hits_total").await,
+        1.0
+    );
+
+    let unknown = uri(format!("sha256:{}", "00".repeat(32)));
+    launch(
+        &s,
+        &mut events,
+        command("unknown-blob", "true", "cpus:0.1;mem:32").uri(unknown),
+    )
+    .await;
+    let end = wait_terminal(&mut events, &tid("unknown-blob")).await;
+    assert_ended(
+        &end,
+        TaskState::Failed,
+        v1::Reason::FetcherFailed,
+        "has no such blob",
+    );
+}

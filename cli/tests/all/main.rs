@@ -88,16 +88,20 @@ impl Cluster {
         Cluster::start_with(fast_master(), agents).await
     }
 
-    pub async fn start_with(config: MasterConfig, agents: &[&str]) -> Cluster {
+    pub async fn start_with(mut config: MasterConfig, agents: &[&str]) -> Cluster {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let master_addr = listener.local_addr().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        if config.work_dir.is_none() {
+            config.work_dir = Some(dir.path().join("master"));
+        }
         let master_handle = Stoppable::spawn(move |stop| agora_master::run(listener, config, stop));
         let mut cluster = Cluster {
             master: format!("http://{master_addr}"),
             master_addr,
             master_handle,
             agents: Vec::new(),
-            dir: tempfile::tempdir().unwrap(),
+            dir,
         };
         for resources in agents {
             cluster.add_agent(resources).await;
