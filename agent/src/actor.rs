@@ -51,6 +51,13 @@ pub enum Event {
         task: TaskId,
         change: Termination,
     },
+    /// A task (or its executor) sends its framework bytes.
+    FrameworkMessage {
+        framework: FrameworkId,
+        executor: Option<agora_core::ExecutorId>,
+        task: Option<TaskId>,
+        data: Vec<u8>,
+    },
 }
 
 /// Timing of the status-update retries.
@@ -197,6 +204,26 @@ impl Actor {
                 task,
                 change,
             } => self.task_changed(framework, task, change),
+            Event::FrameworkMessage {
+                framework,
+                executor,
+                task,
+                data,
+            } => {
+                // Like Mesos's framework messages: best effort, not retried.
+                if self.registered {
+                    self.send(agent_message::Message::FrameworkMessage(
+                        agent_message::FrameworkMessage {
+                            framework_id: Some((&framework).into()),
+                            executor_id: executor.as_ref().map(Into::into),
+                            task_id: task.as_ref().map(Into::into),
+                            data,
+                        },
+                    ));
+                } else {
+                    tracing::debug!(framework_id = %framework, "dropping a framework message: not registered");
+                }
+            }
         }
     }
 
@@ -419,6 +446,7 @@ impl Actor {
             data: change.data,
             usage: change.usage.map(|u| *u),
             isolation: entry.isolation.clone(),
+            progress: change.progress,
         };
         if change.state.is_terminal() {
             tracing::info!(state = %change.state, message = %status.message, "task ended");

@@ -1,4 +1,5 @@
-//! How the agent runs a task: the [`Containerizer`] trait, and its Wasm implementation.
+//! How the agent runs a task: the [`Containerizer`] trait and what its implementations
+//! share.
 //!
 //! A containerizer turns a task into a [`Container`] in two steps, so the agent can report
 //! TASK_STARTING while the task is prepared (a module compiled, a file fetched) and
@@ -8,12 +9,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
-use std::time::Duration;
 
 use agora_core::{AgentId, ExecutorId, FrameworkId, Resources, TaskId, TaskState};
-use agora_executor_wasm::{
-    CancellationToken, LoadError, ModuleSource, Outcome, Program, RunReport, RunSpec, WasmRuntime,
-};
+use agora_executor_wasm::CancellationToken;
 use agora_proto::v1;
 
 /// Everything a containerizer needs to start one task.
@@ -45,6 +43,8 @@ pub struct Termination {
     pub source: v1::StatusSource,
     /// The isolation the task got, once known.
     pub isolation: Option<String>,
+    /// How far the task has come (a progress report on a TASK_RUNNING update).
+    pub progress: Option<f32>,
 }
 
 impl Termination {
@@ -58,6 +58,7 @@ impl Termination {
             data: Vec::new(),
             source: v1::StatusSource::SourceAgent,
             isolation: None,
+            progress: None,
         }
     }
 }
@@ -73,6 +74,19 @@ pub struct Updates {
 }
 
 impl Updates {
+    /// Passes bytes from the task to its framework (not retried).
+    pub async fn message(&self, executor: Option<ExecutorId>, data: Vec<u8>) {
+        let _ = self
+            .events
+            .send(crate::actor::Event::FrameworkMessage {
+                framework: self.framework.clone(),
+                executor,
+                task: Some(self.task.clone()),
+                data,
+            })
+            .await;
+    }
+
     pub async fn send(&self, mut change: Termination) {
         if change.isolation.is_none() {
             change.isolation.clone_from(&self.isolation);
@@ -222,217 +236,6 @@ pub trait Container: Send {
     fn executor(&self) -> Option<ExecutorId> {
         None
     }
-}
-
-const MIB: u64 = 1 << 20;
-
-/// Runs Wasm tasks in this process with wasmtime, behind the containerizer boundary.
-pub struct WasmContainerizer {
-    runtime: WasmRuntime,
-    fetcher: Option<crate::fetcher::Fetcher>,
-}
-
-impl WasmContainerizer {
-    pub fn new(runtime: WasmRuntime) -> Self {
-        WasmContainerizer {
-            runtime,
-            fetcher: None,
-        }
-    }
-
-    /// Modules named by http(s):// URIs or blob digests come through `fetcher` (cached).
-    pub fn with_fetcher(mut self, fetcher: crate::fetcher::Fetcher) -> Self {
-        self.fetcher = Some(fetcher);
-        self
-    }
-
-    pub fn runtime(&self) -> &WasmRuntime {
-        &self.runtime
-    }
-
-    async fn module_source(&self, wasm: &v1::WasmTask) -> Result<ModuleSource, Termination> {
-        let invalid =
-            |msg: String| Termination::new(TaskState::Error, v1::Reason::ModuleInvalid, msg);
-        match &wasm.module {
-            Some(v1::wasm_task::Module::ModuleBytes(b)) => {
-                Ok(ModuleSource::Bytes(Arc::from(b.as_slice())))
-            }
-            Some(v1::wasm_task::Module::Digest(d)) => Ok(ModuleSource::Digest(d.clone())),
-            Some(v1::wasm_task::Module::Uri(uri)) if !uri.starts_with("file://") => {
-                let Some(fetcher) = &self.fetcher else {
-                    return Err(Termination::new(
-                        TaskState::Error,
-                        v1::Reason::FetcherFailed,
-                        format!(
-                            "cannot fetch module {uri:?}: this agent has no fetcher; use a file:// URI"
-                        ),
-                    ));
-                };
-                let fetch = v1::Uri {
-                    value: uri.clone(),
-                    cache: true,
-                    sha256: wasm.sha256.clone(),
-                    ..Default::default()
-                };
-                let bytes = fetcher.read(&fetch, u64::MAX).await.map_err(|e| {
-                    Termination::new(TaskState::Failed, v1::Reason::FetcherFailed, e.to_string())
-                })?;
-                Ok(ModuleSource::Bytes(Arc::from(bytes)))
-            }
-            Some(v1::wasm_task::Module::Uri(uri)) => {
-                let path = uri.strip_prefix("file://").unwrap_or(uri);
-                let bytes = tokio::fs::read(path).await.map_err(|e| {
-                    Termination::new(
-                        TaskState::Error,
-                        v1::Reason::FetcherFailed,
-                        format!("reading module {uri}: {e}"),
-                    )
-                })?;
-                Ok(ModuleSource::Bytes(Arc::from(bytes)))
-            }
-            None => Err(invalid("the wasm task has no module".into())),
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Containerizer for WasmContainerizer {
-    fn name(&self) -> &'static str {
-        "wasm"
-    }
-
-    fn isolation(&self) -> String {
-        "wasm(epoch-cpu,fuel,memory-ceiling,wasi-sandbox)".into()
-    }
-
-    fn supports(&self, task: &v1::TaskInfo) -> bool {
-        matches!(task.payload, Some(v1::task_info::Payload::Wasm(_)))
-    }
-
-    async fn prepare(&self, spec: &LaunchSpec) -> Result<Box<dyn Container>, Termination> {
-        let Some(v1::task_info::Payload::Wasm(wasm)) = &spec.task.payload else {
-            return Err(Termination::new(
-                TaskState::Error,
-                v1::Reason::TaskInvalid,
-                "not a wasm task",
-            ));
-        };
-        let mem_mib = spec.resources.mem();
-        if mem_mib <= 0.0 {
-            return Err(Termination::new(
-                TaskState::Error,
-                v1::Reason::TaskInvalid,
-                "a Wasm task needs a mem resource: it is the ceiling on the task's linear memory",
-            ));
-        }
-        check_required(&spec.task.required_isolation, &self.isolation())?;
-        let source = self.module_source(wasm).await?;
-        let expected = (!wasm.sha256.is_empty()).then_some(wasm.sha256.as_str());
-        let program = self.runtime.load(source, expected).await.map_err(|e| {
-            let reason = match e {
-                LoadError::UnknownDigest(_) | LoadError::DigestMismatch { .. } => {
-                    v1::Reason::FetcherFailed
-                }
-                _ => v1::Reason::ModuleInvalid,
-            };
-            Termination::new(TaskState::Error, reason, e.to_string())
-        })?;
-
-        let mut args = vec![if spec.task.name.is_empty() {
-            spec.task_id.to_string()
-        } else {
-            spec.task.name.clone()
-        }];
-        args.extend(wasm.args.iter().cloned());
-        let mut env: Vec<(String, String)> = wasm
-            .env
-            .iter()
-            .map(|e| (e.name.clone(), e.value.clone()))
-            .collect();
-        env.push(("AGORA_TASK_ID".into(), spec.task_id.to_string()));
-        env.push(("AGORA_FRAMEWORK_ID".into(), spec.framework_id.to_string()));
-        let limit =
-            (spec.task.max_duration > 0.0).then(|| Duration::from_secs_f64(spec.task.max_duration));
-        let cpus = spec.resources.cpus();
-        let run = RunSpec {
-            args,
-            env,
-            sandbox: spec.sandbox.clone(),
-            stdout: spec.sandbox.join("stdout"),
-            stderr: spec.sandbox.join("stderr"),
-            memory_limit: (mem_mib * MIB as f64) as u64,
-            cpu_budget: limit.filter(|_| cpus > 0.0).map(|l| l.mul_f64(cpus)),
-            wall_limit: limit,
-            fuel: wasm.fuel,
-        };
-        Ok(Box::new(WasmContainer {
-            runtime: self.runtime.clone(),
-            program,
-            run,
-            isolation: self.isolation(),
-        }))
-    }
-}
-
-struct WasmContainer {
-    runtime: WasmRuntime,
-    program: Program,
-    run: RunSpec,
-    isolation: String,
-}
-
-#[async_trait::async_trait]
-impl Container for WasmContainer {
-    async fn run(self: Box<Self>, kill: CancellationToken, _updates: Updates) -> Termination {
-        let report = self.runtime.run(&self.program, self.run, kill).await;
-        termination(report)
-    }
-
-    fn isolation(&self) -> Option<String> {
-        Some(self.isolation.clone())
-    }
-}
-
-/// Maps how a Wasm run ended onto a task state, reason and exit code.
-pub fn termination(report: RunReport) -> Termination {
-    let message = report.outcome.to_string();
-    let (state, reason, exit_code) = match report.outcome {
-        Outcome::Exited(0) => (TaskState::Finished, v1::Reason::Unspecified, Some(0)),
-        Outcome::Exited(code) => (TaskState::Failed, v1::Reason::CommandExited, Some(code)),
-        Outcome::Trap(_) => (TaskState::Failed, v1::Reason::WasmTrap, None),
-        Outcome::OutOfFuel { .. } => (TaskState::Failed, v1::Reason::ContainerLimitationFuel, None),
-        Outcome::CpuBudget { .. } => (TaskState::Failed, v1::Reason::ContainerLimitationCpu, None),
-        Outcome::WallTimeout { .. } => (
-            TaskState::Failed,
-            v1::Reason::MaxCompletionTimeReached,
-            None,
-        ),
-        Outcome::MemoryLimit { .. } => (
-            TaskState::Failed,
-            v1::Reason::ContainerLimitationMemory,
-            None,
-        ),
-        Outcome::InitialMemoryTooLarge { .. } => (
-            TaskState::Error,
-            v1::Reason::ContainerLimitationMemory,
-            None,
-        ),
-        Outcome::InstantiationFailed(_) => {
-            (TaskState::Failed, v1::Reason::ContainerLaunchFailed, None)
-        }
-        Outcome::Killed => (TaskState::Killed, v1::Reason::TaskKilled, None),
-    };
-    let u = report.usage;
-    let mut t = Termination::new(state, reason, message);
-    t.exit_code = exit_code;
-    t.usage = Some(Box::new(v1::TaskUsage {
-        fuel_used: u.fuel_used,
-        cpu_seconds: u.cpu.as_secs_f64(),
-        wall_seconds: u.wall.as_secs_f64(),
-        mem_peak_bytes: u.mem_peak_bytes,
-        ..Default::default()
-    }));
-    t
 }
 
 #[cfg(test)]

@@ -48,6 +48,9 @@ pub struct ExecutorConfig {
     pub idle_timeout: Duration,
     /// Between the SHUTDOWN event and SIGTERM. Default 3 s.
     pub shutdown_grace: Duration,
+    /// Memory an executor's cgroup gets beyond its tasks', for the executor itself, in MiB.
+    /// Default 32 (the Wasm executor gets more: it holds the engine and compiled code).
+    pub overhead_mem_mib: f64,
 }
 
 impl Default for ExecutorConfig {
@@ -56,6 +59,7 @@ impl Default for ExecutorConfig {
             registration_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(3),
+            overhead_mem_mib: 32.0,
         }
     }
 }
@@ -68,6 +72,19 @@ struct Slot {
     resources: Resources,
     /// LAUNCH was sent on a stream (not only queued).
     sent: bool,
+    /// The latest usage the executor reported for the task.
+    usage: Arc<Mutex<Option<v1::TaskUsage>>>,
+}
+
+/// How an executor is started, beyond its ExecutorInfo.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LaunchOptions {
+    /// Memory for the executor itself, beyond its tasks', in MiB.
+    pub overhead_mem_mib: f64,
+    /// Directories it must see even under a private /tmp (its framework's is always kept).
+    pub visible: Vec<PathBuf>,
+    /// Put before the native isolation in its tasks' isolation (e.g. the Wasm sandbox).
+    pub isolation_prefix: Option<String>,
 }
 
 #[derive(Default)]
@@ -95,6 +112,8 @@ struct Exec {
     dead: CancellationToken,
     end: Mutex<Option<Termination>>,
     limiter: Option<agora_executor_native::Limiter>,
+    /// Memory for the executor itself, in MiB, on top of its tasks'.
+    overhead_mem_mib: f64,
 }
 
 impl Exec {
@@ -164,7 +183,11 @@ impl Exec {
             }
             total
         };
-        if let Err(e) = limiter.set(&crate::native::limits(&total, config)) {
+        let mut limits = crate::native::limits(&total, config);
+        limits.memory_bytes = limits
+            .memory_bytes
+            .map(|m| m + (self.overhead_mem_mib * (1u64 << 20) as f64) as u64);
+        if let Err(e) = limiter.set(&limits) {
             tracing::warn!(executor_id = %self.id(), error = %e, "resizing the executor's cgroup");
         }
     }
@@ -200,6 +223,8 @@ struct Inner {
     endpoint: String,
     config: ExecutorConfig,
     containers: Containers,
+    /// The agent's owner task, for framework messages.
+    events: mpsc::Sender<crate::actor::Event>,
     running: Mutex<HashMap<Key, Arc<Exec>>>,
     /// Serialises launches, so two tasks for a new executor start it once.
     launching: tokio::sync::Mutex<()>,
@@ -228,6 +253,7 @@ impl ExecutorContainerizer {
         endpoint: String,
         config: ExecutorConfig,
         containers: Containers,
+        events: mpsc::Sender<crate::actor::Event>,
     ) -> Self {
         ExecutorContainerizer {
             inner: Arc::new(Inner {
@@ -237,6 +263,7 @@ impl ExecutorContainerizer {
                 endpoint,
                 config,
                 containers,
+                events,
                 running: Mutex::new(HashMap::new()),
                 launching: tokio::sync::Mutex::new(()),
                 lifecycles: Mutex::new(Vec::new()),
@@ -261,6 +288,7 @@ impl ExecutorContainerizer {
         spec: &LaunchSpec,
         info: &v1::ExecutorInfo,
         id: ExecutorId,
+        opts: &LaunchOptions,
     ) -> Result<Arc<Exec>, Termination> {
         let key = (spec.framework_id.clone(), id.clone());
         let _turn = self.inner.launching.lock().await;
@@ -320,6 +348,20 @@ impl ExecutorContainerizer {
             ("MESOS_AGENT_ENDPOINT".to_owned(), host_port),
         ];
         let name = format!("executor-{id}");
+        // The cgroup starts at the first task's size plus the executor's own.
+        let mut first = spec.resources.clone();
+        if opts.overhead_mem_mib > 0.0 {
+            let own = agora_core::Resource::scalar("mem", opts.overhead_mem_mib)
+                .map_err(|e| failed(v1::Reason::ContainerLaunchFailed, e.to_string()))?;
+            first += &Resources::from_iter([own]);
+        }
+        let mut visible = vec![
+            self.inner
+                .work_dir
+                .join("frameworks")
+                .join(spec.framework_id.as_str()),
+        ];
+        visible.extend(opts.visible.iter().cloned());
         let container = self.inner.native.process(&ProcessSpec {
             command: &command,
             framework: &spec.framework_id,
@@ -327,17 +369,12 @@ impl ExecutorContainerizer {
             name: &name,
             env,
             sandbox: &sandbox,
-            resources: &spec.resources,
+            resources: &first,
             max_duration: 0.0,
             kill_policy: None,
             required_isolation: &[],
             // It runs its tasks in their sandboxes, all under its framework's directory.
-            visible: vec![
-                self.inner
-                    .work_dir
-                    .join("frameworks")
-                    .join(spec.framework_id.as_str()),
-            ],
+            visible,
         })?;
         let (subscribed, _) = watch::channel(false);
         let exec = Arc::new(Exec {
@@ -351,6 +388,7 @@ impl ExecutorContainerizer {
             dead: CancellationToken::new(),
             end: Mutex::new(None),
             limiter: container.limiter(),
+            overhead_mem_mib: opts.overhead_mem_mib,
         });
         let entry_key = ContainerKey {
             framework: key.0.clone(),
@@ -384,6 +422,69 @@ impl ExecutorContainerizer {
             l.push(handle);
         }
         Ok(exec)
+    }
+}
+
+impl ExecutorContainerizer {
+    /// Hands `task` to the framework's executor `info` (started if need be): what
+    /// [`Containerizer::prepare`] does for custom executors, and the Wasm containerizer for
+    /// its out-of-process executor.
+    pub(crate) async fn prepare_in(
+        &self,
+        spec: &LaunchSpec,
+        info: &v1::ExecutorInfo,
+        task: v1::TaskInfo,
+        opts: &LaunchOptions,
+    ) -> Result<Box<dyn Container>, Termination> {
+        let invalid =
+            |msg: String| Termination::new(TaskState::Error, v1::Reason::TaskInvalid, msg);
+        let id = info
+            .executor_id
+            .as_ref()
+            .ok_or_else(|| invalid("the executor has no executor_id".into()))
+            .and_then(|i| {
+                ExecutorId::try_from(i).map_err(|e| invalid(format!("executor_id: {e}")))
+            })?;
+        let Some(command) = &info.command else {
+            return Err(invalid(format!("executor {id} has no command")));
+        };
+        if command.network() == v1::command_task::Network::None {
+            return Err(invalid(format!(
+                "executor {id} asks for network: none, but an executor needs the host network to reach the agent"
+            )));
+        }
+        let native = self
+            .inner
+            .native
+            .isolation()
+            .replace("+net-ns(on request)", "");
+        let isolation = match &opts.isolation_prefix {
+            Some(p) if native == "none" => p.clone(),
+            Some(p) => format!("{p}+{native}"),
+            None => native,
+        };
+        crate::containerizer::check_required(&spec.task.required_isolation, &isolation)?;
+        let exec = self.get_or_launch(spec, info, id, opts).await?;
+        let grace = spec
+            .task
+            .kill_policy
+            .as_ref()
+            .map(|k| k.grace_period_seconds)
+            .filter(|g| g.is_finite() && *g > 0.0)
+            .map_or(self.inner.native.config().kill_grace, |g| {
+                Duration::from_secs_f64(g.min(3600.0))
+            });
+        Ok(Box::new(ExecutorTask {
+            inner: self.inner.clone(),
+            exec,
+            task,
+            task_id: spec.task_id.clone(),
+            sandbox: spec.sandbox.clone(),
+            resources: spec.resources.clone(),
+            grace,
+            isolation,
+            usage: Arc::new(Mutex::new(None)),
+        }))
     }
 }
 
@@ -457,52 +558,18 @@ impl Containerizer for ExecutorContainerizer {
     }
 
     async fn prepare(&self, spec: &LaunchSpec) -> Result<Box<dyn Container>, Termination> {
-        let invalid =
-            |msg: String| Termination::new(TaskState::Error, v1::Reason::TaskInvalid, msg);
         let Some(info) = &spec.task.executor else {
-            return Err(invalid("the task names no executor".into()));
+            return Err(Termination::new(
+                TaskState::Error,
+                v1::Reason::TaskInvalid,
+                "the task names no executor",
+            ));
         };
-        let id = info
-            .executor_id
-            .as_ref()
-            .ok_or_else(|| invalid("the executor has no executor_id".into()))
-            .and_then(|i| {
-                ExecutorId::try_from(i).map_err(|e| invalid(format!("executor_id: {e}")))
-            })?;
-        let Some(command) = &info.command else {
-            return Err(invalid(format!("executor {id} has no command")));
+        let opts = LaunchOptions {
+            overhead_mem_mib: self.inner.config.overhead_mem_mib,
+            ..LaunchOptions::default()
         };
-        if command.network() == v1::command_task::Network::None {
-            return Err(invalid(format!(
-                "executor {id} asks for network: none, but an executor needs the host network to reach the agent"
-            )));
-        }
-        let exec = self.get_or_launch(spec, info, id).await?;
-        let isolation = self
-            .inner
-            .native
-            .isolation()
-            .replace("+net-ns(on request)", "");
-        crate::containerizer::check_required(&spec.task.required_isolation, &isolation)?;
-        let grace = spec
-            .task
-            .kill_policy
-            .as_ref()
-            .map(|k| k.grace_period_seconds)
-            .filter(|g| g.is_finite() && *g > 0.0)
-            .map_or(self.inner.native.config().kill_grace, |g| {
-                Duration::from_secs_f64(g.min(3600.0))
-            });
-        Ok(Box::new(ExecutorTask {
-            inner: self.inner.clone(),
-            exec,
-            task: spec.task.clone(),
-            task_id: spec.task_id.clone(),
-            sandbox: spec.sandbox.clone(),
-            resources: spec.resources.clone(),
-            grace,
-            isolation,
-        }))
+        self.prepare_in(spec, info, spec.task.clone(), &opts).await
     }
 
     async fn shutdown_framework(&self, framework: &FrameworkId) {
@@ -566,7 +633,11 @@ struct ExecutorTask {
     resources: Resources,
     grace: Duration,
     isolation: String,
+    usage: Arc<Mutex<Option<v1::TaskUsage>>>,
 }
+
+/// Largest framework message an executor may send, in bytes.
+pub const MAX_FRAMEWORK_MESSAGE: usize = 1 << 20;
 
 /// Margin past the grace period for an executor to report a killed task.
 const KILL_MARGIN: Duration = Duration::from_secs(5);
@@ -597,6 +668,7 @@ impl ExecutorTask {
                     updates: tx,
                     resources: self.resources.clone(),
                     sent: false,
+                    usage: self.usage.clone(),
                 },
             );
             st.idle_since = None;
@@ -703,6 +775,13 @@ impl Container for ExecutorTask {
     fn executor(&self) -> Option<ExecutorId> {
         Some(self.exec.id().clone())
     }
+
+    fn usage_probe(&self) -> Option<crate::containerizer::UsageProbe> {
+        let usage = self.usage.clone();
+        Some(Arc::new(move || {
+            usage.lock().ok().and_then(|u| *u).unwrap_or_default()
+        }))
+    }
 }
 
 /// The Executor API: where executors subscribe for their tasks and send status updates.
@@ -787,6 +866,52 @@ impl v1::executor_server::Executor for ExecutorService {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
+    }
+
+    async fn message(
+        &self,
+        request: Request<v1::ExecutorMessageRequest>,
+    ) -> Result<Response<v1::CallResponse>, Status> {
+        let r = request.into_inner();
+        let exec = self.authorise(r.header)?;
+        if r.data.len() > MAX_FRAMEWORK_MESSAGE {
+            return Err(Status::invalid_argument(format!(
+                "a framework message may hold at most {MAX_FRAMEWORK_MESSAGE} bytes, not {}",
+                r.data.len()
+            )));
+        }
+        let task = r.task_id.as_ref().map(TaskId::try_from).transpose()?;
+        let _ = self
+            .inner
+            .events
+            .send(crate::actor::Event::FrameworkMessage {
+                framework: exec.key.0.clone(),
+                executor: Some(exec.id().clone()),
+                task,
+                data: r.data,
+            })
+            .await;
+        Ok(Response::new(v1::CallResponse {}))
+    }
+
+    async fn usage(
+        &self,
+        request: Request<v1::ExecutorUsageRequest>,
+    ) -> Result<Response<v1::CallResponse>, Status> {
+        let r = request.into_inner();
+        let exec = self.authorise(r.header)?;
+        let st = exec.lock();
+        for t in r.tasks {
+            let Some(id) = t.task_id.as_ref().and_then(|t| TaskId::try_from(t).ok()) else {
+                continue;
+            };
+            if let Some(slot) = st.tasks.get(&id)
+                && let Ok(mut u) = slot.usage.lock()
+            {
+                *u = t.usage;
+            }
+        }
+        Ok(Response::new(v1::CallResponse {}))
     }
 
     async fn update(

@@ -9,7 +9,9 @@
 //!
 //! # Layout
 //!
-//! - [`containerizer`]: the [`Containerizer`] trait and the Wasm containerizer.
+//! - [`containerizer`]: the [`Containerizer`] trait and what containerizers share.
+//! - [`wasm`]: the Wasm containerizer (in the framework's Wasm executor, or in process) and
+//!   the capability policy.
 //! - [`native`]: the native containerizer (`command` tasks as processes in cgroups).
 //! - [`executor`]: custom executors and the Executor API they use.
 //! - [`fetcher`]: tasks' URIs into their sandboxes, through a bounded cache.
@@ -26,6 +28,7 @@ pub mod link;
 pub mod native;
 pub mod resources;
 pub mod sandbox;
+pub mod wasm;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -39,10 +42,11 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tonic::transport::server::TcpIncoming;
 
-pub use containerizer::{Container, Containerizer, LaunchSpec, Termination, WasmContainerizer};
+pub use containerizer::{Container, Containerizer, LaunchSpec, Termination};
 pub use executor::{ExecutorConfig, ExecutorContainerizer};
 pub use fetcher::{FetchStats, Fetcher, FetcherConfig};
 pub use native::{NativeConfig, NativeContainerizer};
+pub use wasm::{Volume, WasmContainerizer, WasmPolicy};
 
 /// Settings of an agent.
 #[derive(Debug, Clone)]
@@ -58,7 +62,15 @@ pub struct AgentConfig {
     pub attributes: Vec<Attribute>,
     /// The address clients use for the Sandbox API. Default: `http://<listener address>`.
     pub advertise: Option<String>,
+    /// The engine of Wasm tasks run in the agent's process (and the cache directory and
+    /// pool size every Wasm executor of the agent uses).
     pub wasm: WasmConfig,
+    /// What Wasm tasks may be granted.
+    pub wasm_policy: WasmPolicy,
+    /// The command that runs a framework's Wasm executor, e.g. `["/usr/bin/agora",
+    /// "__wasm-executor"]`. Default: this program when it is `agora`. Without one, Wasm
+    /// tasks run in the agent's own process.
+    pub wasm_executor: Option<Vec<std::ffi::OsString>>,
     /// How `command` tasks are contained.
     pub native: native::NativeConfig,
     /// The fetcher and its cache (under `<work_dir>/fetch-cache`).
@@ -81,6 +93,11 @@ impl AgentConfig {
             attributes: Vec::new(),
             advertise: None,
             wasm: WasmConfig::default(),
+            wasm_policy: WasmPolicy::default(),
+            wasm_executor: std::env::current_exe()
+                .ok()
+                .filter(|p| p.file_name().is_some_and(|n| n == "agora"))
+                .map(|p| vec![p.into_os_string(), "__wasm-executor".into()]),
             native: native::NativeConfig::default(),
             fetcher: fetcher::FetcherConfig::default(),
             executors: executor::ExecutorConfig::default(),
@@ -105,6 +122,8 @@ pub enum AgentError {
     Listener(std::io::Error),
     #[error("preparing the fetch cache: {0}")]
     Fetcher(std::io::Error),
+    #[error("preparing the module store: {0}")]
+    Modules(std::io::Error),
 }
 
 fn hostname() -> String {
@@ -151,10 +170,7 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
     let containers = containerizer::Containers::default();
-    let wasm = Arc::new(
-        WasmContainerizer::new(WasmRuntime::new(config.wasm.clone())?)
-            .with_fetcher(fetcher.clone()),
-    );
+    let (events_tx, events_rx) = mpsc::channel(16 * 1024);
     let native = Arc::new(native::NativeContainerizer::new(config.native.clone()));
     let executors = ExecutorContainerizer::new(
         native.clone(),
@@ -163,6 +179,35 @@ pub async fn run(
         endpoint.clone(),
         config.executors.clone(),
         containers.clone(),
+        events_tx.clone(),
+    );
+    // Pool slots from the agent's memory: a slot per 16 MiB, at least 16, at most 1,000.
+    let pool = config
+        .wasm
+        .pool_instances
+        .unwrap_or_else(|| ((total.mem() / 16.0) as u32).clamp(16, 1000));
+    let mode = match &config.wasm_executor {
+        Some(command) => wasm::WasmMode::Executor {
+            executors: executors.clone(),
+            command: command.clone(),
+            pool_instances: Some(pool),
+        },
+        None => {
+            let mut wc = config.wasm.clone();
+            wc.cache_dir
+                .get_or_insert_with(|| work_dir.join("wasm-cache"));
+            wc.pool_instances = Some(pool);
+            wasm::WasmMode::InProcess(WasmRuntime::new(wc)?)
+        }
+    };
+    let wasm = Arc::new(
+        WasmContainerizer::new(
+            mode,
+            Some(fetcher.clone()),
+            config.wasm_policy.clone(),
+            &work_dir,
+        )
+        .map_err(AgentError::Modules)?,
     );
     // The first that supports a task runs it: a task naming an executor goes to it,
     // whatever its payload.
@@ -183,7 +228,6 @@ pub async fn run(
     };
     tracing::info!(%endpoint, master = %config.master, resources = %total, work_dir = %work_dir.display(), "agent starting");
 
-    let (events_tx, events_rx) = mpsc::channel(16 * 1024);
     let metrics = {
         let (fetcher, executors) = (fetcher.clone(), executors.clone());
         Arc::new(move || {

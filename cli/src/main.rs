@@ -5,6 +5,7 @@ mod executor;
 mod roles;
 mod run;
 mod tables;
+mod wasm_executor;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +55,9 @@ enum Command {
     /// Be a custom executor (started by an agent): run each task given as a shell command
     /// in its sandbox and report how it ends.
     Executor,
+    /// Be an agent's Wasm executor for a framework (started by the agent).
+    #[command(name = "__wasm-executor", hide = true)]
+    WasmExecutor,
     /// The master's blob store.
     Blob {
         #[command(subcommand)]
@@ -378,6 +382,7 @@ async fn async_main() -> std::process::ExitCode {
             | Command::Quota { .. }
             | Command::Weight { .. }
             | Command::Executor
+            | Command::WasmExecutor
             | Command::Blob { .. }
     );
     init_tracing(if quiet { "warn" } else { "info" });
@@ -392,6 +397,7 @@ async fn async_main() -> std::process::ExitCode {
         Command::Quota { action } => roles::quota(action).await,
         Command::Weight { action } => roles::weight(action).await,
         Command::Executor => executor::executor().await,
+        Command::WasmExecutor => wasm_executor::wasm_executor().await,
         Command::Blob {
             action: BlobAction::Put { file, query },
         } => upload(&master_url(&query.master), &file)

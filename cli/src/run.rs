@@ -247,6 +247,9 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
                 if status.reason != 0 {
                     line.push_str(&format!(" ({})", reason_name(status.reason())));
                 }
+                if let Some(p) = status.progress {
+                    line.push_str(&format!(" [{:.0}%]", p * 100.0));
+                }
                 if !status.message.is_empty() {
                     line.push_str(": ");
                     line.push_str(status.message.lines().next().unwrap_or_default());
@@ -255,6 +258,11 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
                 if state.is_some_and(TaskState::is_terminal) {
                     break status;
                 }
+            }
+            Event::Message { data, .. } => {
+                let text = String::from_utf8_lossy(&data);
+                let text: String = text.chars().take(200).collect();
+                say(&format!("message from the task: {text}"));
             }
             Event::Error(message) => bail!("the master reported: {message}"),
             Event::Disconnected { reason } => bail!("lost the master: {reason}"),
@@ -267,6 +275,16 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
     tokio::time::sleep(Duration::from_millis(20)).await;
     if let Some(offer) = &launched_on {
         print_output(&master, offer, &scheduler, &task_id).await;
+    }
+    if !last.data.is_empty() {
+        // An agora:task component's output.
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = out.write_all(&last.data);
+        if !last.data.ends_with(b"\n") {
+            let _ = out.write_all(b"\n");
+        }
+        let _ = out.flush();
     }
     let _ = scheduler.teardown().await;
     let state = state_from_proto(last.state());

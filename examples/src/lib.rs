@@ -12,6 +12,12 @@
 //! | `spin`    | loops forever                                               |
 //! | `membomb` | allocates memory without end                                |
 //! | `fsprobe` | probes its file-system sandbox                              |
+//! | `capprobe`| probes files, sockets, env, clock and randomness it is given |
+//! | `sleeper` | blocks in one WASI sleep (for density)                      |
+//!
+//! And the guest-SDK examples in `examples/guest/` (components of the `agora:task` world,
+//! wasm32-wasip2 only), through [`guest_task`]: `wordcount_map`, `wordcount_reduce`,
+//! `transform`, `progress`, and `wrongworld` (a component of another world, refused).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,18 +42,34 @@ impl Target {
 }
 
 /// The names of the example tasks.
-pub const TASKS: [&str; 5] = ["hello", "primes", "spin", "membomb", "fsprobe"];
+pub const TASKS: [&str; 7] = [
+    "hello", "primes", "spin", "membomb", "fsprobe", "capprobe", "sleeper",
+];
+
+/// The names of the guest-SDK examples.
+pub const GUEST_TASKS: [&str; 5] = [
+    "wordcount_map",
+    "wordcount_reduce",
+    "transform",
+    "progress",
+    "wrongworld",
+];
 
 /// The directory holding the task sources.
 pub fn sources_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tasks")
 }
 
-fn target_dir() -> PathBuf {
+/// The directory holding the guest-SDK examples.
+pub fn guest_sources_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("guest")
+}
+
+fn target_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join("target")
-        .join("wasm-tasks")
+        .join(name)
 }
 
 fn cargo() -> String {
@@ -79,10 +101,14 @@ fn ensure_rustup_target(triple: &str) -> Result<(), String> {
 }
 
 fn build(target: Target) -> Result<PathBuf, String> {
+    build_in(&sources_dir(), "wasm-tasks", target)
+}
+
+fn build_in(sources: &Path, target_name: &str, target: Target) -> Result<PathBuf, String> {
     ensure_rustup_target(target.triple())?;
-    let dir = target_dir();
+    let dir = target_dir(target_name);
     let out = Command::new(cargo())
-        .current_dir(sources_dir())
+        .current_dir(sources)
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET")
@@ -93,7 +119,8 @@ fn build(target: Target) -> Result<PathBuf, String> {
         .map_err(|e| format!("running cargo to build the example tasks: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "building the example tasks for {} failed:\n{}",
+            "building the example tasks in {} for {} failed:\n{}",
+            sources.display(),
             target.triple(),
             String::from_utf8_lossy(&out.stderr)
         ));
@@ -124,6 +151,35 @@ pub fn try_task(name: &str, target: Target) -> Result<PathBuf, String> {
 /// Like [`try_task`], for tests: panics with the build's output when it fails.
 pub fn task(name: &str, target: Target) -> PathBuf {
     try_task(name, target).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Builds the guest-SDK examples (once per process) and returns the path of `name`'s
+/// component.
+///
+/// # Errors
+/// When `name` is not one of them or the build fails.
+pub fn try_guest_task(name: &str) -> Result<PathBuf, String> {
+    static GUEST: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    if !GUEST_TASKS.contains(&name) {
+        return Err(format!(
+            "{name:?} is not a guest-SDK example; there are {GUEST_TASKS:?}"
+        ));
+    }
+    let dir = GUEST
+        .get_or_init(|| build_in(&guest_sources_dir(), "wasm-guest", Target::P2))
+        .clone()?;
+    Ok(dir.join(format!("{name}.wasm")))
+}
+
+/// Like [`try_guest_task`], for tests.
+pub fn guest_task(name: &str) -> PathBuf {
+    try_guest_task(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The bytes of a guest-SDK example.
+pub fn guest_bytes(name: &str) -> Vec<u8> {
+    let path = guest_task(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 /// The bytes of an example task.

@@ -64,9 +64,13 @@ fn keeps(paths: &[PathBuf]) -> io::Result<Vec<Keep>> {
     };
     let mut out = Vec::new();
     for p in paths {
+        // Nothing to keep where there is nothing (a directory made later is not seen).
         let Ok(rel) = p.strip_prefix("/tmp") else {
             continue;
         };
+        if !p.is_dir() {
+            continue;
+        }
         let mut ancestors = Vec::new();
         let mut at = PathBuf::from("/tmp");
         for part in rel.components() {

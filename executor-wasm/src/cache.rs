@@ -1,9 +1,17 @@
-//! Compiled programs, kept in memory by the sha256 of their bytes.
+//! Compiled programs: in memory by the sha256 of their bytes ([`ProgramCache`]), and on
+//! disk as wasmtime artifacts keyed by that sha256 and the engine's compatibility
+//! fingerprint ([`DiskCache`]).
 //!
 //! A second launch of the same module skips compilation (tens of milliseconds for a typical
 //! Rust module) and even linking; concurrent launches of a module not yet compiled wait for
 //! one compilation instead of each doing it. Failures are not cached: the next launch tries
 //! again. The least recently used program is dropped when the cache is full.
+//!
+//! On disk, an artifact is trusted only if it is whole: each file starts with a magic tag
+//! and the sha256 of the rest, checked before wasmtime sees a byte (an artifact is native
+//! code; a flipped bit would not be caught by wasmtime's own header checks). An artifact
+//! from another engine configuration is refused by wasmtime's compatibility check. Either
+//! way the entry is removed and the program compiled again.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,10 +25,105 @@ use tokio::sync::OnceCell;
 pub struct CacheStats {
     /// Launches that found their program ready (or being compiled by another launch).
     pub hits: u64,
-    /// Compilations performed (each successful or failed attempt counts).
+    /// Loads that were not in memory (each successful or failed attempt counts): each was
+    /// either read from the disk cache or compiled.
     pub compiles: u64,
     /// Programs held now.
     pub entries: usize,
+    /// Programs read from the disk cache instead of compiled.
+    pub disk_hits: u64,
+    /// Disk cache entries found corrupt or incompatible, removed and rebuilt.
+    pub disk_discarded: u64,
+    /// Artifacts written to the disk cache.
+    pub disk_writes: u64,
+}
+
+/// Compiled artifacts on disk under `<root>/<engine fingerprint>/`.
+#[derive(Debug)]
+pub struct DiskCache {
+    dir: std::path::PathBuf,
+    pub(crate) hits: AtomicU64,
+    pub(crate) discarded: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    seq: AtomicU64,
+}
+
+const MAGIC: &[u8; 8] = b"AGORACW1";
+
+impl DiskCache {
+    /// The cache of an engine with this `fingerprint` under `root`.
+    ///
+    /// # Errors
+    /// When the directory cannot be created.
+    pub fn open(root: &std::path::Path, fingerprint: &str) -> std::io::Result<DiskCache> {
+        let dir = root.join(fingerprint);
+        std::fs::create_dir_all(&dir)?;
+        use std::os::unix::fs::PermissionsExt;
+        // Artifacts are native code: only the agent's user may write them.
+        let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700));
+        Ok(DiskCache {
+            dir,
+            hits: AtomicU64::new(0),
+            discarded: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    /// Where the artifact of `digest` (`sha256:<hex>`) of this `kind` lives.
+    pub fn path(&self, digest: &str, kind: &str) -> std::path::PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.dir.join(format!("{hex}.{kind}.cwasm"))
+    }
+
+    /// The artifact's bytes if a whole one is stored; a damaged one is removed and `None`
+    /// returned.
+    pub fn read(&self, digest: &str, kind: &str) -> Option<Vec<u8>> {
+        use sha2::Digest;
+        let path = self.path(digest, kind);
+        let bytes = std::fs::read(&path).ok()?;
+        let whole = bytes.len() >= MAGIC.len() + 32
+            && &bytes[..MAGIC.len()] == MAGIC
+            && sha2::Sha256::digest(&bytes[MAGIC.len() + 32..])[..]
+                == bytes[MAGIC.len()..MAGIC.len() + 32];
+        if !whole {
+            tracing::warn!(path = %path.display(), "compiled-module cache entry is damaged; rebuilding it");
+            self.discard(digest, kind);
+            return None;
+        }
+        Some(bytes[MAGIC.len() + 32..].to_vec())
+    }
+
+    /// Removes an entry (damaged, or refused by wasmtime).
+    pub fn discard(&self, digest: &str, kind: &str) {
+        self.discarded.fetch_add(1, Ordering::Relaxed);
+        let _ = std::fs::remove_file(self.path(digest, kind));
+    }
+
+    /// Stores an artifact atomically (temporary file, then rename).
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write(&self, digest: &str, kind: &str, artifact: &[u8]) -> std::io::Result<()> {
+        use sha2::Digest;
+        use std::io::Write;
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.dir.join(format!(".tmp-{}-{n}", std::process::id()));
+        let result = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(MAGIC)?;
+            f.write_all(&sha2::Sha256::digest(artifact))?;
+            f.write_all(artifact)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, self.path(digest, kind))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        } else {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
 }
 
 struct Slot<P> {
@@ -143,6 +246,7 @@ impl<P: Clone> ProgramCache<P> {
             hits: self.hits.load(Ordering::Relaxed),
             compiles: self.compiles.load(Ordering::Relaxed),
             entries: self.lock().slots.len(),
+            ..CacheStats::default()
         }
     }
 }

@@ -12,29 +12,38 @@
 //!   spinning task cannot starve others.
 //! - **Memory**: a ceiling on the *sum* of its linear memories ([`limits::MemoryLimiter`]);
 //!   growth past it fails, and a module whose initial memory exceeds it is refused.
-//! - **WASI**: only the arguments and environment it was given, its sandbox directory
-//!   preopened as `/`, stdout and stderr into files of the sandbox (size-capped), no network,
-//!   nothing of the host's environment.
+//! - **WASI**: only the arguments and environment it was given and the capabilities it was
+//!   granted ([`Capabilities`]: its sandbox, volumes, outbound addresses, the wall clock,
+//!   randomness); stdout and stderr into files of the sandbox (size-capped).
 //!
-//! Programs are WASI preview 1 command modules (`_start`) or WASI preview 2 command
-//! components (`wasi:cli/run`); compiled programs are cached by the sha256 of their bytes.
+//! Programs are WASI preview 1 command modules (`_start`), WASI preview 2 command
+//! components (`wasi:cli/run`), or components of the `agora:task` world (`run(input)`, with
+//! log, progress and messages to the framework); compiled programs are cached by the
+//! sha256 of their bytes, in memory and on disk.
 //!
 //! # Layout
 //!
 //! - [`runtime`]: [`WasmRuntime`] — the engine, the epoch ticker, loading and running.
-//! - [`cache`]: compiled programs by content hash, with concurrent loads of one module
-//!   compiled once.
+//! - [`cache`]: compiled programs by content hash, in memory and on disk (keyed also by the
+//!   engine's compatibility fingerprint), with concurrent loads of one module compiled once.
+//! - [`caps`]: capabilities — preopens, network allow-lists, clock and randomness.
+//! - [`guest`]: the host side of the `agora:task` world (log, progress, messages, `run`).
 //! - [`limits`]: the memory limiter and the per-task CPU meter.
 //! - [`output`]: size-capped stdout/stderr files.
 //! - [`outcome`]: how a run ended, and the usage it reports.
 
 pub mod cache;
+pub mod caps;
+pub mod guest;
 pub mod limits;
 pub mod outcome;
 pub mod output;
 pub mod runtime;
 
 pub use cache::CacheStats;
+pub use caps::{AddrPattern, Capabilities, Preopen};
+pub use guest::{GuestEvent, GuestEvents, Level};
+pub use limits::LiveUsage;
 pub use outcome::{Outcome, RunReport, Usage};
 pub use runtime::{
     LoadError, ModuleSource, Program, ProgramKind, RunSpec, WasmConfig, WasmError, WasmRuntime,

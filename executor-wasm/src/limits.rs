@@ -28,6 +28,8 @@ pub struct MemoryLimiter {
     limit: usize,
     used: usize,
     peak: usize,
+    /// Where readers outside the store see `used` and `peak`.
+    live: Option<Arc<LiveUsage>>,
     /// The growth in flight, undone if wasmtime then fails to grow.
     pending: Option<(usize, usize)>,
     /// The total the guest asked for when it was first refused.
@@ -40,8 +42,22 @@ impl MemoryLimiter {
             limit: usize::try_from(limit_bytes).unwrap_or(usize::MAX),
             used: 0,
             peak: 0,
+            live: None,
             pending: None,
             denied: None,
+        }
+    }
+
+    /// Also publishes the memory in use to `live`.
+    pub fn with_live(mut self, live: Arc<LiveUsage>) -> Self {
+        self.live = Some(live);
+        self
+    }
+
+    fn publish(&self) {
+        if let Some(l) = &self.live {
+            l.mem.store(self.used as u64, Ordering::Relaxed);
+            l.mem_peak.store(self.peak as u64, Ordering::Relaxed);
         }
     }
 
@@ -80,6 +96,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         self.pending = Some((current, desired));
         self.used = total;
         self.peak = self.peak.max(total);
+        self.publish();
         Ok(true)
     }
 
@@ -87,6 +104,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         if let Some((current, desired)) = self.pending.take() {
             self.used = self.used.saturating_sub(desired).saturating_add(current);
         }
+        self.publish();
         Ok(())
     }
 
@@ -109,6 +127,48 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 
     fn memories(&self) -> usize {
         MAX_MEMORIES
+    }
+}
+
+/// A running task's usage, readable from outside its store while it runs (for live
+/// statistics): CPU time, wall time, linear memory now and at peak.
+#[derive(Debug)]
+pub struct LiveUsage {
+    pub(crate) cpu: Arc<CpuMeter>,
+    mem: AtomicU64,
+    mem_peak: AtomicU64,
+    started: std::time::Instant,
+}
+
+impl Default for LiveUsage {
+    fn default() -> Self {
+        LiveUsage {
+            cpu: CpuMeter::new(),
+            mem: AtomicU64::new(0),
+            mem_peak: AtomicU64::new(0),
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl LiveUsage {
+    pub fn new() -> Arc<Self> {
+        Arc::new(LiveUsage::default())
+    }
+
+    /// The usage so far (fuel is known only when the run ends).
+    pub fn snapshot(&self) -> crate::Usage {
+        crate::Usage {
+            fuel_used: 0,
+            cpu: self.cpu.used(),
+            wall: self.started.elapsed(),
+            mem_peak_bytes: self.mem_peak.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Linear memory in use now, in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem.load(Ordering::Relaxed)
     }
 }
 

@@ -28,6 +28,8 @@ pub enum Outcome {
     InstantiationFailed(String),
     /// The run was cancelled (the task was killed).
     Killed,
+    /// An `agora:task` component's `run` returned an error.
+    TaskError(String),
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -73,6 +75,7 @@ impl fmt::Display for Outcome {
             ),
             Outcome::InstantiationFailed(msg) => write!(f, "instantiation failed: {msg}"),
             Outcome::Killed => f.write_str("killed"),
+            Outcome::TaskError(msg) => write!(f, "the task failed: {msg}"),
         }
     }
 }
@@ -91,4 +94,7 @@ pub struct Usage {
 pub struct RunReport {
     pub outcome: Outcome,
     pub usage: Usage,
+    /// What an `agora:task` component's `run` returned on success (also written to the
+    /// sandbox's `output` file).
+    pub output: Option<Vec<u8>>,
 }

@@ -1,21 +1,35 @@
-//! [`WasmRuntime`]: one wasmtime engine per agent, its epoch ticker, the linkers for WASI
-//! preview 1 and preview 2, the program cache, and the code that runs one task in one store.
+//! [`WasmRuntime`]: one wasmtime engine per process, its epoch ticker, the linkers for WASI
+//! preview 1, preview 2 and the `agora:task` world, the program caches (memory and disk),
+//! and the code that runs one task in one store.
+//!
+//! ```text
+//!  load(bytes) ─> in-memory cache ─miss─> disk cache (sha256 + engine fingerprint) ─miss─>
+//!                 compile (blocking pool) ─> write artifact ─> link: InstancePre / CommandPre /
+//!                 TaskPre
+//!  run(program) ─> permit (pool slot) ─> Store: limiter, fuel, epoch callback (kill, CPU
+//!                 budget, CPU cap, yield) ─> instantiate ─> _start | wasi:cli/run | run(input)
+//! ```
 
+use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use wasmtime::component::{Component, ResourceTable};
+use wasmtime::component::{Component, HasSelf, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstancePre, Linker, Module, OptLevel, Store, Strategy, Trap, UpdateDeadline,
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module, OptLevel,
+    PoolingAllocationConfig, Store, Strategy, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::cache::{CacheStats, ProgramCache};
+use crate::cache::{CacheStats, DiskCache, ProgramCache};
+use crate::caps::Capabilities;
+use crate::guest::bindings::{Task, TaskPre};
+use crate::guest::{GuestEvents, GuestHost, Level};
 use crate::limits::{CpuMeter, MemoryLimiter};
 use crate::outcome::{Outcome, RunReport, Usage};
 use crate::output::CappedOutput;
@@ -32,7 +46,21 @@ pub struct WasmConfig {
     pub max_output_bytes: u64,
     /// Most native stack a task's Wasm may use, in bytes. Default 1 MiB.
     pub max_wasm_stack: usize,
+    /// Where compiled artifacts are kept, so a restart (or another process of the same
+    /// agent) does not compile again. Default: memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// Instantiate from a pool of this many pre-reserved instance slots, with
+    /// copy-on-write memory images (falls back to allocating on demand when the host cannot
+    /// reserve the pool's address space). At most this many tasks run at once; more wait.
+    /// Default: on demand.
+    pub pool_instances: Option<u32>,
+    /// Hold each task to its `cpus` share of one core, measured over
+    /// [`CPU_CAP_WINDOW`]s; without it `cpus` only sizes the CPU-time budget. Default on.
+    pub cpu_cap: bool,
 }
+
+/// The window over which a task's CPU share is enforced.
+pub const CPU_CAP_WINDOW: Duration = Duration::from_millis(100);
 
 impl Default for WasmConfig {
     fn default() -> Self {
@@ -41,6 +69,9 @@ impl Default for WasmConfig {
             cache_capacity: 64,
             max_output_bytes: 64 << 20,
             max_wasm_stack: 1 << 20,
+            cache_dir: None,
+            pool_instances: None,
+            cpu_cap: true,
         }
     }
 }
@@ -54,6 +85,11 @@ pub enum WasmError {
     Link(String),
     #[error("starting the epoch ticker thread: {0}")]
     Ticker(#[source] std::io::Error),
+    #[error("preparing the compiled-module cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Why a program could not be loaded. All of these are the task's fault, not the agent's.
@@ -91,6 +127,16 @@ pub enum ProgramKind {
     Module,
     /// A WASI preview 2 command component (`wasi:cli/run`).
     Component,
+    /// A component of the `agora:task` world (`run(input) -> result<output, error>`).
+    Task,
+}
+
+/// Holds a task to its share of one core: at most `cpus` × [`CPU_CAP_WINDOW`] of CPU time
+/// in each window; past it, the task sleeps until the next one.
+struct CpuCap {
+    cpus: f64,
+    window_start: Instant,
+    window_cpu: Duration,
 }
 
 /// The state each store holds: the WASI context plus the task's limits and stop flags.
@@ -99,8 +145,26 @@ pub(crate) struct TaskData<W> {
     limiter: MemoryLimiter,
     cpu: Arc<CpuMeter>,
     cpu_budget: Option<Duration>,
+    cap: Option<CpuCap>,
     cancel: CancellationToken,
     stop: Option<Stop>,
+    guest: GuestHost,
+}
+
+impl crate::guest::bindings::agora::task::host::Host for TaskData<P2Wasi> {
+    async fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
+        self.guest.log(level, message);
+        Ok(())
+    }
+
+    async fn progress(&mut self, fraction: f32, message: String) -> wasmtime::Result<()> {
+        self.guest.progress(fraction, message);
+        Ok(())
+    }
+
+    async fn message(&mut self, data: Vec<u8>) -> wasmtime::Result<()> {
+        self.guest.message(data)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +191,7 @@ impl WasiView for TaskData<P2Wasi> {
 enum Pre {
     Module(InstancePre<TaskData<WasiP1Ctx>>),
     Component(CommandPre<TaskData<P2Wasi>>),
+    Task(TaskPre<TaskData<P2Wasi>>),
 }
 
 /// A compiled, linked program, ready to be instantiated many times.
@@ -154,17 +219,19 @@ impl Program {
         match self.pre {
             Pre::Module(_) => ProgramKind::Module,
             Pre::Component(_) => ProgramKind::Component,
+            Pre::Task(_) => ProgramKind::Task,
         }
     }
 }
 
 /// What one run is given.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RunSpec {
     /// argv, including argv[0] (conventionally the task's name).
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// The task's sandbox directory, preopened as `/`.
+    /// The task's sandbox directory: preopened as `/` when granted, and where an
+    /// `agora:task` component's output is written (`output`).
     pub sandbox: PathBuf,
     /// Files for stdout and stderr (usually inside the sandbox).
     pub stdout: PathBuf,
@@ -177,6 +244,16 @@ pub struct RunSpec {
     pub wall_limit: Option<Duration>,
     /// Deterministic instruction budget.
     pub fuel: Option<u64>,
+    /// The task's CPU share (see [`WasmConfig::cpu_cap`]).
+    pub cpus: Option<f64>,
+    /// What the task may reach.
+    pub caps: Capabilities,
+    /// Input of an `agora:task` component's `run`.
+    pub input: Vec<u8>,
+    /// Where an `agora:task` component's log lines, progress and messages go.
+    pub events: Option<GuestEvents>,
+    /// Where the run publishes its usage while it runs.
+    pub live: Option<Arc<crate::limits::LiveUsage>>,
 }
 
 /// Stops the epoch ticker when the runtime goes away.
@@ -199,8 +276,53 @@ struct Inner {
     p1: Linker<TaskData<WasiP1Ctx>>,
     p2: wasmtime::component::Linker<TaskData<P2Wasi>>,
     cache: ProgramCache<Program>,
+    disk: Option<DiskCache>,
+    /// One per pool slot; a run holds one while its store lives.
+    permits: Option<Arc<tokio::sync::Semaphore>>,
+    fingerprint: String,
     config: WasmConfig,
     _ticker: Ticker,
+}
+
+/// Feeds a `Hash` into sha256, for a fingerprint that is stable across Rust releases
+/// (`DefaultHasher` is not).
+struct Sha256Hasher(sha2::Sha256);
+
+impl Hasher for Sha256Hasher {
+    fn write(&mut self, bytes: &[u8]) {
+        sha2::Digest::update(&mut self.0, bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        0
+    }
+}
+
+fn engine_config(config: &WasmConfig, pool: Option<u32>) -> Config {
+    let mut c = Config::new();
+    c.strategy(Strategy::Cranelift)
+        .cranelift_opt_level(OptLevel::Speed)
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(config.max_wasm_stack)
+        // Host frames run on the same fiber stack; leave them room above the Wasm stack.
+        .async_stack_size(config.max_wasm_stack + (1 << 20))
+        .async_stack_zeroing(true)
+        .memory_init_cow(true)
+        .wasm_memory64(false);
+    if let Some(n) = pool {
+        let mut p = PoolingAllocationConfig::default();
+        // A component holds a few core instances and tables; most tasks have one memory.
+        p.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(4))
+            .total_memories(n.saturating_add(n / 4).saturating_add(8))
+            .total_tables(n.saturating_mul(2).saturating_add(8))
+            .total_stacks(n)
+            .max_unused_warm_slots((n / 4).max(1))
+            .table_elements(crate::limits::MAX_TABLE_ELEMENTS);
+        c.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
+    }
+    c
 }
 
 /// Runs Wasm tasks. Cheap to clone; all clones share one engine and one cache.
@@ -226,23 +348,46 @@ impl WasmRuntime {
     /// # Errors
     /// When wasmtime rejects the configuration or the ticker thread cannot start.
     pub fn new(config: WasmConfig) -> Result<Self, WasmError> {
-        let mut c = Config::new();
-        c.strategy(Strategy::Cranelift)
-            .cranelift_opt_level(OptLevel::Speed)
-            .consume_fuel(true)
-            .epoch_interruption(true)
-            .max_wasm_stack(config.max_wasm_stack)
-            // Host frames run on the same fiber stack; leave them room above the Wasm stack.
-            .async_stack_size(config.max_wasm_stack + (1 << 20))
-            .async_stack_zeroing(true)
-            .wasm_memory64(false);
-        let engine = Engine::new(&c).map_err(|e| WasmError::Engine(format!("{e:#}")))?;
+        let (engine, pooled) = match config.pool_instances {
+            Some(n) => match Engine::new(&engine_config(&config, Some(n))) {
+                Ok(e) => (e, true),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), instances = n, "cannot reserve the instance pool; allocating on demand");
+                    let e = Engine::new(&engine_config(&config, None))
+                        .map_err(|e| WasmError::Engine(format!("{e:#}")))?;
+                    (e, false)
+                }
+            },
+            None => (
+                Engine::new(&engine_config(&config, None))
+                    .map_err(|e| WasmError::Engine(format!("{e:#}")))?,
+                false,
+            ),
+        };
+        let fingerprint = {
+            let mut h = Sha256Hasher(sha2::Digest::new());
+            engine.precompile_compatibility_hash().hash(&mut h);
+            hex::encode(&sha2::Digest::finalize(h.0)[..8])
+        };
+        let disk = match &config.cache_dir {
+            Some(dir) => {
+                Some(
+                    DiskCache::open(dir, &fingerprint).map_err(|source| WasmError::Cache {
+                        path: dir.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
 
         let mut p1 = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut p1, |d: &mut TaskData<WasiP1Ctx>| &mut d.wasi)
             .map_err(|e| WasmError::Link(format!("{e:#}")))?;
         let mut p2 = wasmtime::component::Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut p2)
+            .map_err(|e| WasmError::Link(format!("{e:#}")))?;
+        Task::add_to_linker::<_, HasSelf<TaskData<P2Wasi>>>(&mut p2, |d| d)
             .map_err(|e| WasmError::Link(format!("{e:#}")))?;
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -265,12 +410,20 @@ impl WasmRuntime {
                 })
                 .map_err(WasmError::Ticker)?
         };
+        let permits = config
+            .pool_instances
+            .filter(|_| pooled)
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
+        tracing::debug!(pooled, %fingerprint, "wasm engine ready");
         Ok(WasmRuntime {
             inner: Arc::new(Inner {
                 engine,
                 p1,
                 p2,
                 cache: ProgramCache::new(config.cache_capacity),
+                disk,
+                permits,
+                fingerprint,
                 config,
                 _ticker: Ticker {
                     stop,
@@ -280,12 +433,38 @@ impl WasmRuntime {
         })
     }
 
+    /// Whether instances come from a pool (the host allowed reserving it).
+    pub fn pooled(&self) -> bool {
+        self.inner.permits.is_some()
+    }
+
+    /// The engine's compatibility fingerprint: compiled artifacts are shared only between
+    /// engines with the same one.
+    pub fn fingerprint(&self) -> &str {
+        &self.inner.fingerprint
+    }
+
     pub fn config(&self) -> &WasmConfig {
         &self.inner.config
     }
 
     pub fn cache_stats(&self) -> CacheStats {
-        self.inner.cache.stats()
+        let mut s = self.inner.cache.stats();
+        if let Some(d) = &self.inner.disk {
+            s.disk_hits = d.hits.load(Ordering::Relaxed);
+            s.disk_discarded = d.discarded.load(Ordering::Relaxed);
+            s.disk_writes = d.writes.load(Ordering::Relaxed);
+        }
+        s
+    }
+
+    /// Where the disk cache keeps the artifact of a program (for tests and tools).
+    pub fn artifact_path(&self, digest: &str, kind: ProgramKind) -> Option<PathBuf> {
+        let kind = match kind {
+            ProgramKind::Module => "module",
+            ProgramKind::Component | ProgramKind::Task => "component",
+        };
+        self.inner.disk.as_ref().map(|d| d.path(digest, kind))
     }
 
     /// Compiles and links a program, or finds it in the cache.
@@ -341,35 +520,69 @@ impl WasmRuntime {
         cancel: CancellationToken,
     ) -> RunReport {
         let started = Instant::now();
-        let cpu = CpuMeter::new();
+        // A pool slot for this run's store; without a pool, no limit but memory's.
+        let _permit = match &self.inner.permits {
+            Some(p) => tokio::select! {
+                p = Arc::clone(p).acquire_owned() => p.ok(),
+                () = cancel.cancelled() => return RunReport {
+                    outcome: Outcome::Killed,
+                    usage: Usage::default(),
+                    output: None,
+                },
+            },
+            None => None,
+        };
+        let cpu = spec
+            .live
+            .as_ref()
+            .map_or_else(CpuMeter::new, |l| Arc::clone(&l.cpu));
         let mut builder = match self.wasi_builder(&spec) {
             Ok(b) => b,
             Err(msg) => {
                 return RunReport {
                     outcome: Outcome::InstantiationFailed(msg),
                     usage: Usage::default(),
+                    output: None,
                 };
             }
         };
+        let cap = spec
+            .cpus
+            .filter(|c| self.inner.config.cpu_cap && *c > 0.0 && *c < 1.0)
+            .map(|cpus| CpuCap {
+                cpus,
+                window_start: Instant::now(),
+                window_cpu: Duration::ZERO,
+            });
         fn data<W>(
             wasi: W,
+            guest: GuestHost,
             spec: &RunSpec,
             cpu: &Arc<CpuMeter>,
             cancel: &CancellationToken,
+            cap: Option<CpuCap>,
         ) -> TaskData<W> {
+            let mut limiter = MemoryLimiter::new(spec.memory_limit);
+            if let Some(live) = &spec.live {
+                limiter = limiter.with_live(Arc::clone(live));
+            }
             TaskData {
                 wasi,
-                limiter: MemoryLimiter::new(spec.memory_limit),
+                limiter,
                 cpu: Arc::clone(cpu),
                 cpu_budget: spec.cpu_budget,
+                cap,
                 cancel: cancel.clone(),
                 stop: None,
+                guest,
             }
         }
         let mut report = match &program.pre {
             Pre::Module(pre) => {
                 let pre = pre.clone();
-                let store = self.new_store(data(builder.build_p1(), &spec, &cpu, &cancel), &spec);
+                let wasi = builder.build_p1();
+                let d = data(wasi, GuestHost::new(None, None), &spec, &cpu, &cancel, cap);
+                let store = self.new_store(d, &spec);
                 self.execute(store, &spec, &cancel, move |store| {
                     Box::pin(async move {
                         let instance = pre
@@ -383,7 +596,7 @@ impl WasmRuntime {
                             .call_async(&mut *store, ())
                             .await
                             .map_err(Failure::Run)?;
-                        Ok(0)
+                        Ok(Ended::Exit(0))
                     })
                 })
                 .await
@@ -394,7 +607,8 @@ impl WasmRuntime {
                     ctx: builder.build(),
                     table: ResourceTable::new(),
                 };
-                let store = self.new_store(data(wasi, &spec, &cpu, &cancel), &spec);
+                let d = data(wasi, GuestHost::new(None, None), &spec, &cpu, &cancel, cap);
+                let store = self.new_store(d, &spec);
                 self.execute(store, &spec, &cancel, move |store| {
                     Box::pin(async move {
                         let command = pre
@@ -406,7 +620,36 @@ impl WasmRuntime {
                             .call_run(&mut *store)
                             .await
                             .map_err(Failure::Run)?;
-                        Ok(if result.is_ok() { 0 } else { 1 })
+                        Ok(Ended::Exit(if result.is_ok() { 0 } else { 1 }))
+                    })
+                })
+                .await
+            }
+            Pre::Task(pre) => {
+                let pre = pre.clone();
+                let wasi = P2Wasi {
+                    ctx: builder.build(),
+                    table: ResourceTable::new(),
+                };
+                let log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&spec.stderr)
+                    .ok();
+                let guest = GuestHost::new(log, spec.events.clone());
+                let store = self.new_store(data(wasi, guest, &spec, &cpu, &cancel, cap), &spec);
+                let input = spec.input.clone();
+                self.execute(store, &spec, &cancel, move |store| {
+                    Box::pin(async move {
+                        let task = pre
+                            .instantiate_async(&mut *store)
+                            .await
+                            .map_err(Failure::Instantiate)?;
+                        let result = task
+                            .call_run(&mut *store, &input)
+                            .await
+                            .map_err(Failure::Run)?;
+                        Ok(Ended::Output(result))
                     })
                 })
                 .await
@@ -414,6 +657,11 @@ impl WasmRuntime {
         };
         report.usage.wall = started.elapsed();
         report.usage.cpu = cpu.used();
+        if let Some(out) = &report.output
+            && let Err(e) = std::fs::write(spec.sandbox.join("output"), out)
+        {
+            tracing::warn!(error = %e, "writing the task's output into its sandbox");
+        }
         report
     }
 
@@ -433,8 +681,50 @@ impl WasmRuntime {
             .envs(&spec.env)
             .stdout(open(&spec.stdout)?)
             .stderr(open(&spec.stderr)?);
-        b.preopened_dir(&spec.sandbox, "/", FsPerms::ReadWrite)
-            .map_err(|e| format!("preopening the sandbox {}: {e:#}", spec.sandbox.display()))?;
+        let caps = &spec.caps;
+        if caps.sandbox {
+            b.preopened_dir(&spec.sandbox, "/", FsPerms::ReadWrite)
+                .map_err(|e| format!("preopening the sandbox {}: {e:#}", spec.sandbox.display()))?;
+        }
+        for v in &caps.volumes {
+            let perms = if v.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            b.preopened_dir(&v.host, &v.guest_path, perms)
+                .map_err(|e| {
+                    format!("preopening {} as {}: {e:#}", v.host.display(), v.guest_path)
+                })?;
+        }
+        if !caps.connect.is_empty() {
+            let allowed = Arc::new(caps.connect.clone());
+            b.allow_tcp(true)
+                .allow_udp(true)
+                .socket_addr_check(move |addr, use_| {
+                    use wasmtime_wasi::sockets::SocketAddrUse as U;
+                    let ok = match use_ {
+                        U::TcpConnect | U::UdpSend | U::UdpReceive => {
+                            allowed.iter().any(|p| p.matches(&addr))
+                        }
+                        // The implicit bind before a connect or send: any local address,
+                        // an ephemeral port. Binding to a chosen port is serving.
+                        U::TcpBind | U::UdpBind => addr.ip().is_unspecified() && addr.port() == 0,
+                        // Outbound only: no listening, no accepting.
+                        _ => false,
+                    };
+                    Box::pin(async move { ok })
+                });
+        }
+        if !caps.wall_clock {
+            b.wall_clock(StoppedClock);
+        }
+        if !caps.random {
+            use rand::SeedableRng;
+            b.secure_random(rand::rngs::StdRng::seed_from_u64(0x5eed))
+                .insecure_random(rand::rngs::StdRng::seed_from_u64(0x1e55))
+                .insecure_random_seed(0);
+        }
         Ok(b)
     }
 
@@ -453,11 +743,27 @@ impl WasmRuntime {
                 data.stop = Some(Stop::Killed);
                 return Ok(UpdateDeadline::Interrupt);
             }
+            let used = data.cpu.used();
             if let Some(budget) = data.cpu_budget
-                && data.cpu.used() >= budget
+                && used >= budget
             {
                 data.stop = Some(Stop::CpuBudget);
                 return Ok(UpdateDeadline::Interrupt);
+            }
+            if let Some(cap) = &mut data.cap {
+                let now = Instant::now();
+                if now.duration_since(cap.window_start) >= CPU_CAP_WINDOW {
+                    cap.window_start = now;
+                    cap.window_cpu = used;
+                }
+                if used.saturating_sub(cap.window_cpu) >= CPU_CAP_WINDOW.mul_f64(cap.cpus) {
+                    // Its share of this window is spent: sleep to the next one.
+                    let wake = tokio::time::Instant::from_std(cap.window_start + CPU_CAP_WINDOW);
+                    return Ok(UpdateDeadline::YieldCustom(
+                        1,
+                        Box::pin(tokio::time::sleep_until(wake)),
+                    ));
+                }
             }
             // Give other tasks on this worker their turn (tokio's yield_now goes to the back of
             // the queue, unlike wasmtime's own yield).
@@ -478,7 +784,7 @@ impl WasmRuntime {
         body: impl for<'a> FnOnce(
             &'a mut Store<TaskData<W>>,
         ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<i32, Failure>> + Send + 'a>,
+            Box<dyn std::future::Future<Output = Result<Ended, Failure>> + Send + 'a>,
         >,
     ) -> RunReport {
         let fuel_given = spec.fuel.unwrap_or(UNLIMITED_FUEL);
@@ -498,17 +804,41 @@ impl WasmRuntime {
                 () = cancel.cancelled() => Err(Failure::Cancelled),
             }
         };
+        store.data_mut().guest.flush();
         let usage = Usage {
             fuel_used: fuel_given.saturating_sub(store.get_fuel().unwrap_or(0)),
             mem_peak_bytes: store.data().limiter.peak(),
             ..Usage::default()
         };
         let data = store.data();
+        let (outcome, output) = classify(result, data, spec);
         RunReport {
-            outcome: classify(result, data, spec),
+            outcome,
             usage,
+            output,
         }
     }
+}
+
+/// The clock of a task without the wall-clock grant: always the Unix epoch.
+struct StoppedClock;
+
+impl wasmtime_wasi::HostWallClock for StoppedClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+/// How the body of a run ended without failing.
+enum Ended {
+    /// A command's exit status.
+    Exit(i32),
+    /// What an `agora:task` component's `run` returned.
+    Output(Result<Vec<u8>, String>),
 }
 
 /// How the body of a run failed.
@@ -534,17 +864,26 @@ fn describe(e: &wasmtime::Error) -> String {
     msg
 }
 
-fn classify<W>(result: Result<i32, Failure>, data: &TaskData<W>, spec: &RunSpec) -> Outcome {
+fn classify<W>(
+    result: Result<Ended, Failure>,
+    data: &TaskData<W>,
+    spec: &RunSpec,
+) -> (Outcome, Option<Vec<u8>>) {
     let memory_limit = |detail: String| Outcome::MemoryLimit {
         limit: data.limiter.limit(),
         requested: data.limiter.denied().unwrap_or_default(),
         detail,
     };
-    match result {
-        Ok(code) if code != 0 && data.limiter.denied().is_some() => {
+    let outcome = match result {
+        Ok(Ended::Output(Ok(output))) => return (Outcome::Exited(0), Some(output)),
+        Ok(Ended::Output(Err(msg))) if data.limiter.denied().is_some() => {
+            memory_limit(format!("the task then returned the error {msg:?}"))
+        }
+        Ok(Ended::Output(Err(msg))) => Outcome::TaskError(msg),
+        Ok(Ended::Exit(code)) if code != 0 && data.limiter.denied().is_some() => {
             memory_limit(format!("the program then exited with status {code}"))
         }
-        Ok(code) => Outcome::Exited(code),
+        Ok(Ended::Exit(code)) => Outcome::Exited(code),
         Err(Failure::Cancelled) => Outcome::Killed,
         Err(Failure::WallTimeout(limit)) => Outcome::WallTimeout { limit },
         Err(Failure::Instantiate(e)) => match data.limiter.denied() {
@@ -556,37 +895,54 @@ fn classify<W>(result: Result<i32, Failure>, data: &TaskData<W>, spec: &RunSpec)
         },
         Err(Failure::Run(e)) => {
             if data.stop == Some(Stop::Killed) {
-                return Outcome::Killed;
+                return (Outcome::Killed, None);
             }
             if data.stop == Some(Stop::CpuBudget) {
-                return Outcome::CpuBudget {
-                    budget: spec.cpu_budget.unwrap_or_default(),
-                };
+                return (
+                    Outcome::CpuBudget {
+                        budget: spec.cpu_budget.unwrap_or_default(),
+                    },
+                    None,
+                );
             }
             if let Some(exit) = e.downcast_ref::<I32Exit>() {
-                return match exit.0 {
+                let outcome = match exit.0 {
                     code if code != 0 && data.limiter.denied().is_some() => {
                         memory_limit(format!("the program then exited with status {code}"))
                     }
                     code => Outcome::Exited(code),
                 };
+                return (outcome, None);
             }
             if e.downcast_ref::<Trap>() == Some(&Trap::OutOfFuel) {
-                return Outcome::OutOfFuel {
-                    fuel: spec.fuel.unwrap_or(UNLIMITED_FUEL),
-                };
+                return (
+                    Outcome::OutOfFuel {
+                        fuel: spec.fuel.unwrap_or(UNLIMITED_FUEL),
+                    },
+                    None,
+                );
             }
             if data.limiter.denied().is_some() {
-                return memory_limit(format!("the program then failed: {}", describe(&e)));
+                return (
+                    memory_limit(format!("the program then failed: {}", describe(&e))),
+                    None,
+                );
             }
             Outcome::Trap(describe(&e))
         }
-    }
+    };
+    (outcome, None)
 }
 
 const WASM_MAGIC: &[u8; 4] = b"\0asm";
 const CORE_VERSION: [u8; 4] = [1, 0, 0, 0];
 const COMPONENT_VERSION: [u8; 4] = [0x0d, 0, 1, 0];
+
+/// A compiled module or component, before linking.
+enum Compiled {
+    Module(Module),
+    Component(Component),
+}
 
 fn compile(inner: &Inner, bytes: &[u8], digest: String) -> Result<Program, LoadError> {
     if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
@@ -596,37 +952,107 @@ fn compile(inner: &Inner, bytes: &[u8], digest: String) -> Result<Program, LoadE
         )));
     }
     let version: [u8; 4] = [bytes[4], bytes[5], bytes[6], bytes[7]];
-    let pre = if version == CORE_VERSION {
-        let module =
-            Module::new(&inner.engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
-        let has_start = module
-            .get_export("_start")
-            .is_some_and(|e| e.func().is_some());
-        if !has_start {
-            return Err(LoadError::NotACommand(
-                "the module exports no `_start` function".into(),
-            ));
-        }
-        Pre::Module(
-            inner
-                .p1
-                .instantiate_pre(&module)
-                .map_err(|e| LoadError::Link(format!("{e:#}")))?,
-        )
+    let kind = if version == CORE_VERSION {
+        "module"
     } else if version == COMPONENT_VERSION {
-        let component = Component::new(&inner.engine, bytes)
-            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
-        let pre = inner
-            .p2
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError::Link(format!("{e:#}")))?;
-        Pre::Component(CommandPre::new(pre).map_err(|e| {
-            LoadError::NotACommand(format!("the component does not export wasi:cli/run: {e:#}"))
-        })?)
+        "component"
     } else {
         return Err(LoadError::NotWasm(format!(
             "unknown WebAssembly version/layer {version:02x?}"
         )));
+    };
+    let from_disk = inner.disk.as_ref().and_then(|disk| {
+        let artifact = disk.read(&digest, kind)?;
+        // SAFETY: the artifact was written by an engine of this agent into its own cache
+        // directory (0700), and is whole: its sha256 was checked just now. Wasmtime checks
+        // that it was compiled for an engine compatible with this one and refuses it
+        // otherwise (handled below).
+        let loaded = unsafe {
+            if kind == "module" {
+                Module::deserialize(&inner.engine, &artifact).map(Compiled::Module)
+            } else {
+                Component::deserialize(&inner.engine, &artifact).map(Compiled::Component)
+            }
+        };
+        match loaded {
+            Ok(c) => {
+                disk.hits.fetch_add(1, Ordering::Relaxed);
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!(%digest, error = %format!("{e:#}"), "compiled-module cache entry refused by wasmtime; rebuilding it");
+                disk.discard(&digest, kind);
+                None
+            }
+        }
+    });
+    let compiled = match from_disk {
+        Some(c) => c,
+        None => {
+            let c = if kind == "module" {
+                Compiled::Module(
+                    Module::new(&inner.engine, bytes)
+                        .map_err(|e| LoadError::Invalid(format!("{e:#}")))?,
+                )
+            } else {
+                Compiled::Component(
+                    Component::new(&inner.engine, bytes)
+                        .map_err(|e| LoadError::Invalid(format!("{e:#}")))?,
+                )
+            };
+            if let Some(disk) = &inner.disk {
+                let artifact = match &c {
+                    Compiled::Module(m) => m.serialize(),
+                    Compiled::Component(c) => c.serialize(),
+                };
+                match artifact {
+                    Ok(a) => {
+                        if let Err(e) = disk.write(&digest, kind, &a) {
+                            tracing::warn!(%digest, error = %e, "writing the compiled-module cache");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%digest, error = %format!("{e:#}"), "serializing a compiled module");
+                    }
+                }
+            }
+            c
+        }
+    };
+    let pre = match compiled {
+        Compiled::Module(module) => {
+            let has_start = module
+                .get_export("_start")
+                .is_some_and(|e| e.func().is_some());
+            if !has_start {
+                return Err(LoadError::NotACommand(
+                    "the module exports no `_start` function".into(),
+                ));
+            }
+            Pre::Module(
+                inner
+                    .p1
+                    .instantiate_pre(&module)
+                    .map_err(|e| LoadError::Link(format!("{e:#}")))?,
+            )
+        }
+        Compiled::Component(component) => {
+            let pre = inner
+                .p2
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::Link(format!("{e:#}")))?;
+            match TaskPre::new(pre.clone()) {
+                Ok(task) => Pre::Task(task),
+                Err(task_err) => match CommandPre::new(pre) {
+                    Ok(cmd) => Pre::Component(cmd),
+                    Err(cmd_err) => {
+                        return Err(LoadError::NotACommand(format!(
+                            "the component exports neither agora:task's `run: func(input: list<u8>) -> result<list<u8>, string>` ({task_err:#}) nor wasi:cli/run ({cmd_err:#})"
+                        )));
+                    }
+                },
+            }
+        }
     };
     Ok(Program {
         digest: digest.into(),

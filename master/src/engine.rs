@@ -1545,6 +1545,33 @@ impl Engine {
         self.changed = true;
     }
 
+    /// A task's message to its framework, passed on if the framework is connected (framework
+    /// messages are not retried, as in Mesos).
+    ///
+    /// # Errors
+    /// When the message is malformed.
+    pub fn framework_message(
+        &mut self,
+        agent: &AgentId,
+        m: v1::agent_message::FrameworkMessage,
+    ) -> Result<(), EngineError> {
+        let fw = FrameworkId::try_from(
+            m.framework_id
+                .as_ref()
+                .ok_or(ProtoError::Missing("framework_id"))?,
+        )?;
+        self.tell_framework(
+            &fw,
+            v1::event::Event::Message(v1::event::Message {
+                agent_id: Some(agent.into()),
+                executor_id: m.executor_id,
+                task_id: m.task_id,
+                data: m.data,
+            }),
+        );
+        Ok(())
+    }
+
     /// A status update from an agent: updates the task table and forwards it to the
     /// framework, which acknowledges it through the master.
     ///

@@ -366,6 +366,11 @@ impl Actor {
                     v1::agent_message::Message::Register(_) => {
                         tracing::warn!(agent_id = %agent, "agent sent a second registration on one link; ignored");
                     }
+                    v1::agent_message::Message::FrameworkMessage(m) => {
+                        if let Err(e) = self.engine.framework_message(&agent, m) {
+                            tracing::warn!(agent_id = %agent, error = %e, "bad framework message from agent");
+                        }
+                    }
                 }
                 self.execute();
             }

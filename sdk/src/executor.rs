@@ -139,6 +139,45 @@ impl Executor {
     }
 }
 
+impl Executor {
+    /// Sends bytes to the framework (an Event::Message there), about `task` if given.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] when the agent refuses it (too large).
+    pub async fn message(&self, task: Option<&TaskId>, data: Vec<u8>) -> Result<(), Error> {
+        self.client
+            .clone()
+            .message(v1::ExecutorMessageRequest {
+                header: Some(self.header.clone()),
+                task_id: task.map(Into::into),
+                data,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Reports the running tasks' usage, for the agent's GetContainers.
+    ///
+    /// # Errors
+    /// When the agent cannot be reached.
+    pub async fn usage(&self, tasks: Vec<(TaskId, v1::TaskUsage)>) -> Result<(), Error> {
+        self.client
+            .clone()
+            .usage(v1::ExecutorUsageRequest {
+                header: Some(self.header.clone()),
+                tasks: tasks
+                    .into_iter()
+                    .map(|(t, u)| v1::executor_usage_request::TaskUsageReport {
+                        task_id: Some((&t).into()),
+                        usage: Some(u),
+                    })
+                    .collect(),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
 /// A status update for `task`, with a fresh uuid and the time now.
 pub fn status(task: &TaskId, state: TaskState, message: impl Into<String>) -> v1::TaskStatus {
     v1::TaskStatus {

@@ -64,6 +64,14 @@ pub enum Event {
     },
     /// The master reports an error (e.g. the framework was removed).
     Error(String),
+    /// Bytes one of the framework's tasks (or executors) sent it. Not retried: messages
+    /// sent while the framework was away are lost.
+    Message {
+        agent_id: Option<AgentId>,
+        executor_id: Option<agora_core::ExecutorId>,
+        task_id: Option<TaskId>,
+        data: Vec<u8>,
+    },
     /// The stream broke; the driver is re-subscribing if configured to.
     Disconnected {
         reason: String,
@@ -158,6 +166,14 @@ fn convert(ev: v1::event::Event) -> Option<Event> {
         },
         E::Error(e) => Event::Error(e.message),
         E::Heartbeat(_) => return None,
+        E::Message(m) => Event::Message {
+            agent_id: m.agent_id.and_then(|a| AgentId::try_from(a).ok()),
+            executor_id: m
+                .executor_id
+                .and_then(|e| agora_core::ExecutorId::try_from(e).ok()),
+            task_id: m.task_id.and_then(|t| TaskId::try_from(t).ok()),
+            data: m.data,
+        },
     })
 }
 

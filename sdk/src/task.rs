@@ -192,6 +192,95 @@ impl TaskBuilder {
         self
     }
 
+    fn caps_mut(&mut self) -> Option<&mut v1::WasmCapabilities> {
+        self.wasm_mut()
+            .map(|w| w.capabilities.get_or_insert_with(Default::default))
+    }
+
+    /// A Wasm task whose module the agent fetches: `https://…`, `file:///…` or a blob
+    /// (`sha256:<hex>`) in the master's store; `sha256` (optional) is checked.
+    pub fn wasm_uri(task_id: TaskId, uri: impl Into<String>, sha256: Option<String>) -> Self {
+        let mut b = TaskBuilder {
+            task: Self::wasm_task(&task_id),
+        };
+        if let Some(w) = b.wasm_mut() {
+            let uri: String = uri.into();
+            w.module = Some(if uri.starts_with("sha256:") {
+                v1::wasm_task::Module::Digest(uri)
+            } else {
+                v1::wasm_task::Module::Uri(uri)
+            });
+            w.sha256 = sha256.unwrap_or_default();
+        }
+        b
+    }
+
+    /// The bytes an `agora:task` component's `run` receives.
+    pub fn input(mut self, input: impl Into<Vec<u8>>) -> Self {
+        if let Some(w) = self.wasm_mut() {
+            w.input = input.into();
+        }
+        self
+    }
+
+    /// Grants a Wasm task its sandbox directory, read-write, as `/`.
+    pub fn grant_sandbox(mut self) -> Self {
+        if let Some(c) = self.caps_mut() {
+            c.sandbox = true;
+        }
+        self
+    }
+
+    /// Grants a Wasm task one of the agent's volumes at `guest_path`.
+    pub fn grant_volume(
+        mut self,
+        name: impl Into<String>,
+        guest_path: impl Into<String>,
+        read_only: bool,
+    ) -> Self {
+        if let Some(c) = self.caps_mut() {
+            c.volumes.push(v1::VolumeGrant {
+                name: name.into(),
+                guest_path: guest_path.into(),
+                read_only,
+            });
+        }
+        self
+    }
+
+    /// Grants a Wasm task the agent's value of an environment variable.
+    pub fn grant_host_env(mut self, name: impl Into<String>) -> Self {
+        if let Some(c) = self.caps_mut() {
+            c.host_env.push(name.into());
+        }
+        self
+    }
+
+    /// Grants a Wasm task outbound connections to `HOST:PORT` (IP, CIDR, `localhost` or
+    /// `*`; port, range or `*`).
+    pub fn grant_connect(mut self, pattern: impl Into<String>) -> Self {
+        if let Some(c) = self.caps_mut() {
+            c.connect.push(pattern.into());
+        }
+        self
+    }
+
+    /// Grants a Wasm task the real wall clock.
+    pub fn grant_wall_clock(mut self) -> Self {
+        if let Some(c) = self.caps_mut() {
+            c.wall_clock = true;
+        }
+        self
+    }
+
+    /// Grants a Wasm task the operating system's randomness.
+    pub fn grant_random(mut self) -> Self {
+        if let Some(c) = self.caps_mut() {
+            c.random = true;
+        }
+        self
+    }
+
     /// A deterministic instruction budget for a Wasm task.
     pub fn fuel(mut self, fuel: u64) -> Self {
         if let Some(w) = self.wasm_mut() {

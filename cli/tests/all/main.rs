@@ -119,6 +119,16 @@ impl Cluster {
         config.resources = Some(parse_resources(resources).unwrap());
         config.hostname = Some(format!("agent-{n}"));
         config.status_retry = Duration::from_millis(500);
+        // Wasm tasks run in the framework's Wasm executor, as with the real binary.
+        config.wasm_executor = Some(vec![
+            env!("CARGO_BIN_EXE_agora").into(),
+            "__wasm-executor".into(),
+        ]);
+        config.native.init = Some(vec![
+            env!("CARGO_BIN_EXE_agora").into(),
+            "__init".into(),
+            "--".into(),
+        ]);
         config
     }
 

@@ -2,8 +2,12 @@
 //! through the Wasm runtime and checks how each one ends.
 #![allow(clippy::unwrap_used, clippy::new_without_default)]
 
+mod caps;
+mod disk;
+mod guest;
 mod hostile;
 mod programs;
+mod sched;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,9 +35,8 @@ impl Sandbox {
             stdout: self.dir.path().join("stdout"),
             stderr: self.dir.path().join("stderr"),
             memory_limit: 64 << 20,
-            cpu_budget: None,
             wall_limit: Some(Duration::from_secs(30)),
-            fuel: None,
+            ..RunSpec::default()
         }
     }
 

@@ -66,7 +66,9 @@ async fn the_sandbox_is_the_only_file_system_and_the_host_env_is_hidden() {
     for target in [Target::P1, Target::P2] {
         let program = load(&rt, task_bytes("fsprobe", target)).await;
         let sb = Sandbox::new();
-        let report = run(&rt, &program, sb.spec(&["fsprobe"])).await;
+        let mut spec = sb.spec(&["fsprobe"]);
+        spec.caps.sandbox = true;
+        let report = run(&rt, &program, spec).await;
         assert_eq!(report.outcome, Outcome::Exited(0), "{}", sb.stderr());
         let out = sb.stdout();
         let line = |probe: &str| {
