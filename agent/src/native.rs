@@ -22,7 +22,8 @@ use crate::containerizer::{Container, Containerizer, LaunchSpec, Termination, Up
 pub struct NativeConfig {
     /// Where cgroups are mounted. Point it at an empty directory to run without cgroups.
     pub cgroup_root: PathBuf,
-    /// The agent's cgroup, under which each task gets one.
+    /// The agent's cgroup, under which each task gets one. Leftovers under it are removed
+    /// when the agent starts, so two agents on one host need different parents.
     pub cgroup_parent: String,
     /// Cap CPU time at the task's `cpus` (CFS quota / `cpu.max`), not only weight it.
     pub cgroups_enable_cfs: bool,
@@ -93,6 +94,14 @@ impl NativeContainerizer {
                     tracing::warn!(error = %e, "cgroups found but not writable; native tasks run without them");
                     cgroups = Cgroups::None;
                 }
+            }
+        }
+        // An agent that died (killed, crashed) left its containers behind; this one cannot
+        // reattach to them yet, so it ends them: nothing runs that no agent accounts for.
+        for name in cgroups.children(&config.cgroup_parent) {
+            tracing::warn!(cgroup = %format!("{}/{name}", config.cgroup_parent), "removing a container a previous agent left behind");
+            if let Err(e) = cgroups.adopt(&config.cgroup_parent, &name).destroy() {
+                tracing::warn!(error = %e, "could not remove a leftover container");
             }
         }
         // SAFETY: geteuid has no preconditions.

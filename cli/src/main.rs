@@ -155,6 +155,10 @@ struct AgentArgs {
     /// Where cgroups are mounted; an empty directory runs native tasks without cgroups.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     cgroup_root: PathBuf,
+    /// The agent's cgroup, under which each container gets one (two agents on one host
+    /// need different ones: each removes what it finds there at start).
+    #[arg(long, default_value = "agora")]
+    cgroup_parent: String,
     /// Cap native tasks' CPU time at their cpus (CFS quota / cpu.max), not only weight it.
     #[arg(long)]
     cgroups_enable_cfs: bool,
@@ -335,6 +339,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     config.hostname = args.hostname;
     config.advertise = args.advertise;
     config.native.cgroup_root = args.cgroup_root;
+    config.native.cgroup_parent = args.cgroup_parent;
     config.native.cgroups_enable_cfs = args.cgroups_enable_cfs;
     config.native.pids_max = Some(args.pids_max);
     config.native.log_max_bytes = args.log_max_bytes;

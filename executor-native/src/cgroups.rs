@@ -154,6 +154,75 @@ impl Cgroups {
         }
     }
 
+    /// The names of the cgroups under `parent` (in any controller): after a crash, those a
+    /// previous agent left.
+    pub fn children(&self, parent: &str) -> Vec<String> {
+        let roots: Vec<PathBuf> = match self {
+            Cgroups::None => Vec::new(),
+            Cgroups::V2 { root, .. } => vec![root.clone()],
+            Cgroups::V1 {
+                controllers,
+                unified,
+            } => controllers
+                .iter()
+                .map(|(_, p)| p.clone())
+                .chain(unified.clone())
+                .collect(),
+        };
+        let mut names: Vec<String> = roots
+            .iter()
+            .flat_map(|r| fs::read_dir(r.join(parent)).into_iter().flatten().flatten())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Takes charge of an existing cgroup `parent/name` (to kill and remove it); nothing is
+    /// created or changed.
+    pub fn adopt(&self, parent: &str, name: &str) -> TaskCgroup {
+        let mut cg = TaskCgroup {
+            layout: self.clone(),
+            dirs: Vec::new(),
+            kill_file: None,
+            freezer: None,
+        };
+        match self {
+            Cgroups::None => {}
+            Cgroups::V2 { root, .. } => {
+                let d = root.join(parent).join(name);
+                if d.is_dir() {
+                    cg.kill_file = Some(d.join("cgroup.kill")).filter(|k| k.exists());
+                    cg.dirs.push(d);
+                }
+            }
+            Cgroups::V1 { unified, .. } => {
+                for controller in V1_CONTROLLERS {
+                    let Some(mount) = self.v1(controller) else {
+                        continue;
+                    };
+                    let d = mount.join(parent).join(name);
+                    if d.is_dir() && !cg.dirs.contains(&d) {
+                        if controller == "freezer" {
+                            cg.freezer = Some(d.clone());
+                        }
+                        cg.dirs.push(d);
+                    }
+                }
+                if let Some(u) = unified {
+                    let d = u.join(parent).join(name);
+                    if d.is_dir() {
+                        cg.kill_file = Some(d.join("cgroup.kill")).filter(|k| k.exists());
+                        cg.dirs.push(d);
+                    }
+                }
+            }
+        }
+        cg
+    }
+
     /// Creates the cgroup `parent/name` for a task with these limits.
     ///
     /// # Errors

@@ -198,3 +198,24 @@ fn without_a_cgroup2_tree_the_freezer_kills_everything() {
     assert!(pids.iter().all(|p| !alive(*p)), "survivors among {pids:?}");
     finish(cg);
 }
+
+#[test]
+fn cgroups_left_by_a_dead_agent_are_found_adopted_and_removed() {
+    let layout = host();
+    let parent = format!("agora-test-orphans-{}", std::process::id());
+    let cg = layout
+        .create(&parent, "left-behind", &Limits::default())
+        .unwrap();
+    let dirs = cg.dirs().to_vec();
+    let mut child = spawn(&mut sh("sleep 600"), Some(&cg), &Rlimits::default()).unwrap();
+    let pid = child.id() as i32;
+    // The owner goes away without cleaning up, as a killed agent does.
+    std::mem::forget(cg);
+    assert_eq!(layout.children(&parent), ["left-behind"]);
+    layout.adopt(&parent, "left-behind").destroy().unwrap();
+    let _ = child.wait();
+    assert!(!alive(pid), "the orphan's process was killed");
+    assert!(dirs.iter().all(|d| !d.exists()), "{dirs:?}");
+    assert!(layout.children(&parent).is_empty());
+    layout.remove_parent(&parent);
+}

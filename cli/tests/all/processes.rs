@@ -6,11 +6,23 @@ use std::time::Duration;
 
 use agora_examples::{Target, task};
 
-/// A child process killed when dropped, so a failing test leaves nothing running.
+/// A child process stopped when dropped (SIGTERM, so an agent ends its containers; SIGKILL
+/// if it lingers), so a test leaves nothing running.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -71,7 +83,7 @@ fn master_agent_and_run_as_processes() {
         .find(|w| w.starts_with("http://"))
         .unwrap()
         .to_owned();
-    let (_agent, _) = start(
+    let (agent, _) = start(
         agora()
             .args([
                 "agent",
@@ -81,6 +93,8 @@ fn master_agent_and_run_as_processes() {
                 "127.0.0.1:0",
                 "--resources",
                 "cpus:2;mem:1024",
+                "--cgroup-parent",
+                &format!("agora-test-{}-processes", std::process::id()),
             ])
             .arg("--work-dir")
             .arg(work.path()),
@@ -253,5 +267,12 @@ fn master_agent_and_run_as_processes() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A stopped agent leaves no container (its Wasm executor's included) behind.
+    drop(agent);
+    assert_eq!(
+        crate::native::cgroups_left("processes"),
+        Vec::<std::path::PathBuf>::new()
     );
 }
