@@ -649,6 +649,7 @@ impl ExecutorTask {
         t.exit_code = status.exit_code;
         t.data = status.data;
         t.usage = status.usage.map(Box::new);
+        t.progress = status.progress;
         t.source = v1::StatusSource::SourceExecutor;
         Some(t)
     }

@@ -186,12 +186,23 @@ pub async fn run(
         .wasm
         .pool_instances
         .unwrap_or_else(|| ((total.mem() / 16.0) as u32).clamp(16, 1000));
+    let cache_dir = config
+        .wasm
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| work_dir.join("wasm-cache"));
     let mode = match &config.wasm_executor {
-        Some(command) => wasm::WasmMode::Executor {
-            executors: executors.clone(),
-            command: command.clone(),
-            pool_instances: Some(pool),
-        },
+        Some(command) => {
+            let mut wc = config.wasm.clone();
+            wc.cache_dir = Some(cache_dir.clone());
+            wc.pool_instances = None;
+            wasm::WasmMode::Executor {
+                executors: executors.clone(),
+                command: command.clone(),
+                pool_instances: Some(pool),
+                compiler: WasmRuntime::new(wc)?,
+            }
+        }
         None => {
             let mut wc = config.wasm.clone();
             wc.cache_dir
@@ -206,6 +217,7 @@ pub async fn run(
             Some(fetcher.clone()),
             config.wasm_policy.clone(),
             &work_dir,
+            cache_dir,
         )
         .map_err(AgentError::Modules)?,
     );

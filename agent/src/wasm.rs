@@ -239,6 +239,9 @@ pub enum WasmMode {
         command: Vec<std::ffi::OsString>,
         /// Instance slots each executor's pool has.
         pool_instances: Option<u32>,
+        /// Compiles modules into the shared disk cache (same engine settings as the
+        /// executors', on demand).
+        compiler: WasmRuntime,
     },
 }
 
@@ -259,21 +262,24 @@ const WASM_ISOLATION: &str = "wasm(epoch-cpu,fuel,memory-ceiling,wasi-sandbox)";
 impl WasmContainerizer {
     /// # Errors
     /// When the module store cannot be created.
+    /// Modules are stored under `<work_dir>/modules`; compiled artifacts are shared through
+    /// `cache_dir`.
     pub fn new(
         mode: WasmMode,
         fetcher: Option<Fetcher>,
         policy: WasmPolicy,
         work_dir: &Path,
+        cache_dir: PathBuf,
     ) -> std::io::Result<Self> {
         let modules = work_dir.join("modules");
         std::fs::create_dir_all(&modules)?;
-        std::fs::create_dir_all(work_dir.join("wasm-cache"))?;
+        std::fs::create_dir_all(&cache_dir)?;
         Ok(WasmContainerizer {
             mode,
             fetcher,
             policy,
             modules,
-            cache_dir: work_dir.join("wasm-cache"),
+            cache_dir,
         })
     }
 
@@ -456,7 +462,12 @@ impl Containerizer for WasmContainerizer {
                 executors,
                 command,
                 pool_instances,
+                compiler,
             } => {
+                compiler
+                    .precompile(&digest, &self.module_path(&digest))
+                    .await
+                    .map_err(load_error)?;
                 let mut task = spec.task.clone();
                 if let Some(v1::task_info::Payload::Wasm(w)) = &mut task.payload {
                     w.module = Some(v1::wasm_task::Module::Digest(digest.clone()));
@@ -493,15 +504,7 @@ impl Containerizer for WasmContainerizer {
                 let program = runtime
                     .load(ModuleSource::Bytes(Arc::from(bytes)), Some(&digest))
                     .await
-                    .map_err(|e| {
-                        let reason = match e {
-                            LoadError::UnknownDigest(_) | LoadError::DigestMismatch { .. } => {
-                                v1::Reason::FetcherFailed
-                            }
-                            _ => v1::Reason::ModuleInvalid,
-                        };
-                        Termination::new(TaskState::Error, reason, e.to_string())
-                    })?;
+                    .map_err(load_error)?;
                 let mut run = run_spec(spec, wasm, caps);
                 run.env.extend(host_env);
                 let live = LiveUsage::new();
@@ -515,6 +518,14 @@ impl Containerizer for WasmContainerizer {
             }
         }
     }
+}
+
+fn load_error(e: LoadError) -> Termination {
+    let reason = match e {
+        LoadError::UnknownDigest(_) | LoadError::DigestMismatch { .. } => v1::Reason::FetcherFailed,
+        _ => v1::Reason::ModuleInvalid,
+    };
+    Termination::new(TaskState::Error, reason, e.to_string())
 }
 
 /// What a Wasm task's run is given, from its task info. Also used by the Wasm executor.

@@ -63,6 +63,23 @@ enum Command {
         #[command(subcommand)]
         action: BlobAction,
     },
+    /// Task bundles: a directory with an agora.toml manifest and what it names.
+    Bundle {
+        #[command(subcommand)]
+        action: BundleAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleAction {
+    /// Check a bundle and pack it into one archive (default NAME.agora.tgz here).
+    Build {
+        dir: PathBuf,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Check a bundle's manifest (a directory or an archive) and say what it would run.
+    Check { bundle: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -258,19 +275,44 @@ fn parse_attributes(s: &str) -> Result<Vec<agora_core::Attribute>, String> {
     agora_core::parse_attributes(s).map_err(|e| e.to_string())
 }
 
-/// Uploads `file` to the master's blob store with a progress bar on stderr (for files
-/// large enough to need one); returns its digest.
-pub async fn upload(master: &str, file: &std::path::Path) -> anyhow::Result<String> {
-    let size = std::fs::metadata(file)
-        .with_context(|| format!("reading {}", file.display()))?
-        .len();
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(size),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    if size < 4 << 20 {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+fn bundle(action: BundleAction) -> anyhow::Result<()> {
+    match action {
+        BundleAction::Build { dir, output } => {
+            let b = agora_sdk::bundle::Bundle::open(&dir)
+                .with_context(|| format!("bundle {}", dir.display()))?;
+            let out =
+                output.unwrap_or_else(|| PathBuf::from(format!("{}.agora.tgz", b.manifest.name)));
+            b.archive(&out)?;
+            let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            println!("{} ({size} bytes)", out.display());
+        }
+        BundleAction::Check { bundle } => {
+            let b = agora_sdk::bundle::Bundle::open(&bundle)
+                .with_context(|| format!("bundle {}", bundle.display()))?;
+            let m = &b.manifest;
+            println!(
+                "{}: {} task, {}, {}",
+                m.name,
+                match m.kind {
+                    agora_sdk::bundle::Kind::Wasm => "wasm",
+                    agora_sdk::bundle::Kind::Native => "native",
+                },
+                m.resources()?,
+                m.module
+                    .as_deref()
+                    .or(m.command.as_deref())
+                    .unwrap_or_default()
+            );
+        }
     }
+    Ok(())
+}
+
+/// A progress bar for an upload on stderr, drawn only once it is large (4 MiB) and only on
+/// a terminal.
+pub fn upload_bar(what: &str) -> indicatif::ProgressBar {
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
@@ -278,10 +320,27 @@ pub async fn upload(master: &str, file: &std::path::Path) -> anyhow::Result<Stri
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    bar.set_message(format!(
-        "uploading {}",
-        file.file_name().unwrap_or_default().to_string_lossy()
-    ));
+    bar.set_message(format!("uploading {what}"));
+    let b = bar.clone();
+    // Small uploads end before a bar would be worth drawing.
+    bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        if !b.is_finished() && b.length().unwrap_or(0) >= 4 << 20 {
+            b.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+    });
+    bar
+}
+
+/// Uploads `file` to the master's blob store with a progress bar on stderr (for files
+/// large enough to need one); returns its digest.
+pub async fn upload(master: &str, file: &std::path::Path) -> anyhow::Result<String> {
+    let size = std::fs::metadata(file)
+        .with_context(|| format!("reading {}", file.display()))?
+        .len();
+    let bar = upload_bar(&file.file_name().unwrap_or_default().to_string_lossy());
+    bar.set_length(size);
     let b = bar.clone();
     let digest = agora_sdk::blob::upload_file(master, file, move |sent, _| b.set_position(sent))
         .await
@@ -389,6 +448,7 @@ async fn async_main() -> std::process::ExitCode {
             | Command::Executor
             | Command::WasmExecutor
             | Command::Blob { .. }
+            | Command::Bundle { .. }
     );
     init_tracing(if quiet { "warn" } else { "info" });
     let result = match cli.command {
@@ -408,6 +468,7 @@ async fn async_main() -> std::process::ExitCode {
         } => upload(&master_url(&query.master), &file)
             .await
             .map(|d| println!("{d}")),
+        Command::Bundle { action } => bundle(action),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,10 @@
 //! `agora run`: a one-shot framework, like `mesos-execute`. It waits for an offer that fits,
-//! launches the task, prints its state changes (to stderr), then its stdout and stderr, and
-//! exits with the task's exit code.
+//! launches the task, prints its state changes (to stderr), then its stdout and stderr (and
+//! an agora:task component's output), and exits with the task's exit code.
+//!
+//! The task is a Wasm file, a shell command (`--cmd`), or a bundle (a directory with an
+//! `agora.toml`, or an archive of one from `agora bundle build`): a bundle is checked, its
+//! module and files uploaded to the master's blob store, and run as its manifest says.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,7 +22,8 @@ use crate::{master_url, parse_duration, shutdown_signal};
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// The Wasm module or component to run.
+    /// The Wasm module or component to run, or a bundle (a directory with an agora.toml,
+    /// or a .tgz made by `agora bundle build`).
     #[arg(required_unless_present = "cmd", conflicts_with = "cmd")]
     file: Option<PathBuf>,
     /// Run a shell command as a native task instead (in a cgroup on the agent), e.g.
@@ -63,6 +68,81 @@ pub struct RunArgs {
     /// Run a --cmd task as this user on the agent.
     #[arg(long, requires = "cmd")]
     user: Option<String>,
+    /// Give a Wasm task a capability (all are denied otherwise): sandbox, wall-clock,
+    /// random, env:NAME (the agent's variable), connect:HOST:PORT, volume:NAME:/PATH[:ro].
+    /// Repeatable.
+    #[arg(long = "grant", value_parser = parse_grant)]
+    grants: Vec<Grant>,
+    /// An agora:task component's input: the bytes of this file.
+    #[arg(long)]
+    input: Option<PathBuf>,
+}
+
+/// A capability given on the command line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grant {
+    Sandbox,
+    WallClock,
+    Random,
+    Env(String),
+    Connect(String),
+    Volume {
+        name: String,
+        path: String,
+        read_only: bool,
+    },
+}
+
+fn parse_grant(s: &str) -> Result<Grant, String> {
+    Ok(match s.split_once(':') {
+        None if s == "sandbox" => Grant::Sandbox,
+        None if s == "wall-clock" => Grant::WallClock,
+        None if s == "random" => Grant::Random,
+        Some(("env", name)) if !name.is_empty() => Grant::Env(name.to_owned()),
+        Some(("connect", pattern)) if !pattern.is_empty() => Grant::Connect(pattern.to_owned()),
+        Some(("volume", rest)) => {
+            let (name, path) = rest
+                .split_once(':')
+                .ok_or_else(|| format!("{s:?}: a volume grant is volume:NAME:/PATH[:ro]"))?;
+            let (path, read_only) = match path.strip_suffix(":ro") {
+                Some(p) => (p, true),
+                None => (path, false),
+            };
+            Grant::Volume {
+                name: name.to_owned(),
+                path: path.to_owned(),
+                read_only,
+            }
+        }
+        _ => {
+            return Err(format!(
+                "{s:?}: grant sandbox, wall-clock, random, env:NAME, connect:HOST:PORT or volume:NAME:/PATH[:ro]"
+            ));
+        }
+    })
+}
+
+fn apply(b: TaskBuilder, g: &Grant) -> TaskBuilder {
+    match g {
+        Grant::Sandbox => b.grant_sandbox(),
+        Grant::WallClock => b.grant_wall_clock(),
+        Grant::Random => b.grant_random(),
+        Grant::Env(n) => b.grant_host_env(n),
+        Grant::Connect(p) => b.grant_connect(p),
+        Grant::Volume {
+            name,
+            path,
+            read_only,
+        } => b.grant_volume(name, path, *read_only),
+    }
+}
+
+/// Whether `path` is a bundle rather than a Wasm file.
+fn is_bundle(path: &std::path::Path) -> bool {
+    path.is_dir()
+        || path.file_name().is_some_and(|n| {
+            n.to_string_lossy().ends_with(".tgz") || n.to_string_lossy().ends_with(".tar.gz")
+        })
 }
 
 /// `URL[,extract][,cache][,executable][,sha256=HEX][,as=NAME]`: options are peeled off the
@@ -120,29 +200,61 @@ fn stem(path: &std::path::Path) -> String {
 }
 
 async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let module = match &args.file {
-        Some(f) => Some(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?),
+    let master = master_url(&args.master);
+    // A bundle is checked before anything is sent anywhere.
+    let bundle = match &args.file {
+        Some(f) if is_bundle(f) => Some(
+            agora_sdk::bundle::Bundle::open(f)
+                .with_context(|| format!("bundle {}", f.display()))?,
+        ),
+        _ => None,
+    };
+    let module = match (&args.file, &bundle) {
+        (Some(f), None) => {
+            Some(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?)
+        }
+        _ => None,
+    };
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| match (&bundle, &args.file) {
+            (Some(b), _) => b.manifest.name.clone(),
+            (None, Some(f)) => stem(f),
+            (None, None) => "cmd".into(),
+        });
+    let need: Resources = match &bundle {
+        Some(b) => b.manifest.resources()?,
+        None => [
+            Resource::scalar("cpus", args.cpus),
+            Resource::scalar("mem", args.mem),
+        ]
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .context("--cpus and --mem")?,
+    };
+    let uploaded = match &bundle {
+        Some(b) => {
+            let bar = crate::upload_bar(&name);
+            let p = bar.clone();
+            let u = b
+                .upload(&master, move |_, sent, total| {
+                    p.set_length(total);
+                    p.set_position(sent);
+                })
+                .await
+                .context("uploading the bundle to the master's blob store")?;
+            bar.finish_and_clear();
+            Some(u)
+        }
         None => None,
     };
-    let name = args.name.clone().unwrap_or_else(|| match &args.file {
-        Some(f) => stem(f),
-        None => "cmd".into(),
-    });
-    let need: Resources = [
-        Resource::scalar("cpus", args.cpus),
-        Resource::scalar("mem", args.mem),
-    ]
-    .into_iter()
-    .collect::<Result<_, _>>()
-    .context("--cpus and --mem")?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     let task_id =
         TaskId::new(format!("{name}-{}-{nanos:09}", std::process::id())).context("task id")?;
-    let master = master_url(&args.master);
-
     let mut config = SchedulerConfig::new(master.clone(), format!("agora-run {name}"));
     // If this process dies, its task goes with it.
     config.framework.failover_timeout = 0.0;
@@ -153,15 +265,24 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let started = Instant::now();
     let say = |what: &str| eprintln!("[{:>8.3}s] {what}", started.elapsed().as_secs_f64());
-    let builder = match (module, &args.cmd) {
-        (Some(m), _) => TaskBuilder::wasm(task_id.clone(), m),
-        (None, Some(c)) => TaskBuilder::command(task_id.clone(), c.clone()),
-        (None, None) => anyhow::bail!("give a Wasm file or --cmd"),
+    let builder = match (&uploaded, module, &args.cmd) {
+        (Some(u), _, _) => u.task(task_id.clone())?,
+        (None, Some(m), _) => TaskBuilder::wasm(task_id.clone(), m)
+            .name(&name)
+            .resources(need.clone()),
+        (None, None, Some(c)) => TaskBuilder::command(task_id.clone(), c.clone())
+            .name(&name)
+            .resources(need.clone()),
+        (None, None, None) => anyhow::bail!("give a Wasm file, a bundle or --cmd"),
     };
-    let mut builder = builder
-        .name(&name)
-        .resources(need.clone())
-        .args(args.args.clone());
+    let mut builder = builder.args(args.args.clone());
+    for g in &args.grants {
+        builder = apply(builder, g);
+    }
+    if let Some(path) = &args.input {
+        builder = builder
+            .input(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+    }
     for (k, v) in &args.env {
         builder = builder.env(k, v);
     }
@@ -347,6 +468,25 @@ async fn print_output(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grants_parse() {
+        assert_eq!(parse_grant("sandbox").unwrap(), Grant::Sandbox);
+        assert_eq!(
+            parse_grant("connect:127.0.0.1:80").unwrap(),
+            Grant::Connect("127.0.0.1:80".into())
+        );
+        assert_eq!(
+            parse_grant("volume:data:/data:ro").unwrap(),
+            Grant::Volume {
+                name: "data".into(),
+                path: "/data".into(),
+                read_only: true
+            }
+        );
+        assert!(parse_grant("network").is_err());
+        assert!(parse_grant("volume:data").is_err());
+    }
 
     #[test]
     fn uris_take_options_after_commas() {

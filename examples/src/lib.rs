@@ -171,6 +171,40 @@ pub fn try_guest_task(name: &str) -> Result<PathBuf, String> {
     Ok(dir.join(format!("{name}.wasm")))
 }
 
+/// A runnable bundle of the guest-SDK example `name` (`wordcount_map`, `transform`, …):
+/// its `agora.toml` and `bundle/` files from `examples/guest/<crate>/` beside the built
+/// component, assembled under `target/wasm-guest/bundles/<crate>/`.
+///
+/// # Errors
+/// When the build fails or the files cannot be copied.
+pub fn try_guest_bundle(name: &str) -> Result<PathBuf, String> {
+    let component = try_guest_task(name)?;
+    let krate = name.replace('_', "-");
+    let src = guest_sources_dir().join(&krate);
+    let dir = target_dir("wasm-guest").join("bundles").join(&krate);
+    let copy = |from: &Path, to: &Path| {
+        std::fs::copy(from, to)
+            .map(|_| ())
+            .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    copy(&src.join("agora.toml"), &dir.join("agora.toml"))?;
+    copy(&component, &dir.join(format!("{name}.wasm")))?;
+    for e in std::fs::read_dir(src.join("bundle"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        copy(&e.path(), &dir.join(e.file_name()))?;
+    }
+    Ok(dir)
+}
+
+/// Like [`try_guest_bundle`], for tests.
+pub fn guest_bundle(name: &str) -> PathBuf {
+    try_guest_bundle(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Like [`try_guest_task`], for tests.
 pub fn guest_task(name: &str) -> PathBuf {
     try_guest_task(name).unwrap_or_else(|e| panic!("{e}"))

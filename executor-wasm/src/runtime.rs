@@ -276,6 +276,8 @@ struct Inner {
     p1: Linker<TaskData<WasiP1Ctx>>,
     p2: wasmtime::component::Linker<TaskData<P2Wasi>>,
     cache: ProgramCache<Program>,
+    /// Programs compiled into the disk cache for other processes ([`WasmRuntime::precompile`]).
+    prepared: ProgramCache<ProgramKind>,
     disk: Option<DiskCache>,
     /// One per pool slot; a run holds one while its store lives.
     permits: Option<Arc<tokio::sync::Semaphore>>,
@@ -421,6 +423,7 @@ impl WasmRuntime {
                 p1,
                 p2,
                 cache: ProgramCache::new(config.cache_capacity),
+                prepared: ProgramCache::new(4096),
                 disk,
                 permits,
                 fingerprint,
@@ -510,6 +513,43 @@ impl WasmRuntime {
                     .await
             }
         }
+    }
+
+    /// Makes sure the disk cache holds the compiled module in `path` (whose digest is
+    /// `digest`) for other processes to load, compiling it here if need be, and says what
+    /// kind of program it is. The agent does this for its Wasm executors, so that compiling
+    /// — memory-hungry, and slow for big modules — happens outside their cgroups, and a bad
+    /// module is refused before any executor sees it. Done once per digest.
+    ///
+    /// # Errors
+    /// As [`WasmRuntime::load`], and when the file cannot be read.
+    pub async fn precompile(
+        &self,
+        digest: &str,
+        path: &std::path::Path,
+    ) -> Result<ProgramKind, LoadError> {
+        let inner = Arc::clone(&self.inner);
+        let (d, path) = (digest.to_owned(), path.to_owned());
+        self.inner
+            .prepared
+            .get_or_load(digest, move || async move {
+                tokio::task::spawn_blocking(move || {
+                    let bytes = std::fs::read(&path).map_err(|e| {
+                        LoadError::Interrupted(format!("reading {}: {e}", path.display()))
+                    })?;
+                    let actual = crate::digest(&bytes);
+                    if actual != d {
+                        return Err(LoadError::DigestMismatch {
+                            expected: d,
+                            actual,
+                        });
+                    }
+                    compile(&inner, &bytes, d).map(|p| p.kind())
+                })
+                .await
+                .map_err(|e| LoadError::Interrupted(e.to_string()))?
+            })
+            .await
     }
 
     /// Runs one instance of `program` until it ends, is cancelled, or hits a limit.

@@ -19,8 +19,10 @@
 //! - [`operator`]: operator and sandbox clients.
 //! - [`executor`]: the executor side of the agent's Executor API.
 //! - [`blob`]: uploads to the master's blob store.
+//! - [`bundle`]: task bundles (`agora.toml` and what it names).
 
 pub mod blob;
+pub mod bundle;
 pub mod executor;
 pub mod operator;
 pub mod scheduler;

@@ -9,6 +9,7 @@ mod fetch;
 mod native;
 mod processes;
 mod roles;
+mod wasm;
 
 use std::time::Duration;
 
@@ -119,6 +120,14 @@ impl Cluster {
         config.resources = Some(parse_resources(resources).unwrap());
         config.hostname = Some(format!("agent-{n}"));
         config.status_retry = Duration::from_millis(500);
+        // Each agent removes what it finds under its cgroup parent when it starts: tests
+        // running side by side must not share one.
+        static AGENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        config.native.cgroup_parent = format!(
+            "agora-test-{}-agent-{}",
+            std::process::id(),
+            AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         // Wasm tasks run in the framework's Wasm executor, as with the real binary.
         config.wasm_executor = Some(vec![
             env!("CARGO_BIN_EXE_agora").into(),
@@ -264,18 +273,24 @@ pub fn wasm_task(id: &str, example: &str, resources: &str) -> TaskBuilder {
         .resources(parse_resources(resources).unwrap())
 }
 
-/// Waits for an offer and launches `task` on it.
+/// Waits for an offer and launches `task` on it (on the next one, if a master with an offer
+/// timeout took that one back meanwhile).
 pub async fn launch(scheduler: &Scheduler, events: &mut Events, task: TaskBuilder) -> v1::Offer {
-    let offer = next_offers(events).await.remove(0);
-    scheduler
-        .accept(
-            &[offer.id.clone().unwrap()],
-            vec![task.build_for(&offer)],
-            Some(0.0),
-        )
-        .await
-        .unwrap();
-    offer
+    loop {
+        let offer = next_offers(events).await.remove(0);
+        match scheduler
+            .accept(
+                &[offer.id.clone().unwrap()],
+                vec![task.clone().build_for(&offer)],
+                Some(0.0),
+            )
+            .await
+        {
+            Ok(()) => return offer,
+            Err(e) if e.to_string().contains("no longer valid") => continue,
+            Err(e) => panic!("accepting an offer: {e}"),
+        }
+    }
 }
 
 /// Asserts how a task ended: its state, its reason, and a phrase of its message.

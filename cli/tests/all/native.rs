@@ -24,7 +24,25 @@ pub async fn start_with(
     cgroup_root: Option<&std::path::Path>,
     tweak: impl FnOnce(&mut agora_agent::AgentConfig),
 ) -> Cluster {
-    let mut cluster = Cluster::start(&[]).await;
+    start_full(test, fast_master(), cgroup_root, tweak).await
+}
+
+/// As [`start_with`], with a master of `master`'s settings.
+pub async fn start_with_master(
+    test: &str,
+    master: agora_master::MasterConfig,
+    tweak: impl FnOnce(&mut agora_agent::AgentConfig),
+) -> Cluster {
+    start_full(test, master, None, tweak).await
+}
+
+async fn start_full(
+    test: &str,
+    master: agora_master::MasterConfig,
+    cgroup_root: Option<&std::path::Path>,
+    tweak: impl FnOnce(&mut agora_agent::AgentConfig),
+) -> Cluster {
+    let mut cluster = Cluster::start_with(master, &[]).await;
     let mut config = cluster.agent_config("cpus:2;mem:1024;disk:1024");
     config.native.kill_grace = Duration::from_millis(500);
     config.native.cgroup_parent = parent(test);

@@ -115,3 +115,16 @@ async fn an_entry_from_another_engine_configuration_is_rebuilt() {
         "{s:?}"
     );
 }
+
+#[test]
+fn pooled_and_on_demand_engines_share_artifacts() {
+    // The agent compiles with an on-demand engine for executors that run pooled ones.
+    let on_demand = WasmRuntime::new(WasmConfig::default()).unwrap();
+    let pooled = WasmRuntime::new(WasmConfig {
+        pool_instances: Some(4),
+        ..WasmConfig::default()
+    })
+    .unwrap();
+    assert!(pooled.pooled());
+    assert_eq!(on_demand.fingerprint(), pooled.fingerprint());
+}
