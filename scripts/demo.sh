@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts a local cluster (a master and two agents, `agora dev`), runs the hello example on it
-# with `agora run`, prints its output, and stops the cluster.
+# with `agora run`, then a task bundle written with the guest SDK (it reports progress and
+# messages its framework), prints their output, and stops the cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -9,6 +10,7 @@ port=${AGORA_DEMO_PORT:-5050}
 echo "==> building agora and the example tasks" >&2
 cargo build --quiet -p agora-cli
 cargo build --quiet --release --manifest-path examples/tasks/Cargo.toml --target wasm32-wasip1 -p hello
+bundle=$(cargo run --quiet -p agora-examples --bin build-examples | awk '$1 == "bundle" && $2 == "progress" {print $3}')
 agora=target/debug/agora
 hello=examples/tasks/target/wasm32-wasip1/release/hello.wasm
 
@@ -27,3 +29,6 @@ grep -q "^ready:" "$log" || { cat "$log" >&2; echo "demo: the cluster did not st
 
 echo "==> $agora run --master 127.0.0.1:$port $hello -- Agora" >&2
 "$agora" run --master "127.0.0.1:$port" "$hello" -- Agora
+
+echo "==> $agora run --master 127.0.0.1:$port $bundle" >&2
+"$agora" run --master "127.0.0.1:$port" "$bundle"

@@ -65,7 +65,10 @@ impl Default for ExecutorConfig {
 }
 
 type Key = (FrameworkId, ExecutorId);
-type EventTx = mpsc::Sender<Result<v1::ExecutorEvent, Status>>;
+/// An executor's event stream. Unbounded, unlike the master's streams: what goes on it is
+/// bounded by the executor's own tasks (a launch, a kill and a few acknowledgements each),
+/// and a launch must never be dropped because a burst of them outran the executor.
+type EventTx = mpsc::UnboundedSender<Result<v1::ExecutorEvent, Status>>;
 
 struct Slot {
     updates: mpsc::UnboundedSender<v1::TaskStatus>,
@@ -129,15 +132,15 @@ impl Exec {
     }
 
     /// Sends `event` on the executor's stream; false when there is no stream (or it is
-    /// full or closed, and then it is dropped: the executor must subscribe again).
+    /// closed, and then it is dropped: the executor must subscribe again).
     fn send(&self, state: &mut ExecState, event: executor_event::Event) -> bool {
         let Some(tx) = &state.stream else {
             return false;
         };
-        match tx.try_send(Ok(v1::ExecutorEvent { event: Some(event) })) {
+        match tx.send(Ok(v1::ExecutorEvent { event: Some(event) })) {
             Ok(()) => true,
             Err(_) => {
-                tracing::warn!(executor_id = %self.id(), "executor's event stream is full or closed; dropping it");
+                tracing::warn!(executor_id = %self.id(), "executor's event stream is closed; dropping it");
                 state.stream = None;
                 false
             }
@@ -821,14 +824,14 @@ impl ExecutorService {
 #[tonic::async_trait]
 impl v1::executor_server::Executor for ExecutorService {
     type SubscribeStream =
-        tokio_stream::wrappers::ReceiverStream<Result<v1::ExecutorEvent, Status>>;
+        tokio_stream::wrappers::UnboundedReceiverStream<Result<v1::ExecutorEvent, Status>>;
 
     async fn subscribe(
         &self,
         request: Request<v1::ExecutorSubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let exec = self.authorise(request.into_inner().header)?;
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::unbounded_channel();
         let subscribed = v1::ExecutorEvent {
             event: Some(executor_event::Event::Subscribed(
                 executor_event::Subscribed {
@@ -838,7 +841,7 @@ impl v1::executor_server::Executor for ExecutorService {
                 },
             )),
         };
-        let _ = tx.try_send(Ok(subscribed));
+        let _ = tx.send(Ok(subscribed));
         {
             let mut st = exec.lock();
             if st.stream.is_some() {
@@ -864,9 +867,9 @@ impl v1::executor_server::Executor for ExecutorService {
         }
         exec.subscribed.send_replace(true);
         tracing::info!(framework_id = %exec.key.0, executor_id = %exec.id(), "executor subscribed");
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
+        Ok(Response::new(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        ))
     }
 
     async fn message(

@@ -1,6 +1,8 @@
 //! Launch latency and throughput of Wasm tasks through a whole cluster — a master, an agent
-//! and an SDK framework talking gRPC over loopback in this process — beside bare wasmtime
-//! running the same module in the same process (precompiled, a fresh store per run).
+//! and an SDK framework talking gRPC over loopback in this process, the task in the
+//! framework's Wasm executor process (as `agora agent` runs it) and then in the agent's own
+//! process — beside bare wasmtime running the same module in the same process (precompiled,
+//! a fresh store per run; and compiled afresh for the cold baseline).
 //!
 //! ```text
 //! cargo bench -p agora-cli --bench launch                      # 1,000 launches, 32 in flight
@@ -10,8 +12,9 @@
 //!
 //! Latencies are measured at the framework: from just before the ACCEPT call to the arrival
 //! of the TASK_RUNNING and TASK_FINISHED updates. The first launch sends the module's bytes
-//! and compiles it (reported apart as "cold"); the others name it by digest, as a framework
-//! re-launching a module does.
+//! and compiles it — and starts the framework's Wasm executor (reported apart as "cold");
+//! the others name it by digest, as a framework re-launching a module does. "cold module"
+//! is the first sight of another module (`capprobe`) once the executor runs: compile included.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use std::collections::HashMap;
@@ -85,6 +88,11 @@ fn main() {
     let bare = bare::Bare::new(&hello);
     let base = bare.latencies(args.launches);
     report("bare wasmtime: instantiate + _start", &base);
+    let cold_base = sorted((0..5).map(|_| bare::cold(&hello)).collect());
+    println!(
+        "bare wasmtime cold (compile + instantiate + _start): p50={:.3}ms",
+        ms(pct(&cold_base, 50.0))
+    );
     let base_tput = bare.throughput(args.throughput_tasks, 2);
     println!("bare wasmtime throughput (2 threads): {base_tput:.0} runs/s");
 
@@ -93,19 +101,55 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let (cold, running, finished, tput) = rt.block_on(cluster(Kind::Wasm(&hello), &args));
-    println!("agora cold launch (bytes sent, compiled): ACCEPT → FINISHED {cold:?}");
-    report("agora ACCEPT → TASK_RUNNING", &running);
-    report("agora ACCEPT → TASK_FINISHED", &finished);
-    println!(
-        "agora throughput ({} in flight): {tput:.0} tasks/s",
-        args.in_flight
-    );
-    println!(
-        "ratios: FINISHED p50 / bare p50 = {:.1}×; bare throughput / agora throughput = {:.1}×",
-        pct(&finished, 50.0).as_secs_f64() / pct(&base, 50.0).as_secs_f64(),
-        base_tput / tput
-    );
+    for (what, in_process) in [
+        ("in a Wasm executor", false),
+        ("in the agent's process", true),
+    ] {
+        let r = rt.block_on(cluster(
+            Kind::Wasm {
+                hello: &hello,
+                in_process,
+            },
+            &args,
+        ));
+        println!(
+            "agora {what}: cold launch (executor started, bytes sent, compiled): ACCEPT → FINISHED {:.3}ms",
+            ms(r.cold)
+        );
+        if let Some(c) = r.cold_module {
+            println!(
+                "agora {what}: cold module (first sight of capprobe, compiled): ACCEPT → FINISHED {:.3}ms; ratio to bare cold p50 {:.1}×",
+                ms(c),
+                c.as_secs_f64() / pct(&cold_base, 50.0).as_secs_f64()
+            );
+        }
+        report(
+            &format!("agora {what}: warm ACCEPT → TASK_RUNNING"),
+            &r.running,
+        );
+        report(
+            &format!("agora {what}: warm ACCEPT → TASK_FINISHED"),
+            &r.finished,
+        );
+        println!(
+            "agora {what}: throughput ({} in flight): {:.0} tasks/s",
+            args.in_flight, r.throughput
+        );
+        println!(
+            "agora {what}: ratios: warm FINISHED p50 / bare p50 = {:.1}×; bare throughput / agora throughput = {:.1}×",
+            pct(&r.finished, 50.0).as_secs_f64() / pct(&base, 50.0).as_secs_f64(),
+            base_tput / r.throughput
+        );
+    }
+}
+
+/// What one cluster run measured.
+struct Measured {
+    cold: Duration,
+    cold_module: Option<Duration>,
+    running: Vec<Duration>,
+    finished: Vec<Duration>,
+    throughput: f64,
 }
 
 fn cpu_model() -> String {
@@ -151,11 +195,10 @@ fn sorted(mut v: Vec<Duration>) -> Vec<Duration> {
 /// What the benchmark launches.
 #[derive(Clone, Copy)]
 enum Kind<'a> {
-    Wasm(&'a [u8]),
+    /// `hello`, in the framework's Wasm executor or in the agent's process.
+    Wasm { hello: &'a [u8], in_process: bool },
     /// `/bin/true` as a native task, with cgroups and namespaces or with no isolation.
-    Native {
-        isolated: bool,
-    },
+    Native { isolated: bool },
 }
 
 /// `/bin/true` through the cluster, with full isolation (cgroups; PID, mount, UTS and IPC
@@ -184,7 +227,8 @@ fn native(args: &Args) {
         .build()
         .unwrap();
     for (isolated, what) in [(true, "cgroups + namespaces"), (false, "no isolation")] {
-        let (_, running, finished, tput) = rt.block_on(cluster(Kind::Native { isolated }, args));
+        let r = rt.block_on(cluster(Kind::Native { isolated }, args));
+        let (running, finished, tput) = (r.running, r.finished, r.throughput);
         report(
             &format!("agora native ({what}) ACCEPT → TASK_RUNNING"),
             &running,
@@ -204,7 +248,7 @@ fn native(args: &Args) {
     }
 }
 
-async fn cluster(kind: Kind<'_>, args: &Args) -> (Duration, Vec<Duration>, Vec<Duration>, f64) {
+async fn cluster(kind: Kind<'_>, args: &Args) -> Measured {
     let dir = tempfile::tempdir().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let master = format!("http://{}", listener.local_addr().unwrap());
@@ -229,6 +273,15 @@ async fn cluster(kind: Kind<'_>, args: &Args) -> (Duration, Vec<Duration>, Vec<D
         config.native.cgroup_root = dir.path().join("no-cgroups");
         config.native.namespaces = false;
     }
+    config.wasm_executor = match kind {
+        Kind::Wasm {
+            in_process: false, ..
+        } => Some(vec![
+            env!("CARGO_BIN_EXE_agora").into(),
+            "__wasm-executor".into(),
+        ]),
+        _ => None,
+    };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = tokio::spawn(agora_agent::run(listener, config, stopped(stop_rx.clone())));
 
@@ -245,7 +298,7 @@ async fn cluster(kind: Kind<'_>, args: &Args) -> (Duration, Vec<Duration>, Vec<D
     // Cold: the first launch carries the bytes and compiles (for native tasks, a warm-up).
     let t = Instant::now();
     let first = match kind {
-        Kind::Wasm(hello) => {
+        Kind::Wasm { hello, .. } => {
             f.digest = format!(
                 "sha256:{}",
                 hex::encode(<sha2::Sha256 as sha2::Digest>::digest(hello))
@@ -269,13 +322,36 @@ async fn cluster(kind: Kind<'_>, args: &Args) -> (Duration, Vec<Duration>, Vec<D
         finished.push(d);
     }
 
+    let cold_module = match kind {
+        Kind::Wasm { .. } => {
+            let other = task_bytes("capprobe", Target::P1);
+            let t = Instant::now();
+            f.launch(
+                &mut events,
+                vec![TaskBuilder::wasm(
+                    TaskId::new("cold-module").unwrap(),
+                    other,
+                )],
+            )
+            .await;
+            Some(f.wait_done(&mut events, "cold-module", t).await.1)
+        }
+        Kind::Native { .. } => None,
+    };
+
     let tput = f
         .throughput(&mut events, args.throughput_tasks, args.in_flight)
         .await;
     let _ = stop_tx.send(true);
     let _ = a.await;
     let _ = m.await;
-    (cold, sorted(running), sorted(finished), tput)
+    Measured {
+        cold,
+        cold_module,
+        running: sorted(running),
+        finished: sorted(finished),
+        throughput: tput,
+    }
 }
 
 struct Framework {
@@ -404,6 +480,14 @@ mod bare {
     pub struct Bare {
         pre: InstancePre<WasiP1Ctx>,
         dir: tempfile::TempDir,
+    }
+
+    /// Compiles `wasm` afresh, instantiates it and runs `_start`: the cold baseline.
+    pub fn cold(wasm: &[u8]) -> Duration {
+        let t = Instant::now();
+        let bare = Bare::new(wasm);
+        bare.run(0);
+        t.elapsed()
     }
 
     impl Bare {

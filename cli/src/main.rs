@@ -203,6 +203,51 @@ struct AgentArgs {
     /// Shut down a custom executor that has had no tasks for this long.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     executor_idle_timeout: Duration,
+    /// A directory Wasm tasks may be granted, NAME=PATH (add :ro to lend it read-only).
+    /// Repeatable.
+    #[arg(long = "wasm-volume", value_parser = parse_volume)]
+    wasm_volumes: Vec<(String, agora_agent::Volume)>,
+    /// An environment variable of the agent's that Wasm tasks may be granted (a trailing *
+    /// matches a prefix). Repeatable.
+    #[arg(long = "wasm-allow-env")]
+    wasm_allow_env: Vec<String>,
+    /// Addresses Wasm tasks may be granted connections to, HOST:PORT (an IP, a CIDR block,
+    /// localhost or *; a port, a range or *). Repeatable. Default: none.
+    #[arg(long = "wasm-allow-connect", value_parser = parse_pattern)]
+    wasm_allow_connect: Vec<agora_executor_wasm::AddrPattern>,
+    /// Refuse Wasm tasks that ask for the real wall clock.
+    #[arg(long)]
+    wasm_deny_wall_clock: bool,
+    /// Refuse Wasm tasks that ask for OS randomness.
+    #[arg(long)]
+    wasm_deny_random: bool,
+    /// Instance slots of each Wasm executor's pool (default: one per 16 MiB of the agent's
+    /// memory, 16 to 1,000).
+    #[arg(long)]
+    wasm_pool_instances: Option<u32>,
+    /// Run Wasm tasks in the agent's own process instead of per-framework executors.
+    #[arg(long)]
+    wasm_in_process: bool,
+}
+
+fn parse_volume(s: &str) -> Result<(String, agora_agent::Volume), String> {
+    let (name, path) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=PATH[:ro]"))?;
+    let (path, read_only) = match path.strip_suffix(":ro") {
+        Some(p) => (p, true),
+        None => (path, false),
+    };
+    let path = PathBuf::from(path);
+    if name.is_empty() || !path.is_absolute() {
+        return Err(format!("{s:?}: NAME=PATH with an absolute PATH"));
+    }
+    Ok((name.to_owned(), agora_agent::Volume { path, read_only }))
+}
+
+fn parse_pattern(s: &str) -> Result<agora_executor_wasm::AddrPattern, String> {
+    s.parse()
+        .map_err(|e: agora_executor_wasm::caps::PatternError| e.to_string())
 }
 
 #[derive(Args)]
@@ -408,6 +453,15 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     config.fetcher.timeout = args.fetcher_timeout;
     config.executors.registration_timeout = args.executor_registration_timeout;
     config.executors.idle_timeout = args.executor_idle_timeout;
+    config.wasm_policy.volumes = args.wasm_volumes.into_iter().collect();
+    config.wasm_policy.allow_env = args.wasm_allow_env;
+    config.wasm_policy.allow_connect = args.wasm_allow_connect;
+    config.wasm_policy.allow_wall_clock = !args.wasm_deny_wall_clock;
+    config.wasm_policy.allow_random = !args.wasm_deny_random;
+    config.wasm.pool_instances = args.wasm_pool_instances;
+    if args.wasm_in_process {
+        config.wasm_executor = None;
+    }
     eprintln!(
         "agora agent serving sandboxes on http://{}; master {}",
         listener.local_addr()?,

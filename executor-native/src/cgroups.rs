@@ -135,22 +135,29 @@ impl Cgroups {
         }
     }
 
-    /// Removes the (empty) parent cgroup `parent` wherever it was made; best effort.
+    /// Removes the (empty) parent cgroup `parent` wherever it was made, and the ancestors it
+    /// was made with (`a/b` removes `a/b`, then `a` if empty); best effort.
     pub fn remove_parent(&self, parent: &str) {
-        let dirs: Vec<PathBuf> = match self {
-            Cgroups::V2 { root, .. } => vec![root.join(parent)],
+        let roots: Vec<PathBuf> = match self {
+            Cgroups::V2 { root, .. } => vec![root.clone()],
             Cgroups::V1 {
                 controllers,
                 unified,
             } => controllers
                 .iter()
-                .map(|(_, m)| m.join(parent))
-                .chain(unified.iter().map(|u| u.join(parent)))
+                .map(|(_, m)| m.clone())
+                .chain(unified.iter().cloned())
                 .collect(),
             Cgroups::None => Vec::new(),
         };
-        for d in dirs {
-            let _ = fs::remove_dir(d);
+        for root in roots {
+            let mut rel = Some(Path::new(parent));
+            while let Some(r) = rel.filter(|r| !r.as_os_str().is_empty()) {
+                if fs::remove_dir(root.join(r)).is_err() {
+                    break;
+                }
+                rel = r.parent();
+            }
         }
     }
 

@@ -57,6 +57,9 @@ pub struct WasmConfig {
     /// Hold each task to its `cpus` share of one core, measured over
     /// [`CPU_CAP_WINDOW`]s; without it `cpus` only sizes the CPU-time budget. Default on.
     pub cpu_cap: bool,
+    /// Meter fuel: needed for fuel caps and fuel reports. Off, tasks run a little faster
+    /// and a task asking for a fuel cap is refused. Default on.
+    pub fuel: bool,
 }
 
 /// The window over which a task's CPU share is enforced.
@@ -72,6 +75,7 @@ impl Default for WasmConfig {
             cache_dir: None,
             pool_instances: None,
             cpu_cap: true,
+            fuel: true,
         }
     }
 }
@@ -304,7 +308,7 @@ fn engine_config(config: &WasmConfig, pool: Option<u32>) -> Config {
     let mut c = Config::new();
     c.strategy(Strategy::Cranelift)
         .cranelift_opt_level(OptLevel::Speed)
-        .consume_fuel(true)
+        .consume_fuel(config.fuel)
         .epoch_interruption(true)
         .max_wasm_stack(config.max_wasm_stack)
         // Host frames run on the same fiber stack; leave them room above the Wasm stack.
@@ -572,6 +576,15 @@ impl WasmRuntime {
             },
             None => None,
         };
+        if spec.fuel.is_some() && !self.inner.config.fuel {
+            return RunReport {
+                outcome: Outcome::InstantiationFailed(
+                    "the task asks for a fuel cap, but this runtime does not meter fuel".into(),
+                ),
+                usage: Usage::default(),
+                output: None,
+            };
+        }
         let cpu = spec
             .live
             .as_ref()
@@ -775,8 +788,10 @@ impl WasmRuntime {
     ) -> Store<TaskData<W>> {
         let mut store = Store::new(&self.inner.engine, data);
         store.limiter(|d| &mut d.limiter);
-        // Fuel is always on (for metering); a task without a cap gets all there is.
-        let _ = store.set_fuel(spec.fuel.unwrap_or(UNLIMITED_FUEL));
+        // Fuel is on for metering; a task without a cap gets all there is.
+        if self.inner.config.fuel {
+            let _ = store.set_fuel(spec.fuel.unwrap_or(UNLIMITED_FUEL));
+        }
         store.epoch_deadline_callback(|mut ctx| {
             let data = ctx.data_mut();
             if data.cancel.is_cancelled() {
@@ -846,7 +861,11 @@ impl WasmRuntime {
         };
         store.data_mut().guest.flush();
         let usage = Usage {
-            fuel_used: fuel_given.saturating_sub(store.get_fuel().unwrap_or(0)),
+            fuel_used: if self.inner.config.fuel {
+                fuel_given.saturating_sub(store.get_fuel().unwrap_or(0))
+            } else {
+                0
+            },
             mem_peak_bytes: store.data().limiter.peak(),
             ..Usage::default()
         };
