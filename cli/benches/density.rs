@@ -11,7 +11,8 @@
 //! framework's Wasm executor, a process the agent starts. Reported: the executor's resident
 //! set (where the tasks live), this process's (the agent with the master and the framework
 //! beside it, an upper bound for the agent), and bare wasmtime's for the same number of
-//! sleeping instances (async, one store each, on-demand allocation) in a child process.
+//! sleeping instances (async, one store each, pooled as the executor's are) in a child
+//! process.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use std::collections::HashMap;
@@ -127,6 +128,7 @@ async fn cluster(sleeper: &[u8], n: usize) -> Density {
             event_buffer: 1 << 16,
             link_buffer: 1 << 16,
             max_completed_tasks: n + 100,
+            work_dir: Some(dir.path().join("master")),
             ..MasterConfig::default()
         },
         stopped(stop_rx.clone()),
@@ -149,10 +151,17 @@ async fn cluster(sleeper: &[u8], n: usize) -> Density {
     let agent_endpoint = format!("http://{}", listener.local_addr().unwrap());
     let a = tokio::spawn(agora_agent::run(listener, config, stopped(stop_rx.clone())));
 
+    let master_url = master.clone();
     let mut fw = SchedulerConfig::new(master, "density-bench");
     fw.event_buffer = 1 << 16;
     let (s, mut events) = subscribe(fw).await.unwrap();
-    let digest = agora_executor_wasm::digest(sleeper);
+    // The module goes to the master's blob store once; every task names it by digest and
+    // the agent fetches it once.
+    let module = dir.path().join("sleeper.wasm");
+    std::fs::write(&module, sleeper).unwrap();
+    let digest = agora_sdk::blob::upload_file(&master_url, &module, |_, _| {})
+        .await
+        .unwrap();
     let mut offers: HashMap<String, v1::Offer> = HashMap::new();
     let mut running = 0usize;
     let mut launched = 0usize;
@@ -165,15 +174,8 @@ async fn cluster(sleeper: &[u8], n: usize) -> Density {
             offers.clear();
             let tasks = (launched..launched + take)
                 .map(|i| {
-                    let b = if i == 0 {
-                        TaskBuilder::wasm(TaskId::new("s0").unwrap(), sleeper.to_vec())
-                    } else {
-                        TaskBuilder::wasm_digest(
-                            TaskId::new(format!("s{i}")).unwrap(),
-                            digest.clone(),
-                        )
-                    };
-                    b.resources(parse_resources("cpus:0.01;mem:2").unwrap())
+                    TaskBuilder::wasm_digest(TaskId::new(format!("s{i}")).unwrap(), digest.clone())
+                        .resources(parse_resources("cpus:0.01;mem:2").unwrap())
                         .args(["3600"])
                         .build_for(&offer)
                 })
@@ -279,8 +281,19 @@ mod bare {
             .build()
             .unwrap();
         rt.block_on(async {
+            // A pool, as the agent's executors use: allocating each instance on demand takes
+            // several mappings apiece, and 10,000 of them pass Linux's default
+            // vm.max_map_count (65,530) — the process then stalls.
+            let mut pool = wasmtime::PoolingAllocationConfig::default();
+            let slots = n as u32 + 8;
+            pool.total_core_instances(slots)
+                .total_memories(slots)
+                .total_tables(slots)
+                .total_stacks(slots);
             let mut c = Config::new();
-            c.max_wasm_stack(1 << 20).async_stack_size(2 << 20);
+            c.max_wasm_stack(1 << 20)
+                .async_stack_size(2 << 20)
+                .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
             let engine = Engine::new(&c).unwrap();
             let module = Module::new(&engine, wasm).unwrap();
             let mut linker: Linker<WasiP1Ctx> = Linker::new(&engine);

@@ -100,7 +100,7 @@ impl DiskCache {
         let _ = std::fs::remove_file(self.path(digest, kind));
     }
 
-    /// Stores an artifact atomically (temporary file, then rename).
+    /// Stores an artifact atomically (temporary file, then rename); not fsynced.
     ///
     /// # Errors
     /// When the file cannot be written.
@@ -114,7 +114,9 @@ impl DiskCache {
             f.write_all(MAGIC)?;
             f.write_all(&sha2::Sha256::digest(artifact))?;
             f.write_all(artifact)?;
-            f.sync_all()?;
+            // No fsync: other processes see the file once renamed, and a file torn by a
+            // crash fails the integrity check and is rebuilt — durability buys nothing here
+            // and would sit in the cold-launch path.
             std::fs::rename(&tmp, self.path(digest, kind))
         })();
         if result.is_err() {

@@ -24,7 +24,10 @@ impl agora_guest::Task for Steps {
                 acc = acc.wrapping_mul(6364136223846793005).wrapping_add(i);
             }
             agora_guest::info(&format!("step {step} of {steps}"));
-            agora_guest::progress(step as f32 / steps as f32, &format!("step {step} of {steps}"));
+            agora_guest::progress(
+                step as f32 / steps as f32,
+                &format!("step {step} of {steps}"),
+            );
         }
         agora_guest::message(format!("checksum {acc:x}").as_bytes());
         Ok(format!("done after {steps} steps").into_bytes())

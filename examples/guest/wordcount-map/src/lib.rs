@@ -16,7 +16,11 @@ impl agora_guest::Task for Map {
         {
             *counts.entry(word.to_lowercase()).or_default() += 1;
         }
-        agora_guest::info(&format!("{} distinct words in {} bytes", counts.len(), text.len()));
+        agora_guest::info(&format!(
+            "{} distinct words in {} bytes",
+            counts.len(),
+            text.len()
+        ));
         let mut out = String::new();
         for (word, n) in counts {
             out.push_str(&format!("{word}\t{n}\n"));

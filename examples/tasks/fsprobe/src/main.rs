@@ -17,7 +17,10 @@ fn main() {
     );
     report("read-relative", fs::read_to_string("note.txt"));
     report("read-absolute", fs::read_to_string("/note.txt"));
-    report("escape-dotdot", fs::read_to_string("../../../../etc/hostname"));
+    report(
+        "escape-dotdot",
+        fs::read_to_string("../../../../etc/hostname"),
+    );
     report("escape-absolute", fs::read_to_string("/etc/hostname"));
     report(
         "env-home",

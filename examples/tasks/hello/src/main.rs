@@ -4,7 +4,11 @@
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let name = if args.is_empty() { "world".to_string() } else { args.join(" ") };
+    let name = if args.is_empty() {
+        "world".to_string()
+    } else {
+        args.join(" ")
+    };
     let greeting = std::env::var("GREETING").unwrap_or_else(|_| "Hello".to_string());
     println!("{greeting}, {name}!");
     eprintln!("hello: greeted {} argument(s)", args.len());
