@@ -6,7 +6,7 @@
 //! Without usable cgroups (not root, or none mounted), tasks still run, in a process group
 //! with rlimits, and the agent reports `isolation: none`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -295,6 +295,17 @@ impl NativeContainerizer {
             }
             None => argv,
         };
+        // The private /tmp must not hide what is about to run: the init, and the program the
+        // init runs (both may live under /tmp, as a checkout built there does).
+        let mut keep = p.visible.clone();
+        let program = if c.shell { "/bin/sh" } else { c.value.as_str() };
+        for prog in [Path::new(&argv[0]), Path::new(program)] {
+            if let Some(dir) = prog.parent().filter(|_| prog.is_absolute())
+                && !keep.iter().any(|k| k == dir)
+            {
+                keep.push(dir.to_owned());
+            }
+        }
         let mut cmd = std::process::Command::new(&argv[0]);
         cmd.args(&argv[1..]);
         let sandbox = p.sandbox.to_string_lossy().into_owned();
@@ -387,7 +398,7 @@ impl NativeContainerizer {
             }),
             network_none,
             pid: pid_ns,
-            keep: p.visible.clone(),
+            keep,
         };
         confine(
             &mut cmd,

@@ -49,7 +49,7 @@ struct Keep {
 }
 
 /// Most directories [`Namespaces::keep`] may hold.
-pub const MAX_KEEP: usize = 8;
+pub const MAX_KEEP: usize = 16;
 
 fn keeps(paths: &[PathBuf]) -> io::Result<Vec<Keep>> {
     if paths.len() > MAX_KEEP {

@@ -691,3 +691,28 @@ async fn a_task_has_its_own_pid_namespace_and_stops_on_sigterm() {
     assert_eq!(state_of(&end), TaskState::Killed);
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_under_tmp_still_runs_inside_its_private_tmp() {
+    let test = "a_program_under_tmp_still_runs_inside_its_private_tmp";
+    let cluster = start(test, None).await;
+    // A program whose file is under /tmp, which the task's private /tmp covers.
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let prog = dir.path().join("echo-copy");
+    std::fs::copy("/bin/echo", &prog).unwrap();
+    let mut t = command("from-tmp", "", "cpus:0.1;mem:32").build();
+    if let Some(v1::task_info::Payload::Command(c)) = &mut t.payload {
+        c.value = prog.to_string_lossy().into_owned();
+        c.shell = false;
+        c.arguments = vec!["ran".into()];
+    }
+    let (s, mut events) = cluster.framework("native").await;
+    launch(&s, &mut events, TaskBuilder::from_info(t)).await;
+    let end = wait_terminal(&mut events, &tid("from-tmp")).await;
+    assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+    let fw = s.framework_id().unwrap();
+    let out = read_sandbox_file(&endpoint(&cluster).await, &fw, &tid("from-tmp"), "stdout")
+        .await
+        .unwrap();
+    assert_eq!(out, b"ran\n");
+}

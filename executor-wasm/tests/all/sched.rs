@@ -54,8 +54,12 @@ async fn a_task_gets_its_cpu_share_and_no_more() {
         "{}",
         report.outcome
     );
-    let share = report.usage.cpu.as_secs_f64() / report.usage.wall.as_secs_f64();
-    assert!((0.18..=0.32).contains(&share), "used {share:.3} of a core");
+    let capped = report.usage.cpu.as_secs_f64() / report.usage.wall.as_secs_f64();
+    // The cap is a ceiling; a busy machine (other tests run beside this one) may give less.
+    assert!(
+        (0.1..=0.32).contains(&capped),
+        "used {capped:.3} of a core with cpus 0.25"
+    );
 
     // A whole core is not throttled.
     let sb = Sandbox::new();
@@ -63,8 +67,11 @@ async fn a_task_gets_its_cpu_share_and_no_more() {
     spec.cpus = Some(1.0);
     spec.wall_limit = Some(Duration::from_millis(500));
     let report = run(&rt, &spin, spec).await;
-    let share = report.usage.cpu.as_secs_f64() / report.usage.wall.as_secs_f64();
-    assert!(share > 0.6, "used {share:.3} of a core");
+    let whole = report.usage.cpu.as_secs_f64() / report.usage.wall.as_secs_f64();
+    assert!(
+        whole > 0.45 && whole > capped + 0.15,
+        "used {whole:.3} of a core with cpus 1 (and {capped:.3} with 0.25)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
