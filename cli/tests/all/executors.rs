@@ -152,7 +152,7 @@ async fn killing_a_task_in_an_executor_and_idle_executors_stopping() {
         in_executor(
             "stubborn",
             &exec,
-            "trap '' TERM; while :; do sleep 0.05; done",
+            "trap '' TERM; echo trapped; while :; do sleep 0.05; done",
         )
         .kill_grace(Duration::from_millis(300)),
     )
@@ -176,6 +176,15 @@ async fn killing_a_task_in_an_executor_and_idle_executors_stopping() {
         ),
         "{err}"
     );
+    // RUNNING comes as the process starts; kill it only once it ignores SIGTERM.
+    let fw = s.framework_id().unwrap();
+    let ep = endpoint(&cluster).await;
+    wait_until("the task to set its trap", || async {
+        agora_sdk::read_sandbox_file(&ep, &fw, &tid("stubborn"), "stdout")
+            .await
+            .is_ok_and(|o| o.starts_with(b"trapped"))
+    })
+    .await;
     let t = Instant::now();
     s.kill(&tid("stubborn"), None).await.unwrap();
     let end = wait_terminal(&mut events, &tid("stubborn")).await;

@@ -360,14 +360,22 @@ async fn a_task_that_ignores_sigterm_is_killed_after_the_grace_period() {
     let (s, mut events) = cluster.framework("native").await;
     let task = command(
         "stubborn",
-        "trap '' TERM; (setsid sleep 1000 &); while :; do sleep 1; done",
+        "trap '' TERM; (setsid sleep 1000 &); echo trapped; while :; do sleep 1; done",
         "cpus:0.1;mem:32",
     )
     // The task's own grace period wins over the agent's (500 ms here).
     .kill_grace(Duration::from_millis(1200));
     launch(&s, &mut events, task).await;
     wait_state(&mut events, &tid("stubborn"), TaskState::Running).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Kill it only once it ignores SIGTERM and its daemon is out.
+    let fw = s.framework_id().unwrap();
+    let ep = endpoint(&cluster).await;
+    wait_until("the task to set its trap", || async {
+        read_sandbox_file(&ep, &fw, &tid("stubborn"), "stdout")
+            .await
+            .is_ok_and(|o| o.starts_with(b"trapped"))
+    })
+    .await;
     let t = Instant::now();
     s.kill(&tid("stubborn"), None).await.unwrap();
     let end = wait_terminal(&mut events, &tid("stubborn")).await;
@@ -469,6 +477,9 @@ async fn network_none_cannot_reach_the_hosts_loopback() {
     let cluster = start("network_none_cannot_reach_the_hosts_loopback", None).await;
     let port = http_listener().await;
     let (s, mut events) = cluster.framework("native").await;
+    // A file in the host's /tmp that no task may see.
+    let marker = format!("/tmp/agora-host-marker-{}", std::process::id());
+    std::fs::write(&marker, "host").unwrap();
     let script = format!(
         "curl -s -m 2 -o /dev/null http://127.0.0.1:{port}/ && echo reached || echo blocked; hostname; echo x > /tmp/probe-{pid}; ls /tmp",
         pid = std::process::id()
@@ -527,11 +538,19 @@ async fn network_none_cannot_reach_the_hosts_loopback() {
         ["blocked".to_owned(), "sealed".to_owned()],
         "{outs:?}"
     );
-    // Each had a /tmp of its own, with only its own file.
+    // Each had a /tmp of its own: its own file there, none of the host's (what shows
+    // besides is the path to its sandbox or program, kept visible when under /tmp).
     let probe = format!("probe-{}", std::process::id());
-    assert_eq!(online[2..], *std::slice::from_ref(&probe), "{outs:?}");
-    assert_eq!(sealed[2..], *std::slice::from_ref(&probe), "{outs:?}");
+    let host_marker = format!("agora-host-marker-{}", std::process::id());
+    for listing in [&online[2..], &sealed[2..]] {
+        assert!(listing.contains(&probe), "{outs:?}");
+        assert!(
+            !listing.contains(&host_marker),
+            "the host's /tmp showed: {outs:?}"
+        );
+    }
     assert!(!std::path::Path::new("/tmp").join(&probe).exists());
+    let _ = std::fs::remove_file(&marker);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
