@@ -54,15 +54,15 @@ pub struct WasmConfig {
     /// reserve the pool's address space). At most this many tasks run at once; more wait.
     /// Default: on demand.
     pub pool_instances: Option<u32>,
-    /// Hold each task to its `cpus` share of one core, measured over
-    /// [`CPU_CAP_WINDOW`]s; without it `cpus` only sizes the CPU-time budget. Default on.
+    /// Hold each task to its `cpus` share of one core (bursts up to [`CPU_CAP_WINDOW`] ×
+    /// `cpus`); without it `cpus` only sizes the CPU-time budget. Default on.
     pub cpu_cap: bool,
     /// Meter fuel: needed for fuel caps and fuel reports. Off, tasks run a little faster
     /// and a task asking for a fuel cap is refused. Default on.
     pub fuel: bool,
 }
 
-/// The window over which a task's CPU share is enforced.
+/// How much of its share a task may use in one burst, as time at the share.
 pub const CPU_CAP_WINDOW: Duration = Duration::from_millis(100);
 
 impl Default for WasmConfig {
@@ -135,12 +135,16 @@ pub enum ProgramKind {
     Task,
 }
 
-/// Holds a task to its share of one core: at most `cpus` × [`CPU_CAP_WINDOW`] of CPU time
-/// in each window; past it, the task sleeps until the next one.
+/// Holds a task to its share of one core as a token bucket: CPU time accrues at `cpus`
+/// seconds per second, up to a burst of `cpus` × [`CPU_CAP_WINDOW`]; a task that has spent
+/// more sleeps until it is back in credit. Overshoot between two epoch checks is charged,
+/// so the long-run share is `cpus` whatever the tick.
 struct CpuCap {
     cpus: f64,
-    window_start: Instant,
-    window_cpu: Duration,
+    /// Seconds of CPU time in hand (negative: owed).
+    tokens: f64,
+    last_at: Instant,
+    last_used: Duration,
 }
 
 /// The state each store holds: the WASI context plus the task's limits and stop flags.
@@ -604,8 +608,9 @@ impl WasmRuntime {
             .filter(|c| self.inner.config.cpu_cap && *c > 0.0 && *c < 1.0)
             .map(|cpus| CpuCap {
                 cpus,
-                window_start: Instant::now(),
-                window_cpu: Duration::ZERO,
+                tokens: cpus * CPU_CAP_WINDOW.as_secs_f64(),
+                last_at: Instant::now(),
+                last_used: Duration::ZERO,
             });
         fn data<W>(
             wasi: W,
@@ -807,16 +812,18 @@ impl WasmRuntime {
             }
             if let Some(cap) = &mut data.cap {
                 let now = Instant::now();
-                if now.duration_since(cap.window_start) >= CPU_CAP_WINDOW {
-                    cap.window_start = now;
-                    cap.window_cpu = used;
-                }
-                if used.saturating_sub(cap.window_cpu) >= CPU_CAP_WINDOW.mul_f64(cap.cpus) {
-                    // Its share of this window is spent: sleep to the next one.
-                    let wake = tokio::time::Instant::from_std(cap.window_start + CPU_CAP_WINDOW);
+                let accrued = now.duration_since(cap.last_at).as_secs_f64() * cap.cpus;
+                let spent = used.saturating_sub(cap.last_used).as_secs_f64();
+                let burst = cap.cpus * CPU_CAP_WINDOW.as_secs_f64();
+                cap.tokens = (cap.tokens + accrued).min(burst) - spent;
+                cap.last_at = now;
+                cap.last_used = used;
+                if cap.tokens < 0.0 {
+                    // Over its share: sleep until the debt is paid.
+                    let wait = Duration::from_secs_f64(-cap.tokens / cap.cpus);
                     return Ok(UpdateDeadline::YieldCustom(
                         1,
-                        Box::pin(tokio::time::sleep_until(wake)),
+                        Box::pin(tokio::time::sleep(wait)),
                     ));
                 }
             }
