@@ -198,18 +198,25 @@ fn no_store() -> Response {
     )
 }
 
+/// The store and the digest's hex, or the response that says why there are none.
+fn locate(store: Option<BlobStore>, digest: &str) -> Result<(BlobStore, String), Box<Response>> {
+    let store = store.ok_or_else(|| Box::new(no_store()))?;
+    let hex = parse_digest(digest).ok_or_else(|| {
+        Box::new(text(
+            StatusCode::BAD_REQUEST,
+            format!("{digest:?} is not sha256:<64 hex digits>"),
+        ))
+    })?;
+    Ok((store, hex))
+}
+
 async fn get_blob(
     State(store): State<Option<BlobStore>>,
     UrlPath(digest): UrlPath<String>,
 ) -> Response {
-    let Some(store) = store else {
-        return no_store();
-    };
-    let Some(hex) = parse_digest(&digest) else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            format!("{digest:?} is not sha256:<64 hex digits>"),
-        );
+    let (store, hex) = match locate(store, &digest) {
+        Ok(found) => found,
+        Err(r) => return *r,
     };
     let file = match tokio::fs::File::open(store.path(&hex)).await {
         Ok(f) => f,
@@ -235,16 +242,10 @@ async fn put_blob(
     UrlPath(digest): UrlPath<String>,
     body: Body,
 ) -> Response {
-    let Some(store) = store else {
-        return no_store();
-    };
-    let Some(hex) = parse_digest(&digest) else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            format!("{digest:?} is not sha256:<64 hex digits>"),
-        );
-    };
-    store.store(&hex, body).await
+    match locate(store, &digest) {
+        Ok((store, hex)) => store.store(&hex, body).await,
+        Err(r) => *r,
+    }
 }
 
 #[cfg(test)]
