@@ -117,6 +117,9 @@ struct Exec {
     limiter: Option<agora_executor_native::Limiter>,
     /// Memory for the executor itself, in MiB, on top of its tasks'.
     overhead_mem_mib: f64,
+    /// Held from reading the tasks' total to writing the cgroup's limits, so two resizes
+    /// cannot write their totals in the wrong order.
+    resizing: Mutex<()>,
 }
 
 impl Exec {
@@ -175,6 +178,10 @@ impl Exec {
     /// Sets the cgroup's limits to the sum of the tasks' resources.
     fn resize(&self, config: &crate::native::NativeConfig) {
         let Some(limiter) = &self.limiter else { return };
+        let _turn = self
+            .resizing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let total = {
             let st = self.lock();
             if st.tasks.is_empty() {
@@ -229,8 +236,9 @@ struct Inner {
     /// The agent's owner task, for framework messages.
     events: mpsc::Sender<crate::actor::Event>,
     running: Mutex<HashMap<Key, Arc<Exec>>>,
-    /// Serialises launches, so two tasks for a new executor start it once.
-    launching: tokio::sync::Mutex<()>,
+    /// One lock per executor being looked up or started, so two tasks for a new executor
+    /// start it once — without one framework's slow start holding up the others.
+    launching: Mutex<HashMap<Key, std::sync::Weak<tokio::sync::Mutex<()>>>>,
     lifecycles: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -268,7 +276,7 @@ impl ExecutorContainerizer {
                 containers,
                 events,
                 running: Mutex::new(HashMap::new()),
-                launching: tokio::sync::Mutex::new(()),
+                launching: Mutex::new(HashMap::new()),
                 lifecycles: Mutex::new(Vec::new()),
             }),
         }
@@ -294,7 +302,23 @@ impl ExecutorContainerizer {
         opts: &LaunchOptions,
     ) -> Result<Arc<Exec>, Termination> {
         let key = (spec.framework_id.clone(), id.clone());
-        let _turn = self.inner.launching.lock().await;
+        let lock = {
+            let mut l = self
+                .inner
+                .launching
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            l.retain(|_, w| w.strong_count() > 0);
+            match l.get(&key).and_then(std::sync::Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    l.insert(key.clone(), Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        let _turn = lock.lock().await;
         if let Some(e) = self.inner.get(&key)
             && !e.dead.is_cancelled()
             && !e.lock().shutting_down
@@ -385,7 +409,13 @@ impl ExecutorContainerizer {
             info: info.clone(),
             agent_id: spec.agent_id.clone(),
             token,
-            state: Mutex::new(ExecState::default()),
+            // Idle until a task arrives: one killed before it reached the executor must not
+            // leave it running for ever.
+            state: Mutex::new(ExecState {
+                idle_since: Some(Instant::now()),
+                ..ExecState::default()
+            }),
+            resizing: Mutex::new(()),
             subscribed,
             stop: CancellationToken::new(),
             dead: CancellationToken::new(),
@@ -499,16 +529,19 @@ async fn lifecycle(
     container: crate::native::NativeContainer,
     entry_key: ContainerKey,
 ) {
+    let pid = container.pid();
     let run = container.run_process(exec.stop.clone());
     tokio::pin!(run);
     let registration = tokio::time::sleep(inner.config.registration_timeout);
     tokio::pin!(registration);
     let subscribed = exec.subscribed.subscribe();
+    let mut timed_out = false;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let end = loop {
         tokio::select! {
             end = &mut run => break end,
-            () = &mut registration, if !*subscribed.borrow() => {
+            () = &mut registration, if !timed_out && !*subscribed.borrow() => {
+                timed_out = true;
                 let why = format!(
                     "it did not subscribe within {:?}",
                     inner.config.registration_timeout
@@ -541,7 +574,11 @@ async fn lifecycle(
     {
         r.remove(&exec.key);
     }
-    if let Ok(mut c) = inner.containers.lock() {
+    if let Ok(mut c) = inner.containers.lock()
+        && c.get(&entry_key)
+            .is_some_and(|e| pid.as_ref().is_some_and(|p| Arc::ptr_eq(&e.pid, p)))
+    {
+        // Only our own entry: a successor of the same id may have taken the key.
         c.remove(&entry_key);
     }
 }
@@ -557,7 +594,9 @@ impl Containerizer for ExecutorContainerizer {
     }
 
     fn supports(&self, task: &v1::TaskInfo) -> bool {
-        task.executor.is_some()
+        // A Wasm task runs in the agent's Wasm executor, under the agent's capability
+        // policy; naming an executor of its own would go around it.
+        task.executor.is_some() && !matches!(task.payload, Some(v1::task_info::Payload::Wasm(_)))
     }
 
     async fn prepare(&self, spec: &LaunchSpec) -> Result<Box<dyn Container>, Termination> {
@@ -568,6 +607,20 @@ impl Containerizer for ExecutorContainerizer {
                 "the task names no executor",
             ));
         };
+        if info
+            .executor_id
+            .as_ref()
+            .is_some_and(|i| i.value == crate::wasm::WASM_EXECUTOR_ID)
+        {
+            return Err(Termination::new(
+                TaskState::Error,
+                v1::Reason::TaskInvalid,
+                format!(
+                    "executor id {:?} is the agent's own Wasm executor's; give yours another",
+                    crate::wasm::WASM_EXECUTOR_ID
+                ),
+            ));
+        }
         let opts = LaunchOptions {
             overhead_mem_mib: self.inner.config.overhead_mem_mib,
             ..LaunchOptions::default()

@@ -35,6 +35,10 @@ pub struct FetcherConfig {
     /// Most bytes one task may fetch and unpack, unless its `disk` resource says less.
     /// Default 16 GiB.
     pub max_task_bytes: u64,
+    /// Directories `file://` URIs may name (the fetcher runs as the agent's user, so a
+    /// task could otherwise have any file of the host copied into its sandbox). Default:
+    /// none, and `file://` is refused.
+    pub file_roots: Vec<PathBuf>,
 }
 
 impl Default for FetcherConfig {
@@ -43,6 +47,7 @@ impl Default for FetcherConfig {
             cache_max_bytes: 2 << 30,
             timeout: Duration::from_secs(300),
             max_task_bytes: 16 << 30,
+            file_roots: Vec::new(),
         }
     }
 }
@@ -176,6 +181,7 @@ impl Drop for Pinned {
     fn drop(&mut self) {
         if let Ok(mut c) = self.fetcher.inner.cache.lock()
             && let Some(e) = c.entries.get_mut(&self.key)
+            && e.path == self.path
         {
             e.pins = e.pins.saturating_sub(1);
         }
@@ -444,7 +450,15 @@ impl Fetcher {
                     if let Some(parent) = target.parent() {
                         std::fs::create_dir_all(parent).map_err(|e| fail(&value, e))?;
                     }
-                    let size = std::fs::copy(from, &target).map_err(|e| fail(&value, e))?;
+                    let len = std::fs::metadata(from).map_err(|e| fail(&value, e))?.len();
+                    if len > budget {
+                        return Err(fail(
+                            &value,
+                            format!("larger than the {budget} bytes this task may fetch"),
+                        ));
+                    }
+                    let (size, _) =
+                        copy_hashing(from, &target, budget).map_err(|e| fail(&value, e))?;
                     set_executable(&target, executable).map_err(|e| fail(&value, e))?;
                     Ok(size)
                 }
@@ -562,11 +576,16 @@ impl Fetcher {
             return Source::Temp(tmp);
         };
         let max = self.inner.config.cache_max_bytes;
-        if let Some(old) = c.entries.remove(&key) {
-            c.bytes -= old.size;
-            if old.pins == 0 {
-                let _ = std::fs::remove_file(&old.path);
+        match c.entries.get(&key) {
+            // Someone is still copying the old content out: leave it, use this one once.
+            Some(old) if old.pins > 0 => return Source::Temp(tmp),
+            Some(_) => {
+                if let Some(old) = c.entries.remove(&key) {
+                    c.bytes -= old.size;
+                    let _ = std::fs::remove_file(&old.path);
+                }
             }
+            None => {}
         }
         let evictable: u64 = c
             .entries
@@ -644,7 +663,34 @@ impl Fetcher {
                     "a file:// URI needs an absolute path (file:///…)",
                 ));
             }
-            let (from, to) = (PathBuf::from(path), target.to_owned());
+            let real = std::fs::canonicalize(path).map_err(|e| fail(value, e))?;
+            if !self
+                .inner
+                .config
+                .file_roots
+                .iter()
+                .any(|r| real.starts_with(r))
+            {
+                return Err(fail(
+                    value,
+                    if self.inner.config.file_roots.is_empty() {
+                        "file:// URIs are off on this agent (allow directories with --fetcher-file-root)".to_owned()
+                    } else {
+                        format!(
+                            "{} is outside the directories this agent fetches files from ({})",
+                            real.display(),
+                            self.inner
+                                .config
+                                .file_roots
+                                .iter()
+                                .map(|r| r.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    },
+                ));
+            }
+            let (from, to) = (real, target.to_owned());
             tokio::task::spawn_blocking(move || copy_hashing(&from, &to, budget))
                 .await
                 .map_err(|e| fail(value, e))
@@ -719,7 +765,12 @@ impl Fetcher {
         if response.content_length().is_some_and(|l| l > budget) {
             return Err(too_big());
         }
-        let mut out = tokio::fs::File::create(target)
+        let mut out = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(target)
             .await
             .map_err(|e| fail(value, e))?;
         let mut hasher = Sha256::new();
@@ -748,7 +799,7 @@ impl Fetcher {
 /// Copies `from` to `to` within `budget` bytes; returns the size and sha256.
 fn copy_hashing(from: &Path, to: &Path, budget: u64) -> Result<(u64, String), String> {
     let mut file = std::fs::File::open(from).map_err(|e| e.to_string())?;
-    let mut out = std::fs::File::create(to).map_err(|e| e.to_string())?;
+    let mut out = create_nofollow(to).map_err(|e| e.to_string())?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 << 10];
     let mut size = 0u64;
@@ -767,6 +818,18 @@ fn copy_hashing(from: &Path, to: &Path, budget: u64) -> Result<(u64, String), St
         out.write_all(&buf[..n]).map_err(|e| e.to_string())?;
     }
     Ok((size, hex::encode(hasher.finalize())))
+}
+
+/// Creates (or truncates) `path` without following a symlink planted there: the fetcher
+/// writes as the agent's user into directories a task may have shaped.
+pub(crate) fn create_nofollow(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 /// reqwest's top-level messages ("error sending request") hide the cause.
@@ -810,7 +873,8 @@ fn extract(kind: ArchiveKind, archive: &Path, dest: &Path, budget: u64) -> Resul
 fn extract_tar(from: impl Read, dest: &Path, budget: u64) -> Result<u64, String> {
     use tar::EntryType;
     let mut archive = tar::Archive::new(from);
-    archive.set_preserve_permissions(true);
+    // Mode bits, not setuid/setgid/sticky: files are unpacked by the agent's user (root).
+    archive.set_preserve_permissions(false);
     archive.set_unpack_xattrs(false);
     archive.set_overwrite(true);
     let mut written = 0u64;
@@ -840,13 +904,14 @@ fn extract_tar(from: impl Read, dest: &Path, budget: u64) -> Result<u64, String>
                 "archive entry {path:?} is a {kind:?}, which a sandbox may not hold"
             ));
         }
-        if kind == EntryType::Symlink {
-            // A link pointing outside is harmless unless something is written through it,
-            // which unpack_in refuses; an absolute target would still mislead the task.
+        if matches!(kind, EntryType::Symlink | EntryType::Link) {
+            // Only links that go down: a target may not be absolute or climb with `..`
+            // (judging a climb by the entry's own path is not enough — an earlier link, say
+            // `a -> .`, makes the real directory shallower than the path says).
             let target = entry.link_name().ok().flatten();
-            if target.as_ref().is_some_and(|t| {
-                t.is_absolute()
-                    || escapes(&Path::new(&path).parent().unwrap_or(Path::new("")).join(t))
+            if target.as_ref().is_none_or(|t| {
+                t.components()
+                    .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
             }) {
                 return Err(format!("archive entry {path:?} links outside the sandbox"));
             }
@@ -864,25 +929,6 @@ fn extract_tar(from: impl Read, dest: &Path, budget: u64) -> Result<u64, String>
         }
     }
     Ok(written)
-}
-
-/// True when a relative path climbs above where it starts.
-fn escapes(path: &Path) -> bool {
-    let mut depth = 0i32;
-    for c in path.components() {
-        match c {
-            Component::Normal(_) => depth += 1,
-            Component::ParentDir => {
-                depth -= 1;
-                if depth < 0 {
-                    return true;
-                }
-            }
-            Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => return true,
-        }
-    }
-    false
 }
 
 fn extract_zip(file: std::fs::File, dest: &Path, budget: u64) -> Result<u64, String> {
@@ -961,6 +1007,7 @@ mod tests {
             "http://127.0.0.1:1",
             FetcherConfig {
                 cache_max_bytes: max,
+                file_roots: vec![std::fs::canonicalize(dir).unwrap()],
                 ..Default::default()
             },
         )
@@ -998,8 +1045,6 @@ mod tests {
         assert_eq!(parse_sha256(&format!("sha256:{hex}")), Some(hex.clone()));
         assert_eq!(parse_sha256(&hex.to_uppercase()), Some(hex));
         assert_eq!(parse_sha256("sha256:abc"), None);
-        assert!(escapes(Path::new("a/../../b")));
-        assert!(!escapes(Path::new("a/../b")));
     }
 
     #[tokio::test]
@@ -1047,6 +1092,19 @@ mod tests {
         u.extract = true;
         let err = f.fetch(&u, &s, u64::MAX).await.unwrap_err();
         assert!(err.to_string().contains("not a .tar"), "{err}");
+        // Files outside the agent's file roots are not the fetcher's to copy.
+        let err = f
+            .fetch(&uri("file:///etc/hostname"), &s, u64::MAX)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("outside the directories"), "{err}");
+        let closed =
+            Fetcher::new(dir.path().join("c2"), "http://x", FetcherConfig::default()).unwrap();
+        let err = closed
+            .fetch(&uri("file:///etc/hostname"), &s, u64::MAX)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("file:// URIs are off"), "{err}");
     }
 
     #[tokio::test]
@@ -1207,6 +1265,44 @@ mod tests {
         u.extract = true;
         let err = f.fetch(&u, &s, u64::MAX).await.unwrap_err();
         assert!(err.to_string().contains("links outside"), "{err}");
+
+        // A link that looks shallow but is not: `a -> .` makes `a/a/a/x` the sandbox's own
+        // `x`, so a link there climbing three levels would leave the sandbox.
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, target) in [("a", "."), ("a/a/a/stdout", "../../../etc/hostname")] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            h.set_cksum();
+            b.append_link(&mut h, name, target).unwrap();
+        }
+        let evil = dir.path().join("shallow.tar");
+        std::fs::write(&evil, b.into_inner().unwrap()).unwrap();
+        let mut u = uri(&file_uri(&evil));
+        u.extract = true;
+        let s2 = dir.path().join("s2");
+        let err = f.fetch(&u, &s2, u64::MAX).await.unwrap_err();
+        assert!(err.to_string().contains("links outside"), "{err}");
+        assert!(std::fs::symlink_metadata(s2.join("stdout")).is_err());
+
+        // Set-uid bits are not kept.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o4755);
+        h.set_cksum();
+        b.append_data(&mut h, "suid", &b"#!"[..]).unwrap();
+        let suid = dir.path().join("suid.tar");
+        std::fs::write(&suid, b.into_inner().unwrap()).unwrap();
+        let mut u = uri(&file_uri(&suid));
+        u.extract = true;
+        f.fetch(&u, &s2, u64::MAX).await.unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s2.join("suid"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o755, "{mode:o}");
 
         // A bomb: more than the budget.
         let bomb = dir.path().join("bomb.tar.gz");

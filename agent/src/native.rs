@@ -300,10 +300,16 @@ impl NativeContainerizer {
         let mut keep = p.visible.clone();
         let program = if c.shell { "/bin/sh" } else { c.value.as_str() };
         for prog in [Path::new(&argv[0]), Path::new(program)] {
-            if let Some(dir) = prog.parent().filter(|_| prog.is_absolute())
-                && !keep.iter().any(|k| k == dir)
+            // Resolved, so that `/tmp/x/..` cannot name (and expose) the host's /tmp itself.
+            let dir = prog
+                .parent()
+                .filter(|_| prog.is_absolute())
+                .and_then(|d| std::fs::canonicalize(d).ok())
+                .filter(|d| d != Path::new("/tmp"));
+            if let Some(dir) = dir
+                && !keep.contains(&dir)
             {
-                keep.push(dir.to_owned());
+                keep.push(dir);
             }
         }
         let mut cmd = std::process::Command::new(&argv[0]);
@@ -339,7 +345,7 @@ impl NativeContainerizer {
             })?;
         }
         let open = |name: &str| {
-            std::fs::File::create(p.sandbox.join(name)).map_err(|e| {
+            crate::fetcher::create_nofollow(&p.sandbox.join(name)).map_err(|e| {
                 Termination::new(
                     TaskState::Failed,
                     v1::Reason::ContainerLaunchFailed,
@@ -664,7 +670,7 @@ impl Rotation {
             }
         };
         if self.keep == 0 {
-            return std::fs::File::create(path(0)).map(|_| ());
+            return crate::fetcher::create_nofollow(&path(0)).map(|_| ());
         }
         let _ = std::fs::remove_file(path(self.keep));
         for i in (0..self.keep).rev() {
@@ -678,8 +684,11 @@ impl Rotation {
     async fn pump(self, mut from: impl tokio::io::AsyncRead + Unpin, name: &'static str) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut buf = vec![0u8; 64 * 1024];
+        // The sandbox may belong to the task's user, who could plant links where the agent
+        // writes: never follow one.
         let mut file = match tokio::fs::OpenOptions::new()
             .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(self.dir.join(name))
             .await
         {
@@ -703,7 +712,14 @@ impl Rotation {
                     if let Err(e) = self.rotate(name) {
                         tracing::warn!(error = %e, name, "rotating the task's log");
                     }
-                    file = match tokio::fs::File::create(self.dir.join(name)).await {
+                    file = match tokio::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(self.dir.join(name))
+                        .await
+                    {
                         Ok(f) => f,
                         Err(_) => return,
                     };

@@ -36,6 +36,12 @@ use crate::fetcher::Fetcher;
 
 const MIB: u64 = 1 << 20;
 
+/// Guest events (progress, messages) a run may have in flight to the framework.
+pub const GUEST_EVENTS: usize = 128;
+
+/// Largest module the agent fetches, in bytes.
+pub const MAX_MODULE_BYTES: u64 = 256 << 20;
+
 /// Largest output carried in a TASK_FINISHED update; a larger one is only in the sandbox.
 pub const MAX_OUTPUT_IN_STATUS: usize = 1 << 20;
 
@@ -326,19 +332,9 @@ impl WasmContainerizer {
                     ..Default::default()
                 };
                 fetcher
-                    .read(&uri, u64::MAX)
+                    .read(&uri, MAX_MODULE_BYTES)
                     .await
                     .map_err(|e| fetch_failed(e.to_string()))?
-            }
-            Some(v1::wasm_task::Module::Uri(uri)) if uri.starts_with("file://") => {
-                let path = uri.trim_start_matches("file://");
-                tokio::fs::read(path).await.map_err(|e| {
-                    Termination::new(
-                        TaskState::Error,
-                        v1::Reason::FetcherFailed,
-                        format!("reading module {uri}: {e}"),
-                    )
-                })?
             }
             Some(v1::wasm_task::Module::Uri(uri)) => {
                 let Some(fetcher) = &self.fetcher else {
@@ -348,6 +344,7 @@ impl WasmContainerizer {
                         format!("cannot fetch module {uri:?}: this agent has no fetcher"),
                     ));
                 };
+                // file:// too: the fetcher holds it to the agent's file roots.
                 let u = v1::Uri {
                     value: uri.clone(),
                     cache: true,
@@ -355,7 +352,7 @@ impl WasmContainerizer {
                     ..Default::default()
                 };
                 fetcher
-                    .read(&u, u64::MAX)
+                    .read(&u, MAX_MODULE_BYTES)
                     .await
                     .map_err(|e| fetch_failed(e.to_string()))?
             }
@@ -448,6 +445,11 @@ impl Containerizer for WasmContainerizer {
         let Some(v1::task_info::Payload::Wasm(wasm)) = &spec.task.payload else {
             return Err(refused("not a wasm task".into()));
         };
+        if spec.task.executor.is_some() {
+            return Err(refused(format!(
+                "a Wasm task runs in the agent's Wasm executor ({WASM_EXECUTOR_ID}); it cannot name an executor of its own"
+            )));
+        }
         if spec.resources.mem() <= 0.0 {
             return Err(refused(
                 "a Wasm task needs a mem resource: it is the ceiling on the task's linear memory"
@@ -622,7 +624,7 @@ pub fn forward_guest_events(
 #[async_trait::async_trait]
 impl Container for WasmContainer {
     async fn run(self: Box<Self>, kill: CancellationToken, updates: Updates) -> Termination {
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (tx, rx) = tokio::sync::mpsc::channel(GUEST_EVENTS);
         let mut run = self.run;
         run.events = Some(tx);
         let (u1, u2) = (updates.clone(), updates.clone());

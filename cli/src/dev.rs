@@ -103,6 +103,8 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         let mut config = agora_agent::AgentConfig::new(master.clone(), &dir);
         config.resources = Some(share(&detected, args.agents, i));
         config.hostname = Some(format!("dev-agent-{}", i + 1));
+        // A dev cluster is one user's: file:// URIs may name any of their files.
+        config.fetcher.file_roots = vec!["/".into()];
         // Agents on one host need cgroup parents of their own.
         config.native.cgroup_parent = format!("agora-dev-{}/agent-{}", std::process::id(), i + 1);
         let endpoint = listener.local_addr()?;

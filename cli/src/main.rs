@@ -197,6 +197,10 @@ struct AgentArgs {
     /// Longest one fetch may take.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     fetcher_timeout: Duration,
+    /// A directory whose files tasks may name by file:// URI (the fetcher copies them as
+    /// the agent's user). Repeatable. Default: none, and file:// is refused.
+    #[arg(long = "fetcher-file-root")]
+    fetcher_file_roots: Vec<PathBuf>,
     /// Kill a custom executor that has not subscribed within this.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     executor_registration_timeout: Duration,
@@ -451,6 +455,13 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     config.native.switch_user = args.switch_user;
     config.fetcher.cache_max_bytes = args.fetcher_cache_size << 20;
     config.fetcher.timeout = args.fetcher_timeout;
+    config.fetcher.file_roots = args
+        .fetcher_file_roots
+        .iter()
+        .map(|r| {
+            std::fs::canonicalize(r).with_context(|| format!("--fetcher-file-root {}", r.display()))
+        })
+        .collect::<anyhow::Result<_>>()?;
     config.executors.registration_timeout = args.executor_registration_timeout;
     config.executors.idle_timeout = args.executor_idle_timeout;
     config.wasm_policy.volumes = args.wasm_volumes.into_iter().collect();

@@ -208,7 +208,7 @@ impl Job {
             caps,
         );
         spec.live = Some(live);
-        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(agora_agent::wasm::GUEST_EVENTS);
         spec.events = Some(tx);
         let forward = {
             let (executor, id) = (self.executor.clone(), id.clone());

@@ -36,8 +36,10 @@ pub type GuestEvents = mpsc::Sender<GuestEvent>;
 
 /// Longest log line or progress message kept, in bytes.
 pub const MAX_TEXT: usize = 16 << 10;
-/// Largest message to the framework, in bytes.
-pub const MAX_MESSAGE: usize = 1 << 20;
+/// Largest message to the framework, in bytes. With the events channel's bound (its
+/// capacity is the caller's; 128 in the agent) this caps what a flooding guest holds
+/// outside its own memory limit.
+pub const MAX_MESSAGE: usize = 256 << 10;
 /// Most messages one run may send.
 pub const MAX_MESSAGES: u64 = 100_000;
 /// Shortest time between two progress reports passed on.
@@ -69,6 +71,8 @@ pub(crate) fn level_name(level: Level) -> &'static str {
 pub(crate) struct GuestHost {
     /// The task's log (its stderr file).
     pub log: Option<std::fs::File>,
+    /// Bytes the log may still take (it shares the stderr file's bound).
+    log_left: u64,
     pub events: Option<GuestEvents>,
     last_progress: Option<Instant>,
     pending_progress: Option<(f32, String)>,
@@ -76,9 +80,10 @@ pub(crate) struct GuestHost {
 }
 
 impl GuestHost {
-    pub fn new(log: Option<std::fs::File>, events: Option<GuestEvents>) -> Self {
+    pub fn new(log: Option<std::fs::File>, events: Option<GuestEvents>, log_max: u64) -> Self {
         GuestHost {
             log,
+            log_left: log_max,
             events,
             last_progress: None,
             pending_progress: None,
@@ -103,8 +108,15 @@ impl GuestHost {
     pub fn log(&mut self, level: Level, message: String) {
         let message = cut(message);
         if let Some(f) = &mut self.log {
-            // Best effort, like any write to stderr.
-            let _ = writeln!(f, "[{}] {message}", level_name(level));
+            let line = format!("[{}] {message}\n", level_name(level));
+            // Best effort, like any write to stderr, and bounded like it.
+            if (line.len() as u64) <= self.log_left {
+                self.log_left -= line.len() as u64;
+                let _ = f.write_all(line.as_bytes());
+            } else if self.log_left > 0 {
+                self.log_left = 0;
+                let _ = f.write_all(b"[agora: log truncated: the task's stderr is full]\n");
+            }
         }
         let _ = self.send(GuestEvent::Log { level, message });
     }

@@ -639,7 +639,14 @@ impl WasmRuntime {
             Pre::Module(pre) => {
                 let pre = pre.clone();
                 let wasi = builder.build_p1();
-                let d = data(wasi, GuestHost::new(None, None), &spec, &cpu, &cancel, cap);
+                let d = data(
+                    wasi,
+                    GuestHost::new(None, None, 0),
+                    &spec,
+                    &cpu,
+                    &cancel,
+                    cap,
+                );
                 let store = self.new_store(d, &spec);
                 self.execute(store, &spec, &cancel, move |store| {
                     Box::pin(async move {
@@ -665,7 +672,14 @@ impl WasmRuntime {
                     ctx: builder.build(),
                     table: ResourceTable::new(),
                 };
-                let d = data(wasi, GuestHost::new(None, None), &spec, &cpu, &cancel, cap);
+                let d = data(
+                    wasi,
+                    GuestHost::new(None, None, 0),
+                    &spec,
+                    &cpu,
+                    &cancel,
+                    cap,
+                );
                 let store = self.new_store(d, &spec);
                 self.execute(store, &spec, &cancel, move |store| {
                     Box::pin(async move {
@@ -689,12 +703,9 @@ impl WasmRuntime {
                     ctx: builder.build(),
                     table: ResourceTable::new(),
                 };
-                let log = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&spec.stderr)
-                    .ok();
-                let guest = GuestHost::new(log, spec.events.clone());
+                let log = open_log(&spec.stderr).ok();
+                let guest =
+                    GuestHost::new(log, spec.events.clone(), self.inner.config.max_output_bytes);
                 let store = self.new_store(data(wasi, guest, &spec, &cpu, &cancel, cap), &spec);
                 let input = spec.input.clone();
                 self.execute(store, &spec, &cancel, move |store| {
@@ -716,7 +727,7 @@ impl WasmRuntime {
         report.usage.wall = started.elapsed();
         report.usage.cpu = cpu.used();
         if let Some(out) = &report.output
-            && let Err(e) = std::fs::write(spec.sandbox.join("output"), out)
+            && let Err(e) = write_output(&spec.sandbox.join("output"), out)
         {
             tracing::warn!(error = %e, "writing the task's output into its sandbox");
         }
@@ -725,10 +736,7 @@ impl WasmRuntime {
 
     fn wasi_builder(&self, spec: &RunSpec) -> Result<WasiCtxBuilder, String> {
         let open = |path: &PathBuf| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
+            open_log(path)
                 .map(|f| CappedOutput::new(f, self.inner.config.max_output_bytes))
                 .map_err(|e| format!("opening {}: {e}", path.display()))
         };
@@ -884,6 +892,35 @@ impl WasmRuntime {
             output,
         }
     }
+}
+
+/// Opens a task's stdout or stderr for appending, never through a symlink: the guest may
+/// have shaped its sandbox, and the host writes as its own user.
+fn open_log(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Writes a task's output file afresh: whatever the guest left under that name (a symlink
+/// to a host file, say) is replaced, not written through.
+fn write_output(path: &std::path::Path, out: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?
+        .write_all(out)
 }
 
 /// The clock of a task without the wall-clock grant: always the Unix epoch.

@@ -11,7 +11,9 @@
 //! ```
 //!
 //! Agents' fetchers download `sha256:` URIs from here into their caches. Writes are atomic
-//! (temporary file, fsync, rename), so a reader never sees half a blob.
+//! (temporary file, fsync, rename), so a reader never sees half a blob. Anyone who reaches
+//! the master's port may upload: put the master behind the network boundary that already
+//! guards its other APIs (authentication comes with the operability work).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -124,6 +126,8 @@ impl BlobStore {
             .inner
             .dir
             .join(format!(".upload-{}-{n}", std::process::id()));
+        // Removed however this ends, a client hanging up mid-upload included.
+        let _cleanup = Cleanup(tmp.clone());
         let result = self.receive(&tmp, body).await;
         let response = match result {
             Ok((size, actual)) if actual == hex => match tokio::fs::rename(&tmp, &target).await {
@@ -188,6 +192,15 @@ impl BlobStore {
             )
         })?;
         Ok((size, hex::encode(hasher.finalize())))
+    }
+}
+
+/// Removes a file when dropped (a no-op once it has been renamed away).
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

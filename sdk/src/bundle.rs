@@ -141,6 +141,14 @@ fn inside(dir: &Path, name: &str, rel: &str) -> Result<PathBuf, Error> {
     if !full.exists() {
         return Err(field(name, format!("{rel:?} is not in the bundle")));
     }
+    // Through a symlink it could name any file of this machine (and upload it).
+    let (real, root) = (full.canonicalize(), dir.canonicalize());
+    if !matches!((&real, &root), (Ok(r), Ok(d)) if r.starts_with(d)) {
+        return Err(field(
+            name,
+            format!("{rel:?} leads outside the bundle (through a symlink)"),
+        ));
+    }
     Ok(full)
 }
 
@@ -693,6 +701,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`timeout`"), "{e}");
+        // A file of the bundle that is a link to one outside it is refused.
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::os::unix::fs::symlink(secret.path(), d.path().join("input.txt")).unwrap();
+        let e = Manifest::parse(&format!("input = \"input.txt\"\n{base}"), d.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("leads outside the bundle"), "{e}");
     }
 
     #[test]

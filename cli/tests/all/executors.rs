@@ -274,3 +274,41 @@ async fn the_executor_api_refuses_strangers() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasm_tasks_cannot_bring_their_own_executor_nor_take_the_agents() {
+    let test = "wasm_tasks_cannot_bring_their_own_executor_nor_take_the_agents";
+    let cluster = start_with(test, None, |_| {}).await;
+    let (s, mut events) = cluster.framework("executors").await;
+    // A Wasm task naming an executor would run outside the agent's capability policy.
+    let sneaky = TaskBuilder::wasm(
+        tid("sneaky"),
+        agora_examples::task_bytes("hello", agora_examples::Target::P1),
+    )
+    // As much as the next task needs: the offer it gets back is what this one frees.
+    .resources(agora_core::parse_resources("cpus:0.2;mem:64").unwrap())
+    .executor(agora_executor("mine"));
+    launch(&s, &mut events, sneaky).await;
+    let end = wait_terminal(&mut events, &tid("sneaky")).await;
+    assert_ended(
+        &end,
+        TaskState::Error,
+        v1::Reason::TaskInvalid,
+        "cannot name an executor",
+    );
+    // Nor may a custom executor take the Wasm executor's id.
+    launch(
+        &s,
+        &mut events,
+        in_executor("impostor", &agora_executor("agora-wasm"), "true"),
+    )
+    .await;
+    let end = wait_terminal(&mut events, &tid("impostor")).await;
+    assert_ended(
+        &end,
+        TaskState::Error,
+        v1::Reason::TaskInvalid,
+        "the agent's own Wasm executor",
+    );
+    wait_no_cgroups(test).await;
+}

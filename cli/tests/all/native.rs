@@ -56,6 +56,8 @@ async fn start_full(
         config.native.cgroup_root = root.to_owned();
         config.native.namespaces = false;
     }
+    // The tests' files are in temporary directories.
+    config.fetcher.file_roots = vec![std::fs::canonicalize(std::env::temp_dir()).unwrap()];
     tweak(&mut config);
     cluster.add_agent_with(config).await;
     cluster.wait_for_agents(1).await;

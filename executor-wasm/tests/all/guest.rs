@@ -117,3 +117,40 @@ async fn a_component_of_another_world_is_refused_with_what_was_expected() {
         other => panic!("{other}"),
     }
 }
+
+#[tokio::test]
+async fn the_host_never_writes_through_a_link_planted_in_the_sandbox() {
+    let rt = runtime();
+    let program = load(&rt, guest_bytes("progress")).await;
+    // What a guest with its sandbox could leave behind: names pointing at a host file.
+    let host = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(host.path(), "host data").unwrap();
+
+    let sb = Sandbox::new();
+    std::os::unix::fs::symlink(host.path(), sb.dir.path().join("output")).unwrap();
+    let mut spec = sb.spec(&["progress"]);
+    spec.input = b"1".to_vec();
+    let report = run(&rt, &program, spec).await;
+    assert_eq!(report.outcome, Outcome::Exited(0), "{}", sb.stderr());
+    assert_eq!(std::fs::read_to_string(host.path()).unwrap(), "host data");
+    let meta = std::fs::symlink_metadata(sb.dir.path().join("output")).unwrap();
+    assert!(
+        meta.file_type().is_file(),
+        "the link was replaced by a file"
+    );
+    assert_eq!(
+        std::fs::read(sb.dir.path().join("output")).unwrap(),
+        b"done after 1 steps"
+    );
+
+    // A stderr that is a link is not opened at all: the run is refused, saying why.
+    let sb = Sandbox::new();
+    std::os::unix::fs::symlink(host.path(), sb.dir.path().join("stderr")).unwrap();
+    let report = run(&rt, &program, sb.spec(&["progress"])).await;
+    assert!(
+        matches!(&report.outcome, Outcome::InstantiationFailed(m) if m.contains("stderr")),
+        "{}",
+        report.outcome
+    );
+    assert_eq!(std::fs::read_to_string(host.path()).unwrap(), "host data");
+}

@@ -76,7 +76,8 @@ pub fn progress(fraction: f32, message: &str) {
     bindings::agora::task::host::progress(fraction, message);
 }
 
-/// Sends bytes to the task's framework (at most 1 MiB each).
+/// Sends bytes to the task's framework (at most 256 KiB each; a task that sends faster than
+/// they can be delivered is stopped).
 pub fn message(data: &[u8]) {
     bindings::agora::task::host::message(data);
 }
