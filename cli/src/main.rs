@@ -1,4 +1,6 @@
-//! `agora`: run a local cluster, a master, an agent, a one-shot task; list agents and tasks.
+//! `agora`: run a local cluster, a master, an agent, a one-shot task or bundle; list agents,
+//! tasks and roles; manage quotas, blobs and bundles; and, started by an agent, be a custom
+//! executor (`executor`), a Wasm executor (`__wasm-executor`) or a task's init (`__init`).
 
 mod dev;
 mod executor;
