@@ -10,16 +10,19 @@
 //! # Layout
 //!
 //! - [`ids`]: id newtypes and their validation.
+//! - [`limits`]: bounds on every number, string and list from outside.
 //! - [`resources`]: values, resources and their arithmetic.
 //! - [`syntax`]: the Mesos text syntax for resources and attributes (`cpus:2;ports:[1-9]`).
 //! - [`task`]: the task state machine.
 
 pub mod ids;
+pub mod limits;
 pub mod resources;
 pub mod syntax;
 pub mod task;
 
 pub use ids::{AgentId, ExecutorId, FrameworkId, IdError, OfferId, TaskId};
+pub use limits::LimitError;
 pub use resources::{
     Range, Ranges, Reservation, Resource, ResourceError, Resources, Scalar, Value,
 };

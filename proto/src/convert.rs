@@ -23,6 +23,8 @@ pub enum ProtoError {
     Attribute { name: String, why: String },
     #[error("field `{field}`: {why}")]
     Invalid { field: &'static str, why: String },
+    #[error(transparent)]
+    Limit(#[from] agora_core::LimitError),
 }
 
 impl From<ProtoError> for tonic::Status {
