@@ -122,11 +122,20 @@ mod tests {
             Duration::from_millis(1500)
         );
         assert_eq!(seconds("f", 0.0, 10.0).unwrap(), Duration::ZERO);
-        for bad in [1e20, f64::INFINITY, f64::NAN, -1.0, -0.5, 10.000_001, f64::MAX] {
+        for bad in [
+            1e20,
+            f64::INFINITY,
+            f64::NAN,
+            -1.0,
+            -0.5,
+            10.000_001,
+            f64::MAX,
+        ] {
             let e = seconds("filters.refuse_seconds", bad, 10.0).unwrap_err();
             assert_eq!(e.field, "filters.refuse_seconds", "{bad}");
             assert!(
-                e.to_string().starts_with("field `filters.refuse_seconds`: "),
+                e.to_string()
+                    .starts_with("field `filters.refuse_seconds`: "),
                 "{e}"
             );
         }

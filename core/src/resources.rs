@@ -123,7 +123,8 @@ impl Range {
     /// How many integers the range holds (never zero).
     #[allow(clippy::len_without_is_empty)]
     pub fn len(self) -> u64 {
-        self.end - self.begin + 1
+        // Saturating: `[0-18446744073709551615]` holds one more than a u64 can count.
+        (self.end - self.begin).saturating_add(1)
     }
 }
 
@@ -366,8 +367,14 @@ impl Reservation {
     }
 }
 
-/// Validates a role name: `*`, or `/`-separated segments that are non-empty, not `.` or `..`,
-/// do not start with `-`, and hold no whitespace or control characters.
+/// Longest role name, in bytes.
+pub const MAX_ROLE_LEN: usize = 255;
+/// Deepest role hierarchy (`a/b/c` is three levels).
+pub const MAX_ROLE_DEPTH: usize = 8;
+
+/// Validates a role name: `*`, or at most [`MAX_ROLE_DEPTH`] `/`-separated segments, at most
+/// [`MAX_ROLE_LEN`] bytes in all, that are non-empty, not `.` or `..`, do not start with `-`,
+/// and hold no whitespace, control characters, `*` or backslashes (Mesos's rules).
 ///
 /// # Errors
 /// Names the role and what is wrong with it.
@@ -384,6 +391,12 @@ pub fn validate_role(role: &str) -> Result<(), ResourceError> {
     if role.is_empty() {
         return bad("it is empty");
     }
+    if role.len() > MAX_ROLE_LEN {
+        return bad("it is longer than 255 bytes");
+    }
+    if role.split('/').count() > MAX_ROLE_DEPTH {
+        return bad("it is nested more than 8 levels deep");
+    }
     for seg in role.split('/') {
         if seg.is_empty() {
             return bad("it has an empty segment");
@@ -396,9 +409,9 @@ pub fn validate_role(role: &str) -> Result<(), ResourceError> {
         }
         if seg
             .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == '*')
+            .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '\\')
         {
-            return bad("it contains whitespace, a control character or '*'");
+            return bad("it contains whitespace, a control character, '*' or a backslash");
         }
     }
     Ok(())
@@ -811,9 +824,26 @@ mod tests {
         for ok in ["*", "eng", "eng/backend", "a.b"] {
             assert!(validate_role(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "eng//x", "/eng", "eng/..", ".", "a b", "-x", "a/*"] {
+        for bad in [
+            "", "eng//x", "/eng", "eng/..", ".", "a b", "-x", "a/*", "a\\b",
+        ] {
             assert!(validate_role(bad).is_err(), "{bad}");
         }
+        // Bounded, so the allocator never builds thousands of prefixes for one name.
+        assert!(validate_role(&"r".repeat(MAX_ROLE_LEN)).is_ok());
+        let long = validate_role(&"r".repeat(MAX_ROLE_LEN + 1)).unwrap_err();
+        assert!(long.to_string().contains("longer than 255 bytes"), "{long}");
+        assert!(validate_role(&["a"; MAX_ROLE_DEPTH].join("/")).is_ok());
+        let deep = validate_role(&["a"; MAX_ROLE_DEPTH + 1].join("/")).unwrap_err();
+        assert!(deep.to_string().contains("8 levels"), "{deep}");
+    }
+
+    #[test]
+    fn the_widest_range_has_a_length() {
+        let all = Range::new(0, u64::MAX).unwrap();
+        assert_eq!(all.len(), u64::MAX);
+        let r = Ranges::from_ranges([all]);
+        assert!(r.take(3).is_some());
     }
 
     fn arb_ranges() -> impl Strategy<Value = Ranges> {

@@ -74,6 +74,9 @@ pub enum Effect {
     /// The framework's new subscription stream takes over from here: events queued after
     /// this go to it.
     Attach(FrameworkId, String),
+    /// End the agent's link (after any messages already queued): the master wrote the agent
+    /// off, and it must register again to be heard.
+    CloseAgent(AgentId),
 }
 
 /// Why a call was refused. Each maps to a gRPC status code.
@@ -101,6 +104,15 @@ pub enum EngineError {
     },
     #[error("task {task} already ended as {state}")]
     TaskEnded { task: TaskId, state: TaskState },
+    #[error(
+        "framework {0} is subscribed on another stream; a new subscription must name that \
+         stream's id to replace it, or wait until it disconnects"
+    )]
+    FrameworkConnected(FrameworkId),
+    #[error(
+        "agent {0} is connected on another link; it cannot register again until that link ends"
+    )]
+    AgentConnected(AgentId),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -109,6 +121,8 @@ pub enum EngineError {
     Role(#[from] RoleError),
     #[error(transparent)]
     Proto(#[from] ProtoError),
+    #[error(transparent)]
+    Limit(#[from] agora_core::LimitError),
 }
 
 impl From<EngineError> for tonic::Status {
@@ -122,10 +136,13 @@ impl From<EngineError> for tonic::Status {
             StaleStream { .. } | Inactive(_) | TaskEnded { .. } => {
                 tonic::Status::failed_precondition(msg)
             }
+            FrameworkConnected(_) | AgentConnected(_) => tonic::Status::already_exists(msg),
             NotYourOffer { .. } | Forbidden(_) => tonic::Status::permission_denied(msg),
             Role(RoleError::ExceedsCapacity { .. }) => tonic::Status::failed_precondition(msg),
             Role(_) => tonic::Status::invalid_argument(msg),
-            MixedAgents(..) | Invalid(_) | Proto(_) => tonic::Status::invalid_argument(msg),
+            MixedAgents(..) | Invalid(_) | Proto(_) | Limit(_) => {
+                tonic::Status::invalid_argument(msg)
+            }
         }
     }
 }
@@ -160,7 +177,19 @@ struct Agent {
     status: AgentStatus,
     last_seen: Instant,
     registered_at: f64,
+    /// Messages (kills, acknowledgements, shutdowns) for the agent while it has no link,
+    /// delivered when it registers again.
+    outbox: VecDeque<v1::master_message::Message>,
+    /// Tasks the master declared LOST when it marked the agent lost: if the agent comes back
+    /// with them, they are killed, never adopted. Kept until the agent registers again.
+    written_off: HashSet<TaskKey>,
 }
+
+/// Most messages kept for an agent without a link; past it the oldest are dropped (each is
+/// re-sent by its origin: frameworks retry kills and acknowledge retried updates).
+const MAX_OUTBOX: usize = 16 * 1024;
+/// Uuids of recent updates remembered per task, to drop duplicates.
+const RECENT_UUIDS: usize = 8;
 
 struct Offer {
     framework: FrameworkId,
@@ -180,6 +209,10 @@ struct Task {
     last_status: Option<v1::TaskStatus>,
     /// The uuid of the terminal update; its acknowledgement retires the task.
     terminal_uuid: Option<Vec<u8>>,
+    /// The uuids of the latest updates forwarded, newest last, and whether the framework
+    /// acknowledged each: a retry of the newest unacknowledged one is forwarded again, any
+    /// other repeat is dropped.
+    recent: VecDeque<(Vec<u8>, bool)>,
 }
 
 type TaskKey = (FrameworkId, TaskId);
@@ -286,14 +319,20 @@ impl Engine {
         }
     }
 
+    /// Sends to a connected agent, or keeps the message for when it registers again.
     fn tell_agent(&mut self, agent: &AgentId, m: v1::master_message::Message) {
-        if self
-            .agents
-            .get(agent)
-            .is_some_and(|a| a.status == AgentStatus::Connected)
-        {
+        let Some(a) = self.agents.get_mut(agent) else {
+            return;
+        };
+        if a.status == AgentStatus::Connected {
             self.effects.push(Effect::ToAgent(agent.clone(), m));
+            return;
         }
+        if a.outbox.len() >= MAX_OUTBOX {
+            tracing::warn!(agent_id = %agent, "agent without a link has too many messages waiting; dropping the oldest");
+            a.outbox.pop_front();
+        }
+        a.outbox.push_back(m);
     }
 
     // ---------------------------------------------------------------------------------------
@@ -306,10 +345,20 @@ impl Engine {
     ///
     /// # Errors
     /// When the framework info is invalid.
+    /// `stream` is the new subscription's id, made unguessable by the caller (calls must
+    /// quote it). A framework whose subscription is alive is only taken over by a
+    /// subscription that `replaces` it by naming its stream id.
     pub fn subscribe(
         &mut self,
         info: v1::FrameworkInfo,
+        replaces: Option<&str>,
+        stream: String,
     ) -> Result<(FrameworkId, String), EngineError> {
+        if stream.is_empty() {
+            return Err(EngineError::Invalid(
+                "a subscription needs a stream id".into(),
+            ));
+        }
         if info.name.trim().is_empty() {
             return Err(EngineError::Invalid("framework name is empty".into()));
         }
@@ -324,12 +373,11 @@ impl Engine {
         if roles.is_empty() {
             roles.push("*".to_owned());
         }
-        if !info.failover_timeout.is_finite() || info.failover_timeout < 0.0 {
-            return Err(EngineError::Invalid(format!(
-                "failover_timeout {} is not a non-negative number of seconds",
-                info.failover_timeout
-            )));
-        }
+        let failover_timeout = agora_core::limits::seconds(
+            "framework_info.failover_timeout",
+            info.failover_timeout,
+            agora_core::limits::MAX_FAILOVER_TIMEOUT_SECS,
+        )?;
         let requested: Option<FrameworkId> =
             info.id.as_ref().map(FrameworkId::try_from).transpose()?;
         if let Some(id) = &requested
@@ -339,15 +387,31 @@ impl Engine {
                 "framework {id} was torn down; subscribe without an id to start anew"
             )));
         }
+        if let Some(old) = requested.as_ref().and_then(|id| self.frameworks.get(id)) {
+            if old.stream.is_some() && old.stream.as_deref() != replaces {
+                return Err(EngineError::FrameworkConnected(
+                    requested
+                        .clone()
+                        .expect("an old framework was found by its id"),
+                ));
+            }
+            // The principal reservations are made in cannot change hands on failover.
+            if !old.recovered && old.info.principal != info.principal {
+                return Err(EngineError::Forbidden(format!(
+                    "framework {} subscribed with principal {:?}; a failover cannot change it to {:?}",
+                    old.info.id.as_ref().map_or("", |i| i.value.as_str()),
+                    old.info.principal,
+                    info.principal
+                )));
+            }
+        }
         let id = match requested {
             Some(id) => id,
             None => self.next("F", FrameworkId::new),
         };
-        let stream: String = self.next("S", Ok);
         let partition_aware = info
             .capabilities
             .contains(&(v1::framework_info::Capability::PartitionAware as i32));
-        let failover_timeout = Duration::from_secs_f64(info.failover_timeout);
         let mut info = info;
         info.id = Some((&id).into());
 
@@ -814,10 +878,11 @@ impl Engine {
     fn refuse_duration(&self, filters: Option<&v1::Filters>) -> Result<Duration, EngineError> {
         match filters.and_then(|f| f.refuse_seconds) {
             None => Ok(self.config.default_refuse),
-            Some(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s.min(1e9))),
-            Some(s) => Err(EngineError::Invalid(format!(
-                "filters.refuse_seconds {s} is not a non-negative number"
-            ))),
+            Some(s) => Ok(agora_core::limits::seconds(
+                "filters.refuse_seconds",
+                s,
+                agora_core::limits::MAX_REFUSE_SECS,
+            )?),
         }
     }
 
@@ -910,11 +975,15 @@ impl Engine {
             }
             Some(_) => {}
         }
-        if !task.max_duration.is_finite() || task.max_duration < 0.0 {
-            return Err(format!(
-                "max_duration {} is not a non-negative number of seconds",
-                task.max_duration
-            ));
+        crate::validate::task_info("task", task).map_err(|e| e.to_string())?;
+        let native = matches!(task.payload, Some(v1::task_info::Payload::Command(_)))
+            || task.executor.is_some();
+        if native && resources.mem() <= 0.0 {
+            return Err(
+                "a command task or an executor's task needs a mem resource: without one it \
+                 would run with no memory limit"
+                    .into(),
+            );
         }
         Ok((task_id, resources))
     }
@@ -973,6 +1042,7 @@ impl Engine {
                 state: TaskState::Staging,
                 last_status: None,
                 terminal_uuid: None,
+                recent: VecDeque::new(),
             },
         );
         self.tell_agent(
@@ -1159,6 +1229,11 @@ impl Engine {
                 uuid: uuid.to_vec(),
             }),
         );
+        if let Some(t) = self.tasks.get_mut(&key)
+            && let Some(entry) = t.recent.iter_mut().find(|(u, _)| u == uuid)
+        {
+            entry.1 = true;
+        }
         if self
             .tasks
             .get(&key)
@@ -1286,6 +1361,17 @@ impl Engine {
             reported.push((fw, task_id, task, resources, state));
         }
 
+        if let Some(id) = &requested
+            && self
+                .agents
+                .get(id)
+                .is_some_and(|a| a.status == AgentStatus::Connected)
+        {
+            // Its live link keeps it; the newcomer (an impostor, or the agent itself before
+            // the old link's end is noticed) retries.
+            tracing::warn!(agent_id = %id, hostname = %info.hostname, "refusing a registration under the id of a connected agent");
+            return Err(EngineError::AgentConnected(id.clone()));
+        }
         let id = match requested {
             Some(id) => id,
             None => self.next("A", AgentId::new),
@@ -1308,6 +1394,16 @@ impl Engine {
         // Offers on this agent were made from what the master knew before; withdraw them.
         self.withdraw_offers(|o| o.agent == id, true);
         let registered_at = self.agents.get(&id).map_or(now.wall, |a| a.registered_at);
+        let (outbox, written_off) = self
+            .agents
+            .get_mut(&id)
+            .map(|a| {
+                (
+                    std::mem::take(&mut a.outbox),
+                    std::mem::take(&mut a.written_off),
+                )
+            })
+            .unwrap_or_default();
         self.agents.insert(
             id.clone(),
             Agent {
@@ -1318,6 +1414,8 @@ impl Engine {
                 status: AgentStatus::Connected,
                 last_seen: now.mono,
                 registered_at,
+                outbox: VecDeque::new(),
+                written_off: HashSet::new(),
             },
         );
         self.effects.push(Effect::ToAgent(
@@ -1328,7 +1426,10 @@ impl Engine {
                 master_id: self.config.master_id.clone(),
             }),
         ));
-        self.reconcile_agent_tasks(&id, reported, now);
+        for m in outbox {
+            self.effects.push(Effect::ToAgent(id.clone(), m));
+        }
+        self.reconcile_agent_tasks(&id, reported, &written_off, now);
         let held: Vec<(FrameworkId, String, Resources)> = self
             .tasks
             .iter()
@@ -1352,6 +1453,7 @@ impl Engine {
         &mut self,
         agent: &AgentId,
         reported: Vec<(FrameworkId, TaskId, v1::TaskInfo, Resources, TaskState)>,
+        written_off: &HashSet<TaskKey>,
         now: Now,
     ) {
         let mut seen = HashSet::new();
@@ -1362,7 +1464,9 @@ impl Engine {
                 .tasks
                 .get(&key)
                 .is_some_and(|t| !t.state.is_terminal() && t.agent == *agent);
-            if self.removed_frameworks.contains(&fw) || (!known_live && self.was_completed(&key)) {
+            if self.removed_frameworks.contains(&fw)
+                || (!known_live && (written_off.contains(&key) || self.was_completed(&key)))
+            {
                 // The master already told the framework this task ended (e.g. TASK_LOST while
                 // the agent was away): it must not come back to life.
                 tracing::info!(framework_id = %fw, task_id = %task_id, agent_id = %agent, "killing task the master had written off");
@@ -1433,6 +1537,7 @@ impl Engine {
                 state,
                 last_status: None,
                 terminal_uuid: None,
+                recent: VecDeque::new(),
             });
             self.recompute_framework_usage(&fw);
         }
@@ -1560,6 +1665,39 @@ impl Engine {
                 .as_ref()
                 .ok_or(ProtoError::Missing("framework_id"))?,
         )?;
+        let task = m.task_id.as_ref().map(TaskId::try_from).transpose()?;
+        let executor = m
+            .executor_id
+            .as_ref()
+            .map(agora_core::ExecutorId::try_from)
+            .transpose()?;
+        // Only the agent running the task (or the executor) speaks for it.
+        let runs_it = |t: &Task| {
+            t.agent == *agent
+                && executor.as_ref().is_none_or(|e| {
+                    t.info
+                        .executor
+                        .as_ref()
+                        .and_then(|x| x.executor_id.as_ref())
+                        .is_none_or(|x| x.value == e.as_str())
+                })
+        };
+        let allowed = match &task {
+            Some(t) => self
+                .tasks
+                .get(&(fw.clone(), t.clone()))
+                .is_some_and(runs_it),
+            None => self
+                .tasks
+                .iter()
+                .any(|((f, _), t)| *f == fw && t.info.executor.is_some() && runs_it(t)),
+        };
+        if !allowed {
+            tracing::warn!(framework_id = %fw, agent_id = %agent, task_id = ?task.as_ref().map(TaskId::as_str), "refusing a framework message from an agent that does not run the task or executor");
+            return Err(EngineError::Forbidden(format!(
+                "agent {agent} runs no task or executor of framework {fw} that could send this message"
+            )));
+        }
         self.tell_framework(
             &fw,
             v1::event::Event::Message(v1::event::Message {
@@ -1597,6 +1735,34 @@ impl Engine {
         )?;
         let state = state_from_proto(status.state()).ok_or(ProtoError::Missing("status.state"))?;
         status.agent_id = Some(agent.into());
+        crate::validate::sanitize_status(&mut status);
+        let key = (fw.clone(), task_id.clone());
+        let on_this_agent = self.tasks.get(&key).map(|t| t.agent == *agent);
+        if on_this_agent == Some(false) {
+            tracing::warn!(framework_id = %fw, task_id = %task_id, agent_id = %agent, "refusing a status update from an agent that does not run the task");
+            return Err(EngineError::Forbidden(format!(
+                "agent {agent} does not run task {task_id} of framework {fw}"
+            )));
+        }
+        if on_this_agent.is_none() {
+            // A task the master no longer tracks: a retry of an update already acknowledged
+            // and retired, or a task written off. Acknowledged so the agent stops retrying,
+            // never forwarded: only the agent running a task speaks for it.
+            if !status.uuid.is_empty() {
+                self.tell_agent(
+                    agent,
+                    v1::master_message::Message::Acknowledge(
+                        v1::master_message::AcknowledgeUpdate {
+                            framework_id: Some((&fw).into()),
+                            task_id: Some((&task_id).into()),
+                            uuid: status.uuid,
+                        },
+                    ),
+                );
+            }
+            tracing::debug!(framework_id = %fw, task_id = %task_id, agent_id = %agent, state = %state, "update for a task the master does not track; acknowledged and dropped");
+            return Ok(());
+        }
         if !self.frameworks.contains_key(&fw) {
             // Nobody to tell: acknowledge so the agent stops retrying.
             if !status.uuid.is_empty() {
@@ -1613,44 +1779,83 @@ impl Engine {
             }
             return Ok(());
         }
-        let key = (fw.clone(), task_id.clone());
-        if let Some(task) = self.tasks.get_mut(&key) {
-            if task.state.can_transition(state) {
-                let was_holding = !task.state.is_terminal() && task.state != TaskState::Unreachable;
-                task.state = state;
-                task.last_status = Some(status.clone());
-                if state.is_terminal() {
-                    task.terminal_uuid = Some(status.uuid.clone());
-                    if was_holding {
-                        let (agent_id, resources) = (task.agent.clone(), task.resources.clone());
-                        let role = task.role.clone();
-                        if let Some(a) = self.agents.get_mut(&agent_id) {
-                            a.used.subtract(&resources);
-                        }
-                        if let Some(f) = self.frameworks.get_mut(&fw) {
-                            f.used.subtract(&resources);
-                        }
-                        self.allocator
-                            .recover(&agent_id, &fw, &role, &resources, None);
-                        self.allocation_pending = true;
-                    }
-                    if status.uuid.is_empty()
-                        && let Some(t) = self.tasks.remove(&key)
-                    {
-                        self.complete(&key, t);
-                    }
+        let ack = |uuid: Vec<u8>| {
+            v1::master_message::Message::Acknowledge(v1::master_message::AcknowledgeUpdate {
+                framework_id: Some((&fw).into()),
+                task_id: Some((&task_id).into()),
+                uuid,
+            })
+        };
+        let Some(task) = self.tasks.get_mut(&key) else {
+            return Ok(());
+        };
+        // What becomes of it: forwarded (`None`), or dropped and, when `Some(true)`,
+        // acknowledged to the agent again.
+        let mut drop: Option<bool> = None;
+        if !status.uuid.is_empty() {
+            let newest = task.recent.back().map(|(u, _)| u.clone());
+            match task.recent.iter().find(|(u, _)| *u == status.uuid) {
+                // A duplicate of an update the framework acknowledged, or of one superseded
+                // since: it has it.
+                Some((_, acked)) if *acked || newest.as_ref() != Some(&status.uuid) => {
+                    drop = Some(*acked);
                 }
-                self.changed = true;
-            } else if task.state.is_terminal()
-                && task.state == state
-                && task.terminal_uuid.is_none()
-            {
-                // A terminal update the master learnt of from a re-registration: its
-                // acknowledgement retires the task.
-                task.terminal_uuid = Some(status.uuid.clone());
-            } else if task.state != state {
-                tracing::debug!(framework_id = %fw, task_id = %task_id, from = %task.state, to = %state, "out-of-order update forwarded without changing state");
+                // A retry of the newest update, not yet acknowledged: forwarded again (the
+                // framework may have missed it), the state unchanged.
+                Some(_) => {}
+                None => {
+                    if task.recent.len() >= RECENT_UUIDS {
+                        task.recent.pop_front();
+                    }
+                    task.recent.push_back((status.uuid.clone(), false));
+                }
             }
+        }
+        if drop.is_none() && task.state.is_terminal() && !state.is_terminal() {
+            // Nothing may follow a terminal update: a late one is acknowledged and dropped,
+            // so the framework never sees RUNNING after FINISHED.
+            tracing::warn!(framework_id = %fw, task_id = %task_id, from = %task.state, to = %state, "status update after a terminal one dropped");
+            drop = Some(true);
+        }
+        if let Some(again) = drop {
+            tracing::debug!(framework_id = %fw, task_id = %task_id, state = %state, "duplicate status update dropped");
+            if again && !status.uuid.is_empty() {
+                self.tell_agent(agent, ack(status.uuid));
+            }
+            return Ok(());
+        }
+        if task.state.can_transition(state) {
+            let was_holding = !task.state.is_terminal() && task.state != TaskState::Unreachable;
+            task.state = state;
+            task.last_status = Some(status.clone());
+            if state.is_terminal() {
+                task.terminal_uuid = Some(status.uuid.clone());
+                if was_holding {
+                    let (agent_id, resources) = (task.agent.clone(), task.resources.clone());
+                    let role = task.role.clone();
+                    if let Some(a) = self.agents.get_mut(&agent_id) {
+                        a.used.subtract(&resources);
+                    }
+                    if let Some(f) = self.frameworks.get_mut(&fw) {
+                        f.used.subtract(&resources);
+                    }
+                    self.allocator
+                        .recover(&agent_id, &fw, &role, &resources, None);
+                    self.allocation_pending = true;
+                }
+                if status.uuid.is_empty()
+                    && let Some(t) = self.tasks.remove(&key)
+                {
+                    self.complete(&key, t);
+                }
+            }
+            self.changed = true;
+        } else if task.state.is_terminal() && task.state == state && task.terminal_uuid.is_none() {
+            // A terminal update the master learnt of from a re-registration: its
+            // acknowledgement retires the task.
+            task.terminal_uuid = Some(status.uuid.clone());
+        } else if task.state != state {
+            tracing::debug!(framework_id = %fw, task_id = %task_id, from = %task.state, to = %state, "out-of-order update forwarded without changing state");
         }
         tracing::debug!(framework_id = %fw, task_id = %task_id, agent_id = %agent, state = %state, "status update");
         self.tell_framework(
@@ -1747,8 +1952,14 @@ impl Engine {
         let Some(a) = self.agents.get_mut(agent) else {
             return;
         };
+        let was_connected = a.status == AgentStatus::Connected;
         a.status = AgentStatus::Lost;
         tracing::warn!(agent_id = %agent, "agent missed its heartbeats; marking it lost");
+        if was_connected {
+            // A silent agent whose link is still open would never be heard again: end the
+            // link so that it registers anew and its written-off tasks are killed.
+            self.effects.push(Effect::CloseAgent(agent.clone()));
+        }
         self.withdraw_offers(|o| o.agent == *agent, true);
         let keys: Vec<TaskKey> = self
             .tasks
@@ -1777,6 +1988,9 @@ impl Engine {
                     "the agent stopped heartbeating and was marked lost",
                     now,
                 );
+                if let Some(a) = self.agents.get_mut(agent) {
+                    a.written_off.insert(key);
+                }
             }
         }
         self.allocator.remove_agent(agent);

@@ -16,12 +16,14 @@
 //! - [`runtime`]: the owner task: commands in, effects out, timers, snapshots.
 //! - [`service`]: gRPC and HTTP handlers.
 //! - [`blobs`]: the content-addressed blob store.
+//! - [`validate`]: bounds on every call, checked before it reaches the owner task.
 
 pub mod allocator;
 pub mod blobs;
 pub mod engine;
 pub mod runtime;
 pub mod service;
+pub mod validate;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -105,6 +107,10 @@ pub enum MasterError {
     Serve(#[from] tonic::transport::Error),
     #[error(transparent)]
     Blobs(#[from] blobs::BlobError),
+    /// The task that owns the master's state ended while the master was serving: nothing
+    /// could be answered any more, so the master stops rather than linger half alive.
+    #[error("the master's state owner ended unexpectedly: {0}")]
+    OwnerDied(String),
 }
 
 /// How long a stopping master waits for its connections to drain.
@@ -119,6 +125,73 @@ pub async fn run(
     config: MasterConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), MasterError> {
+    serve(listener, config, shutdown, None).await
+}
+
+/// Checks the settings that become timers, buffers and products of durations.
+fn check_config(config: &MasterConfig) -> Result<(), MasterError> {
+    use agora_core::limits::{MAX_HEARTBEAT_SECS, MAX_REFUSE_SECS, MAX_TASK_DURATION_SECS};
+    let within = |name: &str, d: Duration, max: f64| {
+        if d.is_zero() || d.as_secs_f64() > max {
+            Err(MasterError::Config(format!(
+                "{name} {d:?} must be more than zero and at most {max} s"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    within(
+        "agent heartbeat interval",
+        config.agent_heartbeat_interval,
+        MAX_HEARTBEAT_SECS,
+    )?;
+    within(
+        "framework heartbeat interval",
+        config.framework_heartbeat_interval,
+        MAX_HEARTBEAT_SECS,
+    )?;
+    within(
+        "allocation interval",
+        config.allocation_interval,
+        MAX_HEARTBEAT_SECS,
+    )?;
+    if config.default_refuse.as_secs_f64() > MAX_REFUSE_SECS {
+        return Err(MasterError::Config(format!(
+            "default refuse filter {:?} is longer than {MAX_REFUSE_SECS} s",
+            config.default_refuse
+        )));
+    }
+    if let Some(t) = config.offer_timeout {
+        within("offer timeout", t, MAX_TASK_DURATION_SECS)?;
+    }
+    if !(1..=1000).contains(&config.max_missed_heartbeats) {
+        return Err(MasterError::Config(format!(
+            "max missed heartbeats {} must be from 1 to 1000",
+            config.max_missed_heartbeats
+        )));
+    }
+    for (name, n) in [
+        ("event buffer", config.event_buffer),
+        ("link buffer", config.link_buffer),
+    ] {
+        if !(1..=1 << 20).contains(&n) {
+            return Err(MasterError::Config(format!(
+                "{name} {n} must be from 1 to {}",
+                1 << 20
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// [`run`], handing the owner task's command sender to `tap` (tests inject faults with it).
+async fn serve(
+    listener: TcpListener,
+    config: MasterConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tap: Option<tokio::sync::oneshot::Sender<mpsc::Sender<runtime::Command>>>,
+) -> Result<(), MasterError> {
+    check_config(&config)?;
     let master_id = match config.master_id.clone() {
         Some(id) => {
             agora_core::FrameworkId::new(id.clone())
@@ -127,11 +200,6 @@ pub async fn run(
         }
         None => uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
     };
-    if config.agent_heartbeat_interval.is_zero() || config.allocation_interval.is_zero() {
-        return Err(MasterError::Config(
-            "intervals must be greater than zero".into(),
-        ));
-    }
     let engine = Engine::new(
         EngineConfig {
             master_id: master_id.clone(),
@@ -166,12 +234,40 @@ pub async fn run(
     tracing::info!(%master_id, ?addr, "master serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let actor_task = tokio::spawn(actor.run(rx, {
+    let owner = tokio::spawn(actor.run(rx, {
         let mut stop = stop_rx.clone();
         async move {
             let _ = stop.wait_for(|s| *s).await;
         }
     }));
+    // The owner ending before it was told to stop is fatal: every call would be refused
+    // while the listener stayed open. `died` says why.
+    let (died_tx, mut died) = tokio::sync::oneshot::channel::<String>();
+    let supervisor = tokio::spawn({
+        let stopping = stop_rx.clone();
+        async move {
+            let why = match owner.await {
+                Ok(()) => "it returned".to_owned(),
+                Err(e) if e.is_panic() => {
+                    let p = e.into_panic();
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    format!("it panicked: {msg}")
+                }
+                Err(e) => e.to_string(),
+            };
+            if !*stopping.borrow() {
+                tracing::error!(why, "the master's state owner ended; stopping the master");
+                let _ = died_tx.send(why);
+            }
+        }
+    });
+    if let Some(tap) = tap {
+        let _ = tap.send(tx.clone());
+    }
 
     let mut routes = tonic::service::Routes::builder();
     routes
@@ -235,8 +331,62 @@ pub async fn run(
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
             Ok(())
         }
+        Ok(why) = &mut died => return Err(MasterError::OwnerDied(why)),
     };
     let _ = stop_tx.send(true);
-    let _ = actor_task.await;
+    let _ = supervisor.await;
     result.map_err(MasterError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dead_owner_stops_the_master_with_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (tap, commands) = tokio::sync::oneshot::channel();
+        let master = tokio::spawn(serve(
+            listener,
+            MasterConfig::default(),
+            std::future::pending(),
+            Some(tap),
+        ));
+        let commands = commands.await.unwrap();
+        commands.send(runtime::Command::Crash).await.unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(10), master)
+            .await
+            .expect("the master stops by itself when its owner dies")
+            .unwrap();
+        let e = result.unwrap_err();
+        assert!(matches!(e, MasterError::OwnerDied(_)), "{e}");
+        assert!(e.to_string().contains("injected fault"), "{e}");
+    }
+
+    #[test]
+    fn health_is_false_once_nobody_publishes() {
+        let mut snap = Snapshot::default();
+        snap.health.healthy = true;
+        let (tx, rx) = watch::channel(Arc::new(snap));
+        assert!(service::health(&rx).healthy);
+        drop(tx);
+        assert!(!service::health(&rx).healthy);
+    }
+
+    #[test]
+    fn settings_that_would_overflow_are_refused() {
+        let mut c = MasterConfig {
+            max_missed_heartbeats: u32::MAX,
+            ..MasterConfig::default()
+        };
+        assert!(check_config(&c).is_err());
+        c.max_missed_heartbeats = 5;
+        c.agent_heartbeat_interval = Duration::from_secs(u64::MAX / 2);
+        assert!(check_config(&c).is_err());
+        c.agent_heartbeat_interval = Duration::from_secs(5);
+        c.event_buffer = 0;
+        assert!(check_config(&c).is_err());
+        c.event_buffer = 16;
+        check_config(&c).unwrap();
+    }
 }

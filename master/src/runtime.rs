@@ -64,6 +64,8 @@ pub type LinkSender = mpsc::Sender<Result<v1::MasterMessage, Status>>;
 pub enum Command {
     Subscribe {
         info: v1::FrameworkInfo,
+        /// The stream id of the live subscription this one replaces.
+        replaces: Option<String>,
         reply: Reply<EventStream>,
     },
     StreamClosed {
@@ -101,6 +103,9 @@ pub enum Command {
         force: bool,
         reply: Reply<()>,
     },
+    /// A fault injected by tests: the owner task panics.
+    #[cfg(test)]
+    Crash,
 }
 
 /// A framework's subscription stream, as handed to tonic.
@@ -280,10 +285,20 @@ impl Actor {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Subscribe { info, reply } => {
+            Command::Subscribe {
+                info,
+                replaces,
+                reply,
+            } => {
                 let (tx, rx) = mpsc::channel(self.config.event_buffer);
                 let kicked = Arc::new(AtomicBool::new(false));
-                match self.engine.subscribe(info) {
+                // Calls quote the stream id, so it must not be guessable.
+                let stream = format!(
+                    "{}-S{}",
+                    self.engine.config().master_id,
+                    uuid::Uuid::new_v4().simple()
+                );
+                match self.engine.subscribe(info, replaces.as_deref(), stream) {
                     Ok((framework, stream)) => {
                         self.pending_stream = Some((
                             framework.clone(),
@@ -401,6 +416,8 @@ impl Actor {
                     .map_err(Status::from);
                 let _ = reply.send(r);
             }
+            #[cfg(test)]
+            Command::Crash => panic!("injected fault"),
         }
     }
 
@@ -454,6 +471,11 @@ impl Actor {
                         self.frameworks.remove(&framework);
                     }
                     Effect::ToAgent(agent, message) => self.send_agent(&agent, message),
+                    Effect::CloseAgent(agent) => {
+                        // Dropping the sender ends the link's stream once the messages
+                        // already queued on it are read.
+                        self.agents.remove(&agent);
+                    }
                 }
             }
         }

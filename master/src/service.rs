@@ -19,6 +19,12 @@ use tracing::Instrument;
 
 use crate::allocator::Quota;
 use crate::runtime::{CallKind, Command, EventStream, Snapshot};
+use crate::validate;
+
+/// A call refused at the edge for its shape.
+fn bad(e: agora_core::LimitError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
 
 fn owner_gone() -> Status {
     Status::unavailable("the master is shutting down")
@@ -80,8 +86,18 @@ impl Scheduler for SchedulerService {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let info = required(request.into_inner().framework_info, "framework_info")?;
-        let stream = ask(&self.commands, |reply| Command::Subscribe { info, reply }).await?;
+        let r = request.into_inner();
+        let info = required(r.framework_info, "framework_info")?;
+        validate::framework_info(&info).map_err(bad)?;
+        agora_core::limits::text("stream_id", &r.stream_id, agora_core::limits::MAX_TEXT)
+            .map_err(bad)?;
+        let replaces = (!r.stream_id.is_empty()).then_some(r.stream_id);
+        let stream = ask(&self.commands, |reply| Command::Subscribe {
+            info,
+            replaces,
+            reply,
+        })
+        .await?;
         Ok(Response::new(stream))
     }
 
@@ -91,6 +107,9 @@ impl Scheduler for SchedulerService {
     ) -> Result<Response<v1::CallResponse>, Status> {
         let r = request.into_inner();
         self.call(r.header, || {
+            validate::offer_ids(&r.offer_ids).map_err(bad)?;
+            validate::operations(&r.operations).map_err(bad)?;
+            validate::filters("filters", r.filters.as_ref()).map_err(bad)?;
             Ok(CallKind::Accept {
                 offers: offer_ids(r.offer_ids)?,
                 operations: r.operations,
@@ -106,6 +125,8 @@ impl Scheduler for SchedulerService {
     ) -> Result<Response<v1::CallResponse>, Status> {
         let r = request.into_inner();
         self.call(r.header, || {
+            validate::offer_ids(&r.offer_ids).map_err(bad)?;
+            validate::filters("filters", r.filters.as_ref()).map_err(bad)?;
             Ok(CallKind::Decline {
                 offers: offer_ids(r.offer_ids)?,
                 filters: r.filters,
@@ -119,8 +140,11 @@ impl Scheduler for SchedulerService {
         request: Request<v1::ReviveRequest>,
     ) -> Result<Response<v1::CallResponse>, Status> {
         let req = request.into_inner();
-        self.call(req.header, || Ok(CallKind::Revive { roles: req.roles }))
-            .await
+        self.call(req.header, || {
+            validate::roles("roles", &req.roles).map_err(bad)?;
+            Ok(CallKind::Revive { roles: req.roles })
+        })
+        .await
     }
 
     async fn suppress(
@@ -128,8 +152,11 @@ impl Scheduler for SchedulerService {
         request: Request<v1::SuppressRequest>,
     ) -> Result<Response<v1::CallResponse>, Status> {
         let req = request.into_inner();
-        self.call(req.header, || Ok(CallKind::Suppress { roles: req.roles }))
-            .await
+        self.call(req.header, || {
+            validate::roles("roles", &req.roles).map_err(bad)?;
+            Ok(CallKind::Suppress { roles: req.roles })
+        })
+        .await
     }
 
     async fn kill(
@@ -151,6 +178,7 @@ impl Scheduler for SchedulerService {
     ) -> Result<Response<v1::CallResponse>, Status> {
         let r = request.into_inner();
         self.call(r.header, || {
+            validate::uuid(&r.uuid).map_err(bad)?;
             Ok(CallKind::Acknowledge {
                 task: TaskId::try_from(required(r.task_id, "task_id")?)?,
                 uuid: r.uuid,
@@ -165,6 +193,8 @@ impl Scheduler for SchedulerService {
     ) -> Result<Response<v1::CallResponse>, Status> {
         let r = request.into_inner();
         self.call(r.header, || {
+            agora_core::limits::count("tasks", r.tasks.len(), validate::MAX_RECONCILE)
+                .map_err(bad)?;
             let tasks = r
                 .tasks
                 .into_iter()
@@ -210,6 +240,7 @@ impl AgentLink for AgentLinkService {
                 "an agent's first message must be a registration",
             ));
         };
+        validate::registration(&register).map_err(bad)?;
         let (link, rx) = mpsc::channel(self.link_buffer);
         let (agent, conn) = ask(&self.commands, |reply| Command::AgentRegister {
             register,
@@ -272,8 +303,7 @@ impl Operator for OperatorService {
         &self,
         _request: Request<v1::GetHealthRequest>,
     ) -> Result<Response<v1::GetHealthResponse>, Status> {
-        let snap = Arc::clone(&self.snapshot.borrow());
-        Ok(Response::new(snap.health.clone()))
+        Ok(Response::new(health(&self.snapshot)))
     }
 
     async fn get_roles(
@@ -291,6 +321,9 @@ impl Operator for OperatorService {
         request: Request<v1::UpdateWeightRequest>,
     ) -> Result<Response<v1::UpdateResponse>, Status> {
         let r = request.into_inner();
+        agora_core::resources::validate_role(&r.role)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate::weight(r.weight).map_err(bad)?;
         ask(&self.commands, |reply| Command::SetWeight {
             role: r.role,
             weight: r.weight,
@@ -305,6 +338,10 @@ impl Operator for OperatorService {
         request: Request<v1::UpdateQuotaRequest>,
     ) -> Result<Response<v1::UpdateResponse>, Status> {
         let r = request.into_inner();
+        agora_core::resources::validate_role(&r.role)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate::resources("guarantee", &r.guarantee).map_err(bad)?;
+        validate::resources("limit", &r.limit).map_err(bad)?;
         let guarantee = agora_proto::resources_from_proto(&r.guarantee)?;
         let limit = agora_proto::resources_from_proto(&r.limit)?;
         let quota = Quota {
@@ -322,19 +359,39 @@ impl Operator for OperatorService {
     }
 }
 
-/// `GET /health`: a JSON summary, for load balancers and humans with curl.
+/// The health in the latest snapshot, and false whatever it says once the owner task that
+/// publishes snapshots is gone (its sender dropped): a master that cannot answer calls is not
+/// healthy.
+pub fn health(snapshot: &watch::Receiver<Arc<Snapshot>>) -> v1::GetHealthResponse {
+    let mut h = snapshot.borrow().health.clone();
+    if snapshot.has_changed().is_err() {
+        h.healthy = false;
+    }
+    h
+}
+
+/// `GET /health`: a JSON summary, for load balancers and humans with curl; 503 when
+/// unhealthy.
 pub fn health_router(snapshot: watch::Receiver<Arc<Snapshot>>) -> axum::Router {
     axum::Router::new().route(
         "/health",
         axum::routing::get(move || {
-            let snap = Arc::clone(&snapshot.borrow());
+            let h = health(&snapshot);
             async move {
-                let h = &snap.health;
                 let body = format!(
                     "{{\"healthy\":{},\"master_id\":\"{}\",\"uptime_seconds\":{:.3},\"active_agents\":{},\"active_frameworks\":{}}}\n",
                     h.healthy, h.master_id, h.uptime_seconds, h.active_agents, h.active_frameworks
                 );
-                ([(axum::http::header::CONTENT_TYPE, "application/json")], body)
+                let code = if h.healthy {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                };
+                (
+                    code,
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
             }
         }),
     )

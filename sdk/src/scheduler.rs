@@ -177,13 +177,17 @@ fn convert(ev: v1::event::Event) -> Option<Event> {
     })
 }
 
+/// Subscribes; `replaces` is the stream id of this process's previous subscription, which
+/// lets it take over even before the master has noticed the old stream's end.
 async fn open(
     client: &mut SchedulerClient<Channel>,
     info: v1::FrameworkInfo,
+    replaces: Option<&str>,
 ) -> Result<(tonic::Streaming<v1::Event>, Session, Event), Error> {
     let mut stream = client
         .subscribe(v1::SubscribeRequest {
             framework_info: Some(info),
+            stream_id: replaces.unwrap_or_default().to_owned(),
         })
         .await
         .map_err(Error::from)?
@@ -241,7 +245,7 @@ pub async fn subscribe(config: SchedulerConfig) -> Result<(Scheduler, Events), E
     let mut client = SchedulerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let (stream, session, first) = open(&mut client, config.framework.clone()).await?;
+    let (stream, session, first) = open(&mut client, config.framework.clone(), None).await?;
     let inner = Arc::new(Inner {
         client: client.clone(),
         session: RwLock::new(Some(session.clone())),
@@ -317,7 +321,7 @@ async fn drive(
         loop {
             let mut info = config.framework.clone();
             info.id = Some((&session.framework_id).into());
-            match open(&mut client, info).await {
+            match open(&mut client, info, Some(&session.stream_id)).await {
                 Ok((s, new_session, ev)) => {
                     if let Event::Subscribed {
                         heartbeat_interval, ..

@@ -9,6 +9,13 @@ use proptest::prelude::*;
 use super::*;
 use crate::allocator::{Cycle, HierarchicalDrf};
 
+/// A stream id for a new subscription (the runtime makes random ones).
+fn fresh_stream() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("m1-S{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
 fn config() -> EngineConfig {
     EngineConfig {
         master_id: "m1".into(),
@@ -32,6 +39,8 @@ struct World {
     offers: HashMap<FrameworkId, Vec<v1::Offer>>,
     updates: Vec<(FrameworkId, v1::TaskStatus)>,
     to_agents: Vec<(AgentId, v1::master_message::Message)>,
+    /// Agents whose links the engine asked to close.
+    closed_agents: Vec<AgentId>,
     next_task: u64,
 }
 
@@ -50,6 +59,7 @@ impl World {
             offers: HashMap::new(),
             updates: Vec::new(),
             to_agents: Vec::new(),
+            closed_agents: Vec::new(),
             next_task: 0,
         }
     }
@@ -87,6 +97,7 @@ impl World {
                     _ => {}
                 },
                 Effect::ToAgent(a, m) => self.to_agents.push((a, m)),
+                Effect::CloseAgent(a) => self.closed_agents.push(a),
                 Effect::CloseFramework(_) | Effect::Attach(..) => {}
             }
         }
@@ -95,11 +106,15 @@ impl World {
     fn framework(&mut self, name: &str) -> FrameworkId {
         let (id, stream) = self
             .e
-            .subscribe(v1::FrameworkInfo {
-                name: name.into(),
-                failover_timeout: 60.0,
-                ..Default::default()
-            })
+            .subscribe(
+                v1::FrameworkInfo {
+                    name: name.into(),
+                    failover_timeout: 60.0,
+                    ..Default::default()
+                },
+                None,
+                fresh_stream(),
+            )
             .unwrap();
         self.streams.insert(id.clone(), stream);
         self.drain();
@@ -219,21 +234,33 @@ impl World {
 
     /// The agent reports a state for a task, with a fresh uuid.
     fn report(&mut self, agent: &AgentId, fw: &FrameworkId, task: &str, state: v1::TaskState) {
-        self.e
-            .status_update(
-                agent,
-                v1::agent_message::StatusUpdate {
-                    framework_id: Some(fw.into()),
-                    status: Some(v1::TaskStatus {
-                        task_id: Some(v1::TaskId { value: task.into() }),
-                        state: state as i32,
-                        uuid: uuid::Uuid::new_v4().as_bytes().to_vec(),
-                        ..Default::default()
-                    }),
-                },
-            )
-            .unwrap();
+        let uuid = uuid::Uuid::new_v4().as_bytes().to_vec();
+        self.report_uuid(agent, fw, task, state, &uuid).unwrap();
+    }
+
+    /// The agent reports a state for a task with the given uuid.
+    fn report_uuid(
+        &mut self,
+        agent: &AgentId,
+        fw: &FrameworkId,
+        task: &str,
+        state: v1::TaskState,
+        uuid: &[u8],
+    ) -> Result<(), EngineError> {
+        let r = self.e.status_update(
+            agent,
+            v1::agent_message::StatusUpdate {
+                framework_id: Some(fw.into()),
+                status: Some(v1::TaskStatus {
+                    task_id: Some(v1::TaskId { value: task.into() }),
+                    state: state as i32,
+                    uuid: uuid.to_vec(),
+                    ..Default::default()
+                }),
+            },
+        );
         self.drain();
+        r
     }
 
     fn last_update(&self, task: &str) -> Option<&v1::TaskStatus> {
@@ -420,11 +447,15 @@ fn unanswered_offers_are_rescinded_after_the_offer_timeout() {
 fn a_framework_can_hold_several_roles_and_suppress_one() {
     let mut w = World::new();
     let (fw, stream) =
-        w.e.subscribe(v1::FrameworkInfo {
-            name: "multi".into(),
-            roles: vec!["a".into(), "b".into()],
-            ..Default::default()
-        })
+        w.e.subscribe(
+            v1::FrameworkInfo {
+                name: "multi".into(),
+                roles: vec!["a".into(), "b".into()],
+                ..Default::default()
+            },
+            None,
+            fresh_stream(),
+        )
         .unwrap();
     w.streams.insert(fw.clone(), stream.clone());
     w.drain();
@@ -449,11 +480,15 @@ fn a_framework_can_hold_several_roles_and_suppress_one() {
     w.e.suppress(&fw, &stream, &["a".into()]).unwrap();
     w.drain();
     let err =
-        w.e.subscribe(v1::FrameworkInfo {
-            name: "bad".into(),
-            roles: vec!["a/../b".into()],
-            ..Default::default()
-        })
+        w.e.subscribe(
+            v1::FrameworkInfo {
+                name: "bad".into(),
+                roles: vec!["a/../b".into()],
+                ..Default::default()
+            },
+            None,
+            fresh_stream(),
+        )
         .unwrap_err();
     assert!(err.to_string().contains("'..'"), "{err}");
 }
@@ -685,3 +720,5 @@ proptest! {
         }
     }
 }
+
+mod hardening;
