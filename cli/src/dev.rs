@@ -142,7 +142,23 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("  agora run --master {master} path/to/task.wasm -- ARGS");
     println!("Ctrl-C stops the cluster.");
 
-    shutdown_signal().await;
+    // A master or agent that ends by itself (its state owner died) ends the cluster, with
+    // its error: a dev cluster that only looks alive is worse than none.
+    let mut master_task = master_task;
+    let first_agent_end = futures_first(&mut agent_tasks);
+    tokio::select! {
+        () = shutdown_signal() => {}
+        r = &mut master_task => {
+            let _ = stop_tx.send(true);
+            r.context("master task")??;
+            bail!("the master stopped by itself");
+        }
+        (i, r) = first_agent_end => {
+            let _ = stop_tx.send(true);
+            r.context("agent task")??;
+            bail!("agent {} stopped by itself", i + 1);
+        }
+    }
     println!("stopping");
     let _ = stop_tx.send(true);
     for t in agent_tasks {
@@ -153,4 +169,23 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&work_dir);
     }
     Ok(())
+}
+
+/// The first of `tasks` to end, with its index; pending for ever when there are none.
+async fn futures_first<T>(
+    tasks: &mut [tokio::task::JoinHandle<T>],
+) -> (usize, Result<T, tokio::task::JoinError>) {
+    use std::future::Future as _;
+    if tasks.is_empty() {
+        return std::future::pending().await;
+    }
+    std::future::poll_fn(|cx| {
+        for (i, t) in tasks.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(r) = std::pin::Pin::new(t).poll(cx) {
+                return std::task::Poll::Ready((i, r));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }

@@ -147,7 +147,16 @@ fn subscribed(s: v1::event::Subscribed) -> Result<(Session, Event), Error> {
         session,
         Event::Subscribed {
             framework_id,
-            heartbeat_interval: Duration::from_secs_f64(s.heartbeat_interval_seconds.max(0.001)),
+            // A master's number, checked like any other from outside: one out of range
+            // would panic here or overflow the three-heartbeat timeout.
+            heartbeat_interval: agora_core::limits::seconds(
+                "heartbeat_interval_seconds",
+                s.heartbeat_interval_seconds,
+                agora_core::limits::MAX_HEARTBEAT_SECS,
+            )
+            .ok()
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(15)),
             master_id: s.master_id,
         },
     ))

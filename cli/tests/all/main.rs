@@ -2,6 +2,7 @@
 //! process (`cluster`, `faults`) and as separate `agora` processes (`processes`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod bounds;
 mod cluster;
 mod executors;
 mod faults;
