@@ -76,7 +76,8 @@ async fn a_running_task_can_be_killed() {
         );
         tokio::spawn(async move { rt.run(&program, spec, cancel).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Kill it while it runs, not before it starts.
+    sb.wait_stdout("spinning\n").await;
     let t = Instant::now();
     cancel.cancel();
     let report = tokio::time::timeout(Duration::from_secs(5), run)

@@ -44,6 +44,19 @@ impl Sandbox {
         std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
     }
 
+    /// Waits until the task has written `text` to its stdout, failing after 20 s.
+    pub async fn wait_stdout(&self, text: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !self.stdout().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {text:?} on stdout: {:?}",
+                self.stdout()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
     }

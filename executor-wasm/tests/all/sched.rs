@@ -80,14 +80,13 @@ async fn an_infinite_loop_among_a_hundred_healthy_tasks_does_not_hold_them_up() 
     let spin = load(&rt, task_bytes("spin", Target::P1)).await;
     let hello = load(&rt, task_bytes("hello", Target::P1)).await;
     let kill = CancellationToken::new();
+    let sb = Sandbox::new();
     let spinner = {
-        let (rt, kill) = (rt.clone(), kill.clone());
-        tokio::spawn(async move {
-            let sb = Sandbox::new();
-            rt.run(&spin, sb.spec(&["spin"]), kill).await
-        })
+        let (rt, kill, spec) = (rt.clone(), kill.clone(), sb.spec(&["spin"]));
+        tokio::spawn(async move { rt.run(&spin, spec, kill).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The hundred start only once the loop spins.
+    sb.wait_stdout("spinning\n").await;
     let t = Instant::now();
     let mut joins = Vec::new();
     for _ in 0..100 {
