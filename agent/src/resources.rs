@@ -93,11 +93,59 @@ mod tests {
         );
     }
 
+    /// The CPUs this process may run on, asked of the kernel directly.
+    fn affinity_cpus() -> u32 {
+        // SAFETY: cpu_set_t is plain data; zeroed is an empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a writable cpu_set_t of the size passed; pid 0 is this thread.
+        let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+        assert_eq!(
+            rc,
+            0,
+            "sched_getaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `set` was filled in by the kernel above.
+        unsafe { libc::CPU_COUNT(&set) as u32 }
+    }
+
+    /// Total memory in MiB from sysinfo(2), not /proc/meminfo.
+    fn sysinfo_mib() -> u64 {
+        // SAFETY: sysinfo is plain data; zeroed is valid to write into.
+        let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a writable sysinfo.
+        assert_eq!(unsafe { libc::sysinfo(&mut info) }, 0);
+        info.totalram as u64 * u64::from(info.mem_unit) / (1 << 20)
+    }
+
+    /// Free space of `/` in MiB, as df(1) reports it.
+    fn df_avail_mib() -> u64 {
+        let out = std::process::Command::new("df")
+            .args(["-B1M", "--output=avail", "/"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+
     #[test]
     fn detection_finds_this_machine() {
         let r = detect(Path::new("/"));
-        assert!(r.cpus() >= 1.0);
-        assert!(r.mem() >= 512.0, "{r}");
+        // What the machine has, found another way than detection's, so that a fallback (one
+        // CPU, 1 GiB, no disk) fails here. A machine with one CPU cannot tell the CPU fallback
+        // apart; this one, and CI's, have two.
+        assert_eq!(r.cpus(), f64::from(affinity_cpus()), "{r}");
+        let total = sysinfo_mib();
+        assert_eq!(r.mem(), (total - memory_reserve_mib(total)) as f64, "{r}");
+        let free = df_avail_mib();
+        let disk = (free - disk_reserve_mib(free)) as f64;
+        // Other processes write meanwhile: within 1% or 256 MiB.
+        assert!(
+            (r.disk() - disk).abs() <= (disk / 100.0).max(256.0),
+            "disk {} vs {disk} from df: {r}",
+            r.disk()
+        );
+        assert!(r.disk() > 0.0, "{r}");
         assert_eq!(r.ranges("ports").count(), 1001);
     }
 
