@@ -290,6 +290,7 @@ async fn suppressed_frameworks_get_no_offers_until_revived() {
     })
     .await;
     assert_eq!(rescinded.as_str(), offer.id.as_ref().unwrap().value);
+    // That nothing comes for a while is the test: this waits out the time on purpose.
     let quiet = tokio::time::timeout(Duration::from_millis(600), next_offers(&mut events)).await;
     assert!(quiet.is_err(), "a suppressed framework got offers");
     s.revive().await.unwrap();
@@ -570,6 +571,12 @@ async fn operator_state_and_health() {
     let st = cluster.state().await;
     assert_eq!(st.agents.len(), 2);
     let busy = &st.tasks[0];
+    // The task is recorded under the id its framework was given, and on a known agent.
+    let id: FrameworkId = s.framework_id().unwrap();
+    assert_eq!(
+        busy.framework_id.as_ref().map(|f| f.value.as_str()),
+        Some(id.as_str())
+    );
     let agent = st.agents.iter().find(|a| a.id == busy.agent_id).unwrap();
     assert_eq!(
         resources_from_proto(&agent.used).unwrap(),
@@ -604,7 +611,6 @@ async fn operator_state_and_health() {
         ),
         (true, 2, 1)
     );
-    let _: FrameworkId = s.framework_id().unwrap();
 }
 
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
@@ -632,7 +638,18 @@ async fn unacknowledged_updates_are_retried_until_acknowledged() {
         wasm_task("once", "hello", "cpus:0.5;mem:64"),
     )
     .await;
-    let first = wait_terminal(&mut events, &tid("once")).await;
+    // One update of a task is in flight at a time: the terminal one comes once the ones
+    // before it are acknowledged.
+    let first = next_matching(&mut events, "once to end", |e| match e {
+        Event::Update(u) if state_of(&u).is_terminal() => Some(u),
+        Event::Update(u) => {
+            let s = s.clone();
+            tokio::spawn(async move { s.acknowledge(&u).await.unwrap() });
+            None
+        }
+        _ => None,
+    })
+    .await;
     // The agent's retry interval here is 500 ms: the same update comes again.
     let again = wait_terminal(&mut events, &tid("once")).await;
     assert_eq!(first.uuid, again.uuid);
@@ -642,6 +659,7 @@ async fn unacknowledged_updates_are_retried_until_acknowledged() {
         cluster.state().await.tasks.is_empty()
     })
     .await;
+    // Three retry intervals with nothing sent is the test: this waits them out on purpose.
     let more = tokio::time::timeout(
         Duration::from_millis(1500),
         wait_terminal(&mut events, &tid("once")),

@@ -95,6 +95,36 @@ pub async fn wait_no_cgroups(test: &str) {
     .await;
 }
 
+/// Waits until a task of `test` runs under its PID-namespace init and both init processes
+/// (outside and PID 1 inside) catch SIGTERM: from then on a SIGTERM reaches the task. One sent
+/// before the init set its handlers would be lost (PID 1 ignores signals it does not catch).
+pub async fn wait_forwarding(test: &str) {
+    wait_until("the task's init to forward SIGTERM", || async {
+        let mut pids: Vec<String> = cgroups_left(test)
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|p| p.lines().map(str::to_owned).collect::<Vec<_>>())
+            .collect();
+        pids.sort();
+        pids.dedup();
+        let comm =
+            |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let catches_term = |pid: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                .is_some_and(|m| m & (1 << (libc::SIGTERM - 1)) != 0)
+        };
+        let inits: Vec<&String> = pids.iter().filter(|p| comm(p).trim() == "agora").collect();
+        inits.len() == 2
+            && inits.iter().all(|p| catches_term(p))
+            && pids.iter().any(|p| comm(p).trim() != "agora")
+    })
+    .await;
+}
+
 /// The agent's Sandbox API address.
 pub async fn endpoint(cluster: &Cluster) -> String {
     cluster.state().await.agents[0]
@@ -336,9 +366,13 @@ async fn a_fork_bomb_stops_at_the_tasks_pids_max_and_is_killed() {
             .any(|c| c.usage.is_some_and(|u| u.pids >= 38))
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let cs = agora_sdk::agent_containers(&endpoint).await.unwrap();
-    assert!(cs[0].usage.unwrap().pids <= 40, "{cs:?}");
+    // It stays at its cap: watching it for a while is the test, so this waits on purpose.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_millis(300) {
+        let cs = agora_sdk::agent_containers(&endpoint).await.unwrap();
+        assert!(cs[0].usage.unwrap().pids <= 40, "{cs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The agent still serves while the bomb runs, and the bomb dies on KILL.
     let calm = command("calm", "true", "cpus:0.1;mem:32").build_for(&rest);
     s.accept(&[rest.id.clone().unwrap()], vec![calm], Some(0.0))
@@ -387,19 +421,9 @@ async fn a_task_that_ignores_sigterm_is_killed_after_the_grace_period() {
         "{:?}",
         t.elapsed()
     );
-    // The daemon it double-forked went with it: no cgroup of this test is left.
-    let leftover = std::fs::read_dir("/sys/fs/cgroup/memory")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    e.file_name().to_string_lossy() == format!("agora-test-{}", std::process::id())
-                })
-                .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
-                .filter(|e| e.path().is_dir())
-                .count()
-        })
-        .unwrap_or(0);
-    assert_eq!(leftover, 0, "a task cgroup was left behind");
+    // The daemon it double-forked went with it: no cgroup of this test is left (a task's
+    // cgroup cannot be removed while a process is in it).
+    wait_no_cgroups("a_task_that_ignores_sigterm_is_killed_after_the_grace_period").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -705,7 +729,7 @@ async fn a_task_has_its_own_pid_namespace_and_stops_on_sigterm() {
         command("sleeper", "sleep 1000", "cpus:0.1;mem:32").kill_grace(Duration::from_secs(10));
     launch(&s, &mut events, task).await;
     wait_state(&mut events, &tid("sleeper"), TaskState::Running).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_forwarding("a_task_has_its_own_pid_namespace_and_stops_on_sigterm").await;
     let t = Instant::now();
     s.kill(&tid("sleeper"), None).await.unwrap();
     let end = wait_terminal(&mut events, &tid("sleeper")).await;
