@@ -99,6 +99,8 @@ pub struct Actor {
     last_heartbeat: Instant,
     tasks: HashMap<TaskKey, TaskEntry>,
     runners: JoinSet<()>,
+    /// Collects a task's sandbox once its runner has ended.
+    gc: Option<crate::gc::Gc>,
 }
 
 fn strip_module(task: &v1::TaskInfo) -> v1::TaskInfo {
@@ -138,7 +140,14 @@ impl Actor {
             last_heartbeat: Instant::now(),
             tasks: HashMap::new(),
             runners: JoinSet::new(),
+            gc: None,
         }
+    }
+
+    /// Finished tasks' sandboxes are scheduled with `gc`.
+    pub fn with_gc(mut self, gc: crate::gc::Gc) -> Self {
+        self.gc = Some(gc);
+        self
     }
 
     /// Runs until `shutdown`; then kills every task.
@@ -416,6 +425,7 @@ impl Actor {
             resources,
             kill,
             events: self.events.clone(),
+            gc: self.gc.clone(),
         };
         self.runners.spawn(runner.run().instrument(span));
     }
@@ -537,6 +547,7 @@ struct Runner {
     resources: agora_core::Resources,
     kill: CancellationToken,
     events: mpsc::Sender<Event>,
+    gc: Option<crate::gc::Gc>,
 }
 
 impl Runner {
@@ -572,6 +583,8 @@ impl Runner {
                 return;
             }
         };
+        // However the runner ends, the sandbox is collected after the GC delay.
+        let _collect = self.gc.as_ref().map(|gc| gc.on_drop(sandbox.clone()));
         let spec = LaunchSpec {
             agent_id: self.agent_id.clone(),
             framework_id: self.framework.clone(),

@@ -240,6 +240,8 @@ struct Inner {
     /// start it once — without one framework's slow start holding up the others.
     launching: Mutex<HashMap<Key, std::sync::Weak<tokio::sync::Mutex<()>>>>,
     lifecycles: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Collects an executor's sandbox once its process has ended.
+    gc: std::sync::OnceLock<crate::gc::Gc>,
 }
 
 impl Inner {
@@ -278,8 +280,14 @@ impl ExecutorContainerizer {
                 running: Mutex::new(HashMap::new()),
                 launching: Mutex::new(HashMap::new()),
                 lifecycles: Mutex::new(Vec::new()),
+                gc: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Executors' sandboxes are scheduled with `gc` once their processes end.
+    pub fn collect_with(&self, gc: crate::gc::Gc) {
+        let _ = self.inner.gc.set(gc);
     }
 
     /// The gRPC service executors talk to.
@@ -444,12 +452,12 @@ impl ExecutorContainerizer {
             r.insert(key, exec.clone());
         }
         tracing::info!(framework_id = %spec.framework_id, executor_id = %id, sandbox = %sandbox.display(), "starting executor");
-        let handle = tokio::spawn(lifecycle(
-            self.inner.clone(),
-            exec.clone(),
-            container,
-            entry_key,
-        ));
+        let collect = self.inner.gc.get().map(|gc| gc.on_drop(sandbox.clone()));
+        let lifecycle = lifecycle(self.inner.clone(), exec.clone(), container, entry_key);
+        let handle = tokio::spawn(async move {
+            let _collect = collect;
+            lifecycle.await;
+        });
         if let Ok(mut l) = self.inner.lifecycles.lock() {
             l.retain(|h| !h.is_finished());
             l.push(handle);
@@ -808,7 +816,13 @@ impl ExecutorTask {
 #[async_trait::async_trait]
 impl Container for ExecutorTask {
     async fn run(self: Box<Self>, kill: CancellationToken, updates: Updates) -> Termination {
-        let end = self.watch(kill, &updates).await;
+        // The task's `disk` against its sandbox, as for a native task.
+        let quota = crate::disk::Quota::of(
+            &self.sandbox,
+            self.resources.disk(),
+            self.inner.native.config().disk_watch_interval,
+        );
+        let end = crate::disk::enforce(quota, kill, |kill| self.watch(kill, &updates)).await;
         {
             let mut st = self.exec.lock();
             st.tasks.remove(&self.task_id);

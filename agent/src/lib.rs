@@ -18,12 +18,16 @@
 //! - [`actor`]: the owner task: tasks, status updates, the state machine of a launch.
 //! - [`link`]: the connection to the master, with reconnect.
 //! - [`sandbox`]: sandbox directories and the Sandbox API.
+//! - [`gc`]: finished sandboxes removed after a delay, sooner as the disk fills.
+//! - [`disk`]: sandbox usage, the `disk` resource enforced, the module store's pins.
 //! - [`resources`]: detecting and overriding the resources offered.
 
 pub mod actor;
 pub mod containerizer;
+pub mod disk;
 pub mod executor;
 pub mod fetcher;
+pub mod gc;
 pub mod link;
 pub mod native;
 pub mod resources;
@@ -81,7 +85,19 @@ pub struct AgentConfig {
     pub status_retry: Duration,
     /// First wait after a failed connection to the master. Default 100 ms (doubling to 10 s).
     pub reconnect_min: Duration,
+    /// When finished sandboxes are removed.
+    pub gc: gc::GcConfig,
+    /// Most bytes of Wasm modules kept in `<work_dir>/modules` (least recently used go
+    /// first, never one in use). Default 1 GiB; `None`: no bound. The compiled-module
+    /// cache's bound is `wasm.cache_max_bytes` (default here 2 GiB).
+    pub module_store_max_bytes: Option<u64>,
 }
+
+/// Default bound of the module store, in bytes.
+pub const DEFAULT_MODULE_STORE_BYTES: u64 = 1 << 30;
+/// Default bound of the compiled-module disk cache, in bytes (artifacts are several times
+/// their modules' size).
+pub const DEFAULT_WASM_CACHE_BYTES: u64 = 2 << 30;
 
 impl AgentConfig {
     pub fn new(master: impl Into<String>, work_dir: impl Into<PathBuf>) -> Self {
@@ -92,7 +108,10 @@ impl AgentConfig {
             resources: None,
             attributes: Vec::new(),
             advertise: None,
-            wasm: WasmConfig::default(),
+            wasm: WasmConfig {
+                cache_max_bytes: Some(DEFAULT_WASM_CACHE_BYTES),
+                ..WasmConfig::default()
+            },
             wasm_policy: WasmPolicy::default(),
             wasm_executor: std::env::current_exe()
                 .ok()
@@ -103,6 +122,8 @@ impl AgentConfig {
             executors: executor::ExecutorConfig::default(),
             status_retry: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(100),
+            gc: gc::GcConfig::default(),
+            module_store_max_bytes: Some(DEFAULT_MODULE_STORE_BYTES),
         }
     }
 }
@@ -181,6 +202,9 @@ pub async fn run(
         containers.clone(),
         events_tx.clone(),
     );
+    // Stops when `run` returns.
+    let (gc, _collector) = gc::start(work_dir.clone(), config.gc.clone()).await;
+    executors.collect_with(gc.clone());
     // Pool slots from the agent's memory: a slot per 16 MiB, at least 16, at most 1,000.
     let pool = config
         .wasm
@@ -219,7 +243,8 @@ pub async fn run(
             &work_dir,
             cache_dir,
         )
-        .map_err(AgentError::Modules)?,
+        .map_err(AgentError::Modules)?
+        .with_module_store_bound(config.module_store_max_bytes),
     );
     // The first that supports a task runs it: a task naming an executor goes to it,
     // whatever its payload.
@@ -267,7 +292,8 @@ pub async fn run(
             max: Duration::from_secs(600).max(config.status_retry),
         },
         events_tx.clone(),
-    );
+    )
+    .with_gc(gc);
     let link = tokio::spawn(link::maintain(
         config.master.clone(),
         link::Backoff {

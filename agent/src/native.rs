@@ -39,10 +39,15 @@ pub struct NativeConfig {
     /// Between SIGTERM and SIGKILL when a task is killed.
     pub kill_grace: Duration,
     /// Rotate a task's stdout and stderr when they reach this size (`None`: no rotation,
-    /// the task writes its files directly).
+    /// the task writes its files directly). Default 10 MiB.
     pub log_max_bytes: Option<u64>,
-    /// Rotated files kept (`stdout.1` … `stdout.N`).
+    /// Rotated files kept (`stdout.1` … `stdout.N`). Default 2: a stream holds at most
+    /// `log_max_bytes × (log_keep + 1)`.
     pub log_keep: usize,
+    /// How often a task's sandbox is measured against its `disk` resource (a task over it
+    /// fails with REASON_CONTAINER_LIMITATION_DISK); `None`: `disk` is not enforced.
+    /// Default 15 s. See [`crate::disk`].
+    pub disk_watch_interval: Option<Duration>,
     /// Run a task as the user it names (`CommandTask.user`); off, tasks run as the agent's
     /// user. Default on.
     pub switch_user: bool,
@@ -62,8 +67,9 @@ impl Default for NativeConfig {
                 .filter(|p| p.file_name().is_some_and(|n| n == "agora"))
                 .map(|p| vec![p.into_os_string(), "__init".into(), "--".into()]),
             kill_grace: Duration::from_secs(3),
-            log_max_bytes: None,
-            log_keep: 3,
+            log_max_bytes: Some(10 << 20),
+            log_keep: 2,
+            disk_watch_interval: Some(crate::disk::DEFAULT_WATCH_INTERVAL),
             switch_user: true,
             rlimits: Rlimits::default(),
         }
@@ -168,7 +174,7 @@ impl Containerizer for NativeContainerizer {
             ("AGORA_TASK_ID".to_owned(), spec.task_id.to_string()),
             ("MESOS_TASK_ID".to_owned(), spec.task_id.to_string()),
         ];
-        let container = self.process(&ProcessSpec {
+        let mut container = self.process(&ProcessSpec {
             command: c,
             framework: &spec.framework_id,
             agent: spec.agent_id.as_ref(),
@@ -181,6 +187,11 @@ impl Containerizer for NativeContainerizer {
             required_isolation: &spec.task.required_isolation,
             visible: vec![spec.sandbox.clone()],
         })?;
+        container.disk = crate::disk::Quota::of(
+            &spec.sandbox,
+            spec.resources.disk(),
+            self.config.disk_watch_interval,
+        );
         Ok(Box::new(container))
     }
 }
@@ -437,6 +448,7 @@ impl NativeContainerizer {
             mem_limit: limits.memory_bytes,
             isolation,
             pid: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0)),
+            disk: None,
         })
     }
 }
@@ -451,6 +463,8 @@ pub(crate) struct NativeContainer {
     mem_limit: Option<u64>,
     isolation: String,
     pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// The task's `disk`, enforced while it runs (tasks only, not executors).
+    disk: Option<crate::disk::Quota>,
 }
 
 enum End {
@@ -524,8 +538,9 @@ impl Container for NativeContainer {
         Some(self.isolation.clone())
     }
 
-    async fn run(self: Box<Self>, kill: CancellationToken, _updates: Updates) -> Termination {
-        self.run_process(kill).await
+    async fn run(mut self: Box<Self>, kill: CancellationToken, _updates: Updates) -> Termination {
+        let quota = self.disk.take();
+        crate::disk::enforce(quota, kill, |kill| self.run_process(kill)).await
     }
 }
 

@@ -7,7 +7,11 @@
 //!     stdout, stderr                                      the task's output
 //! frameworks/<framework_id>/executors/<executor_id>/runs/<run>/   a custom executor's
 //! fetch-cache/                                            the fetcher's cache
+//! modules/<hex>.wasm                                      the Wasm module store (bounded)
+//! wasm-cache/<engine>/<hex>.<kind>.cwasm                  compiled modules (bounded)
 //! ```
+//!
+//! A run directory is removed by [`crate::gc`] some time after its task or executor ended.
 //!
 //! Run directory names sort in launch order, so the latest run of a task is the greatest name.
 //! Files are read through a capability handle on the run directory: a path that climbs out
@@ -78,8 +82,15 @@ fn new_run(parent: PathBuf) -> std::io::Result<PathBuf> {
         SEQ.fetch_add(1, Ordering::Relaxed) % 1_000_000
     );
     let dir = parent.join("runs").join(name);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    // Sandbox GC removes parents it leaves empty; one removed between the creation of a
+    // parent and of its child makes the child's creation fail: try again.
+    let mut tries = 0;
+    loop {
+        match std::fs::create_dir_all(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 5 => tries += 1,
+            r => return r.map(|()| dir),
+        }
+    }
 }
 
 /// The latest run directory of `task`, if it ever ran here.

@@ -260,6 +260,8 @@ pub struct WasmContainerizer {
     modules: PathBuf,
     /// Compiled artifacts, shared by every process of this agent.
     cache_dir: PathBuf,
+    /// The module store's bound and pins (see [`WasmContainerizer::with_module_store_bound`]).
+    store: Arc<agora_executor_wasm::cache::BoundedDir>,
 }
 
 /// The isolation of a Wasm task itself.
@@ -284,9 +286,18 @@ impl WasmContainerizer {
             mode,
             fetcher,
             policy,
+            store: agora_executor_wasm::cache::BoundedDir::new(&modules, None),
             modules,
             cache_dir,
         })
+    }
+
+    /// Holds the module store to `max_bytes` (least recently used modules go first, never
+    /// one a task being prepared or running uses). `None`: no bound.
+    #[must_use]
+    pub fn with_module_store_bound(mut self, max_bytes: Option<u64>) -> Self {
+        self.store = agora_executor_wasm::cache::BoundedDir::new(&self.modules, max_bytes);
+        self
     }
 
     fn module_path(&self, digest: &str) -> PathBuf {
@@ -317,6 +328,7 @@ impl WasmContainerizer {
                     return Err(mismatch(&d));
                 }
                 if self.module_path(&d).is_file() {
+                    agora_executor_wasm::cache::BoundedDir::touch(&self.module_path(&d));
                     return Ok(d);
                 }
                 let Some(fetcher) = &self.fetcher else {
@@ -386,6 +398,11 @@ impl WasmContainerizer {
                     format!("storing the module: {e}"),
                 ));
             }
+            let store = self.store.clone();
+            let hex = digest.trim_start_matches("sha256:").to_owned();
+            let _ = tokio::task::spawn_blocking(move || store.trim(Some(&hex))).await;
+        } else {
+            agora_executor_wasm::cache::BoundedDir::touch(&path);
         }
         Ok(digest)
     }
@@ -458,8 +475,17 @@ impl Containerizer for WasmContainerizer {
         }
         let grants = wasm.capabilities.clone().unwrap_or_default();
         let (caps, host_env) = self.policy.resolve(&grants)?;
-        let digest = self.store_module(wasm).await?;
-        match &self.mode {
+        let mut digest = self.store_module(wasm).await?;
+        // The module stays in the store while the task needs it (its executor reads it at
+        // launch); stored again should it have been evicted before the pin.
+        let mut pins = vec![self.store.pin(digest.trim_start_matches("sha256:"))];
+        if !self.module_path(&digest).is_file() {
+            digest = self.store_module(wasm).await?;
+        }
+        if let WasmMode::Executor { compiler, .. } = &self.mode {
+            pins.extend(compiler.pin_artifact(&digest));
+        }
+        let container = match &self.mode {
             WasmMode::Executor {
                 executors,
                 command,
@@ -516,9 +542,10 @@ impl Containerizer for WasmContainerizer {
                     program,
                     run,
                     live,
-                }))
+                }) as Box<dyn Container>)
             }
-        }
+        };
+        container.map(|c| crate::disk::pinned(c, pins))
     }
 }
 

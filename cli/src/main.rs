@@ -184,12 +184,36 @@ struct AgentArgs {
     /// pids.max of each native task's cgroup.
     #[arg(long, default_value_t = 4096)]
     pids_max: u64,
-    /// Rotate native tasks' stdout/stderr at this many bytes (default: no rotation).
-    #[arg(long)]
-    log_max_bytes: Option<u64>,
-    /// Rotated log files kept per stream.
-    #[arg(long, default_value_t = 3)]
+    /// Rotate native tasks' stdout/stderr at this many bytes (0: no rotation, the files
+    /// grow without bound).
+    #[arg(long, default_value_t = 10 << 20)]
+    log_max_bytes: u64,
+    /// Rotated log files kept per stream (a stream holds at most log-max-bytes × (this + 1)).
+    #[arg(long, default_value_t = 2)]
     log_keep: usize,
+    /// Remove a finished task's or executor's sandbox this long after it ended (sooner as
+    /// the disk fills; see --gc-disk-headroom).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    gc_delay: Duration,
+    /// Share of the work directory's disk to keep free, 0 to 1: the GC delay shrinks as
+    /// gc-delay × max(0, 1 − headroom − disk usage).
+    #[arg(long, default_value_t = 0.1, value_parser = parse_fraction)]
+    gc_disk_headroom: f64,
+    /// How often the work directory's disk usage is checked for the GC.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    disk_watch_interval: Duration,
+    /// How often native tasks' sandboxes are measured against their `disk` resource (a task
+    /// over it fails with REASON_CONTAINER_LIMITATION_DISK); 0 turns enforcement off.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    container_disk_watch_interval: Duration,
+    /// Most MiB of Wasm modules the agent's module store keeps (least recently used go
+    /// first, never one in use).
+    #[arg(long, default_value_t = 1024)]
+    module_store_size: u64,
+    /// Most MiB of compiled Wasm modules the disk cache keeps (least recently used go
+    /// first, never one in use).
+    #[arg(long, default_value_t = 2048)]
+    wasm_cache_size: u64,
     /// Run native tasks as the user they name (false: as the agent's user).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     switch_user: bool,
@@ -295,6 +319,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A share from 0 to 1.
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number from 0 to 1")),
+    }
 }
 
 pub fn parse_resources(s: &str) -> Result<agora_core::Resources, String> {
@@ -452,8 +484,17 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     config.native.cgroup_parent = args.cgroup_parent;
     config.native.cgroups_enable_cfs = args.cgroups_enable_cfs;
     config.native.pids_max = Some(args.pids_max);
-    config.native.log_max_bytes = args.log_max_bytes;
+    config.native.log_max_bytes = (args.log_max_bytes > 0).then_some(args.log_max_bytes);
     config.native.log_keep = args.log_keep;
+    config.native.disk_watch_interval = (!args.container_disk_watch_interval.is_zero())
+        .then_some(args.container_disk_watch_interval);
+    config.gc = agora_agent::gc::GcConfig {
+        delay: args.gc_delay,
+        disk_headroom: args.gc_disk_headroom,
+        disk_watch_interval: args.disk_watch_interval,
+    };
+    config.module_store_max_bytes = Some(args.module_store_size.saturating_mul(1 << 20));
+    config.wasm.cache_max_bytes = Some(args.wasm_cache_size.saturating_mul(1 << 20));
     config.native.switch_user = args.switch_user;
     config.fetcher.cache_max_bytes = args.fetcher_cache_size << 20;
     config.fetcher.timeout = args.fetcher_timeout;

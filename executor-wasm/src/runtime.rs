@@ -49,6 +49,9 @@ pub struct WasmConfig {
     /// Where compiled artifacts are kept, so a restart (or another process of the same
     /// agent) does not compile again. Default: memory only.
     pub cache_dir: Option<PathBuf>,
+    /// Most bytes of artifacts `cache_dir` keeps (least recently used go first, never one
+    /// pinned by a task). Default: no bound (the agent sets one).
+    pub cache_max_bytes: Option<u64>,
     /// Instantiate from a pool of this many pre-reserved instance slots, with
     /// copy-on-write memory images (falls back to allocating on demand when the host cannot
     /// reserve the pool's address space). At most this many tasks run at once; more wait.
@@ -73,6 +76,7 @@ impl Default for WasmConfig {
             max_output_bytes: 64 << 20,
             max_wasm_stack: 1 << 20,
             cache_dir: None,
+            cache_max_bytes: None,
             pool_instances: None,
             cpu_cap: true,
             fuel: true,
@@ -133,6 +137,16 @@ pub enum ProgramKind {
     Component,
     /// A component of the `agora:task` world (`run(input) -> result<output, error>`).
     Task,
+}
+
+impl ProgramKind {
+    /// The kind of its artifact in the disk cache.
+    fn artifact_kind(self) -> &'static str {
+        match self {
+            ProgramKind::Module => "module",
+            ProgramKind::Component | ProgramKind::Task => "component",
+        }
+    }
 }
 
 /// Holds a task to its share of one core as a token bucket: CPU time accrues at `cpus`
@@ -380,14 +394,14 @@ impl WasmRuntime {
             hex::encode(&sha2::Digest::finalize(h.0)[..8])
         };
         let disk = match &config.cache_dir {
-            Some(dir) => {
-                Some(
-                    DiskCache::open(dir, &fingerprint).map_err(|source| WasmError::Cache {
+            Some(dir) => Some(
+                DiskCache::open_bounded(dir, &fingerprint, config.cache_max_bytes).map_err(
+                    |source| WasmError::Cache {
                         path: dir.clone(),
                         source,
-                    })?,
-                )
-            }
+                    },
+                )?,
+            ),
             None => None,
         };
 
@@ -465,17 +479,23 @@ impl WasmRuntime {
             s.disk_hits = d.hits.load(Ordering::Relaxed);
             s.disk_discarded = d.discarded.load(Ordering::Relaxed);
             s.disk_writes = d.writes.load(Ordering::Relaxed);
+            s.disk_evicted = d.evicted();
         }
         s
     }
 
+    /// Keeps the disk cache's artifacts of `digest` from eviction while the pin lives (a
+    /// task that an executor will load from the cache); `None` without a disk cache.
+    pub fn pin_artifact(&self, digest: &str) -> Option<crate::cache::Pin> {
+        self.inner.disk.as_ref().map(|d| d.pin(digest))
+    }
+
     /// Where the disk cache keeps the artifact of a program (for tests and tools).
     pub fn artifact_path(&self, digest: &str, kind: ProgramKind) -> Option<PathBuf> {
-        let kind = match kind {
-            ProgramKind::Module => "module",
-            ProgramKind::Component | ProgramKind::Task => "component",
-        };
-        self.inner.disk.as_ref().map(|d| d.path(digest, kind))
+        self.inner
+            .disk
+            .as_ref()
+            .map(|d| d.path(digest, kind.artifact_kind()))
     }
 
     /// Compiles and links a program, or finds it in the cache.
@@ -536,6 +556,15 @@ impl WasmRuntime {
         digest: &str,
         path: &std::path::Path,
     ) -> Result<ProgramKind, LoadError> {
+        // Prepared before, but evicted from the disk cache since: prepare it again.
+        if let (Some(disk), Some(kind)) = (&self.inner.disk, self.inner.prepared.get(digest)) {
+            let artifact = disk.path(digest, kind.artifact_kind());
+            if artifact.is_file() {
+                crate::cache::BoundedDir::touch(&artifact);
+            } else {
+                self.inner.prepared.remove(digest);
+            }
+        }
         let inner = Arc::clone(&self.inner);
         let (d, path) = (digest.to_owned(), path.to_owned());
         self.inner

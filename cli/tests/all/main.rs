@@ -4,6 +4,7 @@
 
 mod bounds;
 mod cluster;
+mod disk;
 mod executors;
 mod faults;
 mod fetch;
