@@ -35,12 +35,19 @@ async fn launch_all(
     events: &mut agora_sdk::Events,
     tasks: Vec<agora_sdk::TaskBuilder>,
 ) {
-    let offer = next_offers(events).await.remove(0);
-    let infos = tasks.into_iter().map(|t| t.build_for(&offer)).collect();
-    scheduler
-        .accept(&[offer.id.clone().unwrap()], infos, Some(0.0))
-        .await
-        .unwrap();
+    loop {
+        let offer = next_offers(events).await.remove(0);
+        let infos = tasks.iter().map(|t| t.clone().build_for(&offer)).collect();
+        match scheduler
+            .accept(&[offer.id.clone().unwrap()], infos, Some(0.0))
+            .await
+        {
+            Ok(()) => return,
+            // Taken back meanwhile (the agent re-registered): the next one.
+            Err(e) if e.to_string().contains("no longer valid") => continue,
+            Err(e) => panic!("accepting an offer: {e}"),
+        }
+    }
 }
 
 fn work_dir(cluster: &Cluster) -> PathBuf {
