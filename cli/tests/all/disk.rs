@@ -299,3 +299,58 @@ async fn module_store_and_compiled_cache_stay_bounded_and_keep_what_runs() {
         "spin's module outlived its task"
     );
 }
+
+#[tokio::test]
+async fn a_task_in_a_custom_executor_past_its_disk_fails_and_the_executors_sandbox_is_collected() {
+    let cluster = start_with("disk-executor", None, |c| {
+        c.native.disk_watch_interval = Some(Duration::from_millis(100));
+        c.executors.idle_timeout = Duration::from_millis(300);
+        c.gc.delay = Duration::from_secs(1);
+        c.gc.disk_headroom = 0.0;
+    })
+    .await;
+    let work = work_dir(&cluster);
+    let (s, mut events) = cluster.framework("disk-executor").await;
+    let exec = agora_sdk::task::executor(
+        &agora_core::ExecutorId::new("runner").unwrap(),
+        format!("exec {} executor", env!("CARGO_BIN_EXE_agora")),
+    );
+    let hog = tid("hog");
+    let task = agora_sdk::TaskBuilder::from_info(v1::TaskInfo {
+        name: "hog".into(),
+        task_id: Some((&hog).into()),
+        ..Default::default()
+    })
+    .resources(agora_core::parse_resources("cpus:0.2;mem:64;disk:8").unwrap())
+    .executor(exec)
+    .data("head -c 20000000 /dev/zero > fill && sleep 60");
+    launch(&s, &mut events, task).await;
+    let end = wait_terminal(&mut events, &hog).await;
+    assert_ended(
+        &end,
+        TaskState::Failed,
+        v1::Reason::ContainerLimitationDisk,
+        "disk limit of 8.0 MiB",
+    );
+
+    // The executor, idle now, stops; its sandbox and its task's go after the delay.
+    let executor_runs = || {
+        std::fs::read_dir(work.join("frameworks"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|fw| {
+                std::fs::read_dir(fw.path().join("executors/runner/runs"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .count()
+    };
+    assert_eq!(executor_runs(), 1, "the executor had a sandbox");
+    wait_until(
+        "the executor's and its task's sandboxes to be removed",
+        || async { executor_runs() == 0 && runs_of(&work, "hog").is_empty() },
+    )
+    .await;
+}
