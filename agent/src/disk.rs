@@ -245,6 +245,25 @@ pub async fn watch(quota: Option<&Quota>) -> Exceeded {
     }
 }
 
+/// The agent's disk counters, for GetMetrics.
+pub(crate) fn metrics(gc: &crate::gc::Gc, wasm: &crate::WasmContainerizer) -> Vec<(String, f64)> {
+    let (modules, compiled) = wasm.evictions();
+    vec![
+        (
+            "agora_agent_gc_sandboxes_removed_total".into(),
+            gc.removed() as f64,
+        ),
+        (
+            "agora_agent_module_store_evictions_total".into(),
+            modules as f64,
+        ),
+        (
+            "agora_agent_wasm_cache_evictions_total".into(),
+            compiled as f64,
+        ),
+    ]
+}
+
 /// A container that holds pins (of its module in the store, of its compiled artifact) until
 /// its task ends.
 struct Pinned {

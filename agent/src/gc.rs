@@ -21,6 +21,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
@@ -114,6 +116,7 @@ impl Schedule {
 #[derive(Debug, Clone)]
 pub struct Gc {
     tx: mpsc::UnboundedSender<PathBuf>,
+    removed: Arc<AtomicU64>,
 }
 
 impl Gc {
@@ -122,6 +125,11 @@ impl Gc {
         tracing::debug!(dir = %dir.display(), "sandbox scheduled for removal");
         // Only fails once the collector has stopped with the agent.
         let _ = self.tx.send(dir.to_owned());
+    }
+
+    /// Sandboxes removed so far.
+    pub fn removed(&self) -> u64 {
+        self.removed.load(Ordering::Relaxed)
     }
 
     /// Schedules `dir` when the returned guard is dropped: however its owner ends
@@ -256,8 +264,9 @@ pub async fn start(work_dir: PathBuf, config: GcConfig) -> (Gc, Collector) {
         }
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(collect(work_dir, config, schedule, rx));
-    (Gc { tx }, Collector(task))
+    let removed = Arc::new(AtomicU64::new(0));
+    let task = tokio::spawn(collect(work_dir, config, schedule, rx, removed.clone()));
+    (Gc { tx, removed }, Collector(task))
 }
 
 /// The collector's task: it stops when this is dropped.
@@ -275,6 +284,7 @@ async fn collect(
     config: GcConfig,
     mut schedule: Schedule,
     mut rx: mpsc::UnboundedReceiver<PathBuf>,
+    removed: Arc<AtomicU64>,
 ) {
     let watch_every = config.disk_watch_interval.max(Duration::from_millis(10));
     let mut next_watch = tokio::time::Instant::now();
@@ -301,10 +311,12 @@ async fn collect(
         let due = schedule.due(SystemTime::now(), age);
         if !due.is_empty() {
             let wd = work_dir.clone();
-            let removed = tokio::task::spawn_blocking(move || {
+            let removed = removed.clone();
+            let removing = tokio::task::spawn_blocking(move || {
                 for dir in due {
                     match remove_run(&wd, &dir) {
                         Ok(()) => {
+                            removed.fetch_add(1, Ordering::Relaxed);
                             tracing::info!(dir = %dir.display(), "removed a finished sandbox");
                         }
                         Err(e) => {
@@ -313,7 +325,7 @@ async fn collect(
                     }
                 }
             });
-            let _ = removed.await;
+            let _ = removing.await;
         }
         let until_watch = next_watch.saturating_duration_since(tokio::time::Instant::now());
         let wait = schedule
@@ -462,6 +474,10 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while done.exists() || later.exists() || live.exists() {
             assert!(tokio::time::Instant::now() < deadline, "not collected");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while gc.removed() < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "not counted");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         drop((gc, task));

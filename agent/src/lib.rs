@@ -249,7 +249,7 @@ pub async fn run(
     // The first that supports a task runs it: a task naming an executor goes to it,
     // whatever its payload.
     let containerizers: Vec<Arc<dyn Containerizer>> =
-        vec![Arc::new(executors.clone()), wasm, native];
+        vec![Arc::new(executors.clone()), wasm.clone(), native];
     let info = v1::AgentInfo {
         hostname: config.hostname.clone().unwrap_or_else(hostname),
         resources: resources_to_proto(&total),
@@ -267,6 +267,7 @@ pub async fn run(
 
     let metrics = {
         let (fetcher, executors) = (fetcher.clone(), executors.clone());
+        let (gc, wasm) = (gc.clone(), wasm.clone());
         Arc::new(move || {
             let mut m: Vec<(String, f64)> = fetcher
                 .stats()
@@ -278,6 +279,7 @@ pub async fn run(
                 "agora_agent_executors_running".into(),
                 executors.running() as f64,
             ));
+            m.extend(disk::metrics(&gc, &wasm));
             m
         })
     };

@@ -292,6 +292,15 @@ impl WasmContainerizer {
         })
     }
 
+    /// Modules evicted from the store, and compiled artifacts from the disk cache, so far.
+    pub fn evictions(&self) -> (u64, u64) {
+        let compiled = match &self.mode {
+            WasmMode::Executor { compiler, .. } => compiler.cache_stats().disk_evicted,
+            WasmMode::InProcess(runtime) => runtime.cache_stats().disk_evicted,
+        };
+        (self.store.evicted(), compiled)
+    }
+
     /// Holds the module store to `max_bytes` (least recently used modules go first, never
     /// one a task being prepared or running uses). `None`: no bound.
     #[must_use]

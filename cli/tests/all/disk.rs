@@ -117,6 +117,12 @@ async fn finished_sandboxes_are_collected_after_the_delay_and_running_ones_stay(
         !live_runs[0].exists()
     })
     .await;
+    let ep = crate::native::endpoint(&cluster).await;
+    wait_until("the removals to be counted", || async {
+        agora_sdk::agent_metrics(&ep).await.unwrap()["agora_agent_gc_sandboxes_removed_total"]
+            >= 2.0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -282,6 +288,14 @@ async fn module_store_and_compiled_cache_stay_bounded_and_keep_what_runs() {
         !compiled("hello"),
         "the cache kept an unused artifact past its bound"
     );
+    let m = agora_sdk::agent_metrics(&crate::native::endpoint(&cluster).await)
+        .await
+        .unwrap();
+    assert!(
+        m["agora_agent_module_store_evictions_total"] >= 1.0,
+        "{m:?}"
+    );
+    assert!(m["agora_agent_wasm_cache_evictions_total"] >= 1.0, "{m:?}");
 
     s.kill(&forever, None).await.unwrap();
     wait_terminal(&mut events, &forever).await;
