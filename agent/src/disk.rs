@@ -159,7 +159,10 @@ impl Quota {
     /// The quota of a task with `disk_mib` of disk in `dir`; `None` when the task asks for
     /// no disk, enforcement is off (`interval` `None`) or the amount is out of range.
     pub fn of(dir: &Path, disk_mib: f64, interval: Option<Duration>) -> Option<Quota> {
-        let interval = interval.filter(|i| !i.is_zero())?;
+        // At most a day: within what timers can add to a clock reading.
+        let interval = interval
+            .filter(|i| !i.is_zero())?
+            .min(Duration::from_secs(24 * 3600));
         if disk_mib <= 0.0 {
             return None;
         }

@@ -37,7 +37,8 @@ pub struct GcConfig {
     /// Share of the disk to keep free, from 0 to 1: the delay shrinks to nothing as usage
     /// reaches `1 - disk_headroom`. Default 0.1 (Mesos's).
     pub disk_headroom: f64,
-    /// How often the work directory's disk usage is checked. Default 60 s (Mesos's).
+    /// How often the work directory's disk usage is checked. Default 60 s (Mesos's); held
+    /// between 10 ms and a day.
     pub disk_watch_interval: Duration,
 }
 
@@ -108,7 +109,11 @@ impl Schedule {
         self.entries
             .values()
             .min()
-            .map(|at| (*at + max_age).duration_since(now).unwrap_or_default())
+            .map(|at| match at.checked_add(max_age) {
+                Some(due) => due.duration_since(now).unwrap_or_default(),
+                // Past what the clock can say: never, as far as anyone will see.
+                None => Duration::MAX,
+            })
     }
 }
 
@@ -286,7 +291,10 @@ async fn collect(
     mut rx: mpsc::UnboundedReceiver<PathBuf>,
     removed: Arc<AtomicU64>,
 ) {
-    let watch_every = config.disk_watch_interval.max(Duration::from_millis(10));
+    // Within what timers can add to a clock reading.
+    let watch_every = config
+        .disk_watch_interval
+        .clamp(Duration::from_millis(10), Duration::from_secs(24 * 3600));
     let mut next_watch = tokio::time::Instant::now();
     let mut age = config.delay;
     loop {
@@ -396,6 +404,10 @@ mod tests {
         );
         assert!(s.is_empty());
         assert_eq!(s.next_due(t0, Duration::ZERO), None);
+        // A delay past the clock's range is no panic.
+        s.add("c".into(), t0);
+        assert_eq!(s.next_due(t0, Duration::MAX), Some(Duration::MAX));
+        assert!(s.due(t0, Duration::MAX).is_empty());
     }
 
     #[test]
