@@ -494,4 +494,33 @@ mod tests {
         }
         drop((gc, task));
     }
+
+    #[tokio::test]
+    async fn under_disk_pressure_the_collector_does_not_wait_for_the_delay() {
+        let work = tempfile::tempdir().unwrap();
+        let fw = agora_core::FrameworkId::new("fw").unwrap();
+        // A headroom of the whole disk: whatever the usage, the disk counts as full.
+        let (gc, task) = start(
+            work.path().to_owned(),
+            GcConfig {
+                delay: Duration::from_secs(3600),
+                disk_headroom: 1.0,
+                disk_watch_interval: Duration::from_millis(50),
+            },
+        )
+        .await;
+        let run = crate::sandbox::create_run_dir(
+            work.path(),
+            &fw,
+            &agora_core::TaskId::new("t").unwrap(),
+        )
+        .unwrap();
+        gc.schedule(&run);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while run.exists() {
+            assert!(tokio::time::Instant::now() < deadline, "kept for the delay");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop((gc, task));
+    }
 }
