@@ -5,20 +5,25 @@
 //!                                                                   ──> terminal
 //!  KillTask / ShutdownFramework ──> the runner's kill token is cancelled
 //!
-//!  every status update: uuid + timestamp, queued per task, sent now if registered,
-//!  re-sent with backoff until the master forwards the framework's acknowledgement;
+//!  every status update: uuid + timestamp, queued per task; only the oldest unacknowledged
+//!  one is in flight (sent when it becomes the oldest, if registered, re-sent with backoff
+//!  until the master forwards the framework's acknowledgement, then the next one goes);
 //!  a task is forgotten once its terminal update is acknowledged.
+//!  a runner that panics: its task fails (the agent keeps serving).
 //! ```
+//!
+//! Every number from the master that becomes a duration is checked with
+//! [`agora_core::limits`]: a task out of range ends in TASK_ERROR naming the field.
 //!
 //! The link task ([`crate::link`]) owns the connection; this task only sees "link up"
 //! (with a sender), "registered", messages, and "link down".
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agora_core::{AgentId, FrameworkId, TaskId, TaskState};
+use agora_core::{AgentId, FrameworkId, TaskId, TaskState, limits};
 use agora_executor_wasm::CancellationToken;
 use agora_proto::v1::{self, agent_message, master_message};
 use agora_proto::{now_timestamp, resources_from_proto, state_to_proto};
@@ -31,6 +36,8 @@ use crate::containerizer::{
 };
 use crate::fetcher::Fetcher;
 use crate::sandbox;
+pub use crate::updates::RetryPolicy;
+use crate::updates::{Acked, UpdateQueue};
 
 /// What reaches the owner task.
 pub enum Event {
@@ -60,26 +67,13 @@ pub enum Event {
     },
 }
 
-/// Timing of the status-update retries.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    pub initial: Duration,
-    pub max: Duration,
-}
-
-struct Pending {
-    status: v1::TaskStatus,
-    next_retry: Instant,
-    backoff: Duration,
-}
-
 struct TaskEntry {
     info: v1::TaskInfo,
     state: TaskState,
     /// What the task's container gives it, once known; carried by every later update.
     isolation: String,
     kill: CancellationToken,
-    pending: VecDeque<Pending>,
+    pending: UpdateQueue,
 }
 
 type TaskKey = (FrameworkId, TaskId);
@@ -99,6 +93,8 @@ pub struct Actor {
     last_heartbeat: Instant,
     tasks: HashMap<TaskKey, TaskEntry>,
     runners: JoinSet<()>,
+    /// Which task each runner drives, to fail the task should its runner panic.
+    runner_tasks: HashMap<tokio::task::Id, TaskKey>,
     /// Collects a task's sandbox once its runner has ended.
     gc: Option<crate::gc::Gc>,
 }
@@ -140,6 +136,7 @@ impl Actor {
             last_heartbeat: Instant::now(),
             tasks: HashMap::new(),
             runners: JoinSet::new(),
+            runner_tasks: HashMap::new(),
             gc: None,
         }
     }
@@ -168,7 +165,9 @@ impl Actor {
                     None => break,
                 },
                 _ = tick.tick() => self.tick(),
-                Some(_) = self.runners.join_next(), if !self.runners.is_empty() => {}
+                Some(done) = self.runners.join_next_with_id(), if !self.runners.is_empty() => {
+                    self.runner_ended(done);
+                }
             }
         }
         tracing::info!(
@@ -189,6 +188,31 @@ impl Actor {
         }
         for c in &self.containerizers {
             c.shutdown().await;
+        }
+    }
+
+    /// A runner ended: normally it has reported its task's end; one that panicked has not,
+    /// so its task fails here rather than staying in its last state for ever.
+    fn runner_ended(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let (id, panic) = match done {
+            Ok((id, ())) => (id, None),
+            Err(e) => (e.id(), Some(e.to_string())),
+        };
+        let key = self.runner_tasks.remove(&id);
+        if let (Some((fw, task)), Some(panic)) = (key, panic) {
+            tracing::error!(framework_id = %fw, task_id = %task, error = %panic, "a task's runner failed");
+            if let Some(t) = self.tasks.get(&(fw.clone(), task.clone())) {
+                t.kill.cancel();
+            }
+            self.task_changed(
+                fw,
+                task,
+                Termination::new(
+                    TaskState::Failed,
+                    v1::Reason::ContainerLaunchFailed,
+                    format!("the agent's runner of the task failed: {panic}"),
+                ),
+            );
         }
     }
 
@@ -290,8 +314,17 @@ impl Actor {
                     tracing::info!(agent_id = %id, master_id = %r.master_id, "re-registered with the master");
                 }
                 self.agent_id = Some(id);
-                if r.heartbeat_interval_seconds > 0.0 {
-                    self.heartbeat_interval = Duration::from_secs_f64(r.heartbeat_interval_seconds);
+                if r.heartbeat_interval_seconds != 0.0 {
+                    match limits::seconds(
+                        "heartbeat_interval_seconds",
+                        r.heartbeat_interval_seconds,
+                        limits::MAX_HEARTBEAT_SECS,
+                    ) {
+                        Ok(d) => self.heartbeat_interval = d,
+                        Err(e) => {
+                            tracing::warn!(error = %e, interval = ?self.heartbeat_interval, "the master asks for an impossible heartbeat interval; keeping this one");
+                        }
+                    }
                 }
                 self.registered = true;
                 self.last_heartbeat = Instant::now();
@@ -319,10 +352,25 @@ impl Actor {
                     .and_then(|f| FrameworkId::try_from(f).ok())
                     .zip(ack.task_id.as_ref().and_then(|t| TaskId::try_from(t).ok()));
                 let Some(key) = key else { return };
-                if let Some(t) = self.tasks.get_mut(&key) {
-                    t.pending.retain(|p| p.status.uuid != ack.uuid);
-                    if t.state.is_terminal() && t.pending.is_empty() {
-                        self.tasks.remove(&key);
+                let Some(t) = self.tasks.get_mut(&key) else {
+                    return;
+                };
+                match t
+                    .pending
+                    .acknowledge(&ack.uuid, Instant::now(), &self.retry)
+                {
+                    Acked::Head(Some(next)) => {
+                        if self.registered {
+                            self.send_update(&key.0, *next);
+                        }
+                    }
+                    Acked::Head(None) => {
+                        if t.state.is_terminal() {
+                            self.tasks.remove(&key);
+                        }
+                    }
+                    Acked::Ignored => {
+                        tracing::debug!(framework_id = %key.0, task_id = %key.1, "acknowledgement of an update not in flight; ignored");
                     }
                 }
             }
@@ -373,15 +421,22 @@ impl Actor {
         }
         let kill = CancellationToken::new();
         self.tasks.insert(
-            key,
+            key.clone(),
             TaskEntry {
                 info: strip_module(&task),
                 state: TaskState::Staging,
                 isolation: String::new(),
                 kill: kill.clone(),
-                pending: VecDeque::new(),
+                pending: UpdateQueue::default(),
             },
         );
+        // The agent does not trust the master to have checked: out-of-range numbers end the
+        // task here, before anything is made for it.
+        if let Err(t) = crate::containerizer::task_times(&task) {
+            tracing::warn!(framework_id = %fw, task_id = %tid, error = %t.message, "refusing a task");
+            self.task_changed(fw, tid, t);
+            return;
+        }
         let resources = match resources_from_proto(&task.resources) {
             Ok(r) => r,
             Err(e) => {
@@ -427,7 +482,17 @@ impl Actor {
             events: self.events.clone(),
             gc: self.gc.clone(),
         };
-        self.runners.spawn(runner.run().instrument(span));
+        let handle = self.runners.spawn(runner.run().instrument(span));
+        self.runner_tasks.insert(handle.id(), key);
+    }
+
+    fn send_update(&mut self, framework: &FrameworkId, status: v1::TaskStatus) {
+        self.send(agent_message::Message::StatusUpdate(
+            agent_message::StatusUpdate {
+                framework_id: Some(framework.into()),
+                status: Some(status),
+            },
+        ));
     }
 
     fn task_changed(&mut self, framework: FrameworkId, task: TaskId, change: Termination) {
@@ -461,38 +526,29 @@ impl Actor {
         if change.state.is_terminal() {
             tracing::info!(state = %change.state, message = %status.message, "task ended");
         }
-        entry.pending.push_back(Pending {
-            status: status.clone(),
-            next_retry: Instant::now() + self.retry.initial,
-            backoff: self.retry.initial,
-        });
-        if self.registered {
-            self.send(agent_message::Message::StatusUpdate(
-                agent_message::StatusUpdate {
-                    framework_id: Some((&framework).into()),
-                    status: Some(status),
-                },
-            ));
+        // Sent now only when nothing older of this task awaits its acknowledgement.
+        if let Some(status) = entry.pending.push(status, Instant::now(), &self.retry)
+            && self.registered
+        {
+            self.send_update(&framework, status);
         }
     }
 
-    /// After (re-)registering: every unacknowledged update goes again, in order per task.
+    /// After (re-)registering: the oldest unacknowledged update of each task goes again.
     fn resend_all(&mut self) {
-        let mut out = Vec::new();
-        for ((fw, _), t) in &mut self.tasks {
-            for p in &mut t.pending {
-                p.status.agent_id = self.agent_id.as_ref().map(Into::into);
-                p.next_retry = Instant::now() + p.backoff;
-                out.push((fw.clone(), p.status.clone()));
-            }
-        }
+        let now = Instant::now();
+        let agent_id: Option<v1::AgentId> = self.agent_id.as_ref().map(Into::into);
+        let out: Vec<_> = self
+            .tasks
+            .iter_mut()
+            .filter_map(|((fw, _), t)| {
+                t.pending
+                    .resend(now, agent_id.as_ref())
+                    .map(|s| (fw.clone(), s))
+            })
+            .collect();
         for (fw, status) in out {
-            self.send(agent_message::Message::StatusUpdate(
-                agent_message::StatusUpdate {
-                    framework_id: Some((&fw).into()),
-                    status: Some(status),
-                },
-            ));
+            self.send_update(&fw, status);
         }
     }
 
@@ -507,25 +563,15 @@ impl Actor {
                 agent_message::Heartbeat {},
             ));
         }
-        let mut due = Vec::new();
-        let max = self.retry.max;
-        for ((fw, _), t) in &mut self.tasks {
-            for p in &mut t.pending {
-                if p.next_retry <= now {
-                    p.backoff = (p.backoff * 2).min(max);
-                    p.next_retry = now + p.backoff;
-                    due.push((fw.clone(), p.status.clone()));
-                }
-            }
-        }
+        let retry = self.retry.clone();
+        let due: Vec<_> = self
+            .tasks
+            .iter_mut()
+            .filter_map(|((fw, _), t)| t.pending.due(now, &retry).map(|s| (fw.clone(), s)))
+            .collect();
         for (fw, status) in due {
             tracing::debug!(framework_id = %fw, task_id = ?status.task_id.as_ref().map(|t| &t.value), "retrying unacknowledged status update");
-            self.send(agent_message::Message::StatusUpdate(
-                agent_message::StatusUpdate {
-                    framework_id: Some((&fw).into()),
-                    status: Some(status),
-                },
-            ));
+            self.send_update(&fw, status);
         }
     }
 }
@@ -570,7 +616,10 @@ impl Runner {
         ))
         .await;
         let sandbox = match sandbox::create_run_dir(&self.work_dir, &self.framework, &self.task_id)
-        {
+            .and_then(|dir| {
+                crate::containerizer::traversable_parents(&self.work_dir, &dir)?;
+                Ok(dir)
+            }) {
             Ok(dir) => dir,
             Err(e) => {
                 let msg = format!("creating the task's sandbox: {e}");
@@ -604,7 +653,9 @@ impl Runner {
                 return;
             };
             let disk = self.resources.disk();
-            let budget = (disk > 0.0).then_some((disk * (1u64 << 20) as f64) as u64);
+            let budget = (disk > 0.0)
+                .then(|| crate::containerizer::mib_to_bytes("resources.disk", disk).ok())
+                .flatten();
             let fetch = fetcher.fetch_all(&self.task.uris, &spec.sandbox, budget);
             let fetched = tokio::select! {
                 r = fetch => Some(r),
@@ -675,5 +726,159 @@ impl Runner {
             }
         };
         self.report(end).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An actor with no containerizers, registered, whose messages to the master land in
+    /// the returned receiver.
+    fn registered() -> (Actor, mpsc::Receiver<v1::AgentMessage>) {
+        let (events, _rx) = mpsc::channel(16);
+        let mut a = Actor::new(
+            std::env::temp_dir(),
+            v1::AgentInfo::default(),
+            Vec::new(),
+            Containers::default(),
+            None,
+            RetryPolicy {
+                initial: Duration::from_secs(10),
+                max: Duration::from_secs(60),
+            },
+            events,
+        );
+        let (tx, rx) = mpsc::channel(64);
+        a.handle(Event::LinkUp { tx });
+        a.on_master_message(registered_message(5.0));
+        (a, rx)
+    }
+
+    fn registered_message(heartbeat: f64) -> master_message::Message {
+        master_message::Message::Registered(master_message::Registered {
+            agent_id: Some(v1::AgentId {
+                value: "m-A000001".into(),
+            }),
+            master_id: "m".into(),
+            heartbeat_interval_seconds: heartbeat,
+        })
+    }
+
+    fn key() -> TaskKey {
+        (FrameworkId::new("fw").unwrap(), TaskId::new("t").unwrap())
+    }
+
+    fn add_task(a: &mut Actor) {
+        a.tasks.insert(
+            key(),
+            TaskEntry {
+                info: v1::TaskInfo::default(),
+                state: TaskState::Staging,
+                isolation: String::new(),
+                kill: CancellationToken::new(),
+                pending: UpdateQueue::default(),
+            },
+        );
+    }
+
+    fn sent(rx: &mut mpsc::Receiver<v1::AgentMessage>) -> Vec<v1::TaskStatus> {
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            if let Some(agent_message::Message::StatusUpdate(u)) = m.message {
+                out.extend(u.status);
+            }
+        }
+        out
+    }
+
+    fn change(state: TaskState) -> Termination {
+        Termination::new(state, v1::Reason::Unspecified, "")
+    }
+
+    #[test]
+    fn a_task_has_one_update_in_flight_and_the_next_goes_on_acknowledgement() {
+        let (mut a, mut rx) = registered();
+        add_task(&mut a);
+        let (fw, t) = key();
+        for s in [TaskState::Starting, TaskState::Running, TaskState::Finished] {
+            a.task_changed(fw.clone(), t.clone(), change(s));
+        }
+        let first = sent(&mut rx);
+        assert_eq!(first.len(), 1, "only STARTING goes out: {first:?}");
+        assert_eq!(first[0].state(), v1::TaskState::TaskStarting);
+        // Re-registration resends the head only.
+        a.on_master_message(registered_message(5.0));
+        let again = sent(&mut rx);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].uuid, first[0].uuid);
+        let ack = |uuid: &[u8]| {
+            master_message::Message::Acknowledge(master_message::AcknowledgeUpdate {
+                framework_id: Some((&fw).into()),
+                task_id: Some((&t).into()),
+                uuid: uuid.to_vec(),
+            })
+        };
+        let mut order = vec![first[0].state()];
+        let mut head = first[0].uuid.clone();
+        loop {
+            a.on_master_message(ack(&head));
+            let next = sent(&mut rx);
+            if next.is_empty() {
+                break;
+            }
+            assert_eq!(next.len(), 1, "{next:?}");
+            order.push(next[0].state());
+            head = next[0].uuid.clone();
+        }
+        assert_eq!(
+            order,
+            [
+                v1::TaskState::TaskStarting,
+                v1::TaskState::TaskRunning,
+                v1::TaskState::TaskFinished
+            ]
+        );
+        assert!(
+            a.tasks.is_empty(),
+            "forgotten once its terminal update is acknowledged"
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_interval_out_of_range_is_refused_not_a_panic() {
+        let (mut a, _rx) = registered();
+        assert_eq!(a.heartbeat_interval, Duration::from_secs(5));
+        for bad in [1e20, f64::NAN, f64::INFINITY, -1.0] {
+            a.on_master_message(registered_message(bad));
+            assert_eq!(a.heartbeat_interval, Duration::from_secs(5), "{bad}");
+        }
+        a.on_master_message(registered_message(0.5));
+        assert_eq!(a.heartbeat_interval, Duration::from_millis(500));
+    }
+
+    #[tokio::test]
+    async fn a_task_whose_runner_panics_fails_instead_of_hanging() {
+        let (mut a, mut rx) = registered();
+        add_task(&mut a);
+        let (fw, t) = key();
+        a.task_changed(fw.clone(), t.clone(), change(TaskState::Starting));
+        let starting = sent(&mut rx);
+        let handle = a.runners.spawn(async { panic!("a bug") });
+        a.runner_tasks.insert(handle.id(), key());
+        let done = a.runners.join_next_with_id().await.unwrap();
+        a.runner_ended(done);
+        assert_eq!(a.tasks[&key()].state, TaskState::Failed);
+        assert!(a.tasks[&key()].kill.is_cancelled());
+        a.on_master_message(master_message::Message::Acknowledge(
+            master_message::AcknowledgeUpdate {
+                framework_id: Some((&fw).into()),
+                task_id: Some((&t).into()),
+                uuid: starting[0].uuid.clone(),
+            },
+        ));
+        let failed = sent(&mut rx);
+        assert_eq!(failed[0].state(), v1::TaskState::TaskFailed);
+        assert!(failed[0].message.contains("a bug"), "{}", failed[0].message);
     }
 }

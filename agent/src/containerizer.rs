@@ -9,7 +9,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
+use std::time::Duration;
 
+use agora_core::limits::{self, LimitError};
 use agora_core::{AgentId, ExecutorId, FrameworkId, Resources, TaskId, TaskState};
 use agora_executor_wasm::CancellationToken;
 use agora_proto::v1;
@@ -61,6 +63,127 @@ impl Termination {
             progress: None,
         }
     }
+}
+
+/// A TASK_ERROR / REASON_TASK_INVALID naming the field that is out of range.
+pub fn invalid_field(e: &LimitError) -> Termination {
+    Termination::new(TaskState::Error, v1::Reason::TaskInvalid, e.to_string())
+}
+
+/// The numbers of a task that become durations, checked once against
+/// [`agora_core::limits`], so that no containerizer converts raw wire values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskTimes {
+    /// `max_duration`; `None` when it is 0 (no limit).
+    pub max_duration: Option<Duration>,
+    /// `kill_policy.grace_period_seconds`; `None` when there is no kill policy or it is 0
+    /// (the agent's default grace period applies).
+    pub kill_grace: Option<Duration>,
+}
+
+/// Checks the durations, `pids_max` and list sizes of `task`.
+///
+/// # Errors
+/// A TASK_ERROR naming the first field out of range (`NaN`, negative, infinite, or past its
+/// bound in [`agora_core::limits`]).
+pub fn task_times(task: &v1::TaskInfo) -> Result<TaskTimes, Termination> {
+    let check = || -> Result<TaskTimes, LimitError> {
+        let max_duration = if task.max_duration == 0.0 {
+            None
+        } else {
+            Some(limits::seconds(
+                "max_duration",
+                task.max_duration,
+                limits::MAX_TASK_DURATION_SECS,
+            )?)
+        };
+        let kill_grace = match &task.kill_policy {
+            Some(k) if k.grace_period_seconds != 0.0 => Some(limits::seconds(
+                "kill_policy.grace_period_seconds",
+                k.grace_period_seconds,
+                limits::MAX_GRACE_SECS,
+            )?),
+            _ => None,
+        };
+        limits::count("uris", task.uris.len(), limits::MAX_LIST)?;
+        limits::count("resources", task.resources.len(), limits::MAX_LIST)?;
+        if let Some(v1::task_info::Payload::Command(c)) = &task.payload {
+            check_command("command", c)?;
+        }
+        if let Some(e) = &task.executor
+            && let Some(c) = &e.command
+        {
+            check_command("executor.command", c)?;
+        }
+        Ok(TaskTimes {
+            max_duration,
+            kill_grace,
+        })
+    };
+    check().map_err(|e| invalid_field(&e))
+}
+
+/// Bounds of a command's lists and its `pids_max` (capped later at the agent's own).
+fn check_command(field: &str, c: &v1::CommandTask) -> Result<(), LimitError> {
+    limits::count(
+        &format!("{field}.arguments"),
+        c.arguments.len(),
+        limits::MAX_LIST,
+    )?;
+    limits::count(&format!("{field}.env"), c.env.len(), limits::MAX_LIST)?;
+    if let Some(n) = c.pids_max
+        && !(1..=limits::MAX_PIDS).contains(&n)
+    {
+        return Err(LimitError::new(
+            format!("{field}.pids_max"),
+            format!(
+                "{n} is not a number of processes from 1 to {}",
+                limits::MAX_PIDS
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `mib` of a resource as bytes, refusing amounts whose bytes a `u64` cannot hold.
+///
+/// # Errors
+/// Naming `field` when the amount is out of range.
+pub fn mib_to_bytes(field: &str, mib: f64) -> Result<u64, LimitError> {
+    const MIB: f64 = (1u64 << 20) as f64;
+    let mib = limits::number(field, mib, 0.0, (u64::MAX >> 21) as f64)?;
+    Ok((mib * MIB) as u64)
+}
+
+/// Lets each task's user reach its own sandbox without listing anyone else's: every directory
+/// from `work_dir` down to the parent of `run_dir` becomes 0711 (traversable, not readable).
+/// The run directory itself is made private to the task's user when its process is built.
+///
+/// # Errors
+/// When a directory's mode cannot be read or set.
+pub fn traversable_parents(
+    work_dir: &std::path::Path,
+    run_dir: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(rel) = run_dir.strip_prefix(work_dir) else {
+        return Ok(());
+    };
+    let set = |dir: &std::path::Path| -> std::io::Result<()> {
+        let m = std::fs::symlink_metadata(dir)?;
+        if m.is_dir() && m.permissions().mode() & 0o7777 != 0o711 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+        }
+        Ok(())
+    };
+    let mut at = work_dir.to_path_buf();
+    set(&at)?;
+    let parts: Vec<_> = rel.components().collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        at.push(part);
+        set(&at)?;
+    }
+    Ok(())
 }
 
 /// Where a running container sends the changes it makes before its end (an executor's

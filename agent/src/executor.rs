@@ -24,6 +24,7 @@ use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agora_core::limits::{self, LimitError};
 use agora_core::{AgentId, ExecutorId, FrameworkId, Resources, TaskId, TaskState};
 use agora_proto::v1::{self, executor_event};
 use agora_proto::{required, state_from_proto};
@@ -36,7 +37,7 @@ use crate::containerizer::{
     Updates,
 };
 use crate::fetcher::Fetcher;
-use crate::native::{NativeContainerizer, ProcessSpec};
+use crate::native::{NativeContainerizer, ProcessSpec, RunAs};
 
 /// Timing of custom executors.
 #[derive(Debug, Clone)]
@@ -88,6 +89,9 @@ pub(crate) struct LaunchOptions {
     pub visible: Vec<PathBuf>,
     /// Put before the native isolation in its tasks' isolation (e.g. the Wasm sandbox).
     pub isolation_prefix: Option<String>,
+    /// Run it as the agent's own user, not a task user: only for the agent's own programs
+    /// (its Wasm executor).
+    pub as_agent: bool,
 }
 
 #[derive(Default)]
@@ -115,6 +119,8 @@ struct Exec {
     dead: CancellationToken,
     end: Mutex<Option<Termination>>,
     limiter: Option<agora_executor_native::Limiter>,
+    /// The uid and gid it runs as, when not the agent's: its tasks' sandboxes are given to it.
+    user: Option<(u32, u32)>,
     /// Memory for the executor itself, in MiB, on top of its tasks'.
     overhead_mem_mib: f64,
     /// Held from reading the tasks' total to writing the cgroup's limits, so two resizes
@@ -345,6 +351,10 @@ impl ExecutorContainerizer {
         let failed = |reason, msg: String| Termination::new(TaskState::Failed, reason, msg);
         let sandbox =
             crate::sandbox::create_executor_run_dir(&self.inner.work_dir, &spec.framework_id, &id)
+                .and_then(|dir| {
+                    crate::containerizer::traversable_parents(&self.inner.work_dir, &dir)?;
+                    Ok(dir)
+                })
                 .map_err(|e| {
                     failed(
                         v1::Reason::ContainerLaunchFailed,
@@ -405,11 +415,16 @@ impl ExecutorContainerizer {
             env,
             sandbox: &sandbox,
             resources: &first,
-            max_duration: 0.0,
-            kill_policy: None,
+            max_duration: None,
+            kill_grace: None,
             required_isolation: &[],
             // It runs its tasks in their sandboxes, all under its framework's directory.
             visible,
+            run_as: if opts.as_agent {
+                RunAs::Agent
+            } else {
+                RunAs::Named(&command.user)
+            },
         })?;
         let (subscribed, _) = watch::channel(false);
         let exec = Arc::new(Exec {
@@ -429,6 +444,7 @@ impl ExecutorContainerizer {
             dead: CancellationToken::new(),
             end: Mutex::new(None),
             limiter: container.limiter(),
+            user: container.user(),
             overhead_mem_mib: opts.overhead_mem_mib,
         });
         let entry_key = ContainerKey {
@@ -505,16 +521,24 @@ impl ExecutorContainerizer {
             None => native,
         };
         crate::containerizer::check_required(&spec.task.required_isolation, &isolation)?;
+        let times = crate::containerizer::task_times(&spec.task)?;
+        if spec.resources.mem() <= 0.0 {
+            return Err(invalid(
+                "the task has no `mem` resource: a task in an executor needs one, its executor's memory limit grows by it".into(),
+            ));
+        }
         let exec = self.get_or_launch(spec, info, id, opts).await?;
-        let grace = spec
-            .task
-            .kill_policy
-            .as_ref()
-            .map(|k| k.grace_period_seconds)
-            .filter(|g| g.is_finite() && *g > 0.0)
-            .map_or(self.inner.native.config().kill_grace, |g| {
-                Duration::from_secs_f64(g.min(3600.0))
-            });
+        // The executor runs the task in its sandbox, as the executor's user.
+        crate::native::make_private(&spec.sandbox, exec.user).map_err(|e| {
+            Termination::new(
+                TaskState::Failed,
+                v1::Reason::ContainerLaunchFailed,
+                format!("giving the task's sandbox to executor {}: {e}", exec.id()),
+            )
+        })?;
+        let grace = times
+            .kill_grace
+            .unwrap_or(self.inner.native.config().kill_grace);
         Ok(Box::new(ExecutorTask {
             inner: self.inner.clone(),
             exec,
@@ -855,6 +879,46 @@ impl Container for ExecutorTask {
     }
 }
 
+/// Checks the numbers and sizes of a usage report from an executor: every amount finite and
+/// not negative.
+fn check_usage(field: &str, u: &v1::TaskUsage) -> Result<(), LimitError> {
+    for (name, v) in [
+        ("cpu_seconds", u.cpu_seconds),
+        ("wall_seconds", u.wall_seconds),
+    ] {
+        limits::number(&format!("{field}.{name}"), v, 0.0, f64::MAX)?;
+    }
+    Ok(())
+}
+
+/// Checks what an executor says of a task before it becomes a status update: a message of
+/// at most [`limits::MAX_ARG`] bytes, data of at most the largest output a status carries,
+/// a progress from 0 to 1, a sane usage.
+fn check_status(s: &v1::TaskStatus) -> Result<(), LimitError> {
+    limits::text("status.message", &s.message, limits::MAX_ARG)?;
+    if s.data.len() > crate::wasm::MAX_OUTPUT_IN_STATUS {
+        return Err(LimitError::new(
+            "status.data",
+            format!(
+                "{} bytes; at most {} are allowed",
+                s.data.len(),
+                crate::wasm::MAX_OUTPUT_IN_STATUS
+            ),
+        ));
+    }
+    if let Some(p) = s.progress {
+        limits::number("status.progress", f64::from(p), 0.0, 1.0)?;
+    }
+    if let Some(u) = &s.usage {
+        check_usage("status.usage", u)?;
+    }
+    Ok(())
+}
+
+fn refused(e: &LimitError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
 /// The Executor API: where executors subscribe for their tasks and send status updates.
 #[derive(Clone)]
 pub struct ExecutorService {
@@ -971,6 +1035,12 @@ impl v1::executor_server::Executor for ExecutorService {
     ) -> Result<Response<v1::CallResponse>, Status> {
         let r = request.into_inner();
         let exec = self.authorise(r.header)?;
+        limits::count("tasks", r.tasks.len(), limits::MAX_LIST).map_err(|e| refused(&e))?;
+        for t in &r.tasks {
+            if let Some(u) = &t.usage {
+                check_usage("tasks.usage", u).map_err(|e| refused(&e))?;
+            }
+        }
         let st = exec.lock();
         for t in r.tasks {
             let Some(id) = t.task_id.as_ref().and_then(|t| TaskId::try_from(t).ok()) else {
@@ -993,6 +1063,7 @@ impl v1::executor_server::Executor for ExecutorService {
         let exec = self.authorise(r.header)?;
         let status = required(r.status, "status")?;
         let task = TaskId::try_from(required(status.task_id.as_ref(), "status.task_id")?)?;
+        check_status(&status).map_err(|e| refused(&e))?;
         let state = v1::TaskState::try_from(status.state)
             .ok()
             .and_then(state_from_proto)

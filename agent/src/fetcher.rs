@@ -965,8 +965,8 @@ fn extract_zip(file: std::fs::File, dest: &Path, budget: u64) -> Result<u64, Str
                 "archive entry {name:?} would write through a symlink"
             ));
         }
-        let mut out =
-            std::fs::File::create(&target).map_err(|e| format!("unpacking {name:?}: {e}"))?;
+        // Opened without following a link, so one planted after the check is refused too.
+        let mut out = create_nofollow(&target).map_err(|e| format!("unpacking {name:?}: {e}"))?;
         // The declared size can lie; count what actually comes out.
         let left = budget.saturating_sub(written);
         let n = io::copy(&mut (&mut f).take(left.saturating_add(1)), &mut out)
@@ -979,8 +979,8 @@ fn extract_zip(file: std::fs::File, dest: &Path, budget: u64) -> Result<u64, Str
         }
         if let Some(mode) = mode {
             use std::os::unix::fs::PermissionsExt;
-            let _ =
-                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode & 0o777));
+            // On the open file, not the path, which a link could have replaced meanwhile.
+            let _ = out.set_permissions(std::fs::Permissions::from_mode(mode & 0o777));
         }
     }
     Ok(written)

@@ -16,6 +16,7 @@
 //! - [`executor`]: custom executors and the Executor API they use.
 //! - [`fetcher`]: tasks' URIs into their sandboxes, through a bounded cache.
 //! - [`actor`]: the owner task: tasks, status updates, the state machine of a launch.
+//! - [`updates`]: a task's status updates, one in flight at a time (pure).
 //! - [`link`]: the connection to the master, with reconnect.
 //! - [`sandbox`]: sandbox directories and the Sandbox API.
 //! - [`gc`]: finished sandboxes removed after a delay, sooner as the disk fills.
@@ -32,6 +33,7 @@ pub mod link;
 pub mod native;
 pub mod resources;
 pub mod sandbox;
+pub mod updates;
 pub mod wasm;
 
 use std::future::Future;
@@ -145,6 +147,12 @@ pub enum AgentError {
     Fetcher(std::io::Error),
     #[error("preparing the module store: {0}")]
     Modules(std::io::Error),
+    #[error(transparent)]
+    Link(#[from] link::LinkError),
+    /// One of the agent's own tasks ended while the agent was meant to be running: the
+    /// agent stops (its process exits non-zero) rather than carry on half alive.
+    #[error("the agent's {task} ended unexpectedly: {cause}")]
+    Died { task: &'static str, cause: String },
 }
 
 fn hostname() -> String {
@@ -296,7 +304,9 @@ pub async fn run(
         events_tx.clone(),
     )
     .with_gc(gc);
-    let link = tokio::spawn(link::maintain(
+    let endpoint_to_master = link::endpoint(&config.master)?;
+    let mut link = tokio::spawn(link::maintain(
+        endpoint_to_master,
         config.master.clone(),
         link::Backoff {
             min: config.reconnect_min,
@@ -328,13 +338,51 @@ pub async fn run(
                 },
             )
     };
-    let server = tokio::spawn(server);
-    actor.run(events_rx, shutdown).await;
+    let mut server = tokio::spawn(server);
+    // The owner task stops on `shutdown`, or when one of the others dies.
+    let (fail_tx, mut fail_rx) = tokio::sync::watch::channel(false);
+    let stop_actor = async move {
+        tokio::select! {
+            () = shutdown => {}
+            _ = fail_rx.wait_for(|f| *f) => {}
+        }
+    };
+    let mut actor = tokio::spawn(actor.run(events_rx, stop_actor));
+    let died = |task: &'static str, cause: String| AgentError::Died { task, cause };
+    let failure = tokio::select! {
+        biased;
+        r = &mut actor => Err(r),
+        r = &mut server => Ok(match r {
+            Ok(Ok(())) => died("sandbox server", "it stopped serving".into()),
+            Ok(Err(e)) => AgentError::Serve(e),
+            Err(e) => died("sandbox server", e.to_string()),
+        }),
+        r = &mut link => match r {
+            // The link ends by itself only once the owner task has let go of its events.
+            Ok(()) => Err((&mut actor).await),
+            Err(e) => Ok(died("link to the master", e.to_string())),
+        },
+    };
+    let failure = match failure {
+        Ok(f) => f,
+        // The owner task ended: on `shutdown`, or by panicking.
+        Err(ended) => {
+            link.abort();
+            let _ = stop_tx.send(true);
+            return match ended {
+                Ok(()) => match server.await {
+                    Ok(result) => result.map_err(AgentError::from),
+                    Err(e) => Err(died("sandbox server", e.to_string())),
+                },
+                Err(e) => Err(died("owner task", e.to_string())),
+            };
+        }
+    };
+    tracing::error!(error = %failure, "stopping the agent");
+    // Its tasks are killed as at any shutdown, then the agent reports what failed.
+    let _ = fail_tx.send(true);
+    let _ = actor.await;
     link.abort();
     let _ = stop_tx.send(true);
-    match server.await {
-        Ok(result) => result?,
-        Err(e) => tracing::warn!(error = %e, "sandbox server task failed"),
-    }
-    Ok(())
+    Err(failure)
 }

@@ -12,6 +12,34 @@ use tonic::transport::Endpoint;
 
 use crate::actor::Event;
 
+/// The master's address cannot be dialled.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid master address {master:?}: {source}")]
+pub struct LinkError {
+    pub master: String,
+    #[source]
+    pub source: tonic::transport::Error,
+}
+
+/// The endpoint of `master`, with the link's keep-alive settings.
+///
+/// # Errors
+/// When `master` is not a URL tonic can dial.
+pub fn endpoint(master: &str) -> Result<Endpoint, LinkError> {
+    Endpoint::from_shared(master.to_owned())
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .keep_alive_while_idle(true)
+        })
+        .map_err(|source| LinkError {
+            master: master.to_owned(),
+            source,
+        })
+}
+
 /// How long the link waits between attempts.
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -62,20 +90,13 @@ async fn session(endpoint: &Endpoint, events: &mpsc::Sender<Event>) -> Result<()
     }
 }
 
-/// Keeps a link to `master` until `events` closes.
-pub async fn maintain(master: String, backoff: Backoff, events: mpsc::Sender<Event>) {
-    let endpoint = match Endpoint::from_shared(master.clone()) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true),
-        Err(e) => {
-            tracing::error!(%master, error = %e, "invalid master address");
-            return;
-        }
-    };
+/// Keeps a link to `master` (at `endpoint`, see [`endpoint`]) until `events` closes.
+pub async fn maintain(
+    endpoint: Endpoint,
+    master: String,
+    backoff: Backoff,
+    events: mpsc::Sender<Event>,
+) {
     let mut delay = backoff.min;
     loop {
         let started = std::time::Instant::now();

@@ -5,17 +5,27 @@
 //!
 //! Without usable cgroups (not root, or none mounted), tasks still run, in a process group
 //! with rlimits, and the agent reports `isolation: none`.
+//!
+//! A task runs as the user it names, or as the agent's default user (`nobody` unless
+//! configured); never as root unless the agent allows root tasks. Its sandbox and logs are
+//! its user's alone (0700, 0600). In a PID namespace the init starts with an empty
+//! environment and hands the task its environment only at the task's exec, so variables
+//! such as `LD_PRELOAD` never reach a root process.
 
+use std::collections::BTreeMap;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use agora_core::TaskState;
+use agora_core::{TaskState, limits};
 use agora_executor_native::{Cgroups, Limits, Namespaces, Rlimits, TaskCgroup, confine};
 use agora_proto::v1;
 use tokio_util::sync::CancellationToken;
 
-use crate::containerizer::{Container, Containerizer, LaunchSpec, Termination, Updates};
+use crate::containerizer::{
+    Container, Containerizer, LaunchSpec, Termination, Updates, invalid_field, task_times,
+};
 
 /// Settings of the native containerizer.
 #[derive(Debug, Clone)]
@@ -48,9 +58,17 @@ pub struct NativeConfig {
     /// fails with REASON_CONTAINER_LIMITATION_DISK); `None`: `disk` is not enforced.
     /// Default 15 s. See [`crate::disk`].
     pub disk_watch_interval: Option<Duration>,
-    /// Run a task as the user it names (`CommandTask.user`); off, tasks run as the agent's
-    /// user. Default on.
+    /// Run a task as the user it names (`CommandTask.user`), or as `default_user` when it
+    /// names none; off, tasks run as the agent's user (refused when that is root, unless
+    /// `allow_root`). Default on.
     pub switch_user: bool,
+    /// The user of tasks and custom executors that name none. Default `nobody`. Applies
+    /// when the agent can switch users (it runs as root); an agent that cannot runs them as
+    /// itself.
+    pub default_user: String,
+    /// Let tasks and custom executors run as root (uid 0, by any name). Default off: such a
+    /// task ends in TASK_ERROR.
+    pub allow_root: bool,
     pub rlimits: Rlimits,
 }
 
@@ -71,6 +89,8 @@ impl Default for NativeConfig {
             log_keep: 2,
             disk_watch_interval: Some(crate::disk::DEFAULT_WATCH_INTERVAL),
             switch_user: true,
+            default_user: "nobody".into(),
+            allow_root: false,
             rlimits: Rlimits::default(),
         }
     }
@@ -83,6 +103,8 @@ pub struct NativeContainerizer {
     init: Option<Vec<std::ffi::OsString>>,
     /// Namespaces are on and the agent may make them.
     namespaces: bool,
+    /// The agent runs as root, so it can switch users.
+    root: bool,
 }
 
 impl NativeContainerizer {
@@ -119,6 +141,7 @@ impl NativeContainerizer {
             config,
             cgroups,
             namespaces,
+            root,
         }
     }
 }
@@ -133,18 +156,40 @@ fn invalid(msg: impl Into<String>) -> Termination {
     Termination::new(TaskState::Error, v1::Reason::TaskInvalid, msg)
 }
 
-/// The uid and gid of `user`, or `None` when there is no such user.
+/// The uid and gid of `user`, or `None` when there is no such user. Thread-safe
+/// (`getpwnam_r`): tasks are prepared concurrently.
 fn lookup_user(user: &str) -> Option<(u32, u32)> {
-    let name = std::ffi::CString::new(user).ok()?;
-    // SAFETY: getpwnam returns a pointer into static storage or null; we copy the two ids
-    // out at once. The agent looks users up only here, on the owner's task.
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    if pw.is_null() {
-        return None;
+    match nix::unistd::User::from_name(user) {
+        Ok(Some(u)) => Some((u.uid.as_raw(), u.gid.as_raw())),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(user, error = %e, "looking the user up");
+            None
+        }
     }
-    // SAFETY: pw is non-null and points at a valid passwd record.
-    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-    Some((uid, gid))
+}
+
+/// As whom a process runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RunAs<'a> {
+    /// The user a task or custom executor names; empty: the agent's default user.
+    Named(&'a str),
+    /// The agent's own user: only for the agent's own programs (its Wasm executor), never
+    /// for a framework's.
+    Agent,
+}
+
+/// Bytes of a task's environment the init reads from its stdin: `NAME=VALUE` entries, each
+/// ended by a NUL.
+fn env_payload(env: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in env {
+        out.extend_from_slice(k.as_bytes());
+        out.push(b'=');
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
 }
 
 #[async_trait::async_trait]
@@ -170,6 +215,12 @@ impl Containerizer for NativeContainerizer {
         let Some(v1::task_info::Payload::Command(c)) = &spec.task.payload else {
             return Err(invalid("not a command task"));
         };
+        let times = task_times(&spec.task)?;
+        if spec.resources.mem() <= 0.0 {
+            return Err(invalid(
+                "the task has no `mem` resource: a native task needs one, it is the task's memory limit",
+            ));
+        }
         let env = vec![
             ("AGORA_TASK_ID".to_owned(), spec.task_id.to_string()),
             ("MESOS_TASK_ID".to_owned(), spec.task_id.to_string()),
@@ -182,10 +233,11 @@ impl Containerizer for NativeContainerizer {
             env,
             sandbox: &spec.sandbox,
             resources: &spec.resources,
-            max_duration: spec.task.max_duration,
-            kill_policy: spec.task.kill_policy.as_ref(),
+            max_duration: times.max_duration,
+            kill_grace: times.kill_grace,
             required_isolation: &spec.task.required_isolation,
             visible: vec![spec.sandbox.clone()],
+            run_as: RunAs::Named(&c.user),
         })?;
         container.disk = crate::disk::Quota::of(
             &spec.sandbox,
@@ -207,13 +259,15 @@ pub(crate) struct ProcessSpec<'a> {
     pub env: Vec<(String, String)>,
     pub sandbox: &'a std::path::Path,
     pub resources: &'a agora_core::Resources,
-    /// Seconds; 0 is none.
-    pub max_duration: f64,
-    pub kill_policy: Option<&'a v1::KillPolicy>,
+    /// Checked already ([`task_times`]); `None`: no limit.
+    pub max_duration: Option<Duration>,
+    /// Checked already; `None`: the agent's default.
+    pub kill_grace: Option<Duration>,
     pub required_isolation: &'a [String],
     /// Directories the process must see at their paths even when its private `/tmp`
     /// hides them (default: its sandbox).
     pub visible: Vec<std::path::PathBuf>,
+    pub run_as: RunAs<'a>,
 }
 
 /// The limits of a container holding `resources`.
@@ -257,6 +311,47 @@ impl NativeContainerizer {
         }
     }
 
+    /// Who a process runs as: `Some((uid, gid))` to switch to, `None` to stay the agent's
+    /// user. Root only when the agent allows it.
+    fn resolve_user(&self, run_as: RunAs<'_>) -> Result<Option<(u32, u32)>, Termination> {
+        let named = match run_as {
+            RunAs::Agent => return Ok(None),
+            RunAs::Named(n) => n,
+        };
+        if !self.config.switch_user {
+            if self.root && !self.config.allow_root {
+                return Err(invalid(
+                    "this agent runs tasks as its own user (--switch-user=false), which is root; \
+                     it refuses root tasks unless started with --allow-root-tasks",
+                ));
+            }
+            return Ok(None);
+        }
+        let (name, field) = if named.is_empty() {
+            if !self.root {
+                // It cannot switch: the task runs as the agent's own, unprivileged, user.
+                return Ok(None);
+            }
+            (self.config.default_user.as_str(), "--default-user")
+        } else {
+            (named, "user")
+        };
+        let Some((uid, gid)) = lookup_user(name) else {
+            return Err(invalid(if named.is_empty() {
+                format!("the agent's default user {name:?} ({field}) does not exist on this agent")
+            } else {
+                format!("user {name:?} does not exist on this agent")
+            }));
+        };
+        if uid == 0 && !self.config.allow_root {
+            return Err(invalid(format!(
+                "the task would run as root ({field} {name:?}, uid 0); this agent refuses root \
+                 tasks unless started with --allow-root-tasks"
+            )));
+        }
+        Ok(Some((uid, gid)))
+    }
+
     /// Builds the container of one process: command line, user, environment, sandbox
     /// files, cgroup, namespaces. Nothing runs until [`Container::run`].
     pub(crate) fn process(&self, p: &ProcessSpec<'_>) -> Result<NativeContainer, Termination> {
@@ -264,6 +359,30 @@ impl NativeContainerizer {
         if c.value.trim().is_empty() {
             return Err(invalid("the command is empty"));
         }
+        // Bounds first, so nothing is made for a process that cannot run.
+        limits::count("env", c.env.len(), limits::MAX_LIST)
+            .and_then(|()| limits::count("arguments", c.arguments.len(), limits::MAX_LIST))
+            .map_err(|e| invalid_field(&e))?;
+        let pids_max = match (c.pids_max, self.config.pids_max) {
+            (Some(0), _) => return Err(invalid("pids_max must be at least 1")),
+            (Some(n), _) if n > limits::MAX_PIDS => {
+                return Err(invalid_field(&limits::LimitError::new(
+                    "pids_max",
+                    format!("{n} is more than {} processes", limits::MAX_PIDS),
+                )));
+            }
+            // A task may lower the agent's bound, never raise it.
+            (Some(n), Some(agent)) if n > agent => {
+                tracing::info!(
+                    asked = n,
+                    pids_max = agent,
+                    "capping the task's pids_max at the agent's"
+                );
+                Some(agent)
+            }
+            (Some(n), _) => Some(n),
+            (None, agent) => agent,
+        };
         let network_none = c.network() == v1::command_task::Network::None;
         if network_none && !self.namespaces {
             return Err(Termination::new(
@@ -274,17 +393,7 @@ impl NativeContainerizer {
         }
         let isolation = self.isolation_of(network_none);
         crate::containerizer::check_required(p.required_isolation, &isolation)?;
-        let user = if c.user.is_empty() || !self.config.switch_user {
-            None
-        } else {
-            let Some(ids) = lookup_user(&c.user) else {
-                return Err(invalid(format!(
-                    "user {:?} does not exist on this agent",
-                    c.user
-                )));
-            };
-            Some(ids)
-        };
+        let user = self.resolve_user(p.run_as)?;
         let argv: Vec<std::ffi::OsString> = if c.shell {
             vec!["/bin/sh".into(), "-c".into(), c.value.clone().into()]
         } else {
@@ -295,12 +404,13 @@ impl NativeContainerizer {
         };
         let pid_ns = self.namespaces && self.init.is_some();
         // With a PID namespace the process runs under the init, which becomes PID 1 there
-        // and drops to the user just before exec (it needs root to mount /proc).
+        // and drops to the user just before exec (it needs root to mount /proc). The init
+        // gets no environment: the task's comes on its stdin, for the task's exec alone.
         let argv: Vec<std::ffi::OsString> = match self.init.as_ref().filter(|_| pid_ns) {
             Some(init) => {
                 let mut v: Vec<std::ffi::OsString> =
                     init.iter().filter(|a| *a != "--").cloned().collect();
-                v.extend(agora_executor_native::init::args(user));
+                v.extend(agora_executor_native::init::args(user, true));
                 v.extend(argv);
                 v
             }
@@ -323,51 +433,68 @@ impl NativeContainerizer {
                 keep.push(dir);
             }
         }
-        let mut cmd = std::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..]);
         let sandbox = p.sandbox.to_string_lossy().into_owned();
-        cmd.env_clear()
-            .env(
-                "PATH",
-                "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
-            )
-            .env("HOME", &sandbox)
-            .envs(c.env.iter().map(|e| (e.name.as_str(), e.value.as_str())))
-            .env("AGORA_FRAMEWORK_ID", p.framework.as_str())
-            .env("AGORA_SANDBOX", &sandbox)
-            .env("MESOS_FRAMEWORK_ID", p.framework.as_str())
-            .env("MESOS_SANDBOX", &sandbox)
-            .env("MESOS_DIRECTORY", &sandbox)
-            .envs(p.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .current_dir(p.sandbox)
-            .stdin(Stdio::null());
+        // Later entries replace earlier ones, as `Command::env` would.
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        env.insert(
+            "PATH".into(),
+            "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin".into(),
+        );
+        env.insert("HOME".into(), sandbox.clone());
+        env.extend(c.env.iter().map(|e| (e.name.clone(), e.value.clone())));
+        for (k, v) in [
+            ("AGORA_FRAMEWORK_ID", p.framework.as_str()),
+            ("AGORA_SANDBOX", &sandbox),
+            ("MESOS_FRAMEWORK_ID", p.framework.as_str()),
+            ("MESOS_SANDBOX", &sandbox),
+            ("MESOS_DIRECTORY", &sandbox),
+        ] {
+            env.insert(k.into(), v.into());
+        }
+        env.extend(p.env.iter().cloned());
         if let Some(a) = p.agent {
-            cmd.env("AGORA_AGENT_ID", a.as_str())
-                .env("MESOS_AGENT_ID", a.as_str());
+            env.insert("AGORA_AGENT_ID".into(), a.to_string());
+            env.insert("MESOS_AGENT_ID".into(), a.to_string());
         }
-        if let Some((uid, gid)) = user {
-            // The task owns its sandbox, as under Mesos.
-            std::os::unix::fs::chown(p.sandbox, Some(uid), Some(gid)).map_err(|e| {
-                Termination::new(
-                    TaskState::Failed,
-                    v1::Reason::ContainerLaunchFailed,
-                    format!("giving the sandbox to user {:?}: {e}", c.user),
-                )
-            })?;
+        if let Some(bad) = env
+            .iter()
+            .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+        {
+            return Err(invalid(format!(
+                "environment variable {:?} has an empty name, or a '=' or NUL where it may not",
+                bad.0
+            )));
         }
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..]).env_clear();
+        let env_payload = if pid_ns {
+            cmd.stdin(Stdio::piped());
+            Some(env_payload(&env))
+        } else {
+            cmd.envs(&env).stdin(Stdio::null());
+            None
+        };
+        cmd.current_dir(p.sandbox);
+        let launch_failed = |what: String| {
+            Termination::new(TaskState::Failed, v1::Reason::ContainerLaunchFailed, what)
+        };
+        // The sandbox is the task's alone: its user's (the agent's, when it stays the agent's
+        // user), 0700; the agent reads it as root.
+        make_private(p.sandbox, user).map_err(|e| {
+            launch_failed(format!(
+                "giving the sandbox to the task's user {:?}: {e}",
+                user.map(|u| u.0)
+            ))
+        })?;
         let open = |name: &str| {
-            crate::fetcher::create_nofollow(&p.sandbox.join(name)).map_err(|e| {
-                Termination::new(
-                    TaskState::Failed,
-                    v1::Reason::ContainerLaunchFailed,
-                    format!("creating the sandbox's {name}: {e}"),
-                )
-            })
+            open_log(&p.sandbox.join(name), user)
+                .map_err(|e| launch_failed(format!("creating the sandbox's {name}: {e}")))
         };
         let rotate = self.config.log_max_bytes.map(|max| Rotation {
             dir: p.sandbox.to_owned(),
             max: max.max(1),
             keep: self.config.log_keep,
+            user,
         });
         if rotate.is_some() {
             // Pumped through pipes into rotating files once the task runs.
@@ -379,12 +506,7 @@ impl NativeContainerizer {
         }
 
         let mut limits = limits(p.resources, &self.config);
-        if let Some(n) = c.pids_max {
-            if n == 0 {
-                return Err(invalid("pids_max must be at least 1"));
-            }
-            limits.pids_max = Some(n);
-        }
+        limits.pids_max = pids_max;
         let cgroup = if self.cgroups == Cgroups::None {
             None
         } else {
@@ -397,13 +519,7 @@ impl NativeContainerizer {
             Some(
                 self.cgroups
                     .create(&self.config.cgroup_parent, &name, &limits)
-                    .map_err(|e| {
-                        Termination::new(
-                            TaskState::Failed,
-                            v1::Reason::ContainerLaunchFailed,
-                            format!("creating the task's cgroup: {e}"),
-                        )
-                    })?,
+                    .map_err(|e| launch_failed(format!("creating the task's cgroup: {e}")))?,
             )
         };
         let ns = Namespaces {
@@ -424,33 +540,64 @@ impl NativeContainerizer {
             &ns,
             user.filter(|_| !pid_ns),
         )
-        .map_err(|e| {
-            Termination::new(
-                TaskState::Failed,
-                v1::Reason::ContainerLaunchFailed,
-                e.to_string(),
-            )
-        })?;
-        let limit = (p.max_duration > 0.0).then(|| Duration::from_secs_f64(p.max_duration));
-        let grace = p
-            .kill_policy
-            .map(|k| k.grace_period_seconds)
-            .filter(|g| g.is_finite() && *g > 0.0)
-            .map_or(self.config.kill_grace, |g| {
-                Duration::from_secs_f64(g.min(3600.0))
-            });
+        .map_err(|e| launch_failed(e.to_string()))?;
         Ok(NativeContainer {
             cmd,
             cgroup,
             rotate,
-            grace,
-            limit,
+            grace: p.kill_grace.unwrap_or(self.config.kill_grace),
+            limit: p.max_duration,
             mem_limit: limits.memory_bytes,
             isolation,
             pid: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0)),
+            env_payload,
+            user,
             disk: None,
         })
     }
+}
+
+/// Makes `dir` (a sandbox) belong to `user` (the agent's user when `None`), mode 0700, with
+/// everything already in it (what was fetched), as Mesos gives a task its sandbox.
+///
+/// # Errors
+/// When an owner or the mode cannot be set.
+pub(crate) fn make_private(dir: &Path, user: Option<(u32, u32)>) -> std::io::Result<()> {
+    fn give(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            // The link itself, never what it points at.
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
+            if entry.file_type()?.is_dir() {
+                give(&path, uid, gid)?;
+            }
+        }
+        Ok(())
+    }
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+        give(dir, uid, gid)?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Creates (or truncates) a log of the task's in its sandbox: 0600, its user's, never
+/// through a link the task planted.
+fn open_log(path: &Path, user: Option<(u32, u32)>) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    // An existing file keeps its mode through `open`: set it on the handle.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+    }
+    Ok(f)
 }
 
 /// A process, ready to start, and the cgroup it will run in.
@@ -463,6 +610,9 @@ pub(crate) struct NativeContainer {
     mem_limit: Option<u64>,
     isolation: String,
     pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// The task's environment, for the init's stdin (with a PID namespace).
+    env_payload: Option<Vec<u8>>,
+    user: Option<(u32, u32)>,
     /// The task's `disk`, enforced while it runs (tasks only, not executors).
     disk: Option<crate::disk::Quota>,
 }
@@ -477,6 +627,11 @@ impl NativeContainer {
     /// Changes the limits of the container's cgroup while it runs, if it has one.
     pub(crate) fn limiter(&self) -> Option<agora_executor_native::Limiter> {
         self.cgroup.as_ref().map(TaskCgroup::limiter)
+    }
+
+    /// The uid and gid it runs as, when not the agent's.
+    pub(crate) fn user(&self) -> Option<(u32, u32)> {
+        self.user
     }
 
     fn signal(&self, pid: Option<u32>, signal: i32) {
@@ -564,6 +719,14 @@ impl NativeContainer {
             child.id().unwrap_or_default(),
             std::sync::atomic::Ordering::Relaxed,
         );
+        if let (Some(payload), Some(mut stdin)) = (self.env_payload.take(), child.stdin.take()) {
+            // Written while the init reads; closing the pipe ends the environment. An init
+            // that died first only makes this fail, which its own end reports.
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = stdin.write_all(&payload).await;
+            });
+        }
         let mut pumps = Vec::new();
         if let Some(r) = &self.rotate {
             if let Some(out) = child.stdout.take() {
@@ -673,6 +836,8 @@ struct Rotation {
     dir: PathBuf,
     max: u64,
     keep: usize,
+    /// Owner of the files it makes.
+    user: Option<(u32, u32)>,
 }
 
 impl Rotation {
@@ -685,7 +850,7 @@ impl Rotation {
             }
         };
         if self.keep == 0 {
-            return crate::fetcher::create_nofollow(&path(0)).map(|_| ());
+            return open_log(&path(0), self.user).map(|_| ());
         }
         let _ = std::fs::remove_file(path(self.keep));
         for i in (0..self.keep).rev() {
@@ -727,15 +892,8 @@ impl Rotation {
                     if let Err(e) = self.rotate(name) {
                         tracing::warn!(error = %e, name, "rotating the task's log");
                     }
-                    file = match tokio::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(self.dir.join(name))
-                        .await
-                    {
-                        Ok(f) => f,
+                    file = match open_log(&self.dir.join(name), self.user) {
+                        Ok(f) => tokio::fs::File::from_std(f),
                         Err(_) => return,
                     };
                     size = 0;
@@ -749,5 +907,235 @@ impl Rotation {
             }
         }
         let _ = file.flush().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agora_core::{FrameworkId, TaskId, parse_resources};
+
+    /// A containerizer without cgroups (its root is an empty directory): nothing is made on
+    /// the host, and what these tests check happens before anything would be.
+    fn containerizer(
+        tweak: impl FnOnce(&mut NativeConfig),
+    ) -> (NativeContainerizer, tempfile::TempDir) {
+        let empty = tempfile::tempdir().unwrap();
+        let mut config = NativeConfig {
+            cgroup_root: empty.path().to_owned(),
+            cgroup_parent: format!("agora-unit-{}", std::process::id()),
+            init: None,
+            ..NativeConfig::default()
+        };
+        tweak(&mut config);
+        (NativeContainerizer::new(config), empty)
+    }
+
+    fn spec(task: v1::TaskInfo, resources: &str, sandbox: &Path) -> LaunchSpec {
+        LaunchSpec {
+            agent_id: None,
+            framework_id: FrameworkId::new("fw").unwrap(),
+            task_id: TaskId::new("t").unwrap(),
+            resources: parse_resources(resources).unwrap(),
+            task,
+            sandbox: sandbox.to_owned(),
+        }
+    }
+
+    fn command(f: impl FnOnce(&mut v1::TaskInfo, &mut v1::CommandTask)) -> v1::TaskInfo {
+        let mut c = v1::CommandTask {
+            value: "true".into(),
+            shell: true,
+            ..Default::default()
+        };
+        let mut t = v1::TaskInfo {
+            task_id: Some(v1::TaskId { value: "t".into() }),
+            ..Default::default()
+        };
+        f(&mut t, &mut c);
+        t.payload = Some(v1::task_info::Payload::Command(c));
+        t
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[tokio::test]
+    async fn numbers_out_of_range_and_a_missing_mem_are_refused_by_name() {
+        let (n, _root) = containerizer(|_| {});
+        let cases: Vec<(v1::TaskInfo, &str, &str)> = vec![
+            (
+                command(|t, _| t.max_duration = 1e20),
+                "mem:32",
+                "field `max_duration`",
+            ),
+            (
+                command(|t, _| t.max_duration = f64::NAN),
+                "mem:32",
+                "field `max_duration`",
+            ),
+            (
+                command(|t, _| t.max_duration = -1.0),
+                "mem:32",
+                "field `max_duration`",
+            ),
+            (
+                command(|t, _| {
+                    t.kill_policy = Some(v1::KillPolicy {
+                        grace_period_seconds: f64::NAN,
+                    });
+                }),
+                "mem:32",
+                "field `kill_policy.grace_period_seconds`",
+            ),
+            (
+                command(|t, _| {
+                    t.kill_policy = Some(v1::KillPolicy {
+                        grace_period_seconds: 1e20,
+                    });
+                }),
+                "mem:32",
+                "field `kill_policy.grace_period_seconds`",
+            ),
+            (
+                command(|_, c| c.pids_max = Some(u64::MAX)),
+                "mem:32",
+                "field `command.pids_max`",
+            ),
+            (command(|_, _| {}), "cpus:1", "`mem`"),
+        ];
+        for (task, resources, says) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let Err(err) = n.prepare(&spec(task, resources, dir.path())).await else {
+                panic!("{says}: accepted")
+            };
+            assert_eq!(
+                (err.state, err.reason),
+                (TaskState::Error, v1::Reason::TaskInvalid),
+                "{}",
+                err.message
+            );
+            assert!(
+                err.message.contains(says),
+                "{says:?} not in {:?}",
+                err.message
+            );
+        }
+        // In range, the same task is prepared.
+        let dir = tempfile::tempdir().unwrap();
+        let ok = command(|t, _| {
+            t.max_duration = limits::MAX_TASK_DURATION_SECS;
+            t.kill_policy = Some(v1::KillPolicy {
+                grace_period_seconds: limits::MAX_GRACE_SECS,
+            });
+        });
+        assert!(n.prepare(&spec(ok, "mem:32", dir.path())).await.is_ok());
+    }
+
+    #[test]
+    fn tasks_default_to_an_unprivileged_user_and_root_needs_allowing() {
+        let (n, _root) = containerizer(|_| {});
+        assert_eq!(n.resolve_user(RunAs::Agent).unwrap(), None);
+        let err = n
+            .resolve_user(RunAs::Named("no-such-user-here"))
+            .unwrap_err();
+        assert!(err.message.contains("does not exist"), "{}", err.message);
+        if !is_root() {
+            // An agent that cannot switch runs tasks naming none as itself.
+            assert_eq!(n.resolve_user(RunAs::Named("")).unwrap(), None);
+            return;
+        }
+        assert_eq!(
+            n.resolve_user(RunAs::Named("")).unwrap(),
+            Some((65534, 65534)),
+            "nobody"
+        );
+        let err = n.resolve_user(RunAs::Named("root")).unwrap_err();
+        assert_eq!(err.reason, v1::Reason::TaskInvalid);
+        assert!(
+            err.message.contains("--allow-root-tasks") && err.message.contains("uid 0"),
+            "{}",
+            err.message
+        );
+        let (allowed, _r) = containerizer(|c| c.allow_root = true);
+        assert_eq!(
+            allowed.resolve_user(RunAs::Named("root")).unwrap(),
+            Some((0, 0))
+        );
+        let (as_agent, _r) = containerizer(|c| c.switch_user = false);
+        let err = as_agent.resolve_user(RunAs::Named("nobody")).unwrap_err();
+        assert!(
+            err.message.contains("--allow-root-tasks"),
+            "{}",
+            err.message
+        );
+        let (ghost, _r) = containerizer(|c| c.default_user = "no-such-user-here".into());
+        let err = ghost.resolve_user(RunAs::Named("")).unwrap_err();
+        assert!(err.message.contains("--default-user"), "{}", err.message);
+    }
+
+    #[test]
+    fn users_are_looked_up_safely_from_many_threads() {
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    for j in 0..500 {
+                        let (name, uid) = if (i + j) % 2 == 0 {
+                            ("root", 0)
+                        } else {
+                            ("nobody", 65534)
+                        };
+                        assert_eq!(lookup_user(name).map(|u| u.0), Some(uid), "{name}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn sandboxes_and_logs_are_made_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = dir.path().join("run");
+        std::fs::create_dir_all(sandbox.join("fetched/deep")).unwrap();
+        std::fs::set_permissions(&sandbox, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(sandbox.join("fetched/deep/f"), "x").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", sandbox.join("link")).unwrap();
+        let user = is_root().then_some((65534, 65534));
+        make_private(&sandbox, user).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&sandbox).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o700);
+        if let Some((uid, _)) = user {
+            for p in ["", "fetched", "fetched/deep", "fetched/deep/f"] {
+                assert_eq!(
+                    std::fs::metadata(sandbox.join(p)).unwrap().uid(),
+                    uid,
+                    "{p}"
+                );
+            }
+            // The link was given, not what it points at.
+            assert_eq!(std::fs::metadata("/etc/hostname").unwrap().uid(), 0);
+            assert_eq!(
+                std::fs::symlink_metadata(sandbox.join("link"))
+                    .unwrap()
+                    .uid(),
+                uid
+            );
+        }
+        let log = sandbox.join("stdout");
+        std::fs::write(&log, "old").unwrap();
+        drop(open_log(&log, user).unwrap());
+        let m = std::fs::metadata(&log).unwrap();
+        assert_eq!((m.mode() & 0o777, m.len()), (0o600, 0));
+        std::fs::remove_file(&log).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", &log).unwrap();
+        assert!(
+            open_log(&log, user).is_err(),
+            "a planted link is not followed"
+        );
     }
 }

@@ -34,8 +34,6 @@ use crate::containerizer::{
 use crate::executor::{ExecutorContainerizer, LaunchOptions};
 use crate::fetcher::Fetcher;
 
-const MIB: u64 = 1 << 20;
-
 /// Guest events (progress, messages) a run may have in flight to the framework.
 pub const GUEST_EVENTS: usize = 128;
 
@@ -482,6 +480,8 @@ impl Containerizer for WasmContainerizer {
                     .into(),
             ));
         }
+        // Checked before anything is fetched or started.
+        crate::containerizer::task_times(&spec.task)?;
         let grants = wasm.capabilities.clone().unwrap_or_default();
         let (caps, host_env) = self.policy.resolve(&grants)?;
         let mut digest = self.store_module(wasm).await?;
@@ -524,6 +524,12 @@ impl Containerizer for WasmContainerizer {
                         .chain(caps.volumes.iter().map(|v| v.host.clone()))
                         .collect(),
                     isolation_prefix: Some(WASM_ISOLATION.into()),
+                    // The agent's own program, not a framework's: it runs as the agent's
+                    // user, like the agent's in-process runtime. It reads the compiled-module
+                    // cache, which is native code and so the agent's user's alone (0700), and
+                    // the volumes the operator lends; its guests are confined by wasmtime and
+                    // get no process environment of their own.
+                    as_agent: true,
                 };
                 executors.prepare_in(spec, &info, task, &opts).await
             }
@@ -542,7 +548,7 @@ impl Containerizer for WasmContainerizer {
                     .load(ModuleSource::Bytes(Arc::from(bytes)), Some(&digest))
                     .await
                     .map_err(load_error)?;
-                let mut run = run_spec(spec, wasm, caps);
+                let mut run = run_spec(spec, wasm, caps)?;
                 run.env.extend(host_env);
                 let live = LiveUsage::new();
                 run.live = Some(Arc::clone(&live));
@@ -567,7 +573,14 @@ fn load_error(e: LoadError) -> Termination {
 }
 
 /// What a Wasm task's run is given, from its task info. Also used by the Wasm executor.
-pub fn run_spec(spec: &LaunchSpec, wasm: &v1::WasmTask, caps: Capabilities) -> RunSpec {
+///
+/// # Errors
+/// A TASK_ERROR naming a field out of range (see [`crate::containerizer::task_times`]).
+pub fn run_spec(
+    spec: &LaunchSpec,
+    wasm: &v1::WasmTask,
+    caps: Capabilities,
+) -> Result<RunSpec, Termination> {
     run_spec_for(
         &spec.task,
         spec.task_id.as_str(),
@@ -580,6 +593,9 @@ pub fn run_spec(spec: &LaunchSpec, wasm: &v1::WasmTask, caps: Capabilities) -> R
 }
 
 /// As [`run_spec`], from the parts.
+///
+/// # Errors
+/// As [`run_spec`].
 pub fn run_spec_for(
     task: &v1::TaskInfo,
     task_id: &str,
@@ -588,7 +604,10 @@ pub fn run_spec_for(
     sandbox: &Path,
     wasm: &v1::WasmTask,
     caps: Capabilities,
-) -> RunSpec {
+) -> Result<RunSpec, Termination> {
+    let times = crate::containerizer::task_times(task)?;
+    let memory_limit = crate::containerizer::mib_to_bytes("resources.mem", resources.mem())
+        .map_err(|e| crate::containerizer::invalid_field(&e))?;
     let mut args = vec![if task.name.is_empty() {
         task_id.to_owned()
     } else {
@@ -602,16 +621,20 @@ pub fn run_spec_for(
         .collect();
     env.push(("AGORA_TASK_ID".into(), task_id.to_owned()));
     env.push(("AGORA_FRAMEWORK_ID".into(), framework_id.to_owned()));
-    let limit = (task.max_duration > 0.0).then(|| Duration::from_secs_f64(task.max_duration));
+    let limit = times.max_duration;
     let cpus = resources.cpus();
-    RunSpec {
+    // `mul_f64` would panic past Duration's range; a budget that large is no budget.
+    let cpu_budget = limit
+        .filter(|_| cpus > 0.0)
+        .and_then(|l| Duration::try_from_secs_f64(l.as_secs_f64() * cpus).ok());
+    Ok(RunSpec {
         args,
         env,
         sandbox: sandbox.to_owned(),
         stdout: sandbox.join("stdout"),
         stderr: sandbox.join("stderr"),
-        memory_limit: (resources.mem() * MIB as f64) as u64,
-        cpu_budget: limit.filter(|_| cpus > 0.0).map(|l| l.mul_f64(cpus)),
+        memory_limit,
+        cpu_budget,
         wall_limit: limit,
         fuel: wasm.fuel,
         cpus: (cpus > 0.0).then_some(cpus),
@@ -619,7 +642,7 @@ pub fn run_spec_for(
         input: wasm.input.clone(),
         events: None,
         live: None,
-    }
+    })
 }
 
 struct WasmContainer {

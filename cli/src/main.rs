@@ -214,9 +214,18 @@ struct AgentArgs {
     /// first, never one in use).
     #[arg(long, default_value_t = 2048)]
     wasm_cache_size: u64,
-    /// Run native tasks as the user they name (false: as the agent's user).
+    /// Run native tasks as the user they name, or --default-user (false: as the agent's
+    /// user, which needs --allow-root-tasks when that is root).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     switch_user: bool,
+    /// The user of native tasks and custom executors that name none (when the agent runs
+    /// as root and can switch users).
+    #[arg(long, env = "AGORA_DEFAULT_USER", default_value = "nobody")]
+    default_user: String,
+    /// Let native tasks and custom executors run as root (uid 0, by any name). Default:
+    /// such tasks end in TASK_ERROR.
+    #[arg(long)]
+    allow_root_tasks: bool,
     /// Most MiB the fetch cache keeps (least recently used artifacts go first).
     #[arg(long, default_value_t = 2048)]
     fetcher_cache_size: u64,
@@ -496,6 +505,8 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     config.module_store_max_bytes = Some(args.module_store_size.saturating_mul(1 << 20));
     config.wasm.cache_max_bytes = Some(args.wasm_cache_size.saturating_mul(1 << 20));
     config.native.switch_user = args.switch_user;
+    config.native.default_user = args.default_user;
+    config.native.allow_root = args.allow_root_tasks;
     config.fetcher.cache_max_bytes = args.fetcher_cache_size << 20;
     config.fetcher.timeout = args.fetcher_timeout;
     config.fetcher.file_roots = args

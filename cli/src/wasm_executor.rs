@@ -198,7 +198,7 @@ impl Job {
             Ok(r) => r,
             Err(e) => return error(v1::Reason::TaskInvalid, e.to_string()),
         };
-        let mut spec = run_spec_for(
+        let mut spec = match run_spec_for(
             task,
             id.as_str(),
             &self.framework,
@@ -206,7 +206,10 @@ impl Job {
             &sandbox,
             wasm,
             caps,
-        );
+        ) {
+            Ok(s) => s,
+            Err(t) => return error(t.reason, t.message),
+        };
         spec.live = Some(live);
         let (tx, mut rx) = tokio::sync::mpsc::channel(agora_agent::wasm::GUEST_EVENTS);
         spec.events = Some(tx);

@@ -1,6 +1,7 @@
 //! The tiny init that gives a task a PID namespace of its own.
 //!
-//! The agent starts `INIT [--user UID:GID] -- PROGRAM ARGS…` after `unshare(CLONE_NEWPID)`
+//! The agent starts `INIT [--user UID:GID] [--env-stdin] -- PROGRAM ARGS…` after
+//! `unshare(CLONE_NEWPID)`
 //! (see [`crate::launch::Namespaces::pid`]). Unsharing moves only the caller's future children
 //! into the new namespace, so the init forks: its child is PID 1 there, mounts a `/proc` of
 //! the namespace, forks the task as PID 2 and reaps every orphan until the task exits. PID 1
@@ -8,6 +9,12 @@
 //! to the task; the outer process forwards them to PID 1 and exits as the task did. With
 //! `--user`, the init stays root (it must mount `/proc`) and only the task drops to the
 //! user, just before exec.
+//!
+//! The init runs as root, so it must not run with the task's environment: `LD_PRELOAD` or
+//! `LD_LIBRARY_PATH` set by the task would load the task's code into it. With
+//! `--env-stdin` the agent starts it with an empty environment and writes the task's on its
+//! stdin (`NAME=VALUE` entries, each ended by a NUL, until end of file); the init reads it,
+//! puts `/dev/null` on its stdin, and passes the environment to the task's exec alone.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -54,18 +61,75 @@ fn wait_for(pid: libc::pid_t) -> i32 {
     }
 }
 
-/// The arguments the init takes before the task's argv: `[--user UID:GID] --`.
-pub fn args(user: Option<(u32, u32)>) -> Vec<std::ffi::OsString> {
+/// The arguments the init takes before the task's argv: `[--user UID:GID] [--env-stdin] --`.
+pub fn args(user: Option<(u32, u32)>, env_stdin: bool) -> Vec<std::ffi::OsString> {
     let mut v = Vec::new();
     if let Some((uid, gid)) = user {
         v.push("--user".into());
         v.push(format!("{uid}:{gid}").into());
     }
+    if env_stdin {
+        v.push("--env-stdin".into());
+    }
     v.push("--".into());
     v
 }
 
-/// Parses `[--user UID:GID] [--] PROGRAM ARGS…` and runs the init; see [`run`].
+/// Most bytes of environment the init reads from its stdin.
+pub const MAX_ENV_BYTES: u64 = 64 << 20;
+
+/// Parses the NUL-ended `NAME=VALUE` entries the agent writes on the init's stdin.
+///
+/// # Errors
+/// Naming the first entry without a `=` or with an empty name.
+pub fn parse_env(bytes: &[u8]) -> Result<Vec<CString>, String> {
+    bytes
+        .split(|b| *b == 0)
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            if e.iter().position(|b| *b == b'=').is_none_or(|i| i == 0) {
+                return Err(format!(
+                    "environment entry {:?} is not NAME=VALUE",
+                    String::from_utf8_lossy(e)
+                ));
+            }
+            // Split on NULs, so none is left inside.
+            CString::new(e).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// Reads the task's environment from stdin, then puts `/dev/null` there for the task.
+fn read_env() -> Result<Vec<CString>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_ENV_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading the task's environment: {e}"))?;
+    if bytes.len() as u64 > MAX_ENV_BYTES {
+        return Err(format!(
+            "the task's environment is larger than {MAX_ENV_BYTES} bytes"
+        ));
+    }
+    // SAFETY: open and dup2 on a literal path and fds we own.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+        if null < 0 || libc::dup2(null, 0) < 0 {
+            return Err(format!(
+                "putting /dev/null on stdin: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if null != 0 {
+            libc::close(null);
+        }
+    }
+    parse_env(&bytes)
+}
+
+/// Parses `[--user UID:GID] [--env-stdin] [--] PROGRAM ARGS…` and runs the init; see [`run`].
 pub fn main(args: &[std::ffi::OsString]) -> ! {
     let mut rest = args;
     let mut user = None;
@@ -81,10 +145,21 @@ pub fn main(args: &[std::ffi::OsString]) -> ! {
         user = Some(ids);
         rest = &rest[2..];
     }
+    let mut env = None;
+    if rest.first().is_some_and(|a| a == "--env-stdin") {
+        match read_env() {
+            Ok(e) => env = Some(e),
+            Err(e) => {
+                eprintln!("agora init: {e}");
+                std::process::exit(127);
+            }
+        }
+        rest = &rest[1..];
+    }
     if rest.first().is_some_and(|a| a == "--") {
         rest = &rest[1..];
     }
-    run(rest, user)
+    run(rest, user, env)
 }
 
 /// Drops to `uid`/`gid` with no supplementary groups.
@@ -105,10 +180,10 @@ pub fn switch_user(uid: u32, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs the init for `argv` (the program and its arguments), the task as `user` when given,
-/// and exits with the task's status. Call it first thing in a process started for the
-/// purpose.
-pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>) -> ! {
+/// Runs the init for `argv` (the program and its arguments), the task as `user` when given
+/// and with `env` as its whole environment when given (else the init's own), and exits with
+/// the task's status. Call it first thing in a process started for the purpose.
+pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>, env: Option<Vec<CString>>) -> ! {
     let Some(program) = argv.first() else {
         eprintln!("agora init: no program given");
         std::process::exit(127);
@@ -120,6 +195,19 @@ pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>) -> ! {
     let program = CString::new(program.as_bytes()).unwrap_or_default();
     let mut ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     ptrs.push(std::ptr::null());
+    // The program is looked up on the task's PATH, not the init's (it has none).
+    let path: Option<CString> = env.as_ref().map(|env| {
+        env.iter()
+            .find_map(|e| e.as_bytes().strip_prefix(b"PATH=").map(<[u8]>::to_vec))
+            .and_then(|p| CString::new(p).ok())
+            .unwrap_or_else(|| c"/usr/local/bin:/usr/bin:/bin".to_owned())
+    });
+    let envp: Option<Vec<*const libc::c_char>> = env.as_ref().map(|env| {
+        env.iter()
+            .map(|e| e.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect()
+    });
 
     // SAFETY: fork in a single-threaded process started only to run this.
     let pid1 = unsafe { libc::fork() };
@@ -153,9 +241,12 @@ pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>) -> ! {
             // SAFETY: leave the forked child without running the parent's exit handlers.
             unsafe { libc::_exit(127) };
         }
-        // SAFETY: as above; execvp returns only on failure.
-        unsafe {
-            libc::execvp(program.as_ptr(), ptrs.as_ptr());
+        match (&path, envp.as_deref()) {
+            (Some(path), Some(envp)) => exec_with(&program, &ptrs, path, envp),
+            // SAFETY: as above; execvp returns only on failure.
+            _ => unsafe {
+                libc::execvp(program.as_ptr(), ptrs.as_ptr());
+            },
         }
         eprintln!(
             "agora init: cannot run {:?}: {}",
@@ -170,6 +261,7 @@ pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>) -> ! {
         std::process::exit(127);
     }
     install_forwarding(task);
+    drop(envp);
     // Reap everything; when the task itself ends, so does the namespace.
     let code = loop {
         let mut status = 0;
@@ -189,4 +281,70 @@ pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>) -> ! {
         }
     };
     std::process::exit(code);
+}
+
+/// Executes `program` with `argv` and the environment `envp`, looking a name without a `/`
+/// up on `path` as a shell would; returns only when every candidate failed. Runs in the
+/// forked child of a single-threaded process, so it may allocate.
+fn exec_with(
+    program: &CString,
+    argv: &[*const libc::c_char],
+    path: &CString,
+    envp: &[*const libc::c_char],
+) {
+    if program.as_bytes().contains(&b'/') {
+        // SAFETY: NUL-terminated arrays of pointers into live CStrings.
+        unsafe {
+            libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        }
+        return;
+    }
+    let mut first_err = None;
+    for dir in path.as_bytes().split(|b| *b == b':') {
+        let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
+        let mut full = dir.to_vec();
+        full.push(b'/');
+        full.extend_from_slice(program.as_bytes());
+        let Ok(full) = CString::new(full) else {
+            continue;
+        };
+        // SAFETY: as above.
+        unsafe {
+            libc::execve(full.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        }
+        let err = std::io::Error::last_os_error();
+        // Keep the most telling error, as execvp does: a file that is there but cannot run.
+        if err.raw_os_error() != Some(libc::ENOENT) && first_err.is_none() {
+            first_err = err.raw_os_error();
+        }
+    }
+    if let Some(e) = first_err {
+        // SAFETY: errno is thread-local; setting it lets the caller report it.
+        unsafe {
+            *libc::__errno_location() = e;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_payload_parses_entry_by_entry() {
+        let env = parse_env(b"PATH=/bin\0LD_PRELOAD=/x.so\0EMPTY=\0").unwrap();
+        let got: Vec<&[u8]> = env.iter().map(|c| c.as_bytes()).collect();
+        assert_eq!(got, [&b"PATH=/bin"[..], b"LD_PRELOAD=/x.so", b"EMPTY="]);
+        assert!(parse_env(b"").unwrap().is_empty());
+        let err = parse_env(b"OK=1\0=nameless\0").unwrap_err();
+        assert!(err.contains("\"=nameless\""), "{err}");
+        assert!(parse_env(b"NOVALUE\0").is_err());
+    }
+
+    #[test]
+    fn args_say_what_the_init_reads() {
+        let a = args(Some((65534, 65534)), true);
+        assert_eq!(a, ["--user", "65534:65534", "--env-stdin", "--"]);
+        assert_eq!(args(None, false), ["--"]);
+    }
 }

@@ -8,6 +8,7 @@ mod disk;
 mod executors;
 mod faults;
 mod fetch;
+mod hardening_agent;
 mod native;
 mod processes;
 mod roles;

@@ -234,7 +234,12 @@ async fn a_task_runs_as_its_user_and_unknown_users_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_user_off_runs_tasks_as_the_agent() {
     let test = "switch_user_off_runs_tasks_as_the_agent";
-    let cluster = start_with(test, None, |c| c.native.switch_user = false).await;
+    // The agent is root here, so running tasks as itself needs root tasks allowed.
+    let cluster = start_with(test, None, |c| {
+        c.native.switch_user = false;
+        c.native.allow_root = true;
+    })
+    .await;
     let (s, mut events) = cluster.framework("native").await;
     launch(
         &s,
