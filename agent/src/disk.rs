@@ -267,6 +267,49 @@ pub(crate) fn metrics(gc: &crate::gc::Gc, wasm: &crate::WasmContainerizer) -> Ve
     ]
 }
 
+/// A container whose task is held to `quota` by [`enforce`] (for containers that do not
+/// enforce it themselves: Wasm tasks in the agent's process).
+struct Enforced {
+    inner: Box<dyn Container>,
+    quota: Option<Quota>,
+}
+
+/// `container`, run under `quota`.
+pub(crate) fn enforced(container: Box<dyn Container>, quota: Option<Quota>) -> Box<dyn Container> {
+    Box::new(Enforced {
+        inner: container,
+        quota,
+    })
+}
+
+#[async_trait::async_trait]
+impl Container for Enforced {
+    async fn run(self: Box<Self>, kill: CancellationToken, updates: Updates) -> Termination {
+        let Enforced { inner, quota } = *self;
+        enforce(quota, kill, |kill| inner.run(kill, updates)).await
+    }
+
+    fn usage_probe(&self) -> Option<UsageProbe> {
+        self.inner.usage_probe()
+    }
+
+    fn pid(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicU32>> {
+        self.inner.pid()
+    }
+
+    fn isolation(&self) -> Option<String> {
+        self.inner.isolation()
+    }
+
+    fn reports_running(&self) -> bool {
+        self.inner.reports_running()
+    }
+
+    fn executor(&self) -> Option<agora_core::ExecutorId> {
+        self.inner.executor()
+    }
+}
+
 /// A container that holds pins (of its module in the store, of its compiled artifact) until
 /// its task ends.
 struct Pinned {

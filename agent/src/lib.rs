@@ -252,7 +252,8 @@ pub async fn run(
             cache_dir,
         )
         .map_err(AgentError::Modules)?
-        .with_module_store_bound(config.module_store_max_bytes),
+        .with_module_store_bound(config.module_store_max_bytes)
+        .with_disk_watch(config.native.disk_watch_interval),
     );
     // The first that supports a task runs it: a task naming an executor goes to it,
     // whatever its payload.

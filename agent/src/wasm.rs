@@ -260,6 +260,9 @@ pub struct WasmContainerizer {
     cache_dir: PathBuf,
     /// The module store's bound and pins (see [`WasmContainerizer::with_module_store_bound`]).
     store: Arc<agora_executor_wasm::cache::BoundedDir>,
+    /// How often an in-process task's sandbox is measured against its `disk` (in the
+    /// executor, the executor containerizer does it); `None`: not enforced.
+    disk_watch: Option<Duration>,
 }
 
 /// The isolation of a Wasm task itself.
@@ -285,6 +288,7 @@ impl WasmContainerizer {
             fetcher,
             policy,
             store: agora_executor_wasm::cache::BoundedDir::new(&modules, None),
+            disk_watch: None,
             modules,
             cache_dir,
         })
@@ -297,6 +301,13 @@ impl WasmContainerizer {
             WasmMode::InProcess(runtime) => runtime.cache_stats().disk_evicted,
         };
         (self.store.evicted(), compiled)
+    }
+
+    /// Measures in-process tasks' sandboxes against their `disk` this often (`None`: off).
+    #[must_use]
+    pub fn with_disk_watch(mut self, interval: Option<Duration>) -> Self {
+        self.disk_watch = interval;
+        self
     }
 
     /// Holds the module store to `max_bytes` (least recently used modules go first, never
@@ -552,12 +563,17 @@ impl Containerizer for WasmContainerizer {
                 run.env.extend(host_env);
                 let live = LiveUsage::new();
                 run.live = Some(Arc::clone(&live));
-                Ok(Box::new(WasmContainer {
-                    runtime: runtime.clone(),
-                    program,
-                    run,
-                    live,
-                }) as Box<dyn Container>)
+                let quota =
+                    crate::disk::Quota::of(&spec.sandbox, spec.resources.disk(), self.disk_watch);
+                Ok(crate::disk::enforced(
+                    Box::new(WasmContainer {
+                        runtime: runtime.clone(),
+                        program,
+                        run,
+                        live,
+                    }),
+                    quota,
+                ))
             }
         };
         container.map(|c| crate::disk::pinned(c, pins))

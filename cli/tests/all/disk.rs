@@ -368,3 +368,33 @@ async fn a_task_in_a_custom_executor_past_its_disk_fails_and_the_executors_sandb
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_wasm_task_in_the_agents_process_is_held_to_its_disk_too() {
+    let mut cluster = Cluster::start(&[]).await;
+    let mut config = cluster.agent_config("cpus:2;mem:1024;disk:1024");
+    config.wasm_executor = None;
+    config.native.disk_watch_interval = Some(Duration::from_millis(100));
+    cluster.add_agent_with(config).await;
+    cluster.wait_for_agents(1).await;
+    let work = work_dir(&cluster);
+    let (s, mut events) = cluster.framework("wasm-disk").await;
+    let spin = tid("spin");
+    launch(
+        &s,
+        &mut events,
+        wasm_task("spin", "spin", "cpus:0.5;mem:64;disk:8"),
+    )
+    .await;
+    wait_state(&mut events, &spin, TaskState::Running).await;
+    // What lands in the task's sandbox counts, whoever wrote it.
+    let run = runs_of(&work, "spin").pop().unwrap();
+    std::fs::write(run.join("fill"), vec![1u8; 20_000_000]).unwrap();
+    let end = wait_terminal(&mut events, &spin).await;
+    assert_ended(
+        &end,
+        TaskState::Failed,
+        v1::Reason::ContainerLimitationDisk,
+        "disk limit of 8.0 MiB",
+    );
+}
