@@ -1,6 +1,7 @@
 //! Disk use: how much a sandbox holds, how full the work directory's filesystem is, and the
-//! `disk` resource of native tasks enforced (Mesos's `disk/du` isolator with
-//! `--enforce_container_disk_quota`).
+//! `disk` resource of tasks enforced (Mesos's `disk/du` isolator with
+//! `--enforce_container_disk_quota`): native tasks, tasks in executors (custom ones and the
+//! Wasm executor) and Wasm tasks in the agent's process.
 //!
 //! ```text
 //!  task with disk: D MiB ──> every interval: walk its sandbox (links not followed, at most
