@@ -488,3 +488,118 @@ async fn an_agent_whose_link_cannot_start_fails_instead_of_idling() {
     let err = ran.unwrap_err();
     assert!(err.to_string().contains("invalid master address"), "{err}");
 }
+
+/// The executor's environment, from the file its command wrote into its sandbox.
+fn executor_env(file: &std::path::Path) -> Option<agora_sdk::executor::ExecutorEnv> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let var = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+    };
+    Some(agora_sdk::executor::ExecutorEnv {
+        endpoint: var("AGORA_AGENT_ENDPOINT")?,
+        framework_id: agora_core::FrameworkId::new(var("AGORA_FRAMEWORK_ID")?).ok()?,
+        executor_id: agora_core::ExecutorId::new(var("AGORA_EXECUTOR_ID")?).ok()?,
+        token: var("AGORA_EXECUTOR_TOKEN")?,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executors_reports_out_of_range_are_refused_naming_the_field() {
+    use agora_sdk::executor::{ExecutorEvent, status};
+    let test = "an_executors_reports_out_of_range_are_refused_naming_the_field";
+    let cluster = start(test, None).await;
+    let (s, mut events) = cluster.framework("reports").await;
+    // An executor that only tells the test who it is; the test speaks for it.
+    let info = agora_sdk::task::executor(
+        &agora_core::ExecutorId::new("teller").unwrap(),
+        "env > \"$MESOS_SANDBOX/env\"; exec sleep 60",
+    );
+    let task = TaskBuilder::from_info(v1::TaskInfo {
+        name: "t".into(),
+        task_id: Some((&tid("t")).into()),
+        ..Default::default()
+    })
+    .resources(agora_core::parse_resources("cpus:0.2;mem:64").unwrap())
+    .executor(info);
+    launch(&s, &mut events, task).await;
+    let fw = s.framework_id().unwrap();
+    let runs = std::fs::canonicalize(cluster.dir.path().join("agent-1"))
+        .unwrap()
+        .join("frameworks")
+        .join(fw.as_str())
+        .join("executors/teller/runs");
+    let found = || {
+        std::fs::read_dir(&runs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find_map(|r| executor_env(&r.path().join("env")))
+    };
+    wait_until("the executor to write its environment", || async {
+        found().is_some()
+    })
+    .await;
+    let (executor, mut from_agent) = found().unwrap().subscribe().await.unwrap();
+    loop {
+        let ev = tokio::time::timeout(WAIT, from_agent.next()).await.unwrap();
+        if let Some(Ok(ExecutorEvent::Launch { .. })) = ev {
+            break;
+        }
+    }
+    let t = tid("t");
+    let running = |f: &dyn Fn(&mut v1::TaskStatus)| {
+        let mut st = status(&t, TaskState::Running, "");
+        f(&mut st);
+        st
+    };
+    let cases: Vec<(v1::TaskStatus, &str)> = vec![
+        (running(&|s| s.progress = Some(f32::NAN)), "status.progress"),
+        (running(&|s| s.progress = Some(2.0)), "status.progress"),
+        (
+            running(&|s| s.message = "x".repeat(agora_core::limits::MAX_ARG + 1)),
+            "status.message",
+        ),
+        (running(&|s| s.data = vec![0; 2 << 20]), "status.data"),
+        (
+            running(&|s| {
+                s.usage = Some(v1::TaskUsage {
+                    cpu_seconds: f64::NAN,
+                    ..Default::default()
+                });
+            }),
+            "status.usage.cpu_seconds",
+        ),
+    ];
+    for (st, field) in cases {
+        let err = executor.update(st).await.unwrap_err();
+        assert!(
+            matches!(&err, agora_sdk::Error::Refused { code: tonic::Code::InvalidArgument, message } if message.contains(field)),
+            "{field}: {err}"
+        );
+    }
+    let usage = v1::TaskUsage {
+        wall_seconds: f64::INFINITY,
+        ..Default::default()
+    };
+    let err = executor.usage(vec![(t.clone(), usage)]).await.unwrap_err();
+    assert!(
+        err.to_string().contains("tasks.usage.wall_seconds"),
+        "{err}"
+    );
+    // In range, the same reports are taken and reach the framework.
+    executor
+        .update(running(&|s| s.progress = Some(0.5)))
+        .await
+        .unwrap();
+    let seen = wait_state(&mut events, &t, TaskState::Running).await;
+    assert_eq!(seen.progress, Some(0.5));
+    s.acknowledge(&seen).await.unwrap();
+    executor
+        .update(status(&t, TaskState::Finished, "done"))
+        .await
+        .unwrap();
+    let end = wait_terminal(&mut events, &t).await;
+    assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+}
