@@ -506,15 +506,15 @@ fn executor_env(file: &std::path::Path) -> Option<agora_sdk::executor::ExecutorE
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_executors_reports_out_of_range_are_refused_naming_the_field() {
+async fn a_custom_executor_runs_as_the_default_user_and_its_bad_reports_are_refused() {
     use agora_sdk::executor::{ExecutorEvent, status};
-    let test = "an_executors_reports_out_of_range_are_refused_naming_the_field";
+    let test = "a_custom_executor_runs_as_the_default_user_and_its_bad_reports_are_refused";
     let cluster = start(test, None).await;
     let (s, mut events) = cluster.framework("reports").await;
     // An executor that only tells the test who it is; the test speaks for it.
     let info = agora_sdk::task::executor(
         &agora_core::ExecutorId::new("teller").unwrap(),
-        "env > \"$MESOS_SANDBOX/env\"; exec sleep 60",
+        "id -u > \"$MESOS_SANDBOX/uid\"; env > \"$MESOS_SANDBOX/env\"; exec sleep 60",
     );
     let task = TaskBuilder::from_info(v1::TaskInfo {
         name: "t".into(),
@@ -541,6 +541,12 @@ async fn an_executors_reports_out_of_range_are_refused_naming_the_field() {
         found().is_some()
     })
     .await;
+    // Naming no user, the executor runs as the agent's default one.
+    let uid = std::fs::read_dir(&runs)
+        .unwrap()
+        .flatten()
+        .find_map(|r| std::fs::read_to_string(r.path().join("uid")).ok());
+    assert_eq!(uid.as_deref(), Some("65534\n"));
     let (executor, mut from_agent) = found().unwrap().subscribe().await.unwrap();
     loop {
         let ev = tokio::time::timeout(WAIT, from_agent.next()).await.unwrap();
