@@ -12,6 +12,7 @@ mod hardening_agent;
 mod native;
 mod processes;
 mod roles;
+mod takeover;
 mod wasm;
 
 use std::time::Duration;
