@@ -223,10 +223,9 @@ async fn ids_cannot_be_taken_over_and_agents_speak_only_for_their_tasks() {
     wait_state(&mut events, &tid("t1"), TaskState::Running).await;
 
     // Another agent under the fake agent's id, claiming no tasks, is refused; t1 lives on.
-    let err = open_link(&cluster.master, Some(&fake.id), vec![])
-        .await
-        .err()
-        .expect("a second registration under a connected agent's id is refused");
+    let Err(err) = open_link(&cluster.master, Some(&fake.id), vec![]).await else {
+        panic!("a second registration under a connected agent's id is refused");
+    };
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     // The master's answer to a reconciliation is its own view, never a snapshot's lag.
     s.reconcile(&[]).await.unwrap();
