@@ -343,10 +343,11 @@ impl NativeContainerizer {
                 format!("user {name:?} does not exist on this agent")
             }));
         };
-        if uid == 0 && !self.config.allow_root {
+        // The root group is as good as root for files (gid 0 keeps after setgroups([])).
+        if (uid == 0 || gid == 0) && !self.config.allow_root {
             return Err(invalid(format!(
-                "the task would run as root ({field} {name:?}, uid 0); this agent refuses root \
-                 tasks unless started with --allow-root-tasks"
+                "the task would run as root ({field} {name:?}, uid {uid}, gid {gid}); this agent \
+                 refuses root tasks unless started with --allow-root-tasks"
             )));
         }
         Ok(Some((uid, gid)))

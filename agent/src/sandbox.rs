@@ -122,7 +122,12 @@ pub fn read_file(
     }
     let dir = Dir::open_ambient_dir(run_dir, ambient_authority())
         .map_err(|e| Status::not_found(format!("sandbox {}: {e}", run_dir.display())))?;
-    let file = dir.open(path).map_err(|e| match e.kind() {
+    // Non-blocking: a FIFO a task planted would otherwise hold this thread until a writer
+    // came; regular files read the same either way.
+    let mut options = cap_std::fs::OpenOptions::new();
+    options.read(true);
+    cap_std::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = dir.open_with(path, &options).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Status::not_found(format!("{path} is not in the sandbox")),
         _ => Status::invalid_argument(format!("cannot open {path:?} in the sandbox: {e}")),
     })?;
@@ -227,6 +232,27 @@ impl Sandbox for SandboxService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fifo_in_the_sandbox_is_refused_without_blocking() {
+        let run = tempfile::tempdir().unwrap();
+        let fifo =
+            std::ffi::CString::new(run.path().join("p").into_os_string().into_encoded_bytes())
+                .unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        // Without O_NONBLOCK the open waits for a writer that never comes.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = run.path().to_owned();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_file(&dir, "p", 0, 0));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the read returns at once");
+        let e = r.unwrap_err();
+        assert!(e.message().contains("not a regular file"), "{e:?}");
+    }
 
     #[test]
     fn reads_inside_and_refuses_escapes() {

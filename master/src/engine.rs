@@ -223,6 +223,9 @@ pub struct Engine {
     frameworks: HashMap<FrameworkId, Framework>,
     /// Frameworks torn down; their late status updates are acknowledged and dropped.
     removed_frameworks: HashSet<FrameworkId>,
+    /// Every agent's written-off tasks (see `Agent::written_off`), so that no other agent can
+    /// bring one back either.
+    written_off: HashSet<TaskKey>,
     agents: HashMap<AgentId, Agent>,
     offers: HashMap<OfferId, Offer>,
     tasks: HashMap<TaskKey, Task>,
@@ -270,6 +273,7 @@ impl Engine {
             config,
             frameworks: HashMap::new(),
             removed_frameworks: HashSet::new(),
+            written_off: HashSet::new(),
             agents: HashMap::new(),
             offers: HashMap::new(),
             tasks: HashMap::new(),
@@ -1457,18 +1461,25 @@ impl Engine {
         now: Now,
     ) {
         let mut seen = HashSet::new();
+        let mut touched = HashSet::new();
         for (fw, task_id, info, resources, state) in reported {
             let key = (fw.clone(), task_id.clone());
             seen.insert(key.clone());
+            let placed_elsewhere = self.tasks.get(&key).is_some_and(|t| t.agent != *agent);
             let known_live = self
                 .tasks
                 .get(&key)
                 .is_some_and(|t| !t.state.is_terminal() && t.agent == *agent);
-            if self.removed_frameworks.contains(&fw)
-                || (!known_live && (written_off.contains(&key) || self.was_completed(&key)))
+            if placed_elsewhere
+                || self.removed_frameworks.contains(&fw)
+                || (!known_live
+                    && (written_off.contains(&key)
+                        || self.written_off.contains(&key)
+                        || self.was_completed(&key)))
             {
                 // The master already told the framework this task ended (e.g. TASK_LOST while
-                // the agent was away): it must not come back to life.
+                // the agent was away), or it runs on another agent: it must not come back to
+                // life here.
                 tracing::info!(framework_id = %fw, task_id = %task_id, agent_id = %agent, "killing task the master had written off");
                 self.tell_agent(
                     agent,
@@ -1539,7 +1550,14 @@ impl Engine {
                 terminal_uuid: None,
                 recent: VecDeque::new(),
             });
+            touched.insert(fw);
+        }
+        // Once per framework: per task, it would make a large registration quadratic.
+        for fw in touched {
             self.recompute_framework_usage(&fw);
+        }
+        for key in written_off {
+            self.written_off.remove(key);
         }
         // Tasks the master placed on this agent that the agent no longer has.
         let missing: Vec<TaskKey> = self
@@ -1811,9 +1829,10 @@ impl Engine {
                 }
             }
         }
-        if drop.is_none() && task.state.is_terminal() && !state.is_terminal() {
-            // Nothing may follow a terminal update: a late one is acknowledged and dropped,
-            // so the framework never sees RUNNING after FINISHED.
+        if drop.is_none() && task.state.is_terminal() && state != task.state {
+            // Nothing may follow a terminal update: a late one (or another terminal state)
+            // is acknowledged and dropped, so the framework never sees RUNNING after
+            // FINISHED.
             tracing::warn!(framework_id = %fw, task_id = %task_id, from = %task.state, to = %state, "status update after a terminal one dropped");
             drop = Some(true);
         }
@@ -1989,8 +2008,9 @@ impl Engine {
                     now,
                 );
                 if let Some(a) = self.agents.get_mut(agent) {
-                    a.written_off.insert(key);
+                    a.written_off.insert(key.clone());
                 }
+                self.written_off.insert(key);
             }
         }
         self.allocator.remove_agent(agent);

@@ -25,7 +25,8 @@ impl Scalars {
         let mut s = Scalars::ZERO;
         for (name, _, value) in r.entries() {
             if let (Some(i), Value::Scalar(v)) = (Scalars::index(name), value) {
-                s.0[i] += v.milli();
+                // Saturating: thousands of huge amounts from one agent must not wrap.
+                s.0[i] = s.0[i].saturating_add(v.milli());
             }
         }
         s

@@ -217,9 +217,30 @@ fn a_lost_task_stays_lost_however_many_tasks_finish_meanwhile() {
         w.e.agent_heartbeat(&b, now);
     }
     assert_eq!(w.e.completed.len(), kept, "t1's record is long gone");
-    // `a` returns with t1 still running: it is killed, not adopted.
+    // Another agent claiming t1 does not bring it back either.
     w.to_agents.clear();
     let seen = updates_of(&w, "t1").len();
+    let c = register(
+        &mut w,
+        None,
+        vec![v1::AgentTask {
+            framework_id: Some((&fw).into()),
+            task: Some(t1.clone()),
+            state: v1::TaskState::TaskRunning as i32,
+        }],
+    )
+    .unwrap();
+    assert!(
+        w.to_agents
+            .iter()
+            .any(|(to, m)| *to == c && is_kill(m, "t1"))
+    );
+    assert!(
+        !w.e.tasks
+            .contains_key(&(fw.clone(), TaskId::new("t1").unwrap()))
+    );
+    // `a` returns with t1 still running: it is killed, not adopted.
+    w.to_agents.clear();
     register(
         &mut w,
         Some(&a),
