@@ -18,6 +18,7 @@
 //! with `..`, or a symlink a task planted, cannot reach the rest of the host.
 
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -88,7 +89,13 @@ fn new_run(parent: PathBuf) -> std::io::Result<PathBuf> {
     loop {
         match std::fs::create_dir_all(&dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 5 => tries += 1,
-            r => return r.map(|()| dir),
+            // Private from birth (the agent's own, 0700): a native task's is then given to
+            // its user; one of a Wasm task stays the agent's.
+            r => {
+                r?;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+                return Ok(dir);
+            }
         }
     }
 }
@@ -261,6 +268,11 @@ mod tests {
         let task = TaskId::new("t1").unwrap();
         let first = create_run_dir(work.path(), &fw, &task).unwrap();
         let run = create_run_dir(work.path(), &fw, &task).unwrap();
+        // Private from birth, whoever runs in it.
+        assert_eq!(
+            std::fs::metadata(&run).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         assert_eq!(latest_run_dir(work.path(), &fw, &task).unwrap(), run);
         assert_ne!(first, run);
         std::fs::write(run.join("stdout"), "hello sandbox\n").unwrap();
