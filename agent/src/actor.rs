@@ -487,10 +487,17 @@ impl Actor {
     }
 
     fn send_update(&mut self, framework: &FrameworkId, status: v1::TaskStatus) {
+        let latest_state = status
+            .task_id
+            .as_ref()
+            .and_then(|t| TaskId::try_from(t).ok())
+            .and_then(|t| self.tasks.get(&(framework.clone(), t)))
+            .map_or(status.state, |e| state_to_proto(e.state) as i32);
         self.send(agent_message::Message::StatusUpdate(
             agent_message::StatusUpdate {
                 framework_id: Some(framework.into()),
                 status: Some(status),
+                latest_state,
             },
         ));
     }

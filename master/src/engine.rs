@@ -213,6 +213,16 @@ struct Task {
     /// acknowledged each: a retry of the newest unacknowledged one is forwarded again, any
     /// other repeat is dropped.
     recent: VecDeque<(Vec<u8>, bool)>,
+    /// Its resources went back before its terminal update arrived: the agent's latest state
+    /// said it had ended while an earlier update was still unacknowledged.
+    freed: bool,
+}
+
+impl Task {
+    /// Whether the task's resources are counted as used.
+    fn holds(&self) -> bool {
+        !self.freed && !self.state.is_terminal() && self.state != TaskState::Unreachable
+    }
 }
 
 type TaskKey = (FrameworkId, TaskId);
@@ -476,7 +486,7 @@ impl Engine {
         let used = self
             .tasks
             .iter()
-            .filter(|((f, _), t)| f == id && t.state.is_live() && t.state != TaskState::Unreachable)
+            .filter(|((f, _), t)| f == id && t.state.is_live() && t.holds())
             .fold(Resources::new(), |acc, (_, t)| acc + t.resources.clone());
         if let Some(f) = self.frameworks.get_mut(id) {
             f.used = used;
@@ -589,7 +599,7 @@ impl Engine {
             if let Some(mut task) = self.tasks.remove(&key) {
                 if !task.state.is_terminal() {
                     agents.insert(task.agent.clone());
-                    if task.state != TaskState::Unreachable
+                    if task.holds()
                         && let Some(a) = self.agents.get_mut(&task.agent)
                     {
                         a.used.subtract(&task.resources);
@@ -1047,6 +1057,7 @@ impl Engine {
                 last_status: None,
                 terminal_uuid: None,
                 recent: VecDeque::new(),
+                freed: false,
             },
         );
         self.tell_agent(
@@ -1437,9 +1448,7 @@ impl Engine {
         let held: Vec<(FrameworkId, String, Resources)> = self
             .tasks
             .iter()
-            .filter(|(_, t)| {
-                t.agent == id && t.state.is_live() && t.state != TaskState::Unreachable
-            })
+            .filter(|(_, t)| t.agent == id && t.state.is_live() && t.holds())
             .map(|((fw, _), t)| (fw.clone(), t.role.clone(), t.resources.clone()))
             .collect();
         let total = self
@@ -1549,6 +1558,7 @@ impl Engine {
                 last_status: None,
                 terminal_uuid: None,
                 recent: VecDeque::new(),
+                freed: false,
             });
             touched.insert(fw);
         }
@@ -1605,7 +1615,7 @@ impl Engine {
         if !task.state.can_transition(state) {
             return;
         }
-        let was_live_resources = !task.state.is_terminal() && task.state != TaskState::Unreachable;
+        let was_live_resources = task.holds();
         task.state = state;
         let status = v1::TaskStatus {
             task_id: Some((&key.1).into()),
@@ -1744,6 +1754,9 @@ impl Engine {
                 .as_ref()
                 .ok_or(ProtoError::Missing("framework_id"))?,
         )?;
+        let latest = v1::TaskState::try_from(update.latest_state)
+            .ok()
+            .and_then(state_from_proto);
         let mut status = update.status.ok_or(ProtoError::Missing("status"))?;
         let task_id = TaskId::try_from(
             status
@@ -1807,6 +1820,27 @@ impl Engine {
         let Some(task) = self.tasks.get_mut(&key) else {
             return Ok(());
         };
+        if latest.is_some_and(TaskState::is_terminal) && !state.is_terminal() && task.holds() {
+            // The task has ended on the agent; its terminal update waits behind this one.
+            // Its resources need not wait for the framework's acknowledgements.
+            task.freed = true;
+            let (agent_id, resources, role) = (
+                task.agent.clone(),
+                task.resources.clone(),
+                task.role.clone(),
+            );
+            if let Some(a) = self.agents.get_mut(&agent_id) {
+                a.used.subtract(&resources);
+            }
+            if let Some(f) = self.frameworks.get_mut(&fw) {
+                f.used.subtract(&resources);
+            }
+            self.allocator
+                .recover(&agent_id, &fw, &role, &resources, None);
+            self.allocation_pending = true;
+            self.changed = true;
+            tracing::debug!(framework_id = %fw, task_id = %task_id, "task ended on its agent; resources recovered ahead of its terminal update");
+        }
         // What becomes of it: forwarded (`None`), or dropped and, when `Some(true)`,
         // acknowledged to the agent again.
         let mut drop: Option<bool> = None;
@@ -1844,7 +1878,7 @@ impl Engine {
             return Ok(());
         }
         if task.state.can_transition(state) {
-            let was_holding = !task.state.is_terminal() && task.state != TaskState::Unreachable;
+            let was_holding = task.holds();
             task.state = state;
             task.last_status = Some(status.clone());
             if state.is_terminal() {

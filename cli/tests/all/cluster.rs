@@ -667,3 +667,31 @@ async fn unacknowledged_updates_are_retried_until_acknowledged() {
     .await;
     assert!(more.is_err(), "an acknowledged update was sent again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_tasks_resources_come_back_before_its_updates_are_acknowledged() {
+    let cluster = Cluster::start(&["cpus:2;mem:1024"]).await;
+    let mut config = agora_sdk::SchedulerConfig::new(cluster.master.clone(), "slow-to-ack");
+    config.auto_acknowledge = false;
+    let (s, mut events) = cluster.framework_with(config).await;
+    launch(
+        &s,
+        &mut events,
+        wasm_task("quick", "hello", "cpus:1;mem:64"),
+    )
+    .await;
+    // Only STARTING can be in flight, unacknowledged; its retries carry the task's latest
+    // state, so the master frees the resources without waiting for the framework.
+    wait_state(&mut events, &tid("quick"), TaskState::Starting).await;
+    wait_until("the agent's resources to be free again", || async {
+        let st = cluster.state().await;
+        st.agents[0].used.is_empty() && st.tasks.len() == 1
+    })
+    .await;
+    let st = cluster.state().await;
+    assert_ne!(
+        st.tasks[0].state(),
+        v1::TaskState::TaskFinished,
+        "the framework has not yet been told"
+    );
+}

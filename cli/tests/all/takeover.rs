@@ -99,6 +99,7 @@ impl FakeAgent {
                         uuid: uuid.to_vec(),
                         ..Default::default()
                     }),
+                    latest_state: state as i32,
                 },
             )))
             .await

@@ -257,6 +257,7 @@ impl World {
                     uuid: uuid.to_vec(),
                     ..Default::default()
                 }),
+                ..Default::default()
             },
         );
         self.drain();

@@ -336,3 +336,46 @@ fn duplicate_and_late_updates_are_dropped() {
     );
     assert!(w.to_agents.iter().any(|(_, m)| is_ack(m, b"late")));
 }
+
+#[test]
+fn resources_come_back_when_the_agent_says_the_task_ended_before_its_terminal_update() {
+    let mut w = World::new();
+    let fw = w.framework("f");
+    let agent = w.agent("cpus:2;mem:1024");
+    w.allocate();
+    let offers = w.take_offers(&fw);
+    let t = w.task("cpus:2;mem:1024");
+    w.accept(&fw, &offers, vec![t], Some(0.0)).unwrap();
+    // RUNNING, unacknowledged, while the task has already finished on the agent.
+    w.e.status_update(
+        &agent,
+        v1::agent_message::StatusUpdate {
+            framework_id: Some((&fw).into()),
+            status: Some(v1::TaskStatus {
+                task_id: Some(v1::TaskId { value: "t1".into() }),
+                state: v1::TaskState::TaskRunning as i32,
+                uuid: b"running".to_vec(),
+                ..Default::default()
+            }),
+            latest_state: v1::TaskState::TaskFinished as i32,
+        },
+    )
+    .unwrap();
+    w.drain();
+    assert_eq!(
+        updates_of(&w, "t1").last().unwrap().state(),
+        v1::TaskState::TaskRunning,
+        "the framework hears the updates in order"
+    );
+    w.allocate();
+    assert_eq!(
+        offered(&w.take_offers(&fw)).to_string(),
+        "cpus:2;mem:1024",
+        "the whole agent is offered again at once"
+    );
+    // The terminal update, when it comes, frees nothing twice.
+    w.report(&agent, &fw, "t1", v1::TaskState::TaskFinished);
+    let snap = w.e.snapshot(w.now());
+    assert!(snap.agents[0].used.is_empty(), "{:?}", snap.agents[0].used);
+    check(&w.e).unwrap();
+}
