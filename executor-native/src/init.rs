@@ -32,9 +32,28 @@ extern "C" fn forward(signal: libc::c_int) {
     }
 }
 
+const FORWARDED: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+/// Blocks (`SIG_BLOCK`) or unblocks (`SIG_UNBLOCK`) the forwarded signals. They are blocked
+/// from before each fork until the forwarding is installed, so that one arriving in between
+/// waits and is then forwarded, instead of being ignored by PID 1 (or killing the outer init)
+/// while the task never hears of it.
+fn mask_forwarded(how: libc::c_int) {
+    // SAFETY: sigset operations on a local set, and sigprocmask, in a single-threaded
+    // process (or the child of one); all async-signal-safe.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in FORWARDED {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::sigprocmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 fn install_forwarding(to: libc::pid_t) {
     FORWARD_TO.store(to, Ordering::Relaxed);
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+    for sig in FORWARDED {
         // SAFETY: installs a handler that only calls kill(2).
         unsafe {
             libc::signal(sig, forward as *const () as libc::sighandler_t);
@@ -209,6 +228,7 @@ pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>, env: Option<Ve
             .collect()
     });
 
+    mask_forwarded(libc::SIG_BLOCK);
     // SAFETY: fork in a single-threaded process started only to run this.
     let pid1 = unsafe { libc::fork() };
     if pid1 < 0 {
@@ -218,6 +238,7 @@ pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>, env: Option<Ve
     if pid1 > 0 {
         // Outside the namespace: stand in for the task.
         install_forwarding(pid1);
+        mask_forwarded(libc::SIG_UNBLOCK);
         std::process::exit(wait_for(pid1));
     }
     // PID 1 of the new namespace. A /proc of its own, where the mount namespace allows.
@@ -234,6 +255,8 @@ pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>, env: Option<Ve
     // SAFETY: fork, then execvp in the child with pointers into live CStrings.
     let task = unsafe { libc::fork() };
     if task == 0 {
+        // The mask survives exec: the task starts with nothing blocked.
+        mask_forwarded(libc::SIG_UNBLOCK);
         if let Some((uid, gid)) = user
             && let Err(e) = switch_user(uid, gid)
         {
@@ -261,6 +284,7 @@ pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>, env: Option<Ve
         std::process::exit(127);
     }
     install_forwarding(task);
+    mask_forwarded(libc::SIG_UNBLOCK);
     drop(envp);
     // Reap everything; when the task itself ends, so does the namespace.
     let code = loop {
