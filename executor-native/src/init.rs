@@ -310,6 +310,30 @@ pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>, env: Option<Ve
 /// Executes `program` with `argv` and the environment `envp`, looking a name without a `/`
 /// up on `path` as a shell would; returns only when every candidate failed. Runs in the
 /// forked child of a single-threaded process, so it may allocate.
+/// `execve`, and for a file the kernel cannot run (`ENOEXEC`: a script without `#!`) the
+/// shell on it, as `execvp` does.
+fn execve_or_sh(file: &CString, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) {
+    // SAFETY: NUL-terminated arrays of pointers into live CStrings.
+    unsafe {
+        libc::execve(file.as_ptr(), argv.as_ptr(), envp.as_ptr());
+    }
+    if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOEXEC) {
+        return;
+    }
+    let mut sh: Vec<*const libc::c_char> = vec![c"/bin/sh".as_ptr(), file.as_ptr()];
+    // argv[0] is replaced by the file; the NUL at the end is kept.
+    sh.extend_from_slice(argv.get(1..).unwrap_or_default());
+    // SAFETY: as above; `sh` points into `file` and the caller's live strings.
+    unsafe {
+        libc::execve(c"/bin/sh".as_ptr(), sh.as_ptr(), envp.as_ptr());
+    }
+    // Report the script's own failure, not the shell's.
+    // SAFETY: errno is thread-local.
+    unsafe {
+        *libc::__errno_location() = libc::ENOEXEC;
+    }
+}
+
 fn exec_with(
     program: &CString,
     argv: &[*const libc::c_char],
@@ -317,10 +341,7 @@ fn exec_with(
     envp: &[*const libc::c_char],
 ) {
     if program.as_bytes().contains(&b'/') {
-        // SAFETY: NUL-terminated arrays of pointers into live CStrings.
-        unsafe {
-            libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr());
-        }
+        execve_or_sh(program, argv, envp);
         return;
     }
     let mut first_err = None;
@@ -332,10 +353,7 @@ fn exec_with(
         let Ok(full) = CString::new(full) else {
             continue;
         };
-        // SAFETY: as above.
-        unsafe {
-            libc::execve(full.as_ptr(), argv.as_ptr(), envp.as_ptr());
-        }
+        execve_or_sh(&full, argv, envp);
         let err = std::io::Error::last_os_error();
         // Keep the most telling error, as execvp does: a file that is there but cannot run.
         if err.raw_os_error() != Some(libc::ENOENT) && first_err.is_none() {

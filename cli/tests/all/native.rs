@@ -766,3 +766,33 @@ async fn a_program_under_tmp_still_runs_inside_its_private_tmp() {
         .unwrap();
     assert_eq!(out, b"ran\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_without_a_shebang_runs_through_the_shell_as_execvp_would() {
+    let test = "a_script_without_a_shebang_runs_through_the_shell_as_execvp_would";
+    let cluster = start(test, None).await;
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let script = dir.path().join("no-shebang");
+    std::fs::write(&script, "echo \"script says $1\"\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut t = command("script", "", "cpus:0.1;mem:32").build();
+    if let Some(v1::task_info::Payload::Command(c)) = &mut t.payload {
+        c.value = script.to_string_lossy().into_owned();
+        c.shell = false;
+        c.arguments = vec!["hi".into()];
+    }
+    let (s, mut events) = cluster.framework("native").await;
+    launch(&s, &mut events, TaskBuilder::from_info(t)).await;
+    let end = wait_terminal(&mut events, &tid("script")).await;
+    assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+    let fw = s.framework_id().unwrap();
+    let out = read_sandbox_file(&endpoint(&cluster).await, &fw, &tid("script"), "stdout")
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out), "script says hi\n");
+}
