@@ -188,6 +188,9 @@ struct Agent {
 /// Most messages kept for an agent without a link; past it the oldest are dropped (each is
 /// re-sent by its origin: frameworks retry kills and acknowledge retried updates).
 const MAX_OUTBOX: usize = 16 * 1024;
+/// Torn-down frameworks remembered (their ids refused, their late updates dropped); a
+/// subscriber that makes and ends frameworks in a loop must not grow the set for ever.
+pub const MAX_REMOVED_FRAMEWORKS: usize = 100_000;
 /// Uuids of recent updates remembered per task, to drop duplicates.
 const RECENT_UUIDS: usize = 8;
 
@@ -233,6 +236,8 @@ pub struct Engine {
     frameworks: HashMap<FrameworkId, Framework>,
     /// Frameworks torn down; their late status updates are acknowledged and dropped.
     removed_frameworks: HashSet<FrameworkId>,
+    /// `removed_frameworks` oldest first, so that it stays within [`MAX_REMOVED_FRAMEWORKS`].
+    removed_order: VecDeque<FrameworkId>,
     /// Every agent's written-off tasks (see `Agent::written_off`), so that no other agent can
     /// bring one back either.
     written_off: HashSet<TaskKey>,
@@ -283,6 +288,7 @@ impl Engine {
             config,
             frameworks: HashMap::new(),
             removed_frameworks: HashSet::new(),
+            removed_order: VecDeque::new(),
             written_off: HashSet::new(),
             agents: HashMap::new(),
             offers: HashMap::new(),
@@ -640,7 +646,14 @@ impl Engine {
         }
         self.frameworks.remove(id);
         self.allocator.remove_framework(id);
-        self.removed_frameworks.insert(id.clone());
+        if self.removed_frameworks.insert(id.clone()) {
+            self.removed_order.push_back(id.clone());
+        }
+        while self.removed_order.len() > MAX_REMOVED_FRAMEWORKS {
+            if let Some(old) = self.removed_order.pop_front() {
+                self.removed_frameworks.remove(&old);
+            }
+        }
         self.allocation_pending = true;
         self.changed = true;
     }

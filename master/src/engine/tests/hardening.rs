@@ -379,3 +379,30 @@ fn resources_come_back_when_the_agent_says_the_task_ended_before_its_terminal_up
     assert!(snap.agents[0].used.is_empty(), "{:?}", snap.agents[0].used);
     check(&w.e).unwrap();
 }
+
+#[test]
+fn torn_down_frameworks_are_remembered_within_a_bound() {
+    let mut w = World::new();
+    let first = w.framework("f0");
+    let stream = w.streams[&first].clone();
+    w.e.teardown(&first, &stream, w.now()).unwrap();
+    for i in 1..=MAX_REMOVED_FRAMEWORKS {
+        let (id, stream) =
+            w.e.subscribe(
+                v1::FrameworkInfo {
+                    name: format!("f{i}"),
+                    ..Default::default()
+                },
+                None,
+                format!("s{i}"),
+            )
+            .unwrap();
+        w.e.teardown(&id, &stream, w.now()).unwrap();
+        let _ = w.e.take_effects();
+    }
+    assert_eq!(w.e.removed_frameworks.len(), MAX_REMOVED_FRAMEWORKS);
+    assert!(
+        !w.e.removed_frameworks.contains(&first),
+        "the oldest went first"
+    );
+}
