@@ -41,6 +41,9 @@ use crate::updates::{Acked, UpdateQueue};
 
 /// What reaches the owner task.
 pub enum Event {
+    /// A fault injected by tests: the owner task panics.
+    #[cfg(test)]
+    Crash,
     /// The link task is connecting and needs the registration to send first.
     Connecting {
         reply: oneshot::Sender<v1::AgentMessage>,
@@ -218,6 +221,8 @@ impl Actor {
 
     fn handle(&mut self, ev: Event) {
         match ev {
+            #[cfg(test)]
+            Event::Crash => panic!("injected fault"),
             Event::Connecting { reply } => {
                 let _ = reply.send(self.registration());
             }

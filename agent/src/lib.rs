@@ -173,6 +173,16 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
+    serve(listener, config, shutdown, None).await
+}
+
+/// [`run`], handing the owner task's event sender to `tap` (tests inject faults with it).
+async fn serve(
+    listener: TcpListener,
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    tap: Option<tokio::sync::oneshot::Sender<mpsc::Sender<actor::Event>>>,
+) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.work_dir).map_err(|source| AgentError::WorkDir {
         path: config.work_dir.clone(),
         source,
@@ -200,6 +210,9 @@ pub async fn run(
         .unwrap_or_else(|| format!("http://{addr}"));
     let containers = containerizer::Containers::default();
     let (events_tx, events_rx) = mpsc::channel(16 * 1024);
+    if let Some(tap) = tap {
+        let _ = tap.send(events_tx.clone());
+    }
     let native = Arc::new(native::NativeContainerizer::new(config.native.clone()));
     let executors = ExecutorContainerizer::new(
         native.clone(),
@@ -386,4 +399,38 @@ pub async fn run(
     link.abort();
     let _ = stop_tx.send(true);
     Err(failure)
+}
+
+#[cfg(test)]
+mod supervision_tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_owner_stops_the_agent_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        // No master: the link keeps retrying, which is fine here.
+        let mut config = AgentConfig::new("http://127.0.0.1:9", dir.path().join("agent"));
+        config.resources = Some(agora_core::parse_resources("cpus:1;mem:256").unwrap());
+        config.native.cgroup_parent = format!("agora-test-{}-supervision", std::process::id());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (tap, events) = tokio::sync::oneshot::channel();
+        let agent = tokio::spawn(serve(listener, config, std::future::pending(), Some(tap)));
+        let events = events.await.unwrap();
+        events.send(actor::Event::Crash).await.unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(20), agent)
+            .await
+            .expect("the agent stops by itself when its owner dies")
+            .unwrap();
+        let e = result.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AgentError::Died {
+                    task: "owner task",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
 }
