@@ -435,6 +435,11 @@ impl Engine {
         let mut info = info;
         info.id = Some((&id).into());
 
+        if self.frameworks.get(&id).is_some_and(|f| f.stream.is_some()) {
+            // Offers sent on the old stream may never have been read: they go back, and the
+            // new subscription is offered afresh.
+            self.withdraw_offers(|o| o.framework == id, false);
+        }
         if let Some(old) = self.frameworks.get_mut(&id) {
             if old.stream.is_some() {
                 // Failover: the old subscription is told why and closed.

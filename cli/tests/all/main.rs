@@ -94,6 +94,7 @@ impl Cluster {
     }
 
     pub async fn start_with(mut config: MasterConfig, agents: &[&str]) -> Cluster {
+        init_logs();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let master_addr = listener.local_addr().unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -198,6 +199,20 @@ impl Cluster {
 }
 
 /// Polls `check` until it holds, failing after [`WAIT`].
+/// Logs of the master and agents in a test's output when `AGORA_TEST_LOG` is set (an
+/// `EnvFilter`, e.g. `warn` or `agora_master=debug`); shown for failing tests.
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("AGORA_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 pub async fn wait_until<F, Fut>(what: &str, check: F)
 where
     F: Fn() -> Fut,

@@ -172,10 +172,11 @@ async fn launch_on(
 }
 
 /// The updates about `task` that arrive within half a second: that none do is the point
-/// of the callers, so this waits out the time on purpose.
+/// of the callers, so this waits out the time on purpose (offers go on arriving meanwhile).
 async fn updates_seen(events: &mut Events, task: &str) -> Vec<v1::TaskStatus> {
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
     let mut out = Vec::new();
-    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(500), events.next()).await {
+    while let Ok(Some(ev)) = tokio::time::timeout_at(until, events.next()).await {
         if let Event::Update(u) = ev
             && u.task_id.as_ref().is_some_and(|t| t.value == task)
         {

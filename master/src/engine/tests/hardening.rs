@@ -406,3 +406,27 @@ fn torn_down_frameworks_are_remembered_within_a_bound() {
         "the oldest went first"
     );
 }
+
+#[test]
+fn a_failover_gets_the_offers_its_old_stream_held() {
+    let mut w = World::new();
+    let info = v1::FrameworkInfo {
+        name: "f".into(),
+        failover_timeout: 60.0,
+        ..Default::default()
+    };
+    let (fw, old) = w.e.subscribe(info.clone(), None, fresh_stream()).unwrap();
+    w.agent("cpus:2;mem:1024");
+    w.allocate();
+    assert_eq!(w.take_offers(&fw).len(), 1, "offered on the old stream");
+    let mut again = info;
+    again.id = Some((&fw).into());
+    w.e.subscribe(again, Some(&old), fresh_stream()).unwrap();
+    w.drain();
+    w.allocate();
+    assert_eq!(
+        offered(&w.take_offers(&fw)).to_string(),
+        "cpus:2;mem:1024",
+        "offered again on the new stream"
+    );
+}
