@@ -383,6 +383,24 @@ impl Framework {
         TaskBuilder::wasm_digest(TaskId::new(id).unwrap(), self.digest.clone())
     }
 
+    /// How many tasks of [`TASK`] the held offers hold.
+    fn fits(&self) -> usize {
+        let held = self
+            .offers
+            .values()
+            .filter_map(|o| agora_sdk::offer_resources(o).ok())
+            .fold(agora_core::Resources::new(), |acc, r| acc + r);
+        let task = parse_resources(TASK).unwrap();
+        let by = |have: f64, need: f64| {
+            if need > 0.0 {
+                (have / need).floor()
+            } else {
+                f64::MAX
+            }
+        };
+        by(held.cpus(), task.cpus()).min(by(held.mem(), task.mem())) as usize
+    }
+
     fn hold(&mut self, ev: &Event) {
         match ev {
             Event::Offers(offers) => {
@@ -450,8 +468,11 @@ impl Framework {
         let (mut launched, mut done, mut outstanding) = (0usize, 0usize, 0usize);
         let start = Instant::now();
         while done < total {
-            if outstanding < in_flight && launched < total && !self.offers.is_empty() {
-                let n = (in_flight - outstanding).min(total - launched);
+            // Never more than the held offers hold: an update can arrive before the offer
+            // of the resources it freed.
+            let fits = self.fits();
+            if outstanding < in_flight && launched < total && fits > 0 {
+                let n = (in_flight - outstanding).min(total - launched).min(fits);
                 let tasks = (0..n)
                     .map(|i| self.task(&format!("tput-{}", launched + i)))
                     .collect();
