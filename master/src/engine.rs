@@ -663,6 +663,25 @@ impl Engine {
         self.changed = true;
     }
 
+    /// Gives a task's resources back: no longer used on its agent or by its framework, and
+    /// free for the allocator to offer again.
+    fn give_back(
+        &mut self,
+        framework: &FrameworkId,
+        agent: &AgentId,
+        role: &str,
+        resources: &Resources,
+    ) {
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.used.subtract(resources);
+        }
+        if let Some(f) = self.frameworks.get_mut(framework) {
+            f.used.subtract(resources);
+        }
+        self.allocator
+            .recover(agent, framework, role, resources, None);
+    }
+
     fn complete(&mut self, key: &TaskKey, task: Task) {
         self.completed.push_back(v1::TaskRecord {
             task_id: Some((&key.1).into()),
@@ -1651,14 +1670,7 @@ impl Engine {
         let role = task.role.clone();
         tracing::info!(framework_id = %key.0, task_id = %key.1, agent_id = %agent, state = %state, message, "task state set by master");
         if (state.is_terminal() || state == TaskState::Unreachable) && was_live_resources {
-            if let Some(a) = self.agents.get_mut(&agent) {
-                a.used.subtract(&resources);
-            }
-            if let Some(f) = self.frameworks.get_mut(&key.0) {
-                f.used.subtract(&resources);
-            }
-            self.allocator
-                .recover(&agent, &key.0, &role, &resources, None);
+            self.give_back(&key.0, &agent, &role, &resources);
         }
         self.tell_framework(
             &key.0,
@@ -1847,18 +1859,14 @@ impl Engine {
                 task.resources.clone(),
                 task.role.clone(),
             );
-            if let Some(a) = self.agents.get_mut(&agent_id) {
-                a.used.subtract(&resources);
-            }
-            if let Some(f) = self.frameworks.get_mut(&fw) {
-                f.used.subtract(&resources);
-            }
-            self.allocator
-                .recover(&agent_id, &fw, &role, &resources, None);
+            self.give_back(&fw, &agent_id, &role, &resources);
             self.allocation_pending = true;
             self.changed = true;
             tracing::debug!(framework_id = %fw, task_id = %task_id, "task ended on its agent; resources recovered ahead of its terminal update");
         }
+        let Some(task) = self.tasks.get_mut(&key) else {
+            return Ok(());
+        };
         // What becomes of it: forwarded (`None`), or dropped and, when `Some(true)`,
         // acknowledged to the agent again.
         let mut drop: Option<bool> = None;
@@ -1904,14 +1912,7 @@ impl Engine {
                 if was_holding {
                     let (agent_id, resources) = (task.agent.clone(), task.resources.clone());
                     let role = task.role.clone();
-                    if let Some(a) = self.agents.get_mut(&agent_id) {
-                        a.used.subtract(&resources);
-                    }
-                    if let Some(f) = self.frameworks.get_mut(&fw) {
-                        f.used.subtract(&resources);
-                    }
-                    self.allocator
-                        .recover(&agent_id, &fw, &role, &resources, None);
+                    self.give_back(&fw, &agent_id, &role, &resources);
                     self.allocation_pending = true;
                 }
                 if status.uuid.is_empty()
