@@ -21,6 +21,7 @@
 pub mod allocator;
 pub mod blobs;
 pub mod engine;
+pub mod registry;
 pub mod runtime;
 pub mod service;
 pub mod validate;

@@ -278,6 +278,8 @@ impl Actor {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             active_agents: state.agents.iter().filter(|a| a.active).count() as u32,
             active_frameworks: state.frameworks.iter().filter(|f| f.active).count() as u32,
+            role: "leader".into(),
+            leader: String::new(),
         };
         self.snapshot
             .send_replace(Arc::new(Snapshot { state, health }));

@@ -1,0 +1,187 @@
+//! Replication between masters over gRPC: openraft's three messages, each carried whole in a
+//! [`v1::RaftPayload`] in the registry's own encoding (postcard), on the masters' own
+//! listeners.
+
+use std::time::Duration;
+
+use agora_proto::{MAX_MESSAGE_BYTES, v1};
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::Channel;
+
+use super::{NodeId, Raft, TypeConfig};
+
+/// Makes a connection per peer.
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        Peer {
+            target,
+            addr: node.addr.clone(),
+            client: None,
+        }
+    }
+}
+
+/// One peer master.
+pub struct Peer {
+    target: NodeId,
+    addr: String,
+    client: Option<v1::raft_peer_client::RaftPeerClient<Channel>>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl Peer {
+    fn client(&mut self) -> Result<v1::raft_peer_client::RaftPeerClient<Channel>, String> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .map_err(|e| format!("peer address {}: {e}", self.addr))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let c = v1::raft_peer_client::RaftPeerClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn call<Req, Resp, E>(
+        &mut self,
+        kind: Kind,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let unreachable =
+            |e: String| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e)));
+        let mut client = self.client().map_err(unreachable)?;
+        let data = postcard::to_stdvec(req).map_err(|e| {
+            RPCError::Network(NetworkError::new(&std::io::Error::other(e.to_string())))
+        })?;
+        let mut request = tonic::Request::new(v1::RaftPayload { data });
+        request.set_timeout(option.hard_ttl());
+        let response = match kind {
+            Kind::Append => client.append_entries(request).await,
+            Kind::Vote => client.vote(request).await,
+            Kind::Snapshot => client.install_snapshot(request).await,
+        };
+        let payload = match response {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                // The connection is rebuilt next time: the peer may have restarted elsewhere.
+                self.client = None;
+                return Err(unreachable(format!(
+                    "peer {} at {}: {}",
+                    self.target,
+                    self.addr,
+                    status.message()
+                )));
+            }
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> = postcard::from_bytes(&payload.data)
+            .map_err(|e| {
+                RPCError::Network(NetworkError::new(&std::io::Error::other(format!(
+                    "peer {} sent an answer that does not decode: {e}",
+                    self.target
+                ))))
+            })?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(Kind::Append, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(Kind::Snapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(Kind::Vote, &rpc, &option).await
+    }
+}
+
+/// The server side: hands peers' messages to the local raft node.
+pub struct PeerService {
+    pub raft: Raft,
+}
+
+fn decode<T: DeserializeOwned>(req: tonic::Request<v1::RaftPayload>) -> Result<T, tonic::Status> {
+    postcard::from_bytes(&req.into_inner().data)
+        .map_err(|e| tonic::Status::invalid_argument(format!("raft message does not decode: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<tonic::Response<v1::RaftPayload>, tonic::Status> {
+    postcard::to_stdvec(v)
+        .map(|data| tonic::Response::new(v1::RaftPayload { data }))
+        .map_err(|e| tonic::Status::internal(format!("encoding a raft answer: {e}")))
+}
+
+#[tonic::async_trait]
+impl v1::raft_peer_server::RaftPeer for PeerService {
+    async fn append_entries(
+        &self,
+        req: tonic::Request<v1::RaftPayload>,
+    ) -> Result<tonic::Response<v1::RaftPayload>, tonic::Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
+        encode(&self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(
+        &self,
+        req: tonic::Request<v1::RaftPayload>,
+    ) -> Result<tonic::Response<v1::RaftPayload>, tonic::Status> {
+        let rpc: VoteRequest<NodeId> = decode(req)?;
+        encode(&self.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: tonic::Request<v1::RaftPayload>,
+    ) -> Result<tonic::Response<v1::RaftPayload>, tonic::Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
+        encode(&self.raft.install_snapshot(rpc).await)
+    }
+}
