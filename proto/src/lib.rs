@@ -10,8 +10,10 @@
 //!
 //! - [`v1`]: the generated messages, clients (`*_client`) and servers (`*_server`).
 //! - [`convert`]: wire ⇄ core conversions and [`ProtoError`].
+//! - [`leader`]: how followers name the leader, and how callers follow it.
 
 pub mod convert;
+pub mod leader;
 
 /// Generated code of the `agora.v1` package.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
