@@ -129,6 +129,55 @@ pub struct MasterArgs {
     /// Largest blob the store takes, in MiB.
     #[arg(long, default_value_t = 1024)]
     max_blob_size: u64,
+    /// This master's id in its group (see --peers).
+    #[arg(long, default_value_t = 1)]
+    id: u64,
+    /// Every master of the group, this one included: '1=HOST:PORT,2=HOST:PORT,3=HOST:PORT'
+    /// (a group of 1, 3 or 5). Without it, this master is a group of one; with or without,
+    /// the registry is kept under --work-dir.
+    #[arg(long, value_parser = parse_peers)]
+    peers: Option<std::collections::BTreeMap<u64, String>>,
+    /// After a failover, how long known agents have to register again before they are
+    /// marked unreachable.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    agent_reregister_timeout: Duration,
+    /// How often the leader heartbeats the other masters.
+    #[arg(long, default_value = "150ms", value_parser = parse_duration, hide = true)]
+    raft_heartbeat: Duration,
+    /// Followers hearing no leader for between this and twice this start an election.
+    #[arg(long, default_value = "750ms", value_parser = parse_duration, hide = true)]
+    raft_election_timeout: Duration,
+    /// Registry entries between snapshots (the log is compacted behind each).
+    #[arg(long, default_value_t = 5000, hide = true)]
+    registry_snapshot_every: u64,
+}
+
+/// Parses `1=HOST:PORT,2=HOST:PORT`.
+fn parse_peers(s: &str) -> Result<std::collections::BTreeMap<u64, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: write ID=HOST:PORT"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("{part:?}: the id must be a number"))?;
+        let addr = addr.trim();
+        if addr.is_empty() || !addr.contains(':') || addr.contains("://") {
+            return Err(format!("{part:?}: the address must be HOST:PORT"));
+        }
+        if out.insert(id, addr.to_owned()).is_some() {
+            return Err(format!("master id {id} is given twice"));
+        }
+    }
+    if ![1, 3, 5].contains(&out.len()) {
+        return Err(format!(
+            "{} masters given; a group has 1, 3 or 5 (an even number tolerates no more failures than one fewer)",
+            out.len()
+        ));
+    }
+    Ok(out)
 }
 
 impl MasterArgs {
@@ -143,6 +192,12 @@ impl MasterArgs {
             reservers: self.reserve_acl.clone().unwrap_or_default(),
             work_dir: self.work_dir.clone(),
             max_blob_bytes: self.max_blob_size << 20,
+            group_id: self.id,
+            peers: self.peers.clone().unwrap_or_default(),
+            agent_reregister_timeout: self.agent_reregister_timeout,
+            raft_heartbeat: self.raft_heartbeat,
+            raft_election_timeout: self.raft_election_timeout,
+            registry_snapshot_every: self.registry_snapshot_every,
             ..Default::default()
         }
     }
@@ -610,6 +665,24 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn peers_parse() {
+        let p = parse_peers("1=a:1, 2=b:2,3=c:3").unwrap();
+        assert_eq!(p[&2], "b:2");
+        assert!(
+            parse_peers("1=a:1,2=b:2")
+                .unwrap_err()
+                .contains("1, 3 or 5")
+        );
+        assert!(
+            parse_peers("1=a:1,1=b:2,3=c:3")
+                .unwrap_err()
+                .contains("twice")
+        );
+        assert!(parse_peers("x=a:1").is_err());
+        assert!(parse_peers("1=http://a:1").is_err());
     }
 
     #[test]

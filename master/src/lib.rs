@@ -76,6 +76,21 @@ pub struct MasterConfig {
     pub work_dir: Option<std::path::PathBuf>,
     /// Largest blob the store takes, in bytes. Default 1 GiB.
     pub max_blob_bytes: u64,
+    /// This master's id in its group. Default 1.
+    pub group_id: u64,
+    /// Every master of the group by id, with the address it serves on (this one's
+    /// included). Empty: a group of one, this master alone.
+    pub peers: std::collections::BTreeMap<u64, String>,
+    /// After a failover, how long agents the registry knows have to register again before
+    /// they are marked unreachable. Default 10 minutes, as in Mesos.
+    pub agent_reregister_timeout: Duration,
+    /// How often the leader heartbeats the other masters. Default 150 ms.
+    pub raft_heartbeat: Duration,
+    /// Followers that hear no leader for between this and twice this start an election.
+    /// Default 750 ms.
+    pub raft_election_timeout: Duration,
+    /// Registry entries between snapshots (the log is compacted behind each). Default 5000.
+    pub registry_snapshot_every: u64,
 }
 
 impl Default for MasterConfig {
@@ -96,6 +111,12 @@ impl Default for MasterConfig {
             max_completed_tasks: 1000,
             work_dir: None,
             max_blob_bytes: 1 << 30,
+            group_id: 1,
+            peers: std::collections::BTreeMap::new(),
+            agent_reregister_timeout: Duration::from_secs(600),
+            raft_heartbeat: Duration::from_millis(150),
+            raft_election_timeout: Duration::from_millis(750),
+            registry_snapshot_every: 5000,
         }
     }
 }
