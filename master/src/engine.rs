@@ -28,6 +28,7 @@ use agora_proto::{
 };
 
 use crate::allocator::{Allocation, Allocator, Cycle, Quota, RoleError, dominant_share};
+use crate::registry::{Op, Registry};
 
 /// The time, passed in by the caller.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +58,8 @@ pub struct EngineConfig {
     pub reservers: HashMap<String, Vec<String>>,
     /// How many finished tasks are kept for the operator API and reconciliation.
     pub max_completed_tasks: usize,
+    /// After a failover, how long the agents the registry knows have to register again.
+    pub agent_reregister_timeout: Duration,
 }
 
 /// What the runtime must do after a call.
@@ -77,6 +80,9 @@ pub enum Effect {
     /// End the agent's link (after any messages already queued): the master wrote the agent
     /// off, and it must register again to be heard.
     CloseAgent(AgentId),
+    /// Write this to the registry. Every effect after it waits until it is committed, so
+    /// nothing is seen outside the master that the registry might not keep.
+    Persist(Op),
 }
 
 /// Why a call was refused. Each maps to a gRPC status code.
@@ -163,6 +169,8 @@ struct Framework {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AgentStatus {
+    /// Known from the registry after a failover; not heard from yet.
+    Recovering,
     Connected,
     /// The link dropped; the agent may yet come back before it is marked lost.
     Disconnected,
@@ -183,6 +191,19 @@ struct Agent {
     /// Tasks the master declared LOST when it marked the agent lost: if the agent comes back
     /// with them, they are killed, never adopted. Kept until the agent registers again.
     written_off: HashSet<TaskKey>,
+    /// The agent's registry record as last written (encoded `AgentInfo` with the total), so
+    /// that an unchanged re-registration writes nothing.
+    persisted: Option<Vec<u8>>,
+}
+
+/// The registry record of an agent: its info with its total resources, reservations included.
+fn agent_record(info: &v1::AgentInfo, total: &Resources) -> Vec<u8> {
+    use prost::Message;
+    v1::AgentInfo {
+        resources: resources_to_proto(total),
+        ..info.clone()
+    }
+    .encode_to_vec()
 }
 
 /// Most messages kept for an agent without a link; past it the oldest are dropped (each is
@@ -373,6 +394,7 @@ impl Engine {
         info: v1::FrameworkInfo,
         replaces: Option<&str>,
         stream: String,
+        now: Now,
     ) -> Result<(FrameworkId, String), EngineError> {
         if stream.is_empty() {
             return Err(EngineError::Invalid(
@@ -434,6 +456,14 @@ impl Engine {
             .contains(&(v1::framework_info::Capability::PartitionAware as i32));
         let mut info = info;
         info.id = Some((&id).into());
+        {
+            use prost::Message;
+            self.effects.push(Effect::Persist(Op::PutFramework {
+                id: id.to_string(),
+                info: info.encode_to_vec(),
+                at: now.wall,
+            }));
+        }
 
         if self.frameworks.get(&id).is_some_and(|f| f.stream.is_some()) {
             // Offers sent on the old stream may never have been read: they go back, and the
@@ -540,6 +570,12 @@ impl Engine {
                 "its subscription ended and its failover timeout is 0",
                 now,
             );
+        } else {
+            self.effects
+                .push(Effect::Persist(Op::FrameworkDisconnected {
+                    id: id.to_string(),
+                    at: now.wall,
+                }));
         }
         self.changed = true;
     }
@@ -651,6 +687,8 @@ impl Engine {
         }
         self.frameworks.remove(id);
         self.allocator.remove_framework(id);
+        self.effects
+            .push(Effect::Persist(Op::RemoveFramework { id: id.to_string() }));
         if self.removed_frameworks.insert(id.clone()) {
             self.removed_order.push_back(id.clone());
         }
@@ -802,6 +840,17 @@ impl Engine {
                     if let Some(a) = self.agents.get_mut(&agent_id) {
                         a.total.subtract(&from);
                         a.total += &to;
+                        let record = agent_record(&a.info, &a.total);
+                        a.persisted = Some(record);
+                        use prost::Message;
+                        self.effects.push(Effect::Persist(Op::SetAgentResources {
+                            id: agent_id.to_string(),
+                            resources: v1::AgentInfo {
+                                resources: resources_to_proto(&a.total),
+                                ..Default::default()
+                            }
+                            .encode_to_vec(),
+                        }));
                     }
                     self.changed = true;
                 }
@@ -901,6 +950,10 @@ impl Engine {
     pub fn set_weight(&mut self, role: &str, weight: f64) -> Result<(), EngineError> {
         self.allocator.set_weight(role, weight)?;
         tracing::info!(role, weight, "role weight set");
+        self.effects.push(Effect::Persist(Op::SetWeight {
+            role: role.to_owned(),
+            weight: Some(weight),
+        }));
         self.allocation_pending = true;
         self.changed = true;
         Ok(())
@@ -919,8 +972,26 @@ impl Engine {
                 .as_ref()
                 .map_or("none".into(), |l| l.to_string())
         );
+        let record = (!quota.guarantee.is_empty() || quota.limit.is_some()).then(|| {
+            use prost::Message;
+            v1::UpdateQuotaRequest {
+                role: role.to_owned(),
+                guarantee: resources_to_proto(&quota.guarantee),
+                limit: quota
+                    .limit
+                    .as_ref()
+                    .map(resources_to_proto)
+                    .unwrap_or_default(),
+                force: true,
+            }
+            .encode_to_vec()
+        });
         self.allocator.set_quota(role, quota, force)?;
         tracing::info!(role, quota = %text, force, "role quota set");
+        self.effects.push(Effect::Persist(Op::SetQuota {
+            role: role.to_owned(),
+            quota: record,
+        }));
         self.allocation_pending = true;
         self.changed = true;
         Ok(())
@@ -1446,6 +1517,17 @@ impl Engine {
         // Offers on this agent were made from what the master knew before; withdraw them.
         self.withdraw_offers(|o| o.agent == id, true);
         let registered_at = self.agents.get(&id).map_or(now.wall, |a| a.registered_at);
+        let record = agent_record(&info, &total);
+        let unchanged = self.agents.get(&id).is_some_and(|a| {
+            a.status != AgentStatus::Lost && a.persisted.as_ref() == Some(&record)
+        });
+        if !unchanged {
+            self.effects.push(Effect::Persist(Op::AdmitAgent {
+                id: id.to_string(),
+                info: record.clone(),
+                at: now.wall,
+            }));
+        }
         let (outbox, written_off) = self
             .agents
             .get_mut(&id)
@@ -1468,6 +1550,7 @@ impl Engine {
                 registered_at,
                 outbox: VecDeque::new(),
                 written_off: HashSet::new(),
+                persisted: Some(record),
             },
         );
         self.effects.push(Effect::ToAgent(
@@ -1952,8 +2035,12 @@ impl Engine {
             .agents
             .iter()
             .filter(|(_, a)| {
-                a.status != AgentStatus::Lost
-                    && now.mono.saturating_duration_since(a.last_seen) > limit
+                let quiet = now.mono.saturating_duration_since(a.last_seen);
+                match a.status {
+                    AgentStatus::Lost => false,
+                    AgentStatus::Recovering => quiet > self.config.agent_reregister_timeout,
+                    AgentStatus::Connected | AgentStatus::Disconnected => quiet > limit,
+                }
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -2025,8 +2112,17 @@ impl Engine {
             return;
         };
         let was_connected = a.status == AgentStatus::Connected;
+        let recovering = a.status == AgentStatus::Recovering;
         a.status = AgentStatus::Lost;
-        tracing::warn!(agent_id = %agent, "agent missed its heartbeats; marking it lost");
+        if recovering {
+            tracing::warn!(agent_id = %agent, "agent did not register again after the failover; marking it unreachable");
+        } else {
+            tracing::warn!(agent_id = %agent, "agent missed its heartbeats; marking it lost");
+        }
+        self.effects.push(Effect::Persist(Op::MarkAgentUnreachable {
+            id: agent.to_string(),
+            at: now.wall,
+        }));
         if was_connected {
             // A silent agent whose link is still open would never be heard again: end the
             // link so that it registers anew and its written-off tasks are killed.
@@ -2135,6 +2231,121 @@ impl Engine {
     }
 
     // ---------------------------------------------------------------------------------------
+    // Failover.
+    // ---------------------------------------------------------------------------------------
+
+    /// Loads the registry into a new leader's empty engine: frameworks wait, disconnected,
+    /// for their failover timeout; agents wait for `agent_reregister_timeout` to register
+    /// again with their tasks; reservations, quotas and weights are in force at once.
+    ///
+    /// A framework's failover timeout runs from when its subscription ended, if the registry
+    /// saw that, else from now (it was connected to the master that died).
+    ///
+    /// # Errors
+    /// When a record does not decode, which only a damaged registry could hold.
+    pub fn recover(&mut self, registry: &Registry, now: Now) -> Result<(), EngineError> {
+        use prost::Message;
+        let bad = |what: String| EngineError::Invalid(format!("registry record {what}"));
+        for id in &registry.removed {
+            let id = FrameworkId::new(id.clone()).map_err(|e| bad(format!("{id}: {e}")))?;
+            if self.removed_frameworks.insert(id.clone()) {
+                self.removed_order.push_back(id);
+            }
+        }
+        for (role, r) in &registry.roles {
+            if let Some(w) = r.weight {
+                self.allocator.set_weight(role, w)?;
+            }
+            if let Some(q) = &r.quota {
+                let q = v1::UpdateQuotaRequest::decode(q.as_slice())
+                    .map_err(|e| bad(format!("quota of {role}: {e}")))?;
+                let limit = resources_from_proto(&q.limit)?;
+                self.allocator.set_quota(
+                    role,
+                    Quota {
+                        guarantee: resources_from_proto(&q.guarantee)?,
+                        limit: (!limit.is_empty()).then_some(limit),
+                    },
+                    true,
+                )?;
+            }
+        }
+        for (id, rec) in &registry.agents {
+            let agent = AgentId::new(id.clone()).map_err(|e| bad(format!("{id}: {e}")))?;
+            let info = v1::AgentInfo::decode(rec.info.as_slice())
+                .map_err(|e| bad(format!("agent {id}: {e}")))?;
+            let total = resources_from_proto(&info.resources)?;
+            let status = if rec.unreachable_since.is_some() {
+                AgentStatus::Lost
+            } else {
+                AgentStatus::Recovering
+            };
+            self.agents.insert(
+                agent,
+                Agent {
+                    info,
+                    total,
+                    used: Resources::new(),
+                    offered: Resources::new(),
+                    status,
+                    last_seen: now.mono,
+                    registered_at: rec.admitted_at,
+                    outbox: VecDeque::new(),
+                    written_off: HashSet::new(),
+                    persisted: Some(rec.info.clone()),
+                },
+            );
+        }
+        for (id, rec) in &registry.frameworks {
+            let fid = FrameworkId::new(id.clone()).map_err(|e| bad(format!("{id}: {e}")))?;
+            let info = v1::FrameworkInfo::decode(rec.info.as_slice())
+                .map_err(|e| bad(format!("framework {id}: {e}")))?;
+            let failover_timeout = agora_core::limits::seconds(
+                "failover_timeout",
+                info.failover_timeout,
+                agora_core::limits::MAX_FAILOVER_TIMEOUT_SECS,
+            )?;
+            let since = rec.disconnected_at.map_or(Duration::ZERO, |at| {
+                Duration::try_from_secs_f64((now.wall - at).max(0.0)).unwrap_or(Duration::ZERO)
+            });
+            let disconnected_at = now.mono.checked_sub(since).unwrap_or(now.mono);
+            let mut roles: Vec<String> = info.roles.clone();
+            roles.dedup();
+            if roles.is_empty() {
+                roles.push("*".to_owned());
+            }
+            let partition_aware = info
+                .capabilities
+                .contains(&(v1::framework_info::Capability::PartitionAware as i32));
+            self.allocator.add_framework(&fid, &roles);
+            self.allocator.set_framework_active(&fid, false);
+            self.frameworks.insert(
+                fid,
+                Framework {
+                    info,
+                    roles,
+                    partition_aware,
+                    stream: None,
+                    disconnected_at: Some(disconnected_at),
+                    failover_timeout,
+                    used: Resources::new(),
+                    offered: Resources::new(),
+                    recovered: false,
+                },
+            );
+        }
+        tracing::info!(
+            agents = registry.agents.len(),
+            frameworks = registry.frameworks.len(),
+            roles = registry.roles.len(),
+            epoch = registry.epoch,
+            "registry recovered; waiting for agents and frameworks to return"
+        );
+        self.changed = true;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
     // Reads.
     // ---------------------------------------------------------------------------------------
 
@@ -2152,6 +2363,13 @@ impl Engine {
                 offered: resources_to_proto(&a.offered),
                 active: a.status == AgentStatus::Connected,
                 registered_at: a.registered_at,
+                status: match a.status {
+                    AgentStatus::Recovering => "recovering",
+                    AgentStatus::Connected => "connected",
+                    AgentStatus::Disconnected => "disconnected",
+                    AgentStatus::Lost => "unreachable",
+                }
+                .into(),
             })
             .collect();
         agents.sort_by(|a, b| {

@@ -37,8 +37,9 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::server::TcpIncoming;
 
 use crate::engine::{Engine, EngineConfig};
+use crate::registry::{Leadership, Registrar, RegistryConfig};
 use crate::runtime::{Actor, RuntimeConfig, Snapshot};
-use crate::service::{AgentLinkService, OperatorService, SchedulerService, health_router};
+use crate::service::{AgentLinkService, Gate, OperatorService, SchedulerService, health_router};
 
 /// Settings of a master.
 #[derive(Debug, Clone)]
@@ -129,6 +130,8 @@ pub enum MasterError {
     Serve(#[from] tonic::transport::Error),
     #[error(transparent)]
     Blobs(#[from] blobs::BlobError),
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
     /// The task that owns the master's state ended while the master was serving: nothing
     /// could be answered any more, so the master stops rather than linger half alive.
     #[error("the master's state owner ended unexpectedly: {0}")]
@@ -206,15 +209,15 @@ fn check_config(config: &MasterConfig) -> Result<(), MasterError> {
     Ok(())
 }
 
-/// [`run`], handing the owner task's command sender to `tap` (tests inject faults with it).
+/// [`run`], handing each owner task's command sender to `tap` (tests inject faults with it).
 async fn serve(
     listener: TcpListener,
     config: MasterConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    tap: Option<tokio::sync::oneshot::Sender<mpsc::Sender<runtime::Command>>>,
+    tap: Option<mpsc::UnboundedSender<mpsc::Sender<runtime::Command>>>,
 ) -> Result<(), MasterError> {
     check_config(&config)?;
-    let master_id = match config.master_id.clone() {
+    let base_id = match config.master_id.clone() {
         Some(id) => {
             agora_core::FrameworkId::new(id.clone())
                 .map_err(|e| MasterError::Config(format!("master id: {e}")))?;
@@ -222,54 +225,56 @@ async fn serve(
         }
         None => uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
     };
-    let engine = Engine::new(
-        EngineConfig {
-            master_id: master_id.clone(),
-            agent_heartbeat_interval: config.agent_heartbeat_interval,
-            max_missed_heartbeats: config.max_missed_heartbeats,
-            framework_heartbeat_interval: config.framework_heartbeat_interval,
-            default_refuse: config.default_refuse,
-            offer_timeout: config.offer_timeout,
-            reservers: config.reservers.clone(),
-            max_completed_tasks: config.max_completed_tasks,
-        },
-        Box::new(allocator::HierarchicalDrf::new(
-            config.min_allocatable.clone(),
-        )),
-    );
-    let (tx, rx) = mpsc::channel(16 * 1024);
-    let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
-    let tick = (config.agent_heartbeat_interval / 4)
-        .clamp(Duration::from_millis(10), Duration::from_millis(500));
-    let actor = Actor::new(
-        engine,
-        RuntimeConfig {
-            tick,
-            allocation_interval: config.allocation_interval,
-            snapshot_interval: Duration::from_millis(50),
-            event_buffer: config.event_buffer,
-        },
-        tx.clone(),
-        snap_tx,
-    );
-    let addr = listener.local_addr().ok();
-    tracing::info!(%master_id, ?addr, "master serving");
+    let addr = listener
+        .local_addr()
+        .map_err(|e| MasterError::Config(format!("the listener has no address: {e}")))?;
+    let members = if config.peers.is_empty() {
+        std::collections::BTreeMap::from([(config.group_id, addr.to_string())])
+    } else {
+        config.peers.clone()
+    };
+    let registrar = Registrar::start(RegistryConfig {
+        id: config.group_id,
+        members,
+        path: config.work_dir.as_deref().map(registry::store::path_in),
+        heartbeat: config.raft_heartbeat,
+        election_timeout: (
+            config.raft_election_timeout,
+            config.raft_election_timeout * 2,
+        ),
+        snapshot_every: config.registry_snapshot_every,
+    })
+    .await?;
+    tracing::info!(master_id = %base_id, %addr, group_id = config.group_id, "master serving");
 
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+    let (owner_tx, owner_rx) = watch::channel(None);
+    let gate = Gate {
+        owner: owner_rx,
+        leadership: registrar.leadership(),
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let owner = tokio::spawn(actor.run(rx, {
-        let mut stop = stop_rx.clone();
-        async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }
-    }));
-    // The owner ending before it was told to stop is fatal: every call would be refused
-    // while the listener stayed open. `died` says why.
+
+    // Leads whenever elected: recover the registry into a new engine, serve until another
+    // master leads, drop everything, and wait to be elected again.
+    let leading = tokio::spawn(lead(
+        registrar.clone(),
+        config.clone(),
+        base_id,
+        snap_tx,
+        owner_tx,
+        stop_rx.clone(),
+        tap,
+    ));
+    // The leading task ending before it was told to stop is fatal: every call would be
+    // refused while the listener stayed open. `died` says why.
     let (died_tx, mut died) = tokio::sync::oneshot::channel::<String>();
     let supervisor = tokio::spawn({
         let stopping = stop_rx.clone();
         async move {
-            let why = match owner.await {
-                Ok(()) => "it returned".to_owned(),
+            let why = match leading.await {
+                Ok(Ok(())) => "it returned".to_owned(),
+                Ok(Err(e)) => e.to_string(),
                 Err(e) if e.is_panic() => {
                     let p = e.into_panic();
                     let msg = p
@@ -287,22 +292,17 @@ async fn serve(
             }
         }
     });
-    if let Some(tap) = tap {
-        let _ = tap.send(tx.clone());
-    }
 
     let mut routes = tonic::service::Routes::builder();
     routes
         .add_service(
-            v1::scheduler_server::SchedulerServer::new(SchedulerService {
-                commands: tx.clone(),
-            })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            v1::scheduler_server::SchedulerServer::new(SchedulerService { gate: gate.clone() })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             v1::agent_link_server::AgentLinkServer::new(AgentLinkService {
-                commands: tx.clone(),
+                gate: gate.clone(),
                 link_buffer: config.link_buffer,
             })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -310,20 +310,26 @@ async fn serve(
         )
         .add_service(v1::operator_server::OperatorServer::new(OperatorService {
             snapshot: snap_rx.clone(),
-            commands: tx.clone(),
-        }));
+            gate: gate.clone(),
+        }))
+        .add_service(registrar.peer_service());
     let blob_routes = match &config.work_dir {
         Some(dir) => blobs::BlobStore::open(dir.join("blobs"), config.max_blob_bytes)?.router(),
         None => blobs::BlobStore::disabled_router(),
     };
+    // Blobs are content-addressed: any master serves those it has, and uploads go to the
+    // leader.
+    let blob_routes = blob_routes.layer(axum::middleware::from_fn_with_state(
+        gate.clone(),
+        uploads_to_the_leader,
+    ));
     let mut routes = routes.routes();
     *routes.axum_router_mut() = std::mem::take(routes.axum_router_mut())
-        .merge(health_router(snap_rx))
+        .merge(health_router(snap_rx, gate))
         .merge(blob_routes);
-    drop(tx);
 
     // Subscriptions and agent links are endless streams, so a graceful shutdown must first
-    // stop the actor: dropping its senders ends every stream and lets connections drain.
+    // stop the owner: dropping its senders ends every stream and lets connections drain.
     let server = tonic::transport::Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -344,7 +350,7 @@ async fn serve(
         );
     let mut stopped = stop_rx.clone();
     let result = tokio::select! {
-        r = server => r,
+        r = server => r.map_err(MasterError::from),
         // A peer that keeps its half of a stream open must not hold the master up.
         () = async move {
             let _ = stopped.wait_for(|s| *s).await;
@@ -353,11 +359,139 @@ async fn serve(
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
             Ok(())
         }
-        Ok(why) = &mut died => return Err(MasterError::OwnerDied(why)),
+        Ok(why) = &mut died => Err(MasterError::OwnerDied(why)),
     };
     let _ = stop_tx.send(true);
     let _ = supervisor.await;
-    result.map_err(MasterError::from)
+    registrar.shutdown().await;
+    result
+}
+
+/// A blob upload sent to a follower is redirected to the leader (307 keeps the method and
+/// body); reads are served here.
+async fn uploads_to_the_leader(
+    axum::extract::State(gate): axum::extract::State<Gate>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if request.method() == axum::http::Method::GET || gate.commands().is_ok() {
+        return next.run(request).await;
+    }
+    match gate.leader() {
+        Some(leader) => {
+            let path = request
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            (
+                axum::http::StatusCode::TEMPORARY_REDIRECT,
+                [(
+                    axum::http::header::LOCATION,
+                    format!("http://{leader}{path}"),
+                )],
+                format!("this master is not the leader; the leader is {leader}\n"),
+            )
+                .into_response()
+        }
+        None => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "this master is not the leader, and no leader is elected yet; retry shortly\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Serves as leader whenever this master is elected, until told to stop.
+async fn lead(
+    registrar: Registrar,
+    config: MasterConfig,
+    base_id: String,
+    snap_tx: watch::Sender<Arc<Snapshot>>,
+    owner_tx: watch::Sender<Option<mpsc::Sender<runtime::Command>>>,
+    mut stop: watch::Receiver<bool>,
+    tap: Option<mpsc::UnboundedSender<mpsc::Sender<runtime::Command>>>,
+) -> Result<(), MasterError> {
+    let mut leadership = registrar.leadership();
+    loop {
+        tokio::select! {
+            r = leadership.wait_for(|l| !matches!(l, Leadership::Follower { .. })) => {
+                if r.is_err() {
+                    return Err(MasterError::OwnerDied("the registry shut down".into()));
+                }
+            }
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        if let Leadership::Stopped(why) = &*leadership.borrow() {
+            return Err(MasterError::Registry(registry::RegistryError::Fatal(
+                why.clone(),
+            )));
+        }
+        // The first entry of a term proves the leadership and numbers its ids.
+        let epoch = match registrar.write(vec![registry::Op::BeginEpoch]).await {
+            Ok(a) => a.epoch,
+            Err(registry::RegistryError::NotLeader { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let registry = registrar.registry();
+        let master_id = format!("{base_id}-{epoch}");
+        let mut engine = Engine::new(
+            EngineConfig {
+                master_id: master_id.clone(),
+                agent_heartbeat_interval: config.agent_heartbeat_interval,
+                max_missed_heartbeats: config.max_missed_heartbeats,
+                framework_heartbeat_interval: config.framework_heartbeat_interval,
+                default_refuse: config.default_refuse,
+                offer_timeout: config.offer_timeout,
+                reservers: config.reservers.clone(),
+                max_completed_tasks: config.max_completed_tasks,
+                agent_reregister_timeout: config.agent_reregister_timeout,
+            },
+            Box::new(allocator::HierarchicalDrf::new(
+                config.min_allocatable.clone(),
+            )),
+        );
+        engine
+            .recover(&registry, runtime::now())
+            .map_err(|e| MasterError::Config(format!("recovering the registry: {e}")))?;
+        let (tx, rx) = mpsc::channel(16 * 1024);
+        let tick = (config.agent_heartbeat_interval / 4)
+            .clamp(Duration::from_millis(10), Duration::from_millis(500));
+        let actor = Actor::new(
+            engine,
+            RuntimeConfig {
+                tick,
+                allocation_interval: config.allocation_interval,
+                snapshot_interval: Duration::from_millis(50),
+                event_buffer: config.event_buffer,
+            },
+            tx.clone(),
+            snap_tx.clone(),
+            registrar.clone(),
+        );
+        tracing::info!(%master_id, epoch, "leading");
+        if let Some(tap) = &tap {
+            let _ = tap.send(tx.clone());
+        }
+        owner_tx.send_replace(Some(tx));
+        let ended = actor
+            .run(rx, {
+                let mut stop = stop.clone();
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }
+            })
+            .await;
+        owner_tx.send_replace(None);
+        match ended {
+            runtime::Ended::Shutdown => return Ok(()),
+            runtime::Ended::LostLeadership(_) => {}
+            runtime::Ended::Fatal(why) => {
+                return Err(MasterError::Registry(registry::RegistryError::Fatal(why)));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -367,14 +501,14 @@ mod tests {
     #[tokio::test]
     async fn a_dead_owner_stops_the_master_with_an_error() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (tap, commands) = tokio::sync::oneshot::channel();
+        let (tap, mut commands) = mpsc::unbounded_channel();
         let master = tokio::spawn(serve(
             listener,
             MasterConfig::default(),
             std::future::pending(),
             Some(tap),
         ));
-        let commands = commands.await.unwrap();
+        let commands = commands.recv().await.unwrap();
         commands.send(runtime::Command::Crash).await.unwrap();
         let result = tokio::time::timeout(Duration::from_secs(10), master)
             .await
@@ -390,9 +524,14 @@ mod tests {
         let mut snap = Snapshot::default();
         snap.health.healthy = true;
         let (tx, rx) = watch::channel(Arc::new(snap));
-        assert!(service::health(&rx).healthy);
+        let (owner_tx, owner) = watch::channel(None);
+        let (owner_cmd, _owner_rx) = mpsc::channel(1);
+        owner_tx.send_replace(Some(owner_cmd));
+        let (_l, leadership) = watch::channel(Leadership::Leader);
+        let gate = Gate { owner, leadership };
+        assert!(service::health(&rx, &gate).healthy);
         drop(tx);
-        assert!(!service::health(&rx).healthy);
+        assert!(!service::health(&rx, &gate).healthy);
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //!
 //! Every outgoing stream has a bounded buffer. A framework or agent that does not read fast
 //! enough is disconnected (and may re-subscribe and reconcile), never buffered without end.
+//!
+//! Changes the registry must keep reach it as [`Effect::Persist`]. They are group-committed:
+//! the ops of one turn go out as one entry, at most one entry is in flight, and every effect
+//! and reply queued after an op waits until its entry is committed — so no framework, agent
+//! or operator is told of a change a failover could undo. The owner ends when this master
+//! stops leading.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -25,6 +31,7 @@ use tonic::Status;
 
 use crate::allocator::{Cycle, Quota};
 use crate::engine::{Effect, Engine, Now};
+use crate::registry::{Leadership, Op, Registrar, RegistryError};
 
 /// A validated scheduler call.
 #[derive(Debug)]
@@ -181,15 +188,55 @@ pub struct Actor {
     config: RuntimeConfig,
     commands: mpsc::Sender<Command>,
     frameworks: HashMap<FrameworkId, FrameworkConn>,
-    /// A subscription being set up, attached when the engine says so.
-    pending_stream: Option<(FrameworkId, FrameworkConn)>,
+    /// Subscriptions being set up, by stream id, attached when the engine says so.
+    pending_streams: HashMap<String, FrameworkConn>,
     agents: HashMap<AgentId, AgentConn>,
     next_conn: u64,
     started: Instant,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    registrar: Registrar,
+    /// This master's address, shown as the leader's in health.
+    address: String,
+    commits: Commits,
 }
 
-fn now() -> Now {
+/// Something that must wait for the registry: an effect, or a reply to a caller.
+enum Held {
+    Effect(Effect),
+    Reply(Box<dyn FnOnce() + Send>),
+}
+
+/// The registry writes of the owner task: one entry in flight, the next one gathering.
+#[derive(Default)]
+struct Commits {
+    in_flight: bool,
+    /// What waits for the entry in flight.
+    in_flight_held: Vec<Held>,
+    /// Ops for the next entry, and what waits for it (or, with no ops, only for the entry
+    /// in flight).
+    next_ops: Vec<Op>,
+    next_held: Vec<Held>,
+}
+
+impl Commits {
+    fn must_hold(&self) -> bool {
+        self.in_flight || !self.next_ops.is_empty()
+    }
+}
+
+/// Why the owner task ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Told to stop, or every sender went away.
+    Shutdown,
+    /// Another master leads now (or none does): this one stops serving.
+    LostLeadership(String),
+    /// The registry stopped for good.
+    Fatal(String),
+}
+
+/// The time now, as the engine takes it.
+pub fn now() -> Now {
     Now {
         mono: Instant::now(),
         wall: now_timestamp(),
@@ -202,40 +249,69 @@ impl Actor {
         config: RuntimeConfig,
         commands: mpsc::Sender<Command>,
         snapshot: watch::Sender<Arc<Snapshot>>,
+        registrar: Registrar,
     ) -> Self {
+        let address = registrar.address().to_owned();
         Actor {
             engine,
             config,
             commands,
             frameworks: HashMap::new(),
-            pending_stream: None,
+            pending_streams: HashMap::new(),
             agents: HashMap::new(),
             next_conn: 0,
             started: Instant::now(),
             snapshot,
+            registrar,
+            address,
+            commits: Commits::default(),
         }
     }
 
-    /// Serves commands until `shutdown` resolves or every sender is gone.
+    /// Serves commands until `shutdown` resolves, every sender is gone, or this master stops
+    /// leading.
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<Command>,
         shutdown: impl std::future::Future<Output = ()>,
-    ) {
+    ) -> Ended {
         let mut tick = tokio::time::interval(self.config.tick);
         let mut allocation = tokio::time::interval(self.config.allocation_interval);
         let mut publish = tokio::time::interval(self.config.snapshot_interval);
         for t in [&mut tick, &mut allocation, &mut publish] {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
+        let (done_tx, mut done) = mpsc::unbounded_channel::<Result<(), RegistryError>>();
+        let mut leadership = self.registrar.leadership();
         tokio::pin!(shutdown);
         self.publish();
-        loop {
+        let ended = loop {
             tokio::select! {
                 biased;
-                () = &mut shutdown => break,
+                () = &mut shutdown => break Ended::Shutdown,
+                Some(r) = done.recv() => {
+                    if let Err(e) = r {
+                        break match e {
+                            RegistryError::NotLeader { .. } => Ended::LostLeadership(e.to_string()),
+                            other => Ended::Fatal(other.to_string()),
+                        };
+                    }
+                    self.committed();
+                    self.flush(&done_tx);
+                }
+                r = leadership.changed() => {
+                    let now = r.map_or(Leadership::Stopped("the registry shut down".into()), |()| leadership.borrow_and_update().clone());
+                    match now {
+                        Leadership::Leader => {}
+                        Leadership::Stopped(why) => break Ended::Fatal(why),
+                        Leadership::Follower { leader } => break Ended::LostLeadership(format!(
+                            "another master leads now ({})",
+                            leader.as_deref().unwrap_or("not known yet")
+                        )),
+                    }
+                }
                 cmd = rx.recv() => {
-                    let Some(cmd) = cmd else { break };
+                    let Some(cmd) = cmd else { break Ended::Shutdown };
                     self.handle(cmd);
                     // Take what else is already queued before allocating: one cycle for a
                     // burst of events.
@@ -248,20 +324,77 @@ impl Actor {
                     if self.engine.allocation_pending() {
                         self.allocate(Cycle::Incremental);
                     }
+                    self.flush(&done_tx);
                 }
                 _ = tick.tick() => {
                     self.engine.tick(now());
                     self.execute();
+                    self.flush(&done_tx);
                 }
-                _ = allocation.tick() => self.allocate(Cycle::Full),
+                _ = allocation.tick() => {
+                    self.allocate(Cycle::Full);
+                    self.flush(&done_tx);
+                }
                 _ = publish.tick() => {
                     if self.engine.take_changed() {
                         self.publish();
                     }
                 }
             }
+        };
+        match &ended {
+            Ended::Shutdown => tracing::info!("master shutting down"),
+            Ended::LostLeadership(why) => {
+                tracing::warn!(
+                    why,
+                    "this master no longer leads; dropping its state, streams and links"
+                );
+            }
+            Ended::Fatal(why) => tracing::error!(why, "the registry failed"),
         }
-        tracing::info!("master shutting down");
+        ended
+    }
+
+    /// Sends the gathered ops as the next entry, if none is in flight.
+    fn flush(&mut self, done: &mpsc::UnboundedSender<Result<(), RegistryError>>) {
+        let c = &mut self.commits;
+        if c.in_flight || c.next_ops.is_empty() {
+            return;
+        }
+        c.in_flight = true;
+        c.in_flight_held = std::mem::take(&mut c.next_held);
+        let ops = std::mem::take(&mut c.next_ops);
+        let registrar = self.registrar.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let _ = done.send(registrar.write(ops).await.map(|_| ()));
+        });
+    }
+
+    /// The entry in flight is committed: what waited for it goes out.
+    fn committed(&mut self) {
+        self.commits.in_flight = false;
+        let mut ready = std::mem::take(&mut self.commits.in_flight_held);
+        if self.commits.next_ops.is_empty() {
+            // What was queued since waited only for the order of things.
+            ready.append(&mut self.commits.next_held);
+        }
+        for h in ready {
+            match h {
+                Held::Effect(e) => self.dispatch(e),
+                Held::Reply(f) => f(),
+            }
+        }
+        self.execute();
+    }
+
+    /// Answers a caller now, or once the registry has what the answer depends on.
+    fn respond(&mut self, f: impl FnOnce() + Send + 'static) {
+        if self.commits.must_hold() {
+            self.commits.next_held.push(Held::Reply(Box::new(f)));
+        } else {
+            f();
+        }
     }
 
     fn allocate(&mut self, cycle: Cycle) {
@@ -279,7 +412,7 @@ impl Actor {
             active_agents: state.agents.iter().filter(|a| a.active).count() as u32,
             active_frameworks: state.frameworks.iter().filter(|f| f.active).count() as u32,
             role: "leader".into(),
-            leader: String::new(),
+            leader: self.address.clone(),
         };
         self.snapshot
             .send_replace(Arc::new(Snapshot { state, health }));
@@ -300,23 +433,29 @@ impl Actor {
                     self.engine.config().master_id,
                     uuid::Uuid::new_v4().simple()
                 );
-                match self.engine.subscribe(info, replaces.as_deref(), stream) {
+                match self
+                    .engine
+                    .subscribe(info, replaces.as_deref(), stream, now())
+                {
                     Ok((framework, stream)) => {
-                        self.pending_stream = Some((
-                            framework.clone(),
+                        self.pending_streams.insert(
+                            stream.clone(),
                             FrameworkConn {
                                 stream: stream.clone(),
                                 tx,
                                 kicked: Arc::clone(&kicked),
                             },
-                        ));
+                        );
                         self.execute();
-                        let _ = reply.send(Ok(EventStream {
+                        let events = EventStream {
                             rx,
                             kicked,
                             done: false,
                             on_drop: Some((self.commands.clone(), framework, stream)),
-                        }));
+                        };
+                        self.respond(move || {
+                            let _ = reply.send(Ok(events));
+                        });
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e.into()));
@@ -343,7 +482,9 @@ impl Actor {
             } => {
                 let result = self.call(&framework, &stream, kind);
                 self.execute();
-                let _ = reply.send(result.map_err(Status::from));
+                self.respond(move || {
+                    let _ = reply.send(result.map_err(Status::from));
+                });
             }
             Command::AgentRegister {
                 register,
@@ -357,7 +498,9 @@ impl Actor {
                     self.agents
                         .insert(agent.clone(), AgentConn { conn, tx: link });
                     self.execute();
-                    let _ = reply.send(Ok((agent, conn)));
+                    self.respond(move || {
+                        let _ = reply.send(Ok((agent, conn)));
+                    });
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e.into()));
@@ -404,7 +547,10 @@ impl Actor {
                 reply,
             } => {
                 let r = self.engine.set_weight(&role, weight).map_err(Status::from);
-                let _ = reply.send(r);
+                self.execute();
+                self.respond(move || {
+                    let _ = reply.send(r);
+                });
             }
             Command::SetQuota {
                 role,
@@ -416,7 +562,10 @@ impl Actor {
                     .engine
                     .set_quota(&role, quota, force)
                     .map_err(Status::from);
-                let _ = reply.send(r);
+                self.execute();
+                self.respond(move || {
+                    let _ = reply.send(r);
+                });
             }
             #[cfg(test)]
             Command::Crash => panic!("injected fault"),
@@ -459,27 +608,33 @@ impl Actor {
             }
             for effect in effects {
                 match effect {
-                    Effect::Attach(framework, stream) => {
-                        if let Some((f, conn)) = self.pending_stream.take() {
-                            if f == framework && conn.stream == stream {
-                                self.frameworks.insert(f, conn);
-                            } else {
-                                self.pending_stream = Some((f, conn));
-                            }
-                        }
-                    }
-                    Effect::ToFramework(framework, event) => self.send_event(&framework, event),
-                    Effect::CloseFramework(framework) => {
-                        self.frameworks.remove(&framework);
-                    }
-                    Effect::ToAgent(agent, message) => self.send_agent(&agent, message),
-                    Effect::CloseAgent(agent) => {
-                        // Dropping the sender ends the link's stream once the messages
-                        // already queued on it are read.
-                        self.agents.remove(&agent);
-                    }
+                    Effect::Persist(op) => self.commits.next_ops.push(op),
+                    e if self.commits.must_hold() => self.commits.next_held.push(Held::Effect(e)),
+                    e => self.dispatch(e),
                 }
             }
+        }
+    }
+
+    fn dispatch(&mut self, effect: Effect) {
+        match effect {
+            Effect::Attach(framework, stream) => {
+                if let Some(conn) = self.pending_streams.remove(&stream) {
+                    self.frameworks.insert(framework, conn);
+                }
+            }
+            Effect::ToFramework(framework, event) => self.send_event(&framework, event),
+            Effect::CloseFramework(framework) => {
+                self.frameworks.remove(&framework);
+            }
+            Effect::ToAgent(agent, message) => self.send_agent(&agent, message),
+            Effect::CloseAgent(agent) => {
+                // Dropping the sender ends the link's stream once the messages already
+                // queued on it are read.
+                self.agents.remove(&agent);
+            }
+            // Only `execute` sees these.
+            Effect::Persist(op) => self.commits.next_ops.push(op),
         }
     }
 

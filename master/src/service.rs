@@ -2,7 +2,9 @@
 //! HTTP `/health` endpoint.
 //!
 //! Handlers validate wire data into core types, hand a [`Command`] to the owner task and wait
-//! for its answer; reads come from the published [`Snapshot`].
+//! for its answer; reads come from the published [`Snapshot`]. On a master that does not lead
+//! there is no owner task: the [`Gate`] answers every call with the leader's address (see
+//! [`agora_proto::leader`]).
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::allocator::Quota;
+use crate::registry::Leadership;
 use crate::runtime::{CallKind, Command, EventStream, Snapshot};
 use crate::validate;
 
@@ -26,22 +29,61 @@ fn bad(e: agora_core::LimitError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-fn owner_gone() -> Status {
-    Status::unavailable("the master is shutting down")
+/// Where calls go: the owner task while this master leads, else nowhere but a redirect.
+#[derive(Clone)]
+pub struct Gate {
+    /// The owner task's commands, while this master leads and has recovered.
+    pub owner: watch::Receiver<Option<mpsc::Sender<Command>>>,
+    pub leadership: watch::Receiver<Leadership>,
+}
+
+impl Gate {
+    /// The owner task's commands, or the status that names the leader.
+    ///
+    /// # Errors
+    /// When this master does not lead (or is still taking over).
+    pub fn commands(&self) -> Result<mpsc::Sender<Command>, Status> {
+        if let Some(tx) = self.owner.borrow().clone() {
+            return Ok(tx);
+        }
+        Err(self.elsewhere())
+    }
+
+    /// The answer of a master that cannot serve: who leads, if anyone is known to.
+    pub fn elsewhere(&self) -> Status {
+        match &*self.leadership.borrow() {
+            Leadership::Follower { leader } => agora_proto::leader::not_leader(leader.as_deref()),
+            // Elected, and recovering the registry: nobody else leads either.
+            Leadership::Leader => agora_proto::leader::not_leader(None),
+            Leadership::Stopped(why) => {
+                Status::unavailable(format!("the master is stopping: {why}"))
+            }
+        }
+    }
+
+    /// The leader's address when another master is known to lead.
+    pub fn leader(&self) -> Option<String> {
+        match &*self.leadership.borrow() {
+            Leadership::Follower { leader } => leader.clone(),
+            _ => None,
+        }
+    }
 }
 
 async fn ask<T>(
-    tx: &mpsc::Sender<Command>,
+    gate: &Gate,
     make: impl FnOnce(oneshot::Sender<Result<T, Status>>) -> Command,
 ) -> Result<T, Status> {
+    let tx = gate.commands()?;
     let (reply, rx) = oneshot::channel();
-    tx.send(make(reply)).await.map_err(|_| owner_gone())?;
-    rx.await.map_err(|_| owner_gone())?
+    // The owner gone mid-call means this master stopped leading (or is stopping).
+    tx.send(make(reply)).await.map_err(|_| gate.elsewhere())?;
+    rx.await.map_err(|_| gate.elsewhere())?
 }
 
 #[derive(Clone)]
 pub struct SchedulerService {
-    pub commands: mpsc::Sender<Command>,
+    pub gate: Gate,
 }
 
 fn header(h: Option<v1::CallHeader>) -> Result<(FrameworkId, String), Status> {
@@ -67,7 +109,7 @@ impl SchedulerService {
     ) -> Result<Response<v1::CallResponse>, Status> {
         let (framework, stream) = header(h)?;
         let kind = kind()?;
-        ask(&self.commands, |reply| Command::Call {
+        ask(&self.gate, |reply| Command::Call {
             framework,
             stream,
             kind,
@@ -92,7 +134,7 @@ impl Scheduler for SchedulerService {
         agora_core::limits::text("stream_id", &r.stream_id, agora_core::limits::MAX_TEXT)
             .map_err(bad)?;
         let replaces = (!r.stream_id.is_empty()).then_some(r.stream_id);
-        let stream = ask(&self.commands, |reply| Command::Subscribe {
+        let stream = ask(&self.gate, |reply| Command::Subscribe {
             info,
             replaces,
             reply,
@@ -218,7 +260,7 @@ impl Scheduler for SchedulerService {
 
 #[derive(Clone)]
 pub struct AgentLinkService {
-    pub commands: mpsc::Sender<Command>,
+    pub gate: Gate,
     pub link_buffer: usize,
 }
 
@@ -242,13 +284,15 @@ impl AgentLink for AgentLinkService {
         };
         validate::registration(&register).map_err(bad)?;
         let (link, rx) = mpsc::channel(self.link_buffer);
-        let (agent, conn) = ask(&self.commands, |reply| Command::AgentRegister {
+        let (agent, conn) = ask(&self.gate, |reply| Command::AgentRegister {
             register,
             link,
             reply,
         })
         .await?;
-        let commands = self.commands.clone();
+        // The owner that registered the agent: should it end (leadership lost), the link
+        // ends with it and the agent finds the new leader.
+        let commands = self.gate.commands()?;
         let span = tracing::info_span!("agent_link", agent_id = %agent, ?peer);
         tokio::spawn(
             async move {
@@ -286,7 +330,7 @@ impl AgentLink for AgentLinkService {
 #[derive(Clone)]
 pub struct OperatorService {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
-    pub commands: mpsc::Sender<Command>,
+    pub gate: Gate,
 }
 
 #[tonic::async_trait]
@@ -295,6 +339,7 @@ impl Operator for OperatorService {
         &self,
         _request: Request<v1::GetStateRequest>,
     ) -> Result<Response<v1::GetStateResponse>, Status> {
+        self.gate.commands()?;
         let snap = Arc::clone(&self.snapshot.borrow());
         Ok(Response::new(snap.state.clone()))
     }
@@ -303,13 +348,14 @@ impl Operator for OperatorService {
         &self,
         _request: Request<v1::GetHealthRequest>,
     ) -> Result<Response<v1::GetHealthResponse>, Status> {
-        Ok(Response::new(health(&self.snapshot)))
+        Ok(Response::new(health(&self.snapshot, &self.gate)))
     }
 
     async fn get_roles(
         &self,
         _request: Request<v1::GetRolesRequest>,
     ) -> Result<Response<v1::GetRolesResponse>, Status> {
+        self.gate.commands()?;
         let snap = Arc::clone(&self.snapshot.borrow());
         Ok(Response::new(v1::GetRolesResponse {
             roles: snap.state.roles.clone(),
@@ -324,7 +370,7 @@ impl Operator for OperatorService {
         agora_core::resources::validate_role(&r.role)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         validate::weight(r.weight).map_err(bad)?;
-        ask(&self.commands, |reply| Command::SetWeight {
+        ask(&self.gate, |reply| Command::SetWeight {
             role: r.role,
             weight: r.weight,
             reply,
@@ -348,7 +394,7 @@ impl Operator for OperatorService {
             guarantee,
             limit: (!limit.is_empty()).then_some(limit),
         };
-        ask(&self.commands, |reply| Command::SetQuota {
+        ask(&self.gate, |reply| Command::SetQuota {
             role: r.role,
             quota,
             force: r.force,
@@ -362,8 +408,27 @@ impl Operator for OperatorService {
 /// The health in the latest snapshot, and false whatever it says once the owner task that
 /// publishes snapshots is gone (its sender dropped): a master that cannot answer calls is not
 /// healthy.
-pub fn health(snapshot: &watch::Receiver<Arc<Snapshot>>) -> v1::GetHealthResponse {
+///
+/// A follower is healthy while its registry runs; it reports whom it follows.
+pub fn health(snapshot: &watch::Receiver<Arc<Snapshot>>, gate: &Gate) -> v1::GetHealthResponse {
     let mut h = snapshot.borrow().health.clone();
+    if gate.owner.borrow().is_none() {
+        let (role, leader, healthy) = match &*gate.leadership.borrow() {
+            Leadership::Follower { leader: Some(l) } => ("follower", l.clone(), true),
+            Leadership::Follower { leader: None } => ("candidate", String::new(), true),
+            // Elected, recovering the registry.
+            Leadership::Leader => ("candidate", String::new(), true),
+            Leadership::Stopped(_) => ("stopped", String::new(), false),
+        };
+        h = v1::GetHealthResponse {
+            healthy,
+            master_id: h.master_id,
+            uptime_seconds: h.uptime_seconds,
+            role: role.into(),
+            leader,
+            ..Default::default()
+        };
+    }
     if snapshot.has_changed().is_err() {
         h.healthy = false;
     }
@@ -372,15 +437,15 @@ pub fn health(snapshot: &watch::Receiver<Arc<Snapshot>>) -> v1::GetHealthRespons
 
 /// `GET /health`: a JSON summary, for load balancers and humans with curl; 503 when
 /// unhealthy.
-pub fn health_router(snapshot: watch::Receiver<Arc<Snapshot>>) -> axum::Router {
+pub fn health_router(snapshot: watch::Receiver<Arc<Snapshot>>, gate: Gate) -> axum::Router {
     axum::Router::new().route(
         "/health",
         axum::routing::get(move || {
-            let h = health(&snapshot);
+            let h = health(&snapshot, &gate);
             async move {
                 let body = format!(
-                    "{{\"healthy\":{},\"master_id\":\"{}\",\"uptime_seconds\":{:.3},\"active_agents\":{},\"active_frameworks\":{}}}\n",
-                    h.healthy, h.master_id, h.uptime_seconds, h.active_agents, h.active_frameworks
+                    "{{\"healthy\":{},\"master_id\":\"{}\",\"uptime_seconds\":{:.3},\"active_agents\":{},\"active_frameworks\":{},\"role\":\"{}\",\"leader\":\"{}\"}}\n",
+                    h.healthy, h.master_id, h.uptime_seconds, h.active_agents, h.active_frameworks, h.role, h.leader
                 );
                 let code = if h.healthy {
                     axum::http::StatusCode::OK

@@ -26,6 +26,7 @@ fn config() -> EngineConfig {
         offer_timeout: Some(Duration::from_secs(30)),
         reservers: HashMap::new(),
         max_completed_tasks: 100,
+        agent_reregister_timeout: Duration::from_secs(60),
     }
 }
 
@@ -41,6 +42,8 @@ struct World {
     to_agents: Vec<(AgentId, v1::master_message::Message)>,
     /// Agents whose links the engine asked to close.
     closed_agents: Vec<AgentId>,
+    /// The registry as the engine's writes left it.
+    registry: crate::registry::Registry,
     next_task: u64,
 }
 
@@ -60,6 +63,7 @@ impl World {
             updates: Vec::new(),
             to_agents: Vec::new(),
             closed_agents: Vec::new(),
+            registry: crate::registry::Registry::default(),
             next_task: 0,
         }
     }
@@ -98,6 +102,9 @@ impl World {
                 },
                 Effect::ToAgent(a, m) => self.to_agents.push((a, m)),
                 Effect::CloseAgent(a) => self.closed_agents.push(a),
+                Effect::Persist(op) => {
+                    self.registry.apply(&op);
+                }
                 Effect::CloseFramework(_) | Effect::Attach(..) => {}
             }
         }
@@ -114,6 +121,7 @@ impl World {
                 },
                 None,
                 fresh_stream(),
+                self.now(),
             )
             .unwrap();
         self.streams.insert(id.clone(), stream);
@@ -456,6 +464,7 @@ fn a_framework_can_hold_several_roles_and_suppress_one() {
             },
             None,
             fresh_stream(),
+            w.now(),
         )
         .unwrap();
     w.streams.insert(fw.clone(), stream.clone());
@@ -489,6 +498,7 @@ fn a_framework_can_hold_several_roles_and_suppress_one() {
             },
             None,
             fresh_stream(),
+            w.now(),
         )
         .unwrap_err();
     assert!(err.to_string().contains("'..'"), "{err}");
@@ -722,4 +732,5 @@ proptest! {
     }
 }
 
+mod failover;
 mod hardening;

@@ -189,6 +189,11 @@ impl Registrar {
                 Err(e) => return Err(RegistryError::Fatal(e.to_string())),
             }
         }
+        if config.members.len() == 1 && !pristine {
+            // Alone, there is no one to wait for: stand at once rather than after an
+            // election timeout.
+            let _ = raft.trigger().elect().await;
+        }
         let config = Arc::new(config);
         let leadership = watch_leadership(raft.clone(), Arc::clone(&config));
         Ok(Registrar {
@@ -263,9 +268,16 @@ impl Registrar {
         (m.purged.map(|l| l.index + 1), m.last_log_index)
     }
 
-    /// Stops this member.
-    pub async fn shutdown(&self) {
+    /// Stops this member and waits (a few seconds at most) until its store is closed, so
+    /// that the file may be opened again at once.
+    pub async fn shutdown(self) {
         let _ = self.raft.shutdown().await;
+        let closed = self.store.closed();
+        drop(self);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !closed() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

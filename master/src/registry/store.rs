@@ -208,6 +208,12 @@ impl Store {
         self.state.read().expect("registry lock").clone()
     }
 
+    /// Whether every handle on the file has gone (as seen when called later).
+    pub fn closed(&self) -> impl Fn() -> bool + use<> {
+        let weak = Arc::downgrade(&self.db);
+        move || weak.strong_count() == 0
+    }
+
     pub fn path(&self) -> &str {
         &self.path
     }

@@ -67,6 +67,7 @@ fn an_absurd_failover_timeout_is_refused_naming_the_field() {
             },
             None,
             fresh_stream(),
+            w.now(),
         )
         .unwrap_err();
     assert!(err.to_string().contains("framework_info.failover_timeout"));
@@ -90,6 +91,7 @@ fn a_connected_framework_is_not_taken_over_without_its_stream_id() {
             },
             None,
             fresh_stream(),
+            w.now(),
         )
         .unwrap();
     let again = |principal: &str| v1::FrameworkInfo {
@@ -101,7 +103,7 @@ fn a_connected_framework_is_not_taken_over_without_its_stream_id() {
     };
     for replaces in [None, Some("m1-Sguess")] {
         let err =
-            w.e.subscribe(again("alice"), replaces, fresh_stream())
+            w.e.subscribe(again("alice"), replaces, fresh_stream(), w.now())
                 .unwrap_err();
         assert!(matches!(err, EngineError::FrameworkConnected(_)), "{err}");
         assert_eq!(tonic::Status::from(err).code(), tonic::Code::AlreadyExists);
@@ -110,18 +112,19 @@ fn a_connected_framework_is_not_taken_over_without_its_stream_id() {
     w.e.revive(&fw, &stream, &[]).unwrap();
     // A failover that names its stream takes over, but not under another principal.
     let err =
-        w.e.subscribe(again("mallory"), Some(&stream), fresh_stream())
+        w.e.subscribe(again("mallory"), Some(&stream), fresh_stream(), w.now())
             .unwrap_err();
     assert!(matches!(err, EngineError::Forbidden(_)), "{err}");
     let (_, new_stream) =
-        w.e.subscribe(again("alice"), Some(&stream), fresh_stream())
+        w.e.subscribe(again("alice"), Some(&stream), fresh_stream(), w.now())
             .unwrap();
     let err = w.e.revive(&fw, &stream, &[]).unwrap_err();
     assert!(matches!(err, EngineError::StaleStream { .. }), "{err}");
     w.e.revive(&fw, &new_stream, &[]).unwrap();
     // Once disconnected, a new process may subscribe with the id alone.
     w.e.framework_disconnected(&fw, &new_stream, w.now());
-    w.e.subscribe(again("alice"), None, fresh_stream()).unwrap();
+    w.e.subscribe(again("alice"), None, fresh_stream(), w.now())
+        .unwrap();
 }
 
 #[test]
@@ -395,6 +398,7 @@ fn torn_down_frameworks_are_remembered_within_a_bound() {
                 },
                 None,
                 format!("s{i}"),
+                w.now(),
             )
             .unwrap();
         w.e.teardown(&id, &stream, w.now()).unwrap();
@@ -415,13 +419,16 @@ fn a_failover_gets_the_offers_its_old_stream_held() {
         failover_timeout: 60.0,
         ..Default::default()
     };
-    let (fw, old) = w.e.subscribe(info.clone(), None, fresh_stream()).unwrap();
+    let (fw, old) =
+        w.e.subscribe(info.clone(), None, fresh_stream(), w.now())
+            .unwrap();
     w.agent("cpus:2;mem:1024");
     w.allocate();
     assert_eq!(w.take_offers(&fw).len(), 1, "offered on the old stream");
     let mut again = info;
     again.id = Some((&fw).into());
-    w.e.subscribe(again, Some(&old), fresh_stream()).unwrap();
+    w.e.subscribe(again, Some(&old), fresh_stream(), w.now())
+        .unwrap();
     w.drain();
     w.allocate();
     assert_eq!(
