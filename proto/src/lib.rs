@@ -11,8 +11,10 @@
 //! - [`v1`]: the generated messages, clients (`*_client`) and servers (`*_server`).
 //! - [`convert`]: wire ⇄ core conversions and [`ProtoError`].
 //! - [`leader`]: how followers name the leader, and how callers follow it.
+//! - [`dial`]: the search for the leader every client runs over a list of masters.
 
 pub mod convert;
+pub mod dial;
 pub mod leader;
 
 /// Generated code of the `agora.v1` package.
