@@ -13,11 +13,14 @@
 //! ```
 
 use std::path::Path;
+use std::sync::Arc;
 
+use agora_proto::dial::{self, Failure};
 use sha2::Digest;
 use tokio_stream::StreamExt;
 
 use crate::Error;
+use crate::masters::{self, DialPolicy};
 
 /// `sha256:<hex>` of a file's contents.
 ///
@@ -35,65 +38,130 @@ pub fn digest_file(path: &Path) -> Result<String, Error> {
 /// Uploads `path` to the master's blob store and returns its digest. `progress(sent,
 /// total)` is called as bytes go out. Nothing is sent when the master already holds it.
 ///
+/// `master` is one address or a comma-separated list: the masters are tried in turn, and a
+/// follower's redirect (`307` with `Location`) is followed to the leader, the file sent
+/// again from its start.
+///
 /// # Errors
-/// [`Error::Invalid`] for an unreadable file, [`Error::Refused`] when the master refuses it
-/// (too large, no blob store), [`Error::Connection`] when it cannot be reached.
+/// [`Error::Invalid`] for an unreadable file or a bad list, [`Error::Refused`] when the
+/// master refuses it (too large, no blob store), [`Error::Connection`] when no master
+/// leads (naming each master tried and why).
 pub async fn upload_file(
     master: &str,
     path: &Path,
     progress: impl Fn(u64, u64) + Send + Sync + 'static,
 ) -> Result<String, Error> {
+    let list = masters::parse(master)?;
     let digest = {
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || digest_file(&path))
             .await
             .map_err(|e| Error::Invalid(e.to_string()))??
     };
-    let url = format!("{}/blobs/{digest}", master.trim_end_matches('/'));
-    let client = reqwest::Client::new();
-    let refused = |status: reqwest::StatusCode, body: String| Error::Refused {
-        code: if status == reqwest::StatusCode::NOT_FOUND {
-            tonic::Code::NotFound
-        } else {
-            tonic::Code::InvalidArgument
-        },
-        message: format!("the master answered {status}: {}", body.trim()),
-    };
-    let head = client
-        .head(&url)
-        .send()
-        .await
-        .map_err(|e| Error::Connection(format!("reaching {master}: {e}")))?;
     let size = std::fs::metadata(path)
         .map_err(|e| Error::Invalid(format!("reading {}: {e}", path.display())))?
         .len();
-    if head.status().is_success() {
-        progress(size, size);
-        return Ok(digest);
-    }
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| Error::Invalid(format!("reading {}: {e}", path.display())))?;
-    let progress = std::sync::Arc::new(progress);
-    let mut sent = 0u64;
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10).map(move |chunk| {
-        if let Ok(c) = &chunk {
-            sent += c.len() as u64;
-            progress(sent, size);
+    // Redirects are followed here, where the body can be sent again.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| Error::Invalid(format!("building an HTTP client: {e}")))?;
+    let progress = Arc::new(progress);
+    let blob = Blob {
+        client: &client,
+        path,
+        digest: &digest,
+        size,
+    };
+    dial::find_leader(&list, &DialPolicy::default(), |base| {
+        blob.put(base, progress.clone())
+    })
+    .await?;
+    Ok(digest)
+}
+
+/// A file to upload.
+#[derive(Clone, Copy)]
+struct Blob<'a> {
+    client: &'a reqwest::Client,
+    path: &'a Path,
+    digest: &'a str,
+    size: u64,
+}
+
+impl Blob<'_> {
+    /// Puts the file at the master at `base`, unless it holds it already.
+    async fn put<P>(self, base: String, progress: Arc<P>) -> Result<(), Failure<Error>>
+    where
+        P: Fn(u64, u64) + Send + Sync + 'static,
+    {
+        let url = format!("{base}/blobs/{}", self.digest);
+        let unreachable = |e: reqwest::Error| Failure::Unreachable(masters::error_chain(&e));
+        let head = self.client.head(&url).send().await.map_err(unreachable)?;
+        if head.status().is_success() {
+            progress(self.size, self.size);
+            return Ok(());
         }
-        chunk
-    });
-    let response = client
-        .put(&url)
-        .header(reqwest::header::CONTENT_LENGTH, size)
-        .body(reqwest::Body::wrap_stream(stream))
-        .send()
-        .await
-        .map_err(|e| Error::Connection(format!("uploading to {master}: {e}")))?;
-    let status = response.status();
-    if status.is_success() {
-        Ok(digest)
-    } else {
-        Err(refused(status, response.text().await.unwrap_or_default()))
+        if let Some(f) = not_leader(&head) {
+            return Err(f);
+        }
+        let file = tokio::fs::File::open(self.path).await.map_err(|e| {
+            Failure::Refused(Error::Invalid(format!(
+                "reading {}: {e}",
+                self.path.display()
+            )))
+        })?;
+        let (mut sent, size) = (0u64, self.size);
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file, 256 << 10).map(move |chunk| {
+                if let Ok(c) = &chunk {
+                    sent += c.len() as u64;
+                    progress(sent, size);
+                }
+                chunk
+            });
+        let response = self
+            .client
+            .put(&url)
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if let Some(f) = not_leader(&response) {
+            return Err(f);
+        }
+        let body = response.text().await.unwrap_or_default();
+        Err(Failure::Refused(Error::Refused {
+            code: if status == reqwest::StatusCode::NOT_FOUND {
+                tonic::Code::NotFound
+            } else {
+                tonic::Code::InvalidArgument
+            },
+            message: format!("the master answered {status}: {}", body.trim()),
+        }))
+    }
+}
+
+/// A follower's answer: `307`/`308` to the leader (its origin), or `503` while it knows no
+/// leader.
+fn not_leader(r: &reqwest::Response) -> Option<Failure<Error>> {
+    use reqwest::StatusCode;
+    match r.status() {
+        StatusCode::TEMPORARY_REDIRECT | StatusCode::PERMANENT_REDIRECT => {
+            let leader = r
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| r.url().join(l).ok())
+                .map(|u| u.origin().ascii_serialization());
+            Some(Failure::NotLeader(leader))
+        }
+        StatusCode::SERVICE_UNAVAILABLE => Some(Failure::NotLeader(None)),
+        _ => None,
     }
 }

@@ -9,6 +9,9 @@
 //! - [`executor`] writes custom executors: processes the agent starts to run a framework's
 //!   tasks.
 //!
+//! Wherever a master's address is taken, a comma-separated list of the masters of a group
+//! is too (`a:5050,b:5050,c:5050`): the clients find the leader and follow it ([`masters`]).
+//!
 //! Errors separate "your request was refused" ([`Error::Refused`], [`Error::Invalid`]) from
 //! "the connection or the master failed" ([`Error::Connection`]), so callers can match.
 //!
@@ -19,17 +22,20 @@
 //! - [`operator`]: operator and sandbox clients.
 //! - [`executor`]: the executor side of the agent's Executor API.
 //! - [`blob`]: uploads to the master's blob store.
+//! - [`masters`]: lists of masters, and how the leader is found.
 //! - [`bundle`]: task bundles (`agora.toml` and what it names).
 
 pub mod blob;
 pub mod bundle;
 pub mod executor;
+pub mod masters;
 pub mod operator;
 pub mod scheduler;
 pub mod task;
 
 pub use agora_core as core;
 pub use agora_proto::v1 as proto;
+pub use masters::DialPolicy;
 pub use operator::{Operator, agent_containers, agent_metrics, read_sandbox_file};
 pub use scheduler::{Event, Events, Scheduler, SchedulerConfig, subscribe};
 pub use task::{OfferPool, TaskBuilder, offer_resources};

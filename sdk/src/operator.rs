@@ -1,13 +1,17 @@
 //! Clients for operators and tools: the master's Operator API and the agents' Sandbox API.
 
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agora_core::{FrameworkId, Resources, TaskId};
+use agora_proto::dial::{self, Failure};
 use agora_proto::resources_to_proto;
 use agora_proto::v1::{self, operator_client::OperatorClient, sandbox_client::SandboxClient};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::Error;
+use crate::masters::{self, DialPolicy};
 
 async fn channel(addr: &str) -> Result<Channel, Error> {
     Endpoint::from_shared(addr.to_owned())
@@ -19,19 +23,79 @@ async fn channel(addr: &str) -> Result<Channel, Error> {
         .map_err(|e| Error::Connection(format!("connecting to {addr}: {e}")))
 }
 
-/// A client of the master's Operator API.
+/// A client of the master's Operator API. Given a list of masters, it talks to the leader,
+/// and finds the leader again when the one it talks to stops leading or goes away.
 #[derive(Debug, Clone)]
 pub struct Operator {
-    client: OperatorClient<Channel>,
+    masters: Vec<String>,
+    policy: DialPolicy,
+    /// The master calls go to first, and its client.
+    current: Arc<Mutex<(String, OperatorClient<Channel>)>>,
 }
 
 impl Operator {
+    /// Finds the leader among `master` (one address, or a comma-separated list) with a
+    /// health call.
+    ///
     /// # Errors
-    /// [`Error::Connection`] when the master cannot be reached.
+    /// [`Error::Connection`] when no master leads (naming each master tried and why),
+    /// [`Error::Invalid`] for a bad list.
     pub async fn connect(master: &str) -> Result<Self, Error> {
-        Ok(Operator {
-            client: OperatorClient::new(channel(master).await?),
+        Self::connect_with(master, DialPolicy::default()).await
+    }
+
+    /// [`Operator::connect`] with the bounds of each search for the leader.
+    ///
+    /// # Errors
+    /// As [`Operator::connect`].
+    pub async fn connect_with(master: &str, policy: DialPolicy) -> Result<Self, Error> {
+        let list = masters::parse(master)?;
+        let (url, (client, _)) = search(&list, &policy, |mut c| async move {
+            c.get_health(v1::GetHealthRequest {}).await
         })
+        .await?;
+        Ok(Operator {
+            masters: list,
+            policy,
+            current: Arc::new(Mutex::new((url, client))),
+        })
+    }
+
+    /// The master calls go to: the leader, when this client last looked.
+    pub fn master(&self) -> String {
+        self.current().0
+    }
+
+    fn current(&self) -> (String, OperatorClient<Channel>) {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Makes `call` at the current master; when that one no longer leads or cannot be
+    /// reached, searches for the leader (named one first) and makes it there.
+    async fn call<T, F, Fut>(&self, call: F) -> Result<T, Error>
+    where
+        F: Fn(OperatorClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let (at, client) = self.current();
+        let named = match Failure::from(match call(client).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(status) => status,
+        }) {
+            Failure::Refused(status) => return Err(status.into()),
+            Failure::NotLeader(named) => named,
+            Failure::Unreachable(why) => {
+                tracing::debug!(master = %at, %why, "searching for the leader");
+                None
+            }
+        };
+        let order = dial::order(&self.masters, named.as_deref(), Some(&at));
+        let (url, (client, answer)) = search(&order, &self.policy, call).await?;
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = (url, client);
+        Ok(answer.into_inner())
     }
 
     /// Agents, frameworks and tasks, as of the master's latest snapshot.
@@ -39,23 +103,15 @@ impl Operator {
     /// # Errors
     /// When the call fails.
     pub async fn state(&self) -> Result<v1::GetStateResponse, Error> {
-        Ok(self
-            .client
-            .clone()
-            .get_state(v1::GetStateRequest {})
-            .await?
-            .into_inner())
+        self.call(|mut c| async move { c.get_state(v1::GetStateRequest {}).await })
+            .await
     }
 
     /// # Errors
     /// When the call fails.
     pub async fn health(&self) -> Result<v1::GetHealthResponse, Error> {
-        Ok(self
-            .client
-            .clone()
-            .get_health(v1::GetHealthRequest {})
-            .await?
-            .into_inner())
+        self.call(|mut c| async move { c.get_health(v1::GetHealthRequest {}).await })
+            .await
     }
 
     /// Roles with their weights, quotas, allocations and reservations.
@@ -64,11 +120,8 @@ impl Operator {
     /// When the call fails.
     pub async fn roles(&self) -> Result<Vec<v1::RoleState>, Error> {
         Ok(self
-            .client
-            .clone()
-            .get_roles(v1::GetRolesRequest {})
+            .call(|mut c| async move { c.get_roles(v1::GetRolesRequest {}).await })
             .await?
-            .into_inner()
             .roles)
     }
 
@@ -77,13 +130,15 @@ impl Operator {
     /// # Errors
     /// [`Error::Refused`] when the role or weight is invalid.
     pub async fn set_weight(&self, role: &str, weight: f64) -> Result<(), Error> {
-        self.client
-            .clone()
-            .update_weight(v1::UpdateWeightRequest {
-                role: role.to_owned(),
-                weight,
-            })
-            .await?;
+        let req = v1::UpdateWeightRequest {
+            role: role.to_owned(),
+            weight,
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.update_weight(req).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -99,17 +154,41 @@ impl Operator {
         limit: Option<&Resources>,
         force: bool,
     ) -> Result<(), Error> {
-        self.client
-            .clone()
-            .update_quota(v1::UpdateQuotaRequest {
-                role: role.to_owned(),
-                guarantee: resources_to_proto(guarantee),
-                limit: limit.map(resources_to_proto).unwrap_or_default(),
-                force,
-            })
-            .await?;
+        let req = v1::UpdateQuotaRequest {
+            role: role.to_owned(),
+            guarantee: resources_to_proto(guarantee),
+            limit: limit.map(resources_to_proto).unwrap_or_default(),
+            force,
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.update_quota(req).await }
+        })
+        .await?;
         Ok(())
     }
+}
+
+/// Searches `order` for the leader, making `call` at each master tried; returns the leader,
+/// its client and its answer.
+async fn search<T, F, Fut>(
+    order: &[String],
+    policy: &DialPolicy,
+    call: F,
+) -> Result<(String, (OperatorClient<Channel>, tonic::Response<T>)), Error>
+where
+    F: Fn(OperatorClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let call = &call;
+    Ok(dial::find_leader(order, policy, |url| async move {
+        let client = OperatorClient::new(masters::channel(&url, false).await?);
+        let answer = call(client.clone())
+            .await
+            .map_err(masters::status_failure)?;
+        Ok((client, answer))
+    })
+    .await?)
 }
 
 /// Reads the whole of `path` (e.g. `stdout`) from the sandbox of a task on the agent serving

@@ -5,16 +5,20 @@ use std::time::Duration;
 
 use agora_core::{AgentId, FrameworkId, OfferId, TaskId};
 use agora_proto::MAX_MESSAGE_BYTES;
+use agora_proto::dial::{self, Failure};
 use agora_proto::v1::{self, scheduler_client::SchedulerClient};
-use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tokio::sync::{Notify, mpsc};
+use tonic::transport::Channel;
 
 use crate::Error;
+use crate::masters::{self, DialPolicy};
 
 /// Settings of a scheduler subscription.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
-    /// The master's address, e.g. `http://127.0.0.1:5050`.
+    /// The master's address, e.g. `http://127.0.0.1:5050` (the scheme may be left out), or
+    /// the masters of a group, comma-separated: `a:5050,b:5050,c:5050`. The driver finds
+    /// the leader among them, and finds it again after a break.
     pub master: String,
     pub framework: v1::FrameworkInfo,
     /// Acknowledge each status update when [`Events::next`] hands it over. Default true.
@@ -23,6 +27,10 @@ pub struct SchedulerConfig {
     pub reconnect: bool,
     /// Events buffered between the stream and the caller. Default 1024.
     pub event_buffer: usize,
+    /// Bounds of each search for the leader (at subscription, and at each re-subscription;
+    /// a failed re-subscription search is retried with backoff). Default
+    /// [`DialPolicy::default`].
+    pub discovery: DialPolicy,
 }
 
 impl SchedulerConfig {
@@ -39,6 +47,7 @@ impl SchedulerConfig {
             auto_acknowledge: true,
             reconnect: true,
             event_buffer: 1024,
+            discovery: DialPolicy::default(),
         }
     }
 }
@@ -84,9 +93,18 @@ struct Session {
     stream_id: String,
 }
 
-struct Inner {
+/// The master the driver is subscribed to.
+#[derive(Clone)]
+struct Link {
+    master: String,
     client: SchedulerClient<Channel>,
+}
+
+struct Inner {
+    link: RwLock<Link>,
     session: RwLock<Option<Session>>,
+    /// Woken when a call finds that the master no longer leads: the driver re-subscribes.
+    lost_leader: Notify,
 }
 
 /// A handle for making calls. Cheap to clone.
@@ -98,6 +116,7 @@ pub struct Scheduler {
 impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scheduler")
+            .field("master", &self.master())
             .field("session", &self.session())
             .finish()
     }
@@ -186,41 +205,77 @@ fn convert(ev: v1::event::Event) -> Option<Event> {
     })
 }
 
-/// Subscribes; `replaces` is the stream id of this process's previous subscription, which
-/// lets it take over even before the master has noticed the old stream's end.
+/// A subscription as it starts.
+struct Opened {
+    link: Link,
+    stream: tonic::Streaming<v1::Event>,
+    session: Session,
+    first: Event,
+}
+
+/// Subscribes at `master`; `replaces` is the stream id of this process's previous
+/// subscription, which lets it take over even before the master has noticed the old
+/// stream's end. A master that never saw that stream (a new leader) ignores it: the
+/// framework has no live subscription there.
 async fn open(
-    client: &mut SchedulerClient<Channel>,
+    master: String,
     info: v1::FrameworkInfo,
-    replaces: Option<&str>,
-) -> Result<(tonic::Streaming<v1::Event>, Session, Event), Error> {
+    replaces: Option<String>,
+) -> Result<Opened, Failure<Error>> {
+    let mut client = SchedulerClient::new(masters::channel(&master, true).await?)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let mut stream = client
         .subscribe(v1::SubscribeRequest {
             framework_info: Some(info),
-            stream_id: replaces.unwrap_or_default().to_owned(),
+            stream_id: replaces.unwrap_or_default(),
         })
         .await
-        .map_err(Error::from)?
+        .map_err(masters::status_failure)?
         .into_inner();
     let first = tokio::time::timeout(Duration::from_secs(30), stream.message())
         .await
-        .map_err(|_| Error::Connection("no SUBSCRIBED event within 30s".into()))?
-        .map_err(Error::from)?;
+        .map_err(|_| Failure::Unreachable("no SUBSCRIBED event within 30s".into()))?
+        .map_err(masters::status_failure)?;
     match first.and_then(|e| e.event) {
         Some(v1::event::Event::Subscribed(s)) => {
-            let (session, ev) = subscribed(s)?;
-            Ok((stream, session, ev))
+            let (session, first) = subscribed(s).map_err(Failure::Refused)?;
+            Ok(Opened {
+                link: Link { master, client },
+                stream,
+                session,
+                first,
+            })
         }
-        Some(v1::event::Event::Error(e)) => Err(Error::Refused {
+        Some(v1::event::Event::Error(e)) => Err(Failure::Refused(Error::Refused {
             code: tonic::Code::FailedPrecondition,
             message: e.message,
-        }),
-        other => Err(Error::Protocol(format!(
+        })),
+        other => Err(Failure::Refused(Error::Protocol(format!(
             "expected SUBSCRIBED first, got {other:?}"
-        ))),
+        )))),
     }
 }
 
+/// Searches `order` for the leader and subscribes there.
+async fn open_at_leader(
+    order: &[String],
+    policy: &DialPolicy,
+    info: &v1::FrameworkInfo,
+    replaces: Option<&str>,
+) -> Result<Opened, Error> {
+    let (_, opened) = dial::find_leader(order, policy, |master| {
+        open(master, info.clone(), replaces.map(str::to_owned))
+    })
+    .await?;
+    Ok(opened)
+}
+
 /// Connects to the master and subscribes a framework.
+///
+/// With a list of masters, they are tried in turn and redirects followed to the leader;
+/// after a break the driver searches again, so a framework follows a failover to a new
+/// leader and re-subscribes there with its framework id.
 ///
 /// Returns once the master has answered SUBSCRIBED (the first event of [`Events`]); a
 /// background task then reads the stream, re-subscribing after breaks if configured to.
@@ -239,25 +294,21 @@ async fn open(
 /// ```
 ///
 /// # Errors
-/// [`Error::Connection`] when the master cannot be reached, [`Error::Refused`] when it refuses
-/// the subscription (e.g. an invalid framework info).
+/// [`Error::Connection`] when no master leads (it names each master tried and why),
+/// [`Error::Refused`] when the leader refuses the subscription (e.g. an invalid framework
+/// info), [`Error::Invalid`] for a bad master list.
 pub async fn subscribe(config: SchedulerConfig) -> Result<(Scheduler, Events), Error> {
-    let channel = Endpoint::from_shared(config.master.clone())
-        .map_err(|e| Error::Invalid(format!("master address {:?}: {e}", config.master)))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .connect()
-        .await
-        .map_err(|e| Error::Connection(format!("connecting to {}: {e}", config.master)))?;
-    let mut client = SchedulerClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let (stream, session, first) = open(&mut client, config.framework.clone(), None).await?;
+    let list = masters::parse(&config.master)?;
+    let Opened {
+        link,
+        stream,
+        session,
+        first,
+    } = open_at_leader(&list, &config.discovery, &config.framework, None).await?;
     let inner = Arc::new(Inner {
-        client: client.clone(),
+        link: RwLock::new(link),
         session: RwLock::new(Some(session.clone())),
+        lost_leader: Notify::new(),
     });
     let scheduler = Scheduler { inner };
     let (tx, rx) = mpsc::channel(config.event_buffer.max(1));
@@ -270,7 +321,7 @@ pub async fn subscribe(config: SchedulerConfig) -> Result<(Scheduler, Events), E
     let _ = tx.send(first).await;
     tokio::spawn(drive(
         scheduler.clone(),
-        client,
+        list,
         config.clone(),
         stream,
         session,
@@ -287,10 +338,11 @@ pub async fn subscribe(config: SchedulerConfig) -> Result<(Scheduler, Events), E
     ))
 }
 
-/// Reads the stream into the channel; on a break, re-subscribes with backoff.
+/// Reads the stream into the channel; on a break, searches for the leader again and
+/// re-subscribes there, with backoff.
 async fn drive(
     scheduler: Scheduler,
-    mut client: SchedulerClient<Channel>,
+    list: Vec<String>,
     config: SchedulerConfig,
     mut stream: tonic::Streaming<v1::Event>,
     mut session: Session,
@@ -298,20 +350,33 @@ async fn drive(
     tx: mpsc::Sender<Event>,
 ) {
     loop {
+        // Made before reading, so a call that finds a deposed leader wakes it.
+        let lost_leader = scheduler.inner.lost_leader.notified();
+        tokio::pin!(lost_leader);
+        // A leader named by the status that ended the stream.
+        let mut named: Option<String> = None;
         let reason = loop {
-            // Three missed heartbeats mean the master or the path to it is gone.
-            match tokio::time::timeout(heartbeat * 3, stream.message()).await {
-                Ok(Ok(Some(v1::Event { event: Some(ev) }))) => {
-                    if let Some(ev) = convert(ev)
-                        && tx.send(ev).await.is_err()
-                    {
-                        return;
+            tokio::select! {
+                // Three missed heartbeats mean the master or the path to it is gone.
+                read = tokio::time::timeout(heartbeat * 3, stream.message()) => match read {
+                    Ok(Ok(Some(v1::Event { event: Some(ev) }))) => {
+                        if let Some(ev) = convert(ev)
+                            && tx.send(ev).await.is_err()
+                        {
+                            return;
+                        }
                     }
+                    Ok(Ok(Some(_))) => {}
+                    Ok(Ok(None)) => break "the master ended the subscription".to_string(),
+                    Ok(Err(status)) => {
+                        named = agora_proto::leader::redirect(&status).flatten();
+                        break format!("subscription failed: {}", status.message());
+                    }
+                    Err(_) => break format!("no event from the master for {:?}", heartbeat * 3),
+                },
+                () = &mut lost_leader => {
+                    break format!("{} no longer leads", scheduler.master());
                 }
-                Ok(Ok(Some(_))) => {}
-                Ok(Ok(None)) => break "the master ended the subscription".to_string(),
-                Ok(Err(status)) => break format!("subscription failed: {}", status.message()),
-                Err(_) => break format!("no event from the master for {:?}", heartbeat * 3),
             }
         };
         scheduler.set_session(None);
@@ -326,22 +391,26 @@ async fn drive(
             return;
         }
         tracing::info!(framework_id = %session.framework_id, %reason, "re-subscribing");
+        let lost = scheduler.master();
         let mut delay = Duration::from_millis(100);
         loop {
             let mut info = config.framework.clone();
             info.id = Some((&session.framework_id).into());
-            match open(&mut client, info, Some(&session.stream_id)).await {
-                Ok((s, new_session, ev)) => {
+            let order = dial::order(&list, named.as_deref(), Some(&lost));
+            match open_at_leader(&order, &config.discovery, &info, Some(&session.stream_id)).await {
+                Ok(opened) => {
                     if let Event::Subscribed {
                         heartbeat_interval, ..
-                    } = &ev
+                    } = &opened.first
                     {
                         heartbeat = *heartbeat_interval;
                     }
-                    stream = s;
-                    session = new_session;
+                    tracing::info!(framework_id = %session.framework_id, master = %opened.link.master, "re-subscribed");
+                    stream = opened.stream;
+                    session = opened.session;
+                    scheduler.set_link(opened.link);
                     scheduler.set_session(Some(session.clone()));
-                    if tx.send(ev).await.is_err() {
+                    if tx.send(opened.first).await.is_err() {
                         return;
                     }
                     break;
@@ -357,6 +426,7 @@ async fn drive(
                     if tx.is_closed() {
                         return;
                     }
+                    named = None;
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -372,6 +442,23 @@ impl Scheduler {
             .session
             .write()
             .unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    fn set_link(&self, link: Link) {
+        *self.inner.link.write().unwrap_or_else(|p| p.into_inner()) = link;
+    }
+
+    fn link(&self) -> Link {
+        self.inner
+            .link
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The master the driver subscribed at: the leader, when it last looked.
+    pub fn master(&self) -> String {
+        self.link().master
     }
 
     fn session(&self) -> Option<Session> {
@@ -395,8 +482,32 @@ impl Scheduler {
         })
     }
 
-    fn client(&self) -> SchedulerClient<Channel> {
-        self.inner.client.clone()
+    /// The answer of a call made at `link`. A master that says it no longer leads fails
+    /// the call with [`Error::Connection`] (retry once re-subscribed) and sends the driver
+    /// looking for the leader.
+    fn answer<T>(
+        &self,
+        link: &Link,
+        answer: Result<tonic::Response<T>, tonic::Status>,
+    ) -> Result<T, Error> {
+        let status = match answer {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(status) => status,
+        };
+        let Some(named) = agora_proto::leader::redirect(&status) else {
+            return Err(status.into());
+        };
+        // A call made before the driver moved on says nothing about the master it is on now.
+        if self.master() == link.master {
+            self.inner.lost_leader.notify_waiters();
+        }
+        Err(Error::Connection(format!(
+            "{} no longer leads ({}); re-subscribing",
+            link.master,
+            named.map_or("no leader known yet".into(), |l| format!(
+                "the leader is {l}"
+            ))
+        )))
     }
 
     /// Launches `tasks` on the resources of `offers` (all on one agent). Tasks that do not fit
@@ -421,7 +532,9 @@ impl Scheduler {
             }],
             filters: Some(v1::Filters { refuse_seconds }),
         };
-        self.client().accept(req).await?;
+        let link = self.link();
+        let answer = link.client.clone().accept(req).await;
+        self.answer(&link, answer)?;
         Ok(())
     }
 
@@ -440,7 +553,9 @@ impl Scheduler {
             offer_ids: offers.to_vec(),
             filters: Some(v1::Filters { refuse_seconds }),
         };
-        self.client().decline(req).await?;
+        let link = self.link();
+        let answer = link.client.clone().decline(req).await;
+        self.answer(&link, answer)?;
         Ok(())
     }
 
@@ -461,7 +576,9 @@ impl Scheduler {
             header: Some(self.header()?),
             roles: roles.to_vec(),
         };
-        self.client().revive(req).await?;
+        let link = self.link();
+        let answer = link.client.clone().revive(req).await;
+        self.answer(&link, answer)?;
         Ok(())
     }
 
@@ -482,7 +599,9 @@ impl Scheduler {
             header: Some(self.header()?),
             roles: roles.to_vec(),
         };
-        self.client().suppress(req).await?;
+        let link = self.link();
+        let answer = link.client.clone().suppress(req).await;
+        self.answer(&link, answer)?;
         Ok(())
     }
 
@@ -504,7 +623,9 @@ impl Scheduler {
             operations,
             filters: Some(v1::Filters { refuse_seconds }),
         };
-        self.client().accept(req).await?;
+        let link = self.link();
+        let answer = link.client.clone().accept(req).await;
+        self.answer(&link, answer)?;
         Ok(())
     }
 
@@ -518,7 +639,9 @@ impl Scheduler {
             task_id: Some(task.into()),
             agent_id: agent.map(Into::into),
         };
-        self.client().kill(req).await?;
+        let link = self.link();
+        let answer = link.client.clone().kill(req).await;
+        self.answer(&link, answer)?;
         Ok(())
     }
 
@@ -538,7 +661,9 @@ impl Scheduler {
             task_id: status.task_id.clone(),
             uuid: status.uuid.clone(),
         };
-        self.client().acknowledge(req).await?;
+        let link = self.link();
+        let answer = link.client.clone().acknowledge(req).await;
+        self.answer(&link, answer)?;
         Ok(())
     }
 
@@ -558,7 +683,9 @@ impl Scheduler {
                 })
                 .collect(),
         };
-        self.client().reconcile(req).await?;
+        let link = self.link();
+        let answer = link.client.clone().reconcile(req).await;
+        self.answer(&link, answer)?;
         Ok(())
     }
 
@@ -570,7 +697,9 @@ impl Scheduler {
         let req = v1::TeardownRequest {
             header: Some(self.header()?),
         };
-        self.client().teardown(req).await?;
+        let link = self.link();
+        let answer = link.client.clone().teardown(req).await;
+        self.answer(&link, answer)?;
         Ok(())
     }
 }
