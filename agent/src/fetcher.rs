@@ -1,7 +1,7 @@
 //! The fetcher: puts a task's artifacts (its `uris`) into its sandbox before it starts.
 //!
 //! ```text
-//!  uri ──> http(s):// | file:// | sha256:<hex> (the master's blob store)
+//!  uri ──> http(s):// | file:// | sha256:<hex> (the masters' blob stores, each in turn)
 //!           │
 //!           ├─ cache = false: stream into the sandbox, hashing as it goes
 //!           └─ cache = true:  one download per URI at a time (later fetchers wait for it),
@@ -147,7 +147,8 @@ struct Counters {
 struct Inner {
     config: FetcherConfig,
     dir: PathBuf,
-    master: String,
+    /// The masters, tried in turn for a blob: each serves its own store.
+    masters: Vec<String>,
     http: reqwest::Client,
     cache: Mutex<Cache>,
     /// One lock per URI being fetched into the cache, so it is downloaded once.
@@ -264,13 +265,29 @@ fn archive_kind(name: &str) -> Option<ArchiveKind> {
 
 impl Fetcher {
     /// A fetcher whose cache lives in `dir` (emptied now: the cache does not outlive the
-    /// agent) and which fetches `sha256:` URIs from `master`'s blob store.
+    /// agent) and which fetches `sha256:` URIs from the blob stores of `master` (one
+    /// address, or a comma-separated list of masters, tried in turn).
     ///
     /// # Errors
-    /// When the directory cannot be prepared or the HTTP client cannot be built.
+    /// When the list names no master, the directory cannot be prepared or the HTTP client
+    /// cannot be built.
     pub fn new(
         dir: impl Into<PathBuf>,
         master: impl Into<String>,
+        config: FetcherConfig,
+    ) -> io::Result<Fetcher> {
+        let masters = agora_proto::leader::masters(&master.into())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Self::with_masters(dir, masters, config)
+    }
+
+    /// [`Fetcher::new`] with the masters' URLs (with scheme) already parsed.
+    ///
+    /// # Errors
+    /// When the directory cannot be prepared or the HTTP client cannot be built.
+    pub fn with_masters(
+        dir: impl Into<PathBuf>,
+        masters: Vec<String>,
         config: FetcherConfig,
     ) -> io::Result<Fetcher> {
         let dir = dir.into();
@@ -287,7 +304,10 @@ impl Fetcher {
             inner: Arc::new(Inner {
                 config,
                 dir,
-                master: master.into().trim_end_matches('/').to_owned(),
+                masters: masters
+                    .into_iter()
+                    .map(|m| m.trim_end_matches('/').to_owned())
+                    .collect(),
                 http,
                 cache: Mutex::new(Cache::default()),
                 flights: Mutex::new(HashMap::new()),
@@ -722,45 +742,89 @@ impl Fetcher {
         }
     }
 
-    /// GETs an http(s) URL, or a blob of the master's store, into `target`; returns its
-    /// size and sha256.
+    /// GETs an http(s) URL, or a blob of the masters' stores, into `target`; returns its
+    /// size and sha256. A blob is asked of each master in turn until one serves it.
     async fn http_get(
         &self,
         value: &str,
         target: &Path,
         budget: u64,
     ) -> Result<(u64, String), FetchError> {
-        let url = if let Some(digest) = value.strip_prefix("sha256:") {
-            format!("{}/blobs/sha256:{digest}", self.inner.master)
-        } else if value.starts_with("http://") || value.starts_with("https://") {
-            value.to_owned()
-        } else {
+        if let Some(digest) = value.strip_prefix("sha256:") {
+            let mut missed = Vec::new();
+            for master in &self.inner.masters {
+                let url = format!("{master}/blobs/sha256:{digest}");
+                match self.get(&url, value, target, budget).await {
+                    Ok(got) => return Ok(got),
+                    Err(Get::Failed(e)) => return Err(e),
+                    Err(Get::Missed { status, why }) => {
+                        let why = if status == Some(reqwest::StatusCode::NOT_FOUND) {
+                            "the master's blob store has no such blob".to_owned()
+                        } else {
+                            why
+                        };
+                        tracing::debug!(%master, uri = %value, %why, "blob not fetched here");
+                        missed.push((master, why));
+                    }
+                }
+            }
+            return Err(fail(
+                value,
+                match missed.as_slice() {
+                    [(_, why)] => why.clone(),
+                    _ => format!(
+                        "no master served it: {}",
+                        missed
+                            .iter()
+                            .map(|(m, why)| format!("{m}: {why}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                },
+            ));
+        }
+        if !(value.starts_with("http://") || value.starts_with("https://")) {
             return Err(fail(
                 value,
                 "unsupported URI scheme (use http://, https://, file:// or sha256:)",
             ));
-        };
+        }
+        self.get(value, value, target, budget)
+            .await
+            .map_err(|e| match e {
+                Get::Failed(e) => e,
+                Get::Missed { why, .. } => fail(value, why),
+            })
+    }
+
+    /// GETs `url` (for the URI `value`) into `target`.
+    async fn get(
+        &self,
+        url: &str,
+        value: &str,
+        target: &Path,
+        budget: u64,
+    ) -> Result<(u64, String), Get> {
+        let missed = |why: String| Get::Missed { status: None, why };
         let mut response = self
             .inner
             .http
-            .get(&url)
+            .get(url)
             .send()
             .await
-            .map_err(|e| fail(value, error_chain(&e)))?;
+            .map_err(|e| missed(error_chain(&e)))?;
         let status = response.status();
         if !status.is_success() {
-            let cause = if value.starts_with("sha256:") && status.as_u16() == 404 {
-                "the master's blob store has no such blob".to_owned()
-            } else {
-                format!("the server answered {status}")
-            };
-            return Err(fail(value, cause));
+            return Err(Get::Missed {
+                status: Some(status),
+                why: format!("the server answered {status}"),
+            });
         }
         let too_big = || {
-            fail(
+            Get::Failed(fail(
                 value,
                 format!("larger than the {budget} bytes this task may fetch"),
-            )
+            ))
         };
         if response.content_length().is_some_and(|l| l > budget) {
             return Err(too_big());
@@ -772,13 +836,13 @@ impl Fetcher {
             .custom_flags(libc::O_NOFOLLOW)
             .open(target)
             .await
-            .map_err(|e| fail(value, e))?;
+            .map_err(|e| Get::Failed(fail(value, e)))?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|e| fail(value, error_chain(&e)))?
+            .map_err(|e| missed(error_chain(&e)))?
         {
             size += chunk.len() as u64;
             if size > budget {
@@ -787,13 +851,25 @@ impl Fetcher {
             hasher.update(&chunk);
             tokio::io::AsyncWriteExt::write_all(&mut out, &chunk)
                 .await
-                .map_err(|e| fail(value, e))?;
+                .map_err(|e| Get::Failed(fail(value, e)))?;
         }
         tokio::io::AsyncWriteExt::flush(&mut out)
             .await
-            .map_err(|e| fail(value, e))?;
+            .map_err(|e| Get::Failed(fail(value, e)))?;
         Ok((size, hex::encode(hasher.finalize())))
     }
+}
+
+/// Why a GET did not fetch.
+enum Get {
+    /// This server did not serve it (unreachable, an error status, a broken body): another
+    /// may.
+    Missed {
+        status: Option<reqwest::StatusCode>,
+        why: String,
+    },
+    /// The fetch itself fails (too large, the sandbox cannot be written).
+    Failed(FetchError),
 }
 
 /// Copies `from` to `to` within `budget` bytes; returns the size and sha256.
@@ -1045,6 +1121,86 @@ mod tests {
         assert_eq!(parse_sha256(&format!("sha256:{hex}")), Some(hex.clone()));
         assert_eq!(parse_sha256(&hex.to_uppercase()), Some(hex));
         assert_eq!(parse_sha256("sha256:abc"), None);
+    }
+
+    /// A blob store on loopback that serves `blob` (or answers 404 to everything); closes
+    /// each connection after one answer.
+    async fn blob_store(blob: Option<&'static [u8]>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = match blob {
+                    Some(b) => {
+                        let mut a = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                            b.len()
+                        )
+                        .into_bytes();
+                        a.extend_from_slice(b);
+                        a
+                    }
+                    None => {
+                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                            .to_vec()
+                    }
+                };
+                let _ = conn.write_all(&answer).await;
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_blob_is_fetched_from_the_first_master_that_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let without = blob_store(None).await;
+        let with = blob_store(Some(b"module bytes")).await;
+        let digest = sha(b"module bytes");
+        let masters = format!("{dead},{without},{with}");
+        let f = Fetcher::new(dir.path().join("c"), masters, FetcherConfig::default()).unwrap();
+        let sandbox = dir.path().join("sandbox");
+        let mut u = uri(&digest);
+        u.output_file = "m.wasm".into();
+        f.fetch_all(&[u.clone()], &sandbox, None).await.unwrap();
+        assert_eq!(
+            std::fs::read(sandbox.join("m.wasm")).unwrap(),
+            b"module bytes"
+        );
+
+        // No master has it: the error names each and why.
+        let f = Fetcher::new(
+            dir.path().join("c2"),
+            format!("{dead},{without}"),
+            FetcherConfig::default(),
+        )
+        .unwrap();
+        let err = f
+            .fetch_all(&[u], &sandbox, None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no master served it"), "{err}");
+        assert!(err.contains(&format!("{dead}: ")), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{without}: the master's blob store has no such blob"
+            )),
+            "{err}"
+        );
     }
 
     #[tokio::test]

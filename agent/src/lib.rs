@@ -57,7 +57,9 @@ pub use wasm::{Volume, WasmContainerizer, WasmPolicy};
 /// Settings of an agent.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The master's address, e.g. `http://127.0.0.1:5050`.
+    /// The master's address, e.g. `http://127.0.0.1:5050` (the scheme may be left out), or
+    /// the masters of a group, comma-separated: `a:5050,b:5050,c:5050`. The agent links to
+    /// the leader among them, and fetches blobs from whichever has them.
     pub master: String,
     /// Where sandboxes live.
     pub work_dir: PathBuf,
@@ -197,9 +199,10 @@ async fn serve(
         Some(flags) => resources::merge(&detected, flags),
         None => detected,
     };
-    let fetcher = Fetcher::new(
+    let masters = link::masters(&config.master)?;
+    let fetcher = Fetcher::with_masters(
         work_dir.join("fetch-cache"),
-        config.master.clone(),
+        masters.clone(),
         config.fetcher.clone(),
     )
     .map_err(AgentError::Fetcher)?;
@@ -318,10 +321,8 @@ async fn serve(
         events_tx.clone(),
     )
     .with_gc(gc);
-    let endpoint_to_master = link::endpoint(&config.master)?;
     let mut link = tokio::spawn(link::maintain(
-        endpoint_to_master,
-        config.master.clone(),
+        masters,
         link::Backoff {
             min: config.reconnect_min,
             max: Duration::from_secs(10).max(config.reconnect_min),
