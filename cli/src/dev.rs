@@ -1,6 +1,6 @@
-//! `agora dev`: a master and N agents in one process on loopback, for trying Agora out and
-//! for developing frameworks. Each agent gets its share of this machine and its own work
-//! directory.
+//! `agora dev`: masters (one, or a group of 3 or 5) and N agents in one process on loopback,
+//! for trying Agora out and for developing frameworks. Each agent gets its share of this
+//! machine and its own work directory; each master keeps its registry in its own.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,7 +18,11 @@ pub struct DevArgs {
     /// How many agents to run.
     #[arg(long, default_value_t = 1)]
     agents: usize,
-    /// The master's port on 127.0.0.1 (0 picks a free one).
+    /// How many masters to run: 1, or a replicated group of 3 or 5 (on consecutive ports
+    /// from --port).
+    #[arg(long, default_value_t = 1)]
+    masters: usize,
+    /// The (first) master's port on 127.0.0.1 (0 picks free ones).
     #[arg(long, default_value_t = 5050)]
     port: u16,
     /// Where agents keep their sandboxes (default: a new directory under the system's temp
@@ -71,29 +75,61 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("creating {}", work_dir.display()))?;
 
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
-        .await
-        .with_context(|| {
-            format!(
-                "binding 127.0.0.1:{} (is another master running? try --port 0)",
-                args.port
-            )
-        })?;
-    let master = format!("http://{}", listener.local_addr()?);
+    if ![1, 3, 5].contains(&args.masters) {
+        bail!("--masters must be 1, 3 or 5");
+    }
+    let mut listeners = Vec::new();
+    for i in 0..args.masters {
+        let port = if args.port == 0 {
+            0
+        } else {
+            args.port + i as u16
+        };
+        listeners.push(
+            tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .with_context(|| {
+                    format!("binding 127.0.0.1:{port} (is another master running? try --port 0)")
+                })?,
+        );
+    }
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .collect::<Result<_, _>>()?;
+    let master = addrs
+        .iter()
+        .map(|a| format!("http://{a}"))
+        .collect::<Vec<_>>()
+        .join(",");
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let config = agora_master::MasterConfig {
-        agent_heartbeat_interval: Duration::from_secs(1),
-        work_dir: Some(work_dir.join("master")),
-        ..Default::default()
+    let peers: std::collections::BTreeMap<u64, String> = if args.masters == 1 {
+        std::collections::BTreeMap::new()
+    } else {
+        (1..).zip(addrs.iter().cloned()).collect()
     };
-    let master_task = tokio::spawn(agora_master::run(
-        listener,
-        config,
-        stopped(stop_rx.clone()),
-    ));
+    let mut master_tasks = Vec::new();
+    for (i, listener) in (1..).zip(listeners) {
+        let config = agora_master::MasterConfig {
+            agent_heartbeat_interval: Duration::from_secs(1),
+            work_dir: Some(if args.masters == 1 {
+                work_dir.join("master")
+            } else {
+                work_dir.join(format!("master-{i}"))
+            }),
+            group_id: i,
+            peers: peers.clone(),
+            ..Default::default()
+        };
+        master_tasks.push(tokio::spawn(agora_master::run(
+            listener,
+            config,
+            stopped(stop_rx.clone()),
+        )));
+    }
 
     let detected = agora_agent::resources::detect(&work_dir);
     let mut agent_tasks = Vec::new();
@@ -134,7 +170,9 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         bail!("the agents did not register within 5s")
     };
     operator.await?;
-    println!("master: {master} (gRPC; GET {master}/health)");
+    for a in &addrs {
+        println!("master: http://{a} (gRPC; GET http://{a}/health)");
+    }
     println!(
         "ready: {} agent(s) registered. Run a task with:",
         args.agents
@@ -144,14 +182,14 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
 
     // A master or agent that ends by itself (its state owner died) ends the cluster, with
     // its error: a dev cluster that only looks alive is worse than none.
-    let mut master_task = master_task;
     let first_agent_end = futures_first(&mut agent_tasks);
+    let first_master_end = futures_first(&mut master_tasks);
     tokio::select! {
         () = shutdown_signal() => {}
-        r = &mut master_task => {
+        (i, r) = first_master_end => {
             let _ = stop_tx.send(true);
             r.context("master task")??;
-            bail!("the master stopped by itself");
+            bail!("master {} stopped by itself", i + 1);
         }
         (i, r) = first_agent_end => {
             let _ = stop_tx.send(true);
@@ -164,7 +202,9 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     for t in agent_tasks {
         t.await.context("agent task")??;
     }
-    master_task.await.context("master task")??;
+    for t in master_tasks {
+        t.await.context("master task")??;
+    }
     if remove_after {
         let _ = std::fs::remove_dir_all(&work_dir);
     }

@@ -195,6 +195,19 @@ fn check_config(config: &MasterConfig) -> Result<(), MasterError> {
             config.max_missed_heartbeats
         )));
     }
+    if !config.peers.is_empty() && config.work_dir.is_none() {
+        // A member that forgets its vote or log on restart can elect a second leader.
+        return Err(MasterError::Config(
+            "a group of masters (--peers) needs --work-dir, where each keeps its registry".into(),
+        ));
+    }
+    if !config.peers.is_empty() && !config.peers.contains_key(&config.group_id) {
+        return Err(MasterError::Config(format!(
+            "--id {} is not among the --peers ({:?})",
+            config.group_id,
+            config.peers.keys().collect::<Vec<_>>()
+        )));
+    }
     for (name, n) in [
         ("event buffer", config.event_buffer),
         ("link buffer", config.link_buffer),
@@ -246,6 +259,11 @@ async fn serve(
     })
     .await?;
     tracing::info!(master_id = %base_id, %addr, group_id = config.group_id, "master serving");
+    if config.work_dir.is_none() {
+        tracing::warn!(
+            "no work directory: the registry is kept in memory and lost when this master stops"
+        );
+    }
 
     let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
     let (owner_tx, owner_rx) = watch::channel(None);

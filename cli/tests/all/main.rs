@@ -11,6 +11,7 @@ mod fetch;
 mod hardening_agent;
 mod native;
 mod processes;
+mod registry;
 mod roles;
 mod takeover;
 mod wasm;
