@@ -434,3 +434,61 @@ async fn a_subscription_with_no_leader_fails_with_every_master_named() {
     assert!(matches!(err, Error::Connection(_)), "{err:?}");
     assert!(text.contains(&a.name) && text.contains(&dead), "{text}");
 }
+
+/// What a blob store was given: paths and bodies.
+type Stored = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A blob store on loopback: as leader it keeps what is put; as a follower it redirects
+/// uploads to `leader` (HEAD too, as a master does: only GET is served by followers).
+async fn blob_master(leader: Option<String>) -> (String, Stored) {
+    use axum::http::{Method, StatusCode, Uri, header};
+    use axum::response::IntoResponse;
+    let stored: Stored = Arc::default();
+    let store = stored.clone();
+    let handler = move |method: Method, uri: Uri, body: axum::body::Bytes| {
+        let (store, leader) = (store.clone(), leader.clone());
+        async move {
+            if let Some(l) = leader
+                && method != Method::GET
+            {
+                let to = format!("http://{l}{}", uri.path());
+                return (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, to)]).into_response();
+            }
+            let path = uri.path().to_owned();
+            let mut s = store.lock().unwrap();
+            match method {
+                Method::PUT => {
+                    s.push((path, body.to_vec()));
+                    StatusCode::CREATED.into_response()
+                }
+                _ if s.iter().any(|(p, _)| *p == path) => StatusCode::OK.into_response(),
+                _ => StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+    };
+    let app = axum::Router::new().route("/blobs/{digest}", axum::routing::any(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, stored)
+}
+
+#[tokio::test]
+async fn a_blob_upload_follows_the_redirect_and_sends_the_file_again() {
+    let (leader, stored) = blob_master(None).await;
+    let (follower, at_follower) = blob_master(Some(leader.clone())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("task.wasm");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &bytes).unwrap();
+    let dead = dead().await;
+    // Given a dead master and a follower: the upload ends at the leader the follower names.
+    let digest = agora_sdk::blob::upload_file(&list(&[&dead, &follower]), &file, |_, _| {})
+        .await
+        .unwrap();
+    let stored = stored.lock().unwrap().clone();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].0, format!("/blobs/{digest}"));
+    assert!(stored[0].1 == bytes, "the whole file reached the leader");
+    assert!(at_follower.lock().unwrap().is_empty());
+}
