@@ -205,7 +205,8 @@ impl MasterArgs {
 
 #[derive(Args)]
 struct AgentArgs {
-    /// The master's address.
+    /// The master's address, or the masters of a group: 'HOST:PORT,HOST:PORT,HOST:PORT'
+    /// (the leader among them is found, and followed when it changes).
     #[arg(long, env = "AGORA_MASTER", default_value = "127.0.0.1:5050")]
     master: String,
     /// Address to serve the agent's Sandbox API on.
@@ -346,7 +347,8 @@ fn parse_pattern(s: &str) -> Result<agora_executor_wasm::AddrPattern, String> {
 
 #[derive(Args)]
 pub struct QueryArgs {
-    /// The master's address.
+    /// The master's address, or the masters of a group: 'HOST:PORT,HOST:PORT,HOST:PORT'
+    /// (the leader among them is found, and followed when it changes).
     #[arg(long, env = "AGORA_MASTER", default_value = "127.0.0.1:5050")]
     master: String,
 }
@@ -496,13 +498,14 @@ pub async fn upload(master: &str, file: &std::path::Path) -> anyhow::Result<Stri
     Ok(digest)
 }
 
-/// `host:port` becomes `http://host:port`.
+/// `host:port` becomes `http://host:port`; in a list of masters, each does.
 pub fn master_url(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    }
+    addr.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(agora_proto::leader::with_scheme)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn init_tracing(default: &str) {
@@ -689,5 +692,9 @@ mod tests {
     fn master_addresses_get_a_scheme() {
         assert_eq!(master_url("127.0.0.1:5050"), "http://127.0.0.1:5050");
         assert_eq!(master_url("http://m:1"), "http://m:1");
+        assert_eq!(
+            master_url("a:1, http://b:2,c:3"),
+            "http://a:1,http://b:2,http://c:3"
+        );
     }
 }

@@ -33,7 +33,8 @@ pub struct RunArgs {
     /// Arguments passed to the task.
     #[arg(last = true)]
     args: Vec<String>,
-    /// The master's address.
+    /// The master's address, or the masters of a group: 'HOST:PORT,HOST:PORT,HOST:PORT'
+    /// (the task is launched through the leader among them).
     #[arg(long, env = "AGORA_MASTER", default_value = "127.0.0.1:5050")]
     master: String,
     /// CPUs for the task.
