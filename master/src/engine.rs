@@ -1378,11 +1378,15 @@ impl Engine {
         &mut self,
         id: &FrameworkId,
         stream: &str,
-        tasks: &[TaskId],
+        tasks: &[(TaskId, Option<AgentId>)],
         now: Now,
     ) -> Result<(), EngineError> {
         self.caller(id, stream)?;
         let partition_aware = self.frameworks.get(id).is_some_and(|f| f.partition_aware);
+        let recovering = self
+            .agents
+            .values()
+            .any(|a| a.status == AgentStatus::Recovering);
         let mut answers = Vec::new();
         let latest = |key: &TaskKey, t: &Task| {
             let mut s = t.last_status.clone().unwrap_or_else(|| v1::TaskStatus {
@@ -1402,7 +1406,7 @@ impl Engine {
                 answers.push(latest(key, t));
             }
         } else {
-            for task in tasks {
+            for (task, agent) in tasks {
                 let key = (id.clone(), task.clone());
                 if let Some(t) = self.tasks.get(&key) {
                     answers.push(latest(&key, t));
@@ -1416,16 +1420,38 @@ impl Engine {
                 });
                 let mut s = match done.and_then(|r| r.last_status.clone()) {
                     Some(s) => s,
-                    None => v1::TaskStatus {
-                        task_id: Some(task.into()),
-                        state: if partition_aware {
-                            v1::TaskState::TaskUnknown
-                        } else {
-                            v1::TaskState::TaskLost
-                        } as i32,
-                        message: "task is unknown to the master".into(),
-                        ..Default::default()
-                    },
+                    None => {
+                        // As Mesos: what an unknown task's agent says of it. An agent the
+                        // master still expects back after a failover may yet report it, so
+                        // no answer is given until it does (or is written off).
+                        let status = agent.as_ref().map(|a| self.agents.get(a).map(|a| a.status));
+                        let (pa, message) = match status {
+                            Some(Some(AgentStatus::Recovering)) => continue,
+                            None if recovering => continue,
+                            Some(Some(AgentStatus::Connected | AgentStatus::Disconnected)) => (
+                                v1::TaskState::TaskGone,
+                                "the task is not on its agent, which is registered",
+                            ),
+                            Some(Some(AgentStatus::Lost)) => (
+                                v1::TaskState::TaskUnreachable,
+                                "the task is unknown and its agent unreachable",
+                            ),
+                            Some(None) | None => {
+                                (v1::TaskState::TaskUnknown, "task is unknown to the master")
+                            }
+                        };
+                        v1::TaskStatus {
+                            task_id: Some(task.into()),
+                            state: if partition_aware {
+                                pa
+                            } else {
+                                v1::TaskState::TaskLost
+                            } as i32,
+                            agent_id: agent.as_ref().map(Into::into),
+                            message: message.into(),
+                            ..Default::default()
+                        }
+                    }
                 };
                 s.uuid.clear();
                 s.reason = v1::Reason::Reconciliation as i32;

@@ -58,8 +58,9 @@ pub enum CallKind {
         task: TaskId,
         uuid: Vec<u8>,
     },
+    /// Each task with the agent the framework believes runs it, when it says.
     Reconcile {
-        tasks: Vec<TaskId>,
+        tasks: Vec<(TaskId, Option<AgentId>)>,
     },
     Teardown,
 }
@@ -201,6 +202,8 @@ pub struct Actor {
 }
 
 /// Something that must wait for the registry: an effect, or a reply to a caller.
+// Held only while an entry is in flight; boxing every effect would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 enum Held {
     Effect(Effect),
     Reply(Box<dyn FnOnce() + Send>),

@@ -241,7 +241,14 @@ impl Scheduler for SchedulerService {
                 .tasks
                 .into_iter()
                 .map(|t| {
-                    TaskId::try_from(required(t.task_id, "tasks.task_id")?).map_err(Status::from)
+                    let task = TaskId::try_from(required(t.task_id, "tasks.task_id")?)
+                        .map_err(Status::from)?;
+                    let agent = t
+                        .agent_id
+                        .map(agora_core::AgentId::try_from)
+                        .transpose()
+                        .map_err(Status::from)?;
+                    Ok((task, agent))
                 })
                 .collect::<Result<Vec<_>, Status>>()?;
             Ok(CallKind::Reconcile { tasks })

@@ -673,13 +673,27 @@ impl Scheduler {
     /// # Errors
     /// When the call fails.
     pub async fn reconcile(&self, tasks: &[TaskId]) -> Result<(), Error> {
+        let tasks: Vec<(TaskId, Option<AgentId>)> =
+            tasks.iter().map(|t| (t.clone(), None)).collect();
+        self.reconcile_on(&tasks).await
+    }
+
+    /// As [`Scheduler::reconcile`], naming the agent each task was launched on: a task the
+    /// master does not know is then answered as Mesos does — TASK_GONE when its agent is
+    /// registered without it, TASK_UNREACHABLE when the agent is unreachable (TASK_LOST for
+    /// frameworks that are not partition-aware), nothing yet while the agent is still
+    /// expected back after a failover.
+    ///
+    /// # Errors
+    /// When the call fails.
+    pub async fn reconcile_on(&self, tasks: &[(TaskId, Option<AgentId>)]) -> Result<(), Error> {
         let req = v1::ReconcileRequest {
             header: Some(self.header()?),
             tasks: tasks
                 .iter()
-                .map(|t| v1::reconcile_request::ReconcileTask {
+                .map(|(t, a)| v1::reconcile_request::ReconcileTask {
                     task_id: Some(t.into()),
-                    agent_id: None,
+                    agent_id: a.as_ref().map(Into::into),
                 })
                 .collect(),
         };

@@ -6,6 +6,7 @@ mod bounds;
 mod cluster;
 mod disk;
 mod executors;
+mod failover;
 mod faults;
 mod fetch;
 mod hardening_agent;
@@ -119,32 +120,12 @@ impl Cluster {
 
     pub fn agent_config(&self, resources: &str) -> AgentConfig {
         let n = self.agents.len() + 1;
-        let mut config = AgentConfig::new(
-            self.master.clone(),
-            self.dir.path().join(format!("agent-{n}")),
-        );
-        config.resources = Some(parse_resources(resources).unwrap());
-        config.hostname = Some(format!("agent-{n}"));
-        config.status_retry = Duration::from_millis(500);
-        // Each agent removes what it finds under its cgroup parent when it starts: tests
-        // running side by side must not share one.
-        static AGENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        config.native.cgroup_parent = format!(
-            "agora-test-{}-agent-{}",
-            std::process::id(),
-            AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        // Wasm tasks run in the framework's Wasm executor, as with the real binary.
-        config.wasm_executor = Some(vec![
-            env!("CARGO_BIN_EXE_agora").into(),
-            "__wasm-executor".into(),
-        ]);
-        config.native.init = Some(vec![
-            env!("CARGO_BIN_EXE_agora").into(),
-            "__init".into(),
-            "--".into(),
-        ]);
-        config
+        agent_config_for(
+            &self.master,
+            &self.dir.path().join(format!("agent-{n}")),
+            n,
+            resources,
+        )
     }
 
     pub async fn add_agent(&mut self, resources: &str) -> usize {
@@ -197,6 +178,38 @@ impl Cluster {
         ));
         (s, events)
     }
+}
+
+/// Settings of test agent `n` for the master(s) at `master`, working in `dir`.
+pub fn agent_config_for(
+    master: &str,
+    dir: &std::path::Path,
+    n: usize,
+    resources: &str,
+) -> AgentConfig {
+    let mut config = AgentConfig::new(master.to_owned(), dir);
+    config.resources = Some(parse_resources(resources).unwrap());
+    config.hostname = Some(format!("agent-{n}"));
+    config.status_retry = Duration::from_millis(500);
+    // Each agent removes what it finds under its cgroup parent when it starts: tests
+    // running side by side must not share one.
+    static AGENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    config.native.cgroup_parent = format!(
+        "agora-test-{}-agent-{}",
+        std::process::id(),
+        AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    // Wasm tasks run in the framework's Wasm executor, as with the real binary.
+    config.wasm_executor = Some(vec![
+        env!("CARGO_BIN_EXE_agora").into(),
+        "__wasm-executor".into(),
+    ]);
+    config.native.init = Some(vec![
+        env!("CARGO_BIN_EXE_agora").into(),
+        "__init".into(),
+        "--".into(),
+    ]);
+    config
 }
 
 /// Polls `check` until it holds, failing after [`WAIT`].

@@ -1,0 +1,425 @@
+//! Three `agora master` processes on loopback, two agents and a framework in this process:
+//! the leader is killed with SIGKILL, twice; a new leader serves, the agents and the framework
+//! find it, no task is lost or ends twice, and the registry is as it was.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+
+use agora_core::{AgentId, Resources, TaskState, parse_resources};
+use agora_proto::{resources_from_proto, resources_to_proto, state_from_proto, v1};
+use agora_sdk::Operator;
+
+use crate::native::command;
+use crate::*;
+
+/// An `agora master` process, killed with SIGKILL when dropped.
+struct MasterProc(Option<Child>);
+
+impl MasterProc {
+    fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for MasterProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Group {
+    ports: Vec<u16>,
+    dirs: Vec<std::path::PathBuf>,
+    procs: Vec<MasterProc>,
+    _dir: tempfile::TempDir,
+}
+
+impl Group {
+    fn peers(&self) -> String {
+        self.ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn list(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&self, i: usize) -> MasterProc {
+        let child = Command::new(env!("CARGO_BIN_EXE_agora"))
+            .args([
+                "master",
+                "--listen",
+                &format!("127.0.0.1:{}", self.ports[i]),
+                "--id",
+                &(i + 1).to_string(),
+                "--peers",
+                &self.peers(),
+                "--work-dir",
+                self.dirs[i].to_str().unwrap(),
+                "--agent-heartbeat-interval",
+                "200ms",
+                "--allocation-interval",
+                "100ms",
+                "--framework-heartbeat-interval",
+                "1s",
+                "--agent-reregister-timeout",
+                "60s",
+            ])
+            .env("AGORA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        MasterProc(Some(child))
+    }
+
+    fn start() -> Group {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let dirs = (1..=3).map(|i| dir.path().join(format!("m{i}"))).collect();
+        let mut g = Group {
+            ports,
+            dirs,
+            procs: Vec::new(),
+            _dir: dir,
+        };
+        g.procs = (0..3).map(|i| g.spawn(i)).collect();
+        g
+    }
+
+    /// The index of the master that says it leads (skipping `dead`), waiting for one.
+    async fn leader(&self, dead: Option<usize>) -> usize {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            for (i, port) in self.ports.iter().enumerate() {
+                if Some(i) == dead {
+                    continue;
+                }
+                if let Ok(mut c) =
+                    v1::operator_client::OperatorClient::connect(format!("http://127.0.0.1:{port}"))
+                        .await
+                    && let Ok(h) = c.get_health(v1::GetHealthRequest {}).await
+                    && h.get_ref().role == "leader"
+                {
+                    return i;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no master leads");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn res(s: &str) -> Resources {
+    parse_resources(s).unwrap()
+}
+
+/// Every terminal update the framework saw, per task: (state, uuid); reconciliation's
+/// answers have no uuid (they repeat the latest state, they are not updates).
+type Ends = HashMap<String, Vec<(TaskState, Vec<u8>)>>;
+
+fn note(st: &v1::TaskStatus, latest: &mut HashMap<String, TaskState>, ends: &mut Ends) {
+    let id = st.task_id.as_ref().unwrap().value.clone();
+    let state = state_of(st);
+    if state.is_terminal() {
+        ends.entry(id.clone())
+            .or_default()
+            .push((state, st.uuid.clone()));
+    }
+    latest.insert(id, state);
+}
+
+async fn decline_all(s: &Scheduler, offers: &[v1::Offer]) {
+    let ids: Vec<v1::OfferId> = offers.iter().filter_map(|o| o.id.clone()).collect();
+    // A refusal by a master that no longer leads is fine: its offers are gone anyway.
+    let _ = s.decline(&ids, Some(0.0)).await;
+}
+
+/// Reads events until `until` holds for the states seen, noting terminal updates.
+async fn pump(
+    s: &Scheduler,
+    events: &mut Events,
+    latest: &mut HashMap<String, TaskState>,
+    ends: &mut Ends,
+    what: &str,
+    until: impl Fn(&HashMap<String, TaskState>) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !until(latest) {
+        let ev = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}: {latest:?}"))
+            .expect("the event stream ended");
+        match ev {
+            Event::Update(st) => note(&st, latest, ends),
+            // Offers not needed now go back at once, so that later ones come.
+            Event::Offers(o) => decline_all(s, &o).await,
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_masters_survive_their_leader_killed_twice() {
+    init_logs();
+    let mut group = Group::start();
+    let first = group.leader(None).await;
+    let masters = group.list();
+
+    // A follower names the leader, for gRPC and for HTTP uploads.
+    let follower = (first + 1) % 3;
+    let mut c = v1::operator_client::OperatorClient::connect(format!(
+        "http://127.0.0.1:{}",
+        group.ports[follower]
+    ))
+    .await
+    .unwrap();
+    let status = c.get_state(v1::GetStateRequest {}).await.unwrap_err();
+    assert_eq!(
+        agora_proto::leader::redirect(&status),
+        Some(Some(format!("http://127.0.0.1:{}", group.ports[first])))
+    );
+
+    let agents_dir = tempfile::tempdir().unwrap();
+    let mut agents = Vec::new();
+    for n in 1..=2 {
+        let mut config = agent_config_for(
+            &masters,
+            &agents_dir.path().join(format!("agent-{n}")),
+            n,
+            "cpus:4;mem:2048",
+        );
+        config.reconnect_min = Duration::from_millis(100);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        agents.push(Stoppable::spawn(move |stop| {
+            agora_agent::run(listener, config, stop)
+        }));
+    }
+    let op = Operator::connect(&masters).await.unwrap();
+    wait_until("both agents to register", || async {
+        op.state()
+            .await
+            .is_ok_and(|s| s.agents.iter().filter(|a| a.active).count() == 2)
+    })
+    .await;
+
+    let mut fc = SchedulerConfig::new(masters.clone(), "survivor");
+    fc.framework.roles = vec!["eng".into()];
+    fc.framework.principal = "alice".into();
+    fc.framework.failover_timeout = 600.0;
+    fc.framework.capabilities = vec![v1::framework_info::Capability::PartitionAware as i32];
+    let (s, mut events) = subscribe(fc).await.unwrap();
+    let Some(Event::Subscribed { .. }) = events.next().await else {
+        panic!("not subscribed");
+    };
+
+    // A reservation, a weight and a quota, and two long tasks: one native, one Wasm.
+    let offers = next_offers(&mut events).await;
+    let offer = offers[0].clone();
+    let long_native = command("long-native", "sleep 600", "cpus:0.2;mem:64").build_for(&offer);
+    let long_wasm = wasm_task("long-wasm", "sleeper", "cpus:0.2;mem:64")
+        .args(["600"])
+        .build_for(&offer);
+    s.accept_operations(
+        &[offer.id.clone().unwrap()],
+        vec![
+            v1::Operation {
+                operation: Some(v1::operation::Operation::Reserve(v1::operation::Reserve {
+                    resources: resources_to_proto(&res("cpus(eng,alice):1;mem(eng,alice):256")),
+                })),
+            },
+            v1::Operation {
+                operation: Some(v1::operation::Operation::Launch(v1::operation::Launch {
+                    tasks: vec![long_native, long_wasm],
+                })),
+            },
+        ],
+        Some(0.0),
+    )
+    .await
+    .unwrap();
+    op.set_weight("eng", 2.5).await.unwrap();
+    op.set_quota("eng", &res("cpus:0.5"), None, false)
+        .await
+        .unwrap();
+    let mut latest = HashMap::new();
+    let mut ends = Ends::new();
+    pump(
+        &s,
+        &mut events,
+        &mut latest,
+        &mut ends,
+        "the long tasks to run",
+        |l| {
+            l.get("long-native") == Some(&TaskState::Running)
+                && l.get("long-wasm") == Some(&TaskState::Running)
+        },
+    )
+    .await;
+    let registry_view = |st: &v1::GetStateResponse, roles: &[v1::RoleState]| {
+        let reserved: Resources = st.agents.iter().fold(Resources::new(), |acc, a| {
+            acc + resources_from_proto(&a.total).unwrap().reserved_for("eng")
+        });
+        let eng = roles.iter().find(|r| r.role == "eng").cloned();
+        (
+            reserved,
+            eng.as_ref().map(|r| r.weight),
+            eng.map(|r| resources_from_proto(&r.guarantee).unwrap()),
+        )
+    };
+    wait_until("the reservation to show", || async {
+        let st = op.state().await.unwrap();
+        !registry_view(&st, &[]).0.is_empty()
+    })
+    .await;
+    let before = registry_view(&op.state().await.unwrap(), &op.roles().await.unwrap());
+    assert_eq!(before.1, Some(2.5));
+
+    let mut launched: Vec<String> = Vec::new();
+    let mut placed: HashMap<String, AgentId> = HashMap::new();
+    let long_agent = AgentId::try_from(offer.agent_id.clone().unwrap()).unwrap();
+    placed.insert("long-native".into(), long_agent.clone());
+    placed.insert("long-wasm".into(), long_agent);
+    let mut leader = first;
+    for round in 0..2 {
+        // Short Wasm tasks in flight as the leader dies.
+        let offers = loop {
+            match tokio::time::timeout(WAIT, events.next())
+                .await
+                .expect("offers in time")
+            {
+                Some(Event::Offers(o)) => break o,
+                Some(Event::Update(st)) => note(&st, &mut latest, &mut ends),
+                Some(_) => {}
+                None => panic!("events ended"),
+            }
+        };
+        let offer = &offers[0];
+        decline_all(&s, &offers[1..]).await;
+        let agent = AgentId::try_from(offer.agent_id.clone().unwrap()).unwrap();
+        let batch: Vec<v1::TaskInfo> = (0..4)
+            .map(|i| {
+                let id = format!("short-{round}-{i}");
+                launched.push(id.clone());
+                placed.insert(id.clone(), agent.clone());
+                wasm_task(&id, "hello", "cpus:0.1;mem:32").build_for(offer)
+            })
+            .collect();
+        s.accept(&[offer.id.clone().unwrap()], batch, Some(0.0))
+            .await
+            .unwrap();
+        group.procs[leader].kill();
+        let t = std::time::Instant::now();
+        let next = group.leader(Some(leader)).await;
+        eprintln!(
+            "round {round}: master {} leads {:?} after the kill",
+            next + 1,
+            t.elapsed()
+        );
+
+        // Every short task ends — those the old leader never got to an agent are answered
+        // TASK_GONE once their agent is back — and the long ones are still running, as
+        // reconciliation through the new leader says (asked again each second: no answer
+        // is given for an agent not back yet).
+        let short = launched.clone();
+        let done = |l: &HashMap<String, TaskState>| {
+            short
+                .iter()
+                .all(|t| l.get(t).is_some_and(|s| s.is_terminal()))
+                && l.get("long-native") == Some(&TaskState::Running)
+                && l.get("long-wasm") == Some(&TaskState::Running)
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !done(&latest) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not every task accounted for after the failover: {latest:?}"
+            );
+            let ids: Vec<(TaskId, Option<AgentId>)> = launched
+                .iter()
+                .chain(["long-native".to_owned(), "long-wasm".to_owned()].iter())
+                .map(|t| (tid(t), placed.get(t).cloned()))
+                .collect();
+            let _ = s.reconcile_on(&ids).await;
+            let until = tokio::time::Instant::now() + Duration::from_secs(1);
+            while let Ok(Some(ev)) = tokio::time::timeout_at(until, events.next()).await {
+                match ev {
+                    Event::Update(st) => note(&st, &mut latest, &mut ends),
+                    Event::Offers(o) => decline_all(&s, &o).await,
+                    _ => {}
+                }
+            }
+        }
+        let op = Operator::connect(&masters).await.unwrap();
+        wait_until("the agents to register with the new leader", || async {
+            op.state()
+                .await
+                .is_ok_and(|s| s.agents.iter().filter(|a| a.active).count() == 2)
+        })
+        .await;
+        let after = registry_view(&op.state().await.unwrap(), &op.roles().await.unwrap());
+        assert_eq!(
+            after, before,
+            "reservations, weights and quotas survive the failover"
+        );
+
+        // The killed master comes back as a follower before the next round.
+        group.procs[leader] = group.spawn(leader);
+        leader = next;
+    }
+
+    // No task ended twice with different outcomes, none is missing an end.
+    for t in &launched {
+        let e = ends.get(t).unwrap_or_else(|| panic!("{t} never ended"));
+        let updates: Vec<_> = e.iter().filter(|(_, u)| !u.is_empty()).collect();
+        assert!(
+            updates.iter().all(|x| *x == updates[0]),
+            "{t} ended more than one way: {e:?}"
+        );
+        assert!(
+            e.iter().all(|(state, _)| *state == e[0].0),
+            "reconciliation disagrees with {t}'s end: {e:?}"
+        );
+    }
+    for t in ["long-native", "long-wasm"] {
+        assert!(!ends.contains_key(t), "{t} ended: {:?}", ends[t]);
+    }
+    let st = Operator::connect(&masters)
+        .await
+        .unwrap()
+        .state()
+        .await
+        .unwrap();
+    let running = st
+        .tasks
+        .iter()
+        .filter(|t| {
+            state_from_proto(t.state.try_into().unwrap_or_default())
+                .is_some_and(|s| s == TaskState::Running)
+        })
+        .count();
+    assert!(running >= 2, "the long tasks are running: {st:?}");
+    s.teardown().await.unwrap();
+    for mut a in agents {
+        a.stop().await.unwrap();
+    }
+}
