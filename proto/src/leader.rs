@@ -32,7 +32,12 @@ pub fn redirect(status: &tonic::Status) -> Option<Option<String>> {
     }
     match status.metadata().get(LEADER_METADATA) {
         Some(v) => Some(v.to_str().ok().map(|s| with_scheme(s.trim()))),
-        None if status.message().starts_with("this master is not the leader") => Some(None),
+        None if status
+            .message()
+            .starts_with("this master is not the leader") =>
+        {
+            Some(None)
+        }
         None => None,
     }
 }
