@@ -60,10 +60,14 @@ pub async fn agents(args: &QueryArgs) -> anyhow::Result<()> {
             vec![
                 a.id.as_ref().map(|i| i.value.clone()).unwrap_or_default(),
                 info.hostname,
-                if a.active {
-                    "active".into()
-                } else {
-                    "inactive".into()
+                // The master's word when it gives one: connected, disconnected (its link
+                // dropped, not yet timed out), recovering (expected back after a failover)
+                // or unreachable.
+                match a.status.as_str() {
+                    "connected" => "active".into(),
+                    "" if a.active => "active".into(),
+                    "" => "inactive".into(),
+                    other => other.to_owned(),
                 },
                 format!("{}/{}", fmt(used.cpus()), fmt(total.cpus())),
                 format!("{}/{}", fmt(used.mem()), fmt(total.mem())),

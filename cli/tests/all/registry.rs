@@ -197,7 +197,29 @@ async fn a_lone_master_killed_and_restarted_keeps_its_registry() {
         !total.reserved_for("eng").is_empty(),
         "its reservation is offered to it again: {total}"
     );
+    // An agent that goes away is marked unreachable, `agora agents` says so, and so does
+    // the registry after another restart.
     agent.stop().await.unwrap();
+    let agents_table = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_agora"))
+            .args(["agents", "--master", &master])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until("agora agents to show the agent unreachable", || async {
+        agents_table().contains("unreachable")
+    })
+    .await;
+    let _ = proc.0.kill();
+    let _ = proc.0.wait();
+    proc = start_master(port, &work);
+    operator(&master).await;
+    let table = agents_table();
+    assert!(
+        table.contains("unreachable") && !table.contains("recovering"),
+        "an agent marked unreachable stays so across a restart:\n{table}"
+    );
     drop(proc);
 }
 
