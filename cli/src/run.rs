@@ -257,9 +257,12 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
     let task_id =
         TaskId::new(format!("{name}-{}-{nanos:09}", std::process::id())).context("task id")?;
     let mut config = SchedulerConfig::new(master.clone(), format!("agora-run {name}"));
-    // If this process dies, its task goes with it.
-    config.framework.failover_timeout = 0.0;
-    config.reconnect = false;
+    /// How long the master keeps this run's task if the process dies.
+    const RUN_FAILOVER_TIMEOUT: Duration = Duration::from_secs(10);
+    // If this process dies, its task goes with it (once this timeout passes); a master
+    // failover within it is survived: the driver finds the new leader and re-subscribes.
+    config.framework.failover_timeout = RUN_FAILOVER_TIMEOUT.as_secs_f64();
+    config.reconnect = true;
     let (scheduler, mut events) = subscribe(config)
         .await
         .context("subscribing to the master")?;
@@ -309,6 +312,7 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
     let ctrl_c = shutdown_signal();
     tokio::pin!(ctrl_c);
     let mut launched_on: Option<v1::Offer> = None;
+    let mut reconnecting = false;
     let last: v1::TaskStatus = loop {
         let event = tokio::select! {
             e = events.next() => e,
@@ -387,8 +391,24 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
                 say(&format!("message from the task: {text}"));
             }
             Event::Error(message) => bail!("the master reported: {message}"),
-            Event::Disconnected { reason } => bail!("lost the master: {reason}"),
+            Event::Disconnected { reason } => {
+                say(&format!("lost the master ({reason}); finding the leader"));
+                reconnecting = true;
+            }
             Event::Failure { message, .. } => say(&message),
+            Event::Subscribed { .. } if reconnecting => {
+                reconnecting = false;
+                say(&format!("subscribed again, at {}", scheduler.master()));
+                // Updates sent while away are re-sent by the agent; ask anyway, naming the
+                // agent, so that a task the old leader never got to it is answered too.
+                if let Some(offer) = &launched_on {
+                    let agent = offer
+                        .agent_id
+                        .clone()
+                        .and_then(|a| agora_core::AgentId::try_from(a).ok());
+                    let _ = scheduler.reconcile_on(&[(task_id.clone(), agent)]).await;
+                }
+            }
             Event::Subscribed { .. } | Event::Rescind(_) => {}
         }
     };

@@ -426,3 +426,72 @@ async fn three_masters_survive_their_leader_killed_twice() {
         a.stop().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agora_run_outlives_a_failover() {
+    init_logs();
+    let mut group = Group::start();
+    let first = group.leader(None).await;
+    let masters = group.list();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = agent_config_for(&masters, &dir.path().join("agent"), 1, "cpus:2;mem:1024");
+    config.reconnect_min = Duration::from_millis(100);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut agent = Stoppable::spawn(move |stop| agora_agent::run(listener, config, stop));
+    let op = Operator::connect(&masters).await.unwrap();
+    wait_until("the agent to register", || async {
+        op.state()
+            .await
+            .is_ok_and(|s| s.agents.iter().any(|a| a.active))
+    })
+    .await;
+
+    let module = agora_examples::task("sleeper", agora_examples::Target::P1);
+    let mut run = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(["run", "--master", &masters, "--mem", "32"])
+        .arg(&module)
+        .args(["--", "3"])
+        .env("AGORA_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the leader once the task runs.
+    let stderr = run.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !seen.iter().any(|l: &String| l.contains("TASK_RUNNING")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("agora run reports TASK_RUNNING");
+        seen.push(line);
+    }
+    group.procs[first].kill();
+    let status = tokio::task::spawn_blocking(move || run.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    seen.extend(rx.try_iter());
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "agora run failed across the failover: {seen:#?}\n{stdout}"
+    );
+    assert!(stdout.contains("slept"), "{stdout}");
+    assert!(
+        seen.iter().any(|l| l.contains("subscribed again")),
+        "it re-subscribed to the new leader: {seen:#?}"
+    );
+    agent.stop().await.unwrap();
+}
