@@ -11,6 +11,7 @@ mod faults;
 mod fetch;
 mod hardening_agent;
 mod native;
+mod partition;
 mod processes;
 mod registry;
 mod roles;
