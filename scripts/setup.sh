@@ -15,3 +15,10 @@ for target in wasm32-wasip1 wasm32-wasip2; do
         rustup target add "$target" >&2
     fi
 done
+
+# The partition test puts an agent in a network namespace of its own: it needs `ip`.
+if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: apt-get install iproute2" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2 >&2 \
+        || { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2 >&2; }
+fi
