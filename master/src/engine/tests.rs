@@ -544,6 +544,11 @@ enum Op {
     Suppress {
         fw: usize,
     },
+    /// The agent's link drops and it registers again under its id, reporting the tasks the
+    /// master placed on it (those still live) — as after a master failover or a reconnect.
+    Reregister {
+        agent: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -559,6 +564,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..3usize).prop_map(|agent| Op::Disconnect { agent }),
         1 => (0..3usize).prop_map(|fw| Op::Revive { fw }),
         1 => (0..3usize).prop_map(|fw| Op::Suppress { fw }),
+        1 => (0..3usize).prop_map(|agent| Op::Reregister { agent }),
     ]
 }
 
@@ -607,6 +613,17 @@ fn check(e: &Engine) -> Result<(), String> {
             return Err(format!(
                 "framework {id}: offers sum to {offered}, ledger {}",
                 f.offered
+            ));
+        }
+        let used = e
+            .tasks
+            .iter()
+            .filter(|((f, _), t)| f == id && t.state.is_live() && t.holds())
+            .fold(Resources::new(), |acc, (_, t)| acc + t.resources.clone());
+        if used != f.used {
+            return Err(format!(
+                "framework {id}: live tasks use {used}, ledger says {}",
+                f.used
             ));
         }
     }
@@ -715,6 +732,37 @@ proptest! {
                     let stream = w.streams[&fws[fw]].clone();
                     w.e.suppress(&fws[fw], &stream, &[]).unwrap();
                     suppressed[fw] = true;
+                    w.drain();
+                }
+                Op::Reregister { agent } => {
+                    let id = agents[agent].clone();
+                    let tasks: Vec<v1::AgentTask> = w
+                        .e
+                        .tasks
+                        .iter()
+                        .filter(|(_, t)| t.agent == id && !t.state.is_terminal())
+                        .map(|((f, _), t)| v1::AgentTask {
+                            framework_id: Some(f.into()),
+                            task: Some(t.info.clone()),
+                            state: state_to_proto(if t.state == TaskState::Unreachable {
+                                TaskState::Running
+                            } else {
+                                t.state
+                            }) as i32,
+                        })
+                        .collect();
+                    let info = w.e.agents[&id].info.clone();
+                    w.e.agent_disconnected(&id);
+                    let now = w.now();
+                    w.e.register_agent(
+                        v1::agent_message::Register {
+                            info: Some(info),
+                            agent_id: Some((&id).into()),
+                            tasks,
+                        },
+                        now,
+                    )
+                    .unwrap();
                     w.drain();
                 }
             }
