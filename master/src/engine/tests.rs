@@ -549,6 +549,10 @@ enum Op {
     Reregister {
         agent: usize,
     },
+    /// A new leader: a fresh engine recovered from the registry the old one wrote; the
+    /// frameworks re-subscribe with their ids and the reachable agents register again with
+    /// their tasks.
+    Failover,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -565,6 +569,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..3usize).prop_map(|fw| Op::Revive { fw }),
         1 => (0..3usize).prop_map(|fw| Op::Suppress { fw }),
         1 => (0..3usize).prop_map(|agent| Op::Reregister { agent }),
+        1 => Just(Op::Failover),
     ]
 }
 
@@ -733,6 +738,70 @@ proptest! {
                     w.e.suppress(&fws[fw], &stream, &[]).unwrap();
                     suppressed[fw] = true;
                     w.drain();
+                }
+                Op::Failover => {
+                    let mut n = World::new();
+                    n.t0 = w.t0;
+                    n.elapsed = w.elapsed;
+                    n.next_task = w.next_task;
+                    n.registry = w.registry.clone();
+                    let now = n.now();
+                    n.e.recover(&w.registry, now).unwrap();
+                    n.drain();
+                    for f in &fws {
+                        let (_, stream) = n
+                            .e
+                            .subscribe(
+                                v1::FrameworkInfo {
+                                    id: Some(f.into()),
+                                    name: w.e.frameworks[f].info.name.clone(),
+                                    failover_timeout: 60.0,
+                                    ..Default::default()
+                                },
+                                None,
+                                fresh_stream(),
+                                now,
+                            )
+                            .unwrap();
+                        n.streams.insert(f.clone(), stream);
+                    }
+                    let mut totals = Vec::new();
+                    for a in &agents {
+                        let old = &w.e.agents[a];
+                        if old.status == AgentStatus::Lost {
+                            continue;
+                        }
+                        let tasks: Vec<v1::AgentTask> = w
+                            .e
+                            .tasks
+                            .iter()
+                            .filter(|(_, t)| t.agent == *a && !t.state.is_terminal())
+                            .map(|((f, _), t)| v1::AgentTask {
+                                framework_id: Some(f.into()),
+                                task: Some(t.info.clone()),
+                                state: state_to_proto(t.state) as i32,
+                            })
+                            .collect();
+                        totals.push((a.clone(), old.total.clone()));
+                        n.e.register_agent(
+                            v1::agent_message::Register {
+                                info: Some(old.info.clone()),
+                                agent_id: Some(a.into()),
+                                tasks,
+                            },
+                            now,
+                        )
+                        .unwrap();
+                    }
+                    n.drain();
+                    let before: usize = w.e.tasks.values().filter(|t| t.state.is_live() && w.e.agents[&t.agent].status != AgentStatus::Lost).count();
+                    let after = n.e.tasks.values().filter(|t| t.state.is_live()).count();
+                    prop_assert_eq!(before, after, "live tasks on returning agents are all known to the new leader");
+                    for (a, total) in totals {
+                        prop_assert_eq!(&n.e.agents[&a].total, &total, "agent {}'s total survives", a);
+                    }
+                    suppressed = [false; 3];
+                    w = n;
                 }
                 Op::Reregister { agent } => {
                     let id = agents[agent].clone();
