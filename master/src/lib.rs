@@ -92,6 +92,10 @@ pub struct MasterConfig {
     pub raft_election_timeout: Duration,
     /// Registry entries between snapshots (the log is compacted behind each). Default 5000.
     pub registry_snapshot_every: u64,
+    /// Keep the registry in memory even with a work directory: for throwaway clusters
+    /// (tests of other things), where nothing need survive and a disk busy with other work
+    /// must not slow registrations down. Refused for a group. Default false.
+    pub registry_in_memory: bool,
 }
 
 impl Default for MasterConfig {
@@ -118,6 +122,7 @@ impl Default for MasterConfig {
             raft_heartbeat: Duration::from_millis(150),
             raft_election_timeout: Duration::from_millis(750),
             registry_snapshot_every: 5000,
+            registry_in_memory: false,
         }
     }
 }
@@ -195,7 +200,7 @@ fn check_config(config: &MasterConfig) -> Result<(), MasterError> {
             config.max_missed_heartbeats
         )));
     }
-    if !config.peers.is_empty() && config.work_dir.is_none() {
+    if !config.peers.is_empty() && (config.work_dir.is_none() || config.registry_in_memory) {
         // A member that forgets its vote or log on restart can elect a second leader.
         return Err(MasterError::Config(
             "a group of masters (--peers) needs --work-dir, where each keeps its registry".into(),
@@ -249,7 +254,11 @@ async fn serve(
     let registrar = Registrar::start(RegistryConfig {
         id: config.group_id,
         members,
-        path: config.work_dir.as_deref().map(registry::store::path_in),
+        path: config
+            .work_dir
+            .as_deref()
+            .filter(|_| !config.registry_in_memory)
+            .map(registry::store::path_in),
         heartbeat: config.raft_heartbeat,
         election_timeout: (
             config.raft_election_timeout,
@@ -259,7 +268,7 @@ async fn serve(
     })
     .await?;
     tracing::info!(master_id = %base_id, %addr, group_id = config.group_id, "master serving");
-    if config.work_dir.is_none() {
+    if config.work_dir.is_none() || config.registry_in_memory {
         tracing::warn!(
             "no work directory: the registry is kept in memory and lost when this master stops"
         );
