@@ -1616,7 +1616,6 @@ impl Engine {
         now: Now,
     ) {
         let mut seen = HashSet::new();
-        let mut touched = HashSet::new();
         for (fw, task_id, info, resources, state) in reported {
             let key = (fw.clone(), task_id.clone());
             seen.insert(key.clone());
@@ -1674,6 +1673,10 @@ impl Engine {
                 );
             }
             let previous = self.tasks.get(&key).map(|t| t.state);
+            let held_before = self
+                .tasks
+                .get(&key)
+                .is_some_and(|t| t.state.is_live() && t.holds());
             if previous == Some(TaskState::Unreachable) && state != TaskState::Unreachable {
                 let status = v1::TaskStatus {
                     task_id: Some((&task_id).into()),
@@ -1695,7 +1698,7 @@ impl Engine {
                     t.last_status = Some(status);
                 }
             }
-            self.tasks.entry(key).or_insert_with(|| Task {
+            let task = self.tasks.entry(key).or_insert_with(|| Task {
                 agent: agent.clone(),
                 role: role_of(&info),
                 info: without_module(&info),
@@ -1706,11 +1709,16 @@ impl Engine {
                 recent: VecDeque::new(),
                 freed: false,
             });
-            touched.insert(fw);
-        }
-        // Once per framework: per task, it would make a large registration quadratic.
-        for fw in touched {
-            self.recompute_framework_usage(&fw);
+            // The framework's ledger gains what now holds and did not before (a task adopted
+            // or back from unreachable): counted per task, so a registration costs what it
+            // reports, not what the whole cluster runs.
+            if !held_before
+                && task.state.is_live()
+                && task.holds()
+                && let Some(f) = self.frameworks.get_mut(&fw)
+            {
+                f.used += &task.resources;
+            }
         }
         for key in written_off {
             self.written_off.remove(key);
