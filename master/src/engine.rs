@@ -274,6 +274,26 @@ pub struct Engine {
     changed: bool,
 }
 
+/// A framework's roles (each once, checked; `*` when it names none) and whether it is
+/// partition-aware.
+fn roles_and_awareness(info: &v1::FrameworkInfo) -> Result<(Vec<String>, bool), EngineError> {
+    let mut roles: Vec<String> = Vec::new();
+    for role in &info.roles {
+        agora_core::resources::validate_role(role)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        if !roles.contains(role) {
+            roles.push(role.clone());
+        }
+    }
+    if roles.is_empty() {
+        roles.push("*".to_owned());
+    }
+    let partition_aware = info
+        .capabilities
+        .contains(&(v1::framework_info::Capability::PartitionAware as i32));
+    Ok((roles, partition_aware))
+}
+
 /// The role a task's resources are allocated to, as recorded in its info.
 fn role_of(task: &v1::TaskInfo) -> String {
     if task.allocation_role.is_empty() {
@@ -404,17 +424,7 @@ impl Engine {
         if info.name.trim().is_empty() {
             return Err(EngineError::Invalid("framework name is empty".into()));
         }
-        let mut roles: Vec<String> = Vec::new();
-        for role in &info.roles {
-            agora_core::resources::validate_role(role)
-                .map_err(|e| EngineError::Invalid(e.to_string()))?;
-            if !roles.contains(role) {
-                roles.push(role.clone());
-            }
-        }
-        if roles.is_empty() {
-            roles.push("*".to_owned());
-        }
+        let (roles, partition_aware) = roles_and_awareness(&info)?;
         let failover_timeout = agora_core::limits::seconds(
             "framework_info.failover_timeout",
             info.failover_timeout,
@@ -451,9 +461,6 @@ impl Engine {
             Some(id) => id,
             None => self.next("F", FrameworkId::new),
         };
-        let partition_aware = info
-            .capabilities
-            .contains(&(v1::framework_info::Capability::PartitionAware as i32));
         let mut info = info;
         info.id = Some((&id).into());
         {
@@ -2343,14 +2350,7 @@ impl Engine {
                 Duration::try_from_secs_f64((now.wall - at).max(0.0)).unwrap_or(Duration::ZERO)
             });
             let disconnected_at = now.mono.checked_sub(since).unwrap_or(now.mono);
-            let mut roles: Vec<String> = info.roles.clone();
-            roles.dedup();
-            if roles.is_empty() {
-                roles.push("*".to_owned());
-            }
-            let partition_aware = info
-                .capabilities
-                .contains(&(v1::framework_info::Capability::PartitionAware as i32));
+            let (roles, partition_aware) = roles_and_awareness(&info)?;
             self.allocator.add_framework(&fid, &roles);
             self.allocator.set_framework_active(&fid, false);
             self.frameworks.insert(

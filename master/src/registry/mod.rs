@@ -250,18 +250,6 @@ impl Registrar {
         .max_encoding_message_size(agora_proto::MAX_MESSAGE_BYTES)
     }
 
-    /// Takes a snapshot now and compacts the log behind it.
-    ///
-    /// # Errors
-    /// When the registry stopped.
-    pub async fn snapshot(&self) -> Result<(), RegistryError> {
-        self.raft
-            .trigger()
-            .snapshot()
-            .await
-            .map_err(|e| RegistryError::Fatal(e.to_string()))
-    }
-
     /// The index of the oldest entry still in the log, and the last.
     pub fn log_span(&self) -> (Option<u64>, Option<u64>) {
         let m = self.raft.metrics().borrow().clone();

@@ -114,12 +114,6 @@ pub struct Store {
     db: Arc<redb::Database>,
     /// The state as applied, for the leader to read at the start of its term.
     state: Arc<RwLock<Registry>>,
-    path: String,
-}
-
-/// What a verified store held when it opened.
-struct Loaded {
-    registry: Registry,
 }
 
 impl Store {
@@ -192,14 +186,13 @@ impl Store {
             txn.open_table(LOG).map_err(|e| io(e.into()))?;
             txn.commit().map_err(|e| io(e.into()))?;
         }
-        let loaded = verify(&db).map_err(|e| match e {
+        let registry = verify(&db).map_err(|e| match e {
             Verify::Damaged(what) => damaged(what),
             Verify::Io(e) => io(e),
         })?;
         Ok(Store {
             db,
-            state: Arc::new(RwLock::new(loaded.registry)),
-            path: shown,
+            state: Arc::new(RwLock::new(registry)),
         })
     }
 
@@ -212,10 +205,6 @@ impl Store {
     pub fn closed(&self) -> impl Fn() -> bool + use<> {
         let weak = Arc::downgrade(&self.db);
         move || weak.strong_count() == 0
-    }
-
-    pub fn path(&self) -> &str {
-        &self.path
     }
 
     /// The log reader and storage openraft drives.
@@ -290,7 +279,7 @@ impl<E: Into<redb::Error>> From<E> for Verify {
 }
 
 /// Reads every value, checking it, and rebuilds the applied registry.
-fn verify(db: &redb::Database) -> Result<Loaded, Verify> {
+fn verify(db: &redb::Database) -> Result<Registry, Verify> {
     let txn = db.begin_read()?;
     let log = txn.open_table(LOG)?;
     let mut previous: Option<u64> = None;
@@ -332,8 +321,7 @@ fn verify(db: &redb::Database) -> Result<Loaded, Verify> {
         ok.map_err(|e| Verify::Damaged(format!("snapshot {key}: {e}")))?;
     }
     let state = txn.open_table(STATE)?;
-    let registry = load_state(&state).map_err(Verify::Damaged)?;
-    Ok(Loaded { registry })
+    load_state(&state).map_err(Verify::Damaged)
 }
 
 fn check_meta(key: &str, v: &[u8]) -> Result<(), String> {
