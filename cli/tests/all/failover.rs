@@ -3,7 +3,7 @@
 //! find it, no task is lost or ends twice, and the registry is as it was.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use agora_core::{AgentId, Resources, TaskState, parse_resources};
 use agora_proto::{resources_from_proto, resources_to_proto, state_from_proto, v1};
@@ -12,28 +12,10 @@ use agora_sdk::Operator;
 use crate::native::command;
 use crate::*;
 
-/// An `agora master` process, killed with SIGKILL when dropped.
-struct MasterProc(Option<Child>);
-
-impl MasterProc {
-    fn kill(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for MasterProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 struct Group {
     ports: Vec<u16>,
     dirs: Vec<std::path::PathBuf>,
-    procs: Vec<MasterProc>,
+    procs: Vec<Killed>,
     _dir: tempfile::TempDir,
 }
 
@@ -55,7 +37,7 @@ impl Group {
             .join(",")
     }
 
-    fn spawn(&self, i: usize) -> MasterProc {
+    fn spawn(&self, i: usize) -> Killed {
         let child = Command::new(env!("CARGO_BIN_EXE_agora"))
             .args([
                 "master",
@@ -81,7 +63,7 @@ impl Group {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        MasterProc(Some(child))
+        Killed(Some(child))
     }
 
     fn start() -> Group {

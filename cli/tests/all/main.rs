@@ -185,6 +185,45 @@ impl Cluster {
     }
 }
 
+/// A child process (an `agora master`, say) killed with SIGKILL by [`Killed::kill`] or when
+/// dropped: what a crash looks like to everyone else.
+pub struct Killed(pub Option<std::process::Child>);
+
+impl Killed {
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An operator client of the master at `master`, once that master says it leads.
+pub async fn leading_operator(master: &str) -> agora_sdk::Operator {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(op) = agora_sdk::Operator::connect(master).await
+            && op
+                .health()
+                .await
+                .is_ok_and(|h| h.healthy && h.role == "leader")
+        {
+            return op;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "master at {master} never led"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Settings of test agent `n` for the master(s) at `master`, working in `dir`.
 pub fn agent_config_for(
     master: &str,

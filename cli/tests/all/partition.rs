@@ -4,7 +4,9 @@
 //! and another's TASK_LOST; healed, the first is RUNNING again and the second is killed on
 //! the agent, so no written-off task is left running.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use crate::processes::Proc;
 
 use agora_core::TaskState;
 use agora_proto::v1;
@@ -93,26 +95,6 @@ impl Drop for Netns {
     }
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn framework(master: &str, name: &str, partition_aware: bool) -> (Scheduler, Events) {
     let mut config = SchedulerConfig::new(master.to_owned(), name);
     config.framework.failover_timeout = 60.0;
@@ -181,14 +163,7 @@ async fn a_partitioned_agent_is_reported_and_healed_without_duplicates() {
             .spawn()
             .unwrap(),
     );
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let op = loop {
-        match agora_sdk::Operator::connect(&master).await {
-            Ok(op) => break op,
-            Err(e) => assert!(tokio::time::Instant::now() < deadline, "no master: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let op = leading_operator(&master).await;
     wait_until("the agent to register", || async {
         op.state()
             .await

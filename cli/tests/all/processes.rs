@@ -8,7 +8,7 @@ use agora_examples::{Target, task};
 
 /// A child process stopped when dropped (SIGTERM, so an agent ends its containers; SIGKILL
 /// if it lingers), so a test leaves nothing running.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {

@@ -1,25 +1,14 @@
 //! The registry across master restarts, with the master a real process killed with SIGKILL:
 //! reservations, quotas, weights and frameworks come back; a damaged store is refused.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use agora_core::{Resources, parse_resources};
 use agora_proto::{resources_from_proto, resources_to_proto, v1};
-use agora_sdk::Operator;
 
 use crate::*;
 
-/// An `agora master` process, killed with SIGKILL when dropped.
-struct MasterProc(Child);
-
-impl Drop for MasterProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_master(port: u16, work: &std::path::Path) -> MasterProc {
+fn start_master(port: u16, work: &std::path::Path) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_agora"))
         .args([
             "master",
@@ -39,7 +28,7 @@ fn start_master(port: u16, work: &std::path::Path) -> MasterProc {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    MasterProc(child)
+    Killed(Some(child))
 }
 
 fn free_port() -> u16 {
@@ -54,25 +43,6 @@ fn res(s: &str) -> Resources {
     parse_resources(s).unwrap()
 }
 
-async fn operator(master: &str) -> Operator {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Ok(op) = Operator::connect(master).await
-            && op
-                .health()
-                .await
-                .is_ok_and(|h| h.healthy && h.role == "leader")
-        {
-            return op;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "master at {master} never led"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_master_killed_and_restarted_keeps_its_registry() {
     init_logs();
@@ -81,7 +51,7 @@ async fn a_lone_master_killed_and_restarted_keeps_its_registry() {
     let port = free_port();
     let master = format!("http://127.0.0.1:{port}");
     let mut proc = start_master(port, &work);
-    let op = operator(&master).await;
+    let op = leading_operator(&master).await;
 
     // An agent in this process, which keeps redialling the master.
     let cluster_dir = tempfile::tempdir().unwrap();
@@ -138,10 +108,9 @@ async fn a_lone_master_killed_and_restarted_keeps_its_registry() {
     drop(events);
 
     // SIGKILL: nothing is flushed on the way out.
-    let _ = proc.0.kill();
-    let _ = proc.0.wait();
+    proc.kill();
     proc = start_master(port, &work);
-    let op = operator(&master).await;
+    let op = leading_operator(&master).await;
     let roles = op.roles().await.unwrap();
     let eng = roles
         .iter()
@@ -211,10 +180,9 @@ async fn a_lone_master_killed_and_restarted_keeps_its_registry() {
         agents_table().contains("unreachable")
     })
     .await;
-    let _ = proc.0.kill();
-    let _ = proc.0.wait();
+    proc.kill();
     proc = start_master(port, &work);
-    operator(&master).await;
+    leading_operator(&master).await;
     let table = agents_table();
     assert!(
         table.contains("unreachable") && !table.contains("recovering"),
@@ -230,10 +198,9 @@ async fn a_master_refuses_a_damaged_registry_and_names_it() {
     let port = free_port();
     let master = format!("http://127.0.0.1:{port}");
     let mut proc = start_master(port, &work);
-    let op = operator(&master).await;
+    let op = leading_operator(&master).await;
     op.set_weight("eng", 2.0).await.unwrap();
-    let _ = proc.0.kill();
-    let _ = proc.0.wait();
+    proc.kill();
     let file = work.join("registry.redb");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
