@@ -740,14 +740,8 @@ proptest! {
                     w.drain();
                 }
                 Op::Failover => {
-                    let mut n = World::new();
-                    n.t0 = w.t0;
-                    n.elapsed = w.elapsed;
-                    n.next_task = w.next_task;
-                    n.registry = w.registry.clone();
+                    let mut n = failover::failover(&w);
                     let now = n.now();
-                    n.e.recover(&w.registry, now).unwrap();
-                    n.drain();
                     for f in &fws {
                         let (_, stream) = n
                             .e

@@ -49,10 +49,11 @@ fn reserve(w: &mut World, fw: &FrameworkId, offers: &[v1::Offer], what: &str) {
 }
 
 /// A new leader: a fresh engine recovered from `old`'s registry, its clock where `old`'s is.
-fn failover(old: &World) -> World {
+pub(super) fn failover(old: &World) -> World {
     let mut w = World::new();
     w.t0 = old.t0;
     w.elapsed = old.elapsed;
+    w.next_task = old.next_task;
     w.registry = old.registry.clone();
     let now = w.now();
     w.e.recover(&old.registry, now).unwrap();
