@@ -142,7 +142,7 @@ impl Registrar {
             .map_err(|e| RegistryError::Fatal(format!("opening the store: {e}")))??;
         let mut log = store.log_store();
         let mut sm = store.state_machine();
-        check_membership(&config, &mut log, &mut sm).await?;
+        check_membership(&config, &store, &mut sm).await?;
         let raft_config = openraft::Config {
             cluster_name: "agora".into(),
             heartbeat_interval: millis(config.heartbeat),
@@ -276,27 +276,18 @@ fn millis(d: Duration) -> u64 {
 /// Refuses a store made for another group: its members must be those configured.
 async fn check_membership(
     config: &RegistryConfig,
-    log: &mut store::LogStore,
+    store: &store::Store,
     sm: &mut store::StateMachine,
 ) -> Result<(), RegistryError> {
-    use openraft::RaftLogReader;
     use openraft::storage::RaftStateMachine;
     let fatal = |e: openraft::StorageError<NodeId>| RegistryError::Fatal(e.to_string());
-    let (_, applied) = sm.applied_state().await.map_err(fatal)?;
     // The latest membership in the log, applied or not, is the one in force.
-    let logged = log
-        .try_get_log_entries(..)
-        .await
-        .map_err(fatal)?
-        .into_iter()
-        .rev()
-        .find_map(|e| match e.payload {
-            openraft::EntryPayload::Membership(m) => Some(m),
-            _ => None,
-        });
-    let stored: BTreeSet<NodeId> = match &logged {
-        Some(m) => m.voter_ids().collect(),
-        None => applied.membership().voter_ids().collect(),
+    let stored: BTreeSet<NodeId> = match store.logged_voters() {
+        Some(v) => v.clone(),
+        None => {
+            let (_, applied) = sm.applied_state().await.map_err(fatal)?;
+            applied.membership().voter_ids().collect()
+        }
     };
     if stored.is_empty() {
         return Ok(());

@@ -18,6 +18,7 @@
 // openraft's traits fix the error type (`StorageError`, large); our helpers return it too.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -114,6 +115,8 @@ pub struct Store {
     db: Arc<redb::Database>,
     /// The state as applied, for the leader to read at the start of its term.
     state: Arc<RwLock<Registry>>,
+    /// The voters of the latest membership entry in the log when the store opened.
+    logged_voters: Option<BTreeSet<NodeId>>,
 }
 
 impl Store {
@@ -186,19 +189,25 @@ impl Store {
             txn.open_table(LOG).map_err(|e| io(e.into()))?;
             txn.commit().map_err(|e| io(e.into()))?;
         }
-        let registry = verify(&db).map_err(|e| match e {
+        let (registry, logged_voters) = verify(&db).map_err(|e| match e {
             Verify::Damaged(what) => damaged(what),
             Verify::Io(e) => io(e),
         })?;
         Ok(Store {
             db,
             state: Arc::new(RwLock::new(registry)),
+            logged_voters,
         })
     }
 
     /// The registry as applied so far.
     pub fn registry(&self) -> Registry {
         self.state.read().expect("registry lock").clone()
+    }
+
+    /// The voters of the latest membership entry the log held when the store opened.
+    pub fn logged_voters(&self) -> Option<&BTreeSet<NodeId>> {
+        self.logged_voters.as_ref()
     }
 
     /// Whether every handle on the file has gone (as seen when called later).
@@ -278,11 +287,13 @@ impl<E: Into<redb::Error>> From<E> for Verify {
     }
 }
 
-/// Reads every value, checking it, and rebuilds the applied registry.
-fn verify(db: &redb::Database) -> Result<Registry, Verify> {
+/// Reads every value, checking it, and rebuilds the applied registry; also returns the voters
+/// of the latest membership entry in the log (applied or not, it is the one in force).
+fn verify(db: &redb::Database) -> Result<(Registry, Option<BTreeSet<NodeId>>), Verify> {
     let txn = db.begin_read()?;
     let log = txn.open_table(LOG)?;
     let mut previous: Option<u64> = None;
+    let mut voters = None;
     for row in log.iter()? {
         let (k, v) = row?;
         let index = k.value();
@@ -302,6 +313,9 @@ fn verify(db: &redb::Database) -> Result<Registry, Verify> {
             )));
         }
         previous = Some(index);
+        if let EntryPayload::Membership(m) = &entry.payload {
+            voters = Some(m.voter_ids().collect());
+        }
     }
     let meta = txn.open_table(META)?;
     for row in meta.iter()? {
@@ -321,7 +335,7 @@ fn verify(db: &redb::Database) -> Result<Registry, Verify> {
         ok.map_err(|e| Verify::Damaged(format!("snapshot {key}: {e}")))?;
     }
     let state = txn.open_table(STATE)?;
-    load_state(&state).map_err(Verify::Damaged)
+    Ok((load_state(&state).map_err(Verify::Damaged)?, voters))
 }
 
 fn check_meta(key: &str, v: &[u8]) -> Result<(), String> {
