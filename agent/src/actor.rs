@@ -1,16 +1,20 @@
-//! The agent's owner task: its tasks, their status updates, and what it says to the master.
+//! The agent's owner task: carries out what the agent's state machine ([`crate::state`])
+//! decides — sends to the master, starts and kills tasks' runners, writes the checkpoint.
 //!
 //! ```text
 //!  RunTask ──> STAGING ──(runner)──> STARTING ──> fetch uris ──> prepare ──> RUNNING ──> run
 //!                                                                   ──> terminal
 //!  KillTask / ShutdownFramework ──> the runner's kill token is cancelled
 //!
-//!  every status update: uuid + timestamp, queued per task; only the oldest unacknowledged
-//!  one is in flight (sent when it becomes the oldest, if registered, re-sent with backoff
-//!  until the master forwards the framework's acknowledgement, then the next one goes);
-//!  a task is forgotten once its terminal update is acknowledged.
+//!  each turn: events in ──> state.step ──> commands ──> the turn's saves in one durable
+//!  commit ──> then its sends and launches, in order
 //!  a runner that panics: its task fails (the agent keeps serving).
 //! ```
+//!
+//! A restarted agent first restores the checkpoint's tasks: a task whose container can be
+//! found again (a supervised process, a task in an executor) gets a runner that re-attaches
+//! to it and reports how it ends; one that had not started its container fails with
+//! REASON_AGENT_RESTARTED. Unacknowledged updates go again once the agent is registered.
 //!
 //! Every number from the master that becomes a duration is checked with
 //! [`agora_core::limits`]: a task out of range ends in TASK_ERROR naming the field.
@@ -18,26 +22,26 @@
 //! The link task ([`crate::link`]) owns the connection; this task only sees "link up"
 //! (with a sender), "registered", messages, and "link down".
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agora_core::{AgentId, FrameworkId, TaskId, TaskState, limits};
+use agora_core::{AgentId, FrameworkId, TaskId, TaskState};
 use agora_executor_wasm::CancellationToken;
 use agora_proto::v1::{self, agent_message, master_message};
-use agora_proto::{now_timestamp, resources_from_proto, state_to_proto};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::checkpoint::{Checkpoint, CheckpointError, TaskWrite};
 use crate::containerizer::{
     ContainerEntry, ContainerKey, Containerizer, Containers, LaunchSpec, Termination, Updates,
 };
 use crate::fetcher::Fetcher;
 use crate::sandbox;
+use crate::state::{AgentState, Attachment, Command, Input, TaskKey};
 pub use crate::updates::RetryPolicy;
-use crate::updates::{Acked, UpdateQueue};
 
 /// What reaches the owner task.
 pub enum Event {
@@ -61,6 +65,12 @@ pub enum Event {
         task: TaskId,
         change: Termination,
     },
+    /// A task's container can be found again this way (after a restart of the agent).
+    Attached {
+        framework: FrameworkId,
+        task: TaskId,
+        how: Attachment,
+    },
     /// A task (or its executor) sends its framework bytes.
     FrameworkMessage {
         framework: FrameworkId,
@@ -70,48 +80,46 @@ pub enum Event {
     },
 }
 
-struct TaskEntry {
-    info: v1::TaskInfo,
-    state: TaskState,
-    /// What the task's container gives it, once known; carried by every later update.
-    isolation: String,
-    kill: CancellationToken,
-    pending: UpdateQueue,
+/// What the agent does with its tasks when it stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnExit {
+    /// Kill every task and executor (a development cluster, tests).
+    #[default]
+    Kill,
+    /// Leave them running, for the next agent on this work directory to re-attach to.
+    Leave,
 }
 
-type TaskKey = (FrameworkId, TaskId);
+/// What a turn does once its saves are durable.
+enum Deferred {
+    Send(agent_message::Message),
+    Launch {
+        key: TaskKey,
+        task: Box<v1::TaskInfo>,
+        resources: agora_core::Resources,
+    },
+}
 
 pub struct Actor {
     pub(crate) work_dir: PathBuf,
-    pub(crate) info: v1::AgentInfo,
     pub(crate) containerizers: Vec<Arc<dyn Containerizer>>,
     containers: Containers,
     fetcher: Option<Fetcher>,
-    pub(crate) retry: RetryPolicy,
     pub(crate) events: mpsc::Sender<Event>,
-    agent_id: Option<AgentId>,
+    pub(crate) state: AgentState,
+    checkpoint: Option<Arc<Checkpoint>>,
     link: Option<mpsc::Sender<v1::AgentMessage>>,
-    registered: bool,
-    heartbeat_interval: Duration,
-    last_heartbeat: Instant,
-    tasks: HashMap<TaskKey, TaskEntry>,
+    kills: HashMap<TaskKey, CancellationToken>,
     runners: JoinSet<()>,
     /// Which task each runner drives, to fail the task should its runner panic.
     runner_tasks: HashMap<tokio::task::Id, TaskKey>,
     /// Collects a task's sandbox once its runner has ended.
     gc: Option<crate::gc::Gc>,
-}
-
-fn strip_module(task: &v1::TaskInfo) -> v1::TaskInfo {
-    let mut t = task.clone();
-    if let Some(v1::task_info::Payload::Wasm(w)) = &mut t.payload
-        && let Some(v1::wasm_task::Module::ModuleBytes(b)) = &w.module
-    {
-        w.module = Some(v1::wasm_task::Module::Digest(agora_executor_wasm::digest(
-            b,
-        )));
-    }
-    t
+    on_exit: OnExit,
+    /// This turn's tasks to checkpoint, whether the id is to be, and what waits for them.
+    dirty: BTreeSet<TaskKey>,
+    id_dirty: bool,
+    outbox: Vec<Deferred>,
 }
 
 impl Actor {
@@ -126,21 +134,21 @@ impl Actor {
     ) -> Self {
         Actor {
             work_dir,
-            info,
             containerizers,
             containers,
             fetcher,
-            retry,
             events,
-            agent_id: None,
+            state: AgentState::new(info, retry, Instant::now()),
+            checkpoint: None,
             link: None,
-            registered: false,
-            heartbeat_interval: Duration::from_secs(5),
-            last_heartbeat: Instant::now(),
-            tasks: HashMap::new(),
+            kills: HashMap::new(),
             runners: JoinSet::new(),
             runner_tasks: HashMap::new(),
             gc: None,
+            on_exit: OnExit::Kill,
+            dirty: BTreeSet::new(),
+            id_dirty: false,
+            outbox: Vec::new(),
         }
     }
 
@@ -150,35 +158,101 @@ impl Actor {
         self
     }
 
-    /// Runs until `shutdown`; then kills every task.
+    /// Every change is checkpointed in `checkpoint`; at exit, tasks are left running or
+    /// killed as `on_exit` says.
+    pub fn with_checkpoint(mut self, checkpoint: Arc<Checkpoint>, on_exit: OnExit) -> Self {
+        self.checkpoint = Some(checkpoint);
+        self.on_exit = on_exit;
+        self
+    }
+
+    /// Takes over what a previous agent on this work directory checkpointed: its id and its
+    /// tasks, re-attaching to the containers that can be found again.
+    pub fn recover(&mut self, saved: crate::checkpoint::Saved) {
+        let now = Instant::now();
+        if let Some(id) = saved.agent_id {
+            tracing::info!(agent_id = %id, tasks = saved.tasks.len(), "recovering from the checkpoint");
+            self.state.agent_id = Some(id);
+            // The info may differ where recovery allows (a detected disk): save the new one.
+            self.id_dirty = true;
+        }
+        for (key, task) in saved.tasks {
+            let attachment = task.attachment.clone();
+            let over = task.state.is_terminal();
+            let info = task.info.clone();
+            self.state.restore(key.clone(), task, now);
+            if over {
+                continue;
+            }
+            match attachment {
+                Some(how) => self.reattach(key, info, how),
+                None => self.apply(Input::Changed {
+                    key,
+                    change: Termination::new(
+                        TaskState::Failed,
+                        v1::Reason::AgentRestarted,
+                        "the agent restarted before the task's container started",
+                    ),
+                }),
+            }
+        }
+    }
+
+    /// Runs until `shutdown`; then kills every task (or leaves them, see [`OnExit`]).
+    ///
+    /// # Errors
+    /// When the checkpoint cannot be written: the agent cannot keep its promises and stops.
     pub async fn run(
         mut self,
         mut rx: mpsc::Receiver<Event>,
         shutdown: impl std::future::Future<Output = ()>,
-    ) {
+    ) -> Result<(), CheckpointError> {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
-        loop {
+        let mut result = self.flush();
+        while result.is_ok() {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
                 ev = rx.recv() => match ev {
-                    Some(ev) => self.handle(ev),
+                    Some(ev) => {
+                        self.handle(ev);
+                        // A turn takes what has arrived, so that one commit covers it all.
+                        for _ in 0..255 {
+                            match rx.try_recv() {
+                                Ok(ev) => self.handle(ev),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => break,
                 },
-                _ = tick.tick() => self.tick(),
+                _ = tick.tick() => self.apply(Input::Tick),
                 Some(done) = self.runners.join_next_with_id(), if !self.runners.is_empty() => {
                     self.runner_ended(done);
                 }
             }
+            result = self.flush();
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "cannot checkpoint; the agent stops");
+        }
+        if self.on_exit == OnExit::Leave {
+            tracing::info!(
+                tasks = self.state.tasks.len(),
+                "agent stopping; its tasks keep running for the next agent on this work directory"
+            );
+            self.runners.abort_all();
+            while self.runners.join_next().await.is_some() {}
+            return result;
         }
         tracing::info!(
-            tasks = self.tasks.len(),
+            tasks = self.state.tasks.len(),
             "agent shutting down; killing its tasks"
         );
-        for t in self.tasks.values() {
-            t.kill.cancel();
+        for k in self.kills.values() {
+            k.cancel();
         }
         // Runners end their tasks when told; give them a moment before cutting them off.
         let drain = async { while self.runners.join_next().await.is_some() {} };
@@ -192,6 +266,7 @@ impl Actor {
         for c in &self.containerizers {
             c.shutdown().await;
         }
+        result
     }
 
     /// A runner ended: normally it has reported its task's end; one that panicked has not,
@@ -201,47 +276,59 @@ impl Actor {
             Ok((id, ())) => (id, None),
             Err(e) => (e.id(), Some(e.to_string())),
         };
-        let key = self.runner_tasks.remove(&id);
-        if let (Some((fw, task)), Some(panic)) = (key, panic) {
-            tracing::error!(framework_id = %fw, task_id = %task, error = %panic, "a task's runner failed");
-            if let Some(t) = self.tasks.get(&(fw.clone(), task.clone())) {
-                t.kill.cancel();
-            }
-            self.task_changed(
-                fw,
-                task,
-                Termination::new(
+        let Some(key) = self.runner_tasks.remove(&id) else {
+            return;
+        };
+        if let Some(k) = self.kills.remove(&key) {
+            k.cancel();
+        }
+        if let Some(panic) = panic {
+            tracing::error!(framework_id = %key.0, task_id = %key.1, error = %panic, "a task's runner failed");
+            self.apply(Input::Changed {
+                key,
+                change: Termination::new(
                     TaskState::Failed,
                     v1::Reason::ContainerLaunchFailed,
                     format!("the agent's runner of the task failed: {panic}"),
                 ),
-            );
+            });
         }
     }
 
-    fn handle(&mut self, ev: Event) {
+    pub(crate) fn handle(&mut self, ev: Event) {
         match ev {
             #[cfg(test)]
             Event::Crash => panic!("injected fault"),
             Event::Connecting { reply } => {
-                let _ = reply.send(self.registration());
+                let _ = reply.send(self.state.registration());
             }
             Event::LinkUp { tx } => {
                 self.link = Some(tx);
-                self.registered = false;
+                self.apply(Input::LinkUp);
             }
             Event::LinkDown => {
                 if self.link.take().is_some() {
                     tracing::warn!("lost the link to the master; reconnecting");
                 }
-                self.registered = false;
+                self.apply(Input::LinkDown);
             }
-            Event::FromMaster(msg) => self.on_master_message(*msg),
+            Event::FromMaster(msg) => self.apply(Input::Master(msg)),
             Event::Task {
                 framework,
                 task,
                 change,
-            } => self.task_changed(framework, task, change),
+            } => self.apply(Input::Changed {
+                key: (framework, task),
+                change,
+            }),
+            Event::Attached {
+                framework,
+                task,
+                how,
+            } => self.apply(Input::Attached {
+                key: (framework, task),
+                how,
+            }),
             Event::FrameworkMessage {
                 framework,
                 executor,
@@ -249,15 +336,16 @@ impl Actor {
                 data,
             } => {
                 // Like Mesos's framework messages: best effort, not retried.
-                if self.registered {
-                    self.send(agent_message::Message::FrameworkMessage(
-                        agent_message::FrameworkMessage {
-                            framework_id: Some((&framework).into()),
-                            executor_id: executor.as_ref().map(Into::into),
-                            task_id: task.as_ref().map(Into::into),
-                            data,
-                        },
-                    ));
+                if self.state.registered() {
+                    self.outbox
+                        .push(Deferred::Send(agent_message::Message::FrameworkMessage(
+                            agent_message::FrameworkMessage {
+                                framework_id: Some((&framework).into()),
+                                executor_id: executor.as_ref().map(Into::into),
+                                task_id: task.as_ref().map(Into::into),
+                                data,
+                            },
+                        )));
                 } else {
                     tracing::debug!(framework_id = %framework, "dropping a framework message: not registered");
                 }
@@ -265,219 +353,145 @@ impl Actor {
         }
     }
 
-    fn registration(&self) -> v1::AgentMessage {
-        let tasks = self
-            .tasks
-            .iter()
-            .map(|((fw, _), t)| v1::AgentTask {
-                framework_id: Some(fw.into()),
-                task: Some(t.info.clone()),
-                state: state_to_proto(t.state) as i32,
-            })
-            .collect();
-        v1::AgentMessage {
-            message: Some(agent_message::Message::Register(agent_message::Register {
-                info: Some(self.info.clone()),
-                agent_id: self.agent_id.as_ref().map(Into::into),
-                tasks,
-            })),
+    /// One input through the state machine; its commands are carried out or deferred to
+    /// the end of the turn.
+    pub(crate) fn apply(&mut self, input: Input) {
+        for c in self.state.step(Instant::now(), input) {
+            match c {
+                Command::Send(m) => self.outbox.push(Deferred::Send(m)),
+                Command::Launch {
+                    key,
+                    task,
+                    resources,
+                } => self.outbox.push(Deferred::Launch {
+                    key,
+                    task,
+                    resources,
+                }),
+                Command::Kill(key) => {
+                    if let Some(k) = self.kills.get(&key) {
+                        k.cancel();
+                    }
+                }
+                Command::ShutdownFramework(fw) => {
+                    for c in self.containerizers.clone() {
+                        let fw = fw.clone();
+                        self.runners
+                            .spawn(async move { c.shutdown_framework(&fw).await });
+                    }
+                }
+                Command::Save(key) => {
+                    self.dirty.insert(key);
+                }
+                Command::SaveId => self.id_dirty = true,
+            }
         }
     }
 
-    fn send(&mut self, message: agent_message::Message) -> bool {
-        let Some(link) = &self.link else { return false };
+    /// Ends the turn: its saves in one durable commit, then what waited for them.
+    ///
+    /// # Errors
+    /// When the commit fails.
+    fn flush(&mut self) -> Result<(), CheckpointError> {
+        while !self.dirty.is_empty() || self.id_dirty || !self.outbox.is_empty() {
+            if let Some(cp) = &self.checkpoint
+                && (!self.dirty.is_empty() || self.id_dirty)
+            {
+                let writes: Vec<TaskWrite<'_>> = self
+                    .dirty
+                    .iter()
+                    .map(|k| match self.state.tasks.get(k) {
+                        Some(t) => TaskWrite::Put(k, t),
+                        None => TaskWrite::Remove(k),
+                    })
+                    .collect();
+                let identity = self
+                    .state
+                    .agent_id
+                    .as_ref()
+                    .filter(|_| self.id_dirty)
+                    .map(|id| (id, &self.state.info));
+                cp.write(identity, &writes)?;
+            }
+            self.dirty.clear();
+            self.id_dirty = false;
+            for d in std::mem::take(&mut self.outbox) {
+                match d {
+                    Deferred::Send(m) => self.send(m),
+                    Deferred::Launch {
+                        key,
+                        task,
+                        resources,
+                    } => self.launch(key, *task, resources, None),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, message: agent_message::Message) {
+        let Some(link) = &self.link else { return };
         match link.try_send(v1::AgentMessage {
             message: Some(message),
         }) {
-            Ok(()) => true,
+            Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("link to the master is congested; will retry");
-                false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.link = None;
-                self.registered = false;
-                false
+                self.apply(Input::LinkDown);
             }
         }
     }
 
-    fn on_master_message(&mut self, msg: master_message::Message) {
-        match msg {
-            master_message::Message::Registered(r) => {
-                let id = r
-                    .agent_id
-                    .as_ref()
-                    .and_then(|id| AgentId::try_from(id).ok());
-                let Some(id) = id else {
-                    tracing::error!("master sent a registration without a valid agent id");
-                    return;
-                };
-                if self.agent_id.as_ref() != Some(&id) {
-                    tracing::info!(agent_id = %id, master_id = %r.master_id, "registered with the master");
-                } else {
-                    tracing::info!(agent_id = %id, master_id = %r.master_id, "re-registered with the master");
-                }
-                self.agent_id = Some(id);
-                if r.heartbeat_interval_seconds != 0.0 {
-                    match limits::seconds(
-                        "heartbeat_interval_seconds",
-                        r.heartbeat_interval_seconds,
-                        limits::MAX_HEARTBEAT_SECS,
-                    ) {
-                        Ok(d) => self.heartbeat_interval = d,
-                        Err(e) => {
-                            tracing::warn!(error = %e, interval = ?self.heartbeat_interval, "the master asks for an impossible heartbeat interval; keeping this one");
-                        }
-                    }
-                }
-                self.registered = true;
-                self.last_heartbeat = Instant::now();
-                self.resend_all();
-            }
-            master_message::Message::RunTask(run) => self.run_task(run),
-            master_message::Message::KillTask(kill) => {
-                let key = kill
-                    .framework_id
-                    .as_ref()
-                    .and_then(|f| FrameworkId::try_from(f).ok())
-                    .zip(kill.task_id.as_ref().and_then(|t| TaskId::try_from(t).ok()));
-                match key.as_ref().and_then(|k| self.tasks.get(k)) {
-                    Some(t) => {
-                        tracing::info!(task_id = ?key.as_ref().map(|k| k.1.as_str()), "killing task");
-                        t.kill.cancel();
-                    }
-                    None => tracing::debug!("kill for a task this agent does not have"),
-                }
-            }
-            master_message::Message::Acknowledge(ack) => {
-                let key = ack
-                    .framework_id
-                    .as_ref()
-                    .and_then(|f| FrameworkId::try_from(f).ok())
-                    .zip(ack.task_id.as_ref().and_then(|t| TaskId::try_from(t).ok()));
-                let Some(key) = key else { return };
-                let Some(t) = self.tasks.get_mut(&key) else {
-                    return;
-                };
-                match t
-                    .pending
-                    .acknowledge(&ack.uuid, Instant::now(), &self.retry)
-                {
-                    Acked::Head(Some(next)) => {
-                        if self.registered {
-                            self.send_update(&key.0, *next);
-                        }
-                    }
-                    Acked::Head(None) => {
-                        if t.state.is_terminal() {
-                            self.tasks.remove(&key);
-                        }
-                    }
-                    Acked::Ignored => {
-                        tracing::debug!(framework_id = %key.0, task_id = %key.1, "acknowledgement of an update not in flight; ignored");
-                    }
-                }
-            }
-            master_message::Message::ShutdownFramework(s) => {
-                let Some(fw) = s
-                    .framework_id
-                    .as_ref()
-                    .and_then(|f| FrameworkId::try_from(f).ok())
-                else {
-                    return;
-                };
-                tracing::info!(framework_id = %fw, "shutting down framework's tasks");
-                for ((f, _), t) in &self.tasks {
-                    if *f == fw {
-                        t.kill.cancel();
-                    }
-                }
-                for c in self.containerizers.clone() {
-                    let fw = fw.clone();
-                    self.runners
-                        .spawn(async move { c.shutdown_framework(&fw).await });
-                }
-            }
-            master_message::Message::Heartbeat(_) => {}
-        }
-    }
-
-    fn run_task(&mut self, run: master_message::RunTask) {
-        let Some(task) = run.task else { return };
-        let parsed = (|| {
-            let fw = FrameworkId::try_from(run.framework_id.as_ref().ok_or("no framework id")?)
-                .map_err(|e| e.to_string())?;
-            let tid = TaskId::try_from(task.task_id.as_ref().ok_or("no task id")?)
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((fw, tid))
-        })();
-        let (fw, tid) = match parsed {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::warn!(error = %e, "master sent an invalid task; ignored");
-                return;
-            }
+    /// Starts a runner for the task (`how`: re-attaching to its container).
+    fn launch(
+        &mut self,
+        key: TaskKey,
+        task: v1::TaskInfo,
+        resources: agora_core::Resources,
+        how: Option<Attachment>,
+    ) {
+        let wanted = match &how {
+            None => None,
+            Some(Attachment::Process(_)) => Some("native"),
+            Some(Attachment::Executor(_)) => Some("executor"),
         };
-        let key = (fw.clone(), tid.clone());
-        if self.tasks.get(&key).is_some_and(|t| !t.state.is_terminal()) {
-            tracing::warn!(framework_id = %fw, task_id = %tid, "task is already running here; duplicate launch ignored");
-            return;
-        }
-        let kill = CancellationToken::new();
-        self.tasks.insert(
-            key.clone(),
-            TaskEntry {
-                info: strip_module(&task),
-                state: TaskState::Staging,
-                isolation: String::new(),
-                kill: kill.clone(),
-                pending: UpdateQueue::default(),
-            },
-        );
-        // The agent does not trust the master to have checked: out-of-range numbers end the
-        // task here, before anything is made for it.
-        if let Err(t) = crate::containerizer::task_times(&task) {
-            tracing::warn!(framework_id = %fw, task_id = %tid, error = %t.message, "refusing a task");
-            self.task_changed(fw, tid, t);
-            return;
-        }
-        let resources = match resources_from_proto(&task.resources) {
-            Ok(r) => r,
-            Err(e) => {
-                self.task_changed(
-                    fw,
-                    tid,
-                    Termination::new(TaskState::Error, v1::Reason::TaskInvalid, e.to_string()),
-                );
-                return;
-            }
-        };
-        let Some(containerizer) = self
+        let found = self
             .containerizers
             .iter()
-            .find(|c| c.supports(&task))
-            .cloned()
-        else {
+            .find(|c| match wanted {
+                Some(name) => c.name() == name,
+                None => c.supports(&task),
+            })
+            .cloned();
+        let Some(containerizer) = found else {
             let kind = match task.payload {
                 Some(v1::task_info::Payload::Command(_)) => "command",
                 Some(v1::task_info::Payload::Wasm(_)) => "wasm",
                 None => "empty",
             };
             let msg = format!("this agent has no containerizer for {kind} tasks");
-            self.task_changed(
-                fw,
-                tid,
-                Termination::new(TaskState::Error, v1::Reason::ContainerizerUnavailable, msg),
-            );
+            self.apply(Input::Changed {
+                key,
+                change: Termination::new(
+                    TaskState::Error,
+                    v1::Reason::ContainerizerUnavailable,
+                    msg,
+                ),
+            });
             return;
         };
+        let (fw, tid) = key.clone();
         let span = tracing::info_span!("task", framework_id = %fw, task_id = %tid, containerizer = containerizer.name());
+        let kill = CancellationToken::new();
+        self.kills.insert(key.clone(), kill.clone());
         let runner = Runner {
             containerizer,
             containers: self.containers.clone(),
             fetcher: self.fetcher.clone(),
-            agent_id: self.agent_id.clone(),
+            agent_id: self.state.agent_id.clone(),
             work_dir: self.work_dir.clone(),
             framework: fw,
             task_id: tid,
@@ -486,110 +500,18 @@ impl Actor {
             kill,
             events: self.events.clone(),
             gc: self.gc.clone(),
+            recover: how,
         };
         let handle = self.runners.spawn(runner.run().instrument(span));
         self.runner_tasks.insert(handle.id(), key);
     }
 
-    fn send_update(&mut self, framework: &FrameworkId, status: v1::TaskStatus) {
-        let latest_state = status
-            .task_id
-            .as_ref()
-            .and_then(|t| TaskId::try_from(t).ok())
-            .and_then(|t| self.tasks.get(&(framework.clone(), t)))
-            .map_or(status.state, |e| state_to_proto(e.state) as i32);
-        self.send(agent_message::Message::StatusUpdate(
-            agent_message::StatusUpdate {
-                framework_id: Some(framework.into()),
-                status: Some(status),
-                latest_state,
-            },
-        ));
+    /// A runner that finds the task's container again and follows it to its end.
+    fn reattach(&mut self, key: TaskKey, task: v1::TaskInfo, how: Attachment) {
+        let resources = agora_proto::resources_from_proto(&task.resources).unwrap_or_default();
+        tracing::info!(framework_id = %key.0, task_id = %key.1, ?how, "re-attaching to a task");
+        self.launch(key, task, resources, Some(how));
     }
-
-    fn task_changed(&mut self, framework: FrameworkId, task: TaskId, change: Termination) {
-        let key = (framework.clone(), task.clone());
-        let Some(entry) = self.tasks.get_mut(&key) else {
-            return;
-        };
-        if !entry.state.can_transition(change.state) {
-            tracing::debug!(task_id = %task, from = %entry.state, to = %change.state, "ignoring illegal transition");
-            return;
-        }
-        entry.state = change.state;
-        if let Some(iso) = change.isolation {
-            entry.isolation = iso;
-        }
-        let status = v1::TaskStatus {
-            task_id: Some((&task).into()),
-            state: state_to_proto(change.state) as i32,
-            reason: change.reason as i32,
-            message: change.message,
-            source: change.source as i32,
-            uuid: uuid_bytes(),
-            timestamp: now_timestamp(),
-            agent_id: self.agent_id.as_ref().map(Into::into),
-            exit_code: change.exit_code,
-            data: change.data,
-            usage: change.usage.map(|u| *u),
-            isolation: entry.isolation.clone(),
-            progress: change.progress,
-        };
-        if change.state.is_terminal() {
-            tracing::info!(state = %change.state, message = %status.message, "task ended");
-        }
-        // Sent now only when nothing older of this task awaits its acknowledgement.
-        if let Some(status) = entry.pending.push(status, Instant::now(), &self.retry)
-            && self.registered
-        {
-            self.send_update(&framework, status);
-        }
-    }
-
-    /// After (re-)registering: the oldest unacknowledged update of each task goes again.
-    fn resend_all(&mut self) {
-        let now = Instant::now();
-        let agent_id: Option<v1::AgentId> = self.agent_id.as_ref().map(Into::into);
-        let out: Vec<_> = self
-            .tasks
-            .iter_mut()
-            .filter_map(|((fw, _), t)| {
-                t.pending
-                    .resend(now, agent_id.as_ref())
-                    .map(|s| (fw.clone(), s))
-            })
-            .collect();
-        for (fw, status) in out {
-            self.send_update(&fw, status);
-        }
-    }
-
-    fn tick(&mut self) {
-        if !self.registered {
-            return;
-        }
-        let now = Instant::now();
-        if now.duration_since(self.last_heartbeat) >= self.heartbeat_interval {
-            self.last_heartbeat = now;
-            self.send(agent_message::Message::Heartbeat(
-                agent_message::Heartbeat {},
-            ));
-        }
-        let retry = self.retry.clone();
-        let due: Vec<_> = self
-            .tasks
-            .iter_mut()
-            .filter_map(|((fw, _), t)| t.pending.due(now, &retry).map(|s| (fw.clone(), s)))
-            .collect();
-        for (fw, status) in due {
-            tracing::debug!(framework_id = %fw, task_id = ?status.task_id.as_ref().map(|t| &t.value), "retrying unacknowledged status update");
-            self.send_update(&fw, status);
-        }
-    }
-}
-
-fn uuid_bytes() -> Vec<u8> {
-    uuid::Uuid::new_v4().as_bytes().to_vec()
 }
 
 /// Drives one task through its containerizer, reporting each step to the owner task.
@@ -606,6 +528,8 @@ struct Runner {
     kill: CancellationToken,
     events: mpsc::Sender<Event>,
     gc: Option<crate::gc::Gc>,
+    /// Re-attach to the task's container instead of starting it.
+    recover: Option<Attachment>,
 }
 
 impl Runner {
@@ -620,7 +544,21 @@ impl Runner {
             .await;
     }
 
+    fn spec(&self, sandbox: PathBuf) -> LaunchSpec {
+        LaunchSpec {
+            agent_id: self.agent_id.clone(),
+            framework_id: self.framework.clone(),
+            task_id: self.task_id.clone(),
+            task: self.task.clone(),
+            resources: self.resources.clone(),
+            sandbox,
+        }
+    }
+
     async fn run(self) {
+        if let Some(how) = self.recover.clone() {
+            return self.run_recovered(how).await;
+        }
         self.report(Termination::new(
             TaskState::Starting,
             v1::Reason::Unspecified,
@@ -646,14 +584,7 @@ impl Runner {
         };
         // However the runner ends, the sandbox is collected after the GC delay.
         let _collect = self.gc.as_ref().map(|gc| gc.on_drop(sandbox.clone()));
-        let spec = LaunchSpec {
-            agent_id: self.agent_id.clone(),
-            framework_id: self.framework.clone(),
-            task_id: self.task_id.clone(),
-            task: self.task.clone(),
-            resources: self.resources.clone(),
-            sandbox,
-        };
+        let spec = self.spec(sandbox);
         if !self.task.uris.is_empty() {
             let Some(fetcher) = &self.fetcher else {
                 self.report(Termination::new(
@@ -698,52 +629,86 @@ impl Runner {
                 v1::Reason::TaskKilled,
                 "killed before it started",
             ),
-            Ok(container) => {
-                let isolation = container.isolation();
-                let updates = Updates {
-                    events: self.events.clone(),
-                    framework: self.framework.clone(),
-                    task: self.task_id.clone(),
-                    isolation: isolation.clone(),
-                };
-                if !container.reports_running() {
-                    let mut running =
-                        Termination::new(TaskState::Running, v1::Reason::Unspecified, "");
-                    running.isolation.clone_from(&isolation);
-                    self.report(running).await;
-                }
-                let key = ContainerKey {
-                    framework: self.framework.clone(),
-                    task: Some(self.task_id.clone()),
-                    executor: container.executor(),
-                };
-                if let Ok(mut c) = self.containers.lock() {
-                    c.insert(
-                        key.clone(),
-                        ContainerEntry {
-                            containerizer: self.containerizer.name(),
-                            probe: container.usage_probe(),
-                            pid: container.pid().unwrap_or_default(),
-                        },
-                    );
-                }
-                let mut end = container.run(self.kill.clone(), updates).await;
-                if let Ok(mut c) = self.containers.lock() {
-                    c.remove(&key);
-                }
-                if end.isolation.is_none() {
-                    end.isolation = isolation;
-                }
-                end
-            }
+            Ok(container) => self.follow(container, true).await,
         };
         self.report(end).await;
+    }
+
+    /// Finds the task's container again after the agent restarted, and follows it.
+    async fn run_recovered(self, how: Attachment) {
+        let sandbox = match &how {
+            Attachment::Process(p) => Some(p.sandbox.clone()),
+            Attachment::Executor(_) => {
+                sandbox::latest_run_dir(&self.work_dir, &self.framework, &self.task_id)
+            }
+        };
+        let Some(sandbox) = sandbox else {
+            self.report(Termination::new(
+                TaskState::Failed,
+                v1::Reason::AgentRestarted,
+                "the agent restarted and the task's sandbox is gone",
+            ))
+            .await;
+            return;
+        };
+        let _collect = self.gc.as_ref().map(|gc| gc.on_drop(sandbox.clone()));
+        let spec = self.spec(sandbox);
+        let end = match self.containerizer.recover(&spec, &how).await {
+            Err(t) => t,
+            Ok(container) => self.follow(container, false).await,
+        };
+        self.report(end).await;
+    }
+
+    /// Runs a prepared (or re-attached) container to its end; `started`: it is new, so the
+    /// agent reports TASK_RUNNING unless the container does.
+    async fn follow(
+        &self,
+        container: Box<dyn crate::containerizer::Container>,
+        started: bool,
+    ) -> Termination {
+        let isolation = container.isolation();
+        let updates = Updates {
+            events: self.events.clone(),
+            framework: self.framework.clone(),
+            task: self.task_id.clone(),
+            isolation: isolation.clone(),
+        };
+        if started && !container.reports_running() {
+            let mut running = Termination::new(TaskState::Running, v1::Reason::Unspecified, "");
+            running.isolation.clone_from(&isolation);
+            self.report(running).await;
+        }
+        let key = ContainerKey {
+            framework: self.framework.clone(),
+            task: Some(self.task_id.clone()),
+            executor: container.executor(),
+        };
+        if let Ok(mut c) = self.containers.lock() {
+            c.insert(
+                key.clone(),
+                ContainerEntry {
+                    containerizer: self.containerizer.name(),
+                    probe: container.usage_probe(),
+                    pid: container.pid().unwrap_or_default(),
+                },
+            );
+        }
+        let mut end = container.run(self.kill.clone(), updates).await;
+        if let Ok(mut c) = self.containers.lock() {
+            c.remove(&key);
+        }
+        if end.isolation.is_none() {
+            end.isolation = isolation;
+        }
+        end
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::SavedTask;
 
     /// An actor with no containerizers, registered, whose messages to the master land in
     /// the returned receiver.
@@ -763,35 +728,21 @@ mod tests {
         );
         let (tx, rx) = mpsc::channel(64);
         a.handle(Event::LinkUp { tx });
-        a.on_master_message(registered_message(5.0));
-        (a, rx)
-    }
-
-    fn registered_message(heartbeat: f64) -> master_message::Message {
-        master_message::Message::Registered(master_message::Registered {
-            agent_id: Some(v1::AgentId {
-                value: "m-A000001".into(),
+        a.handle(Event::FromMaster(Box::new(
+            master_message::Message::Registered(master_message::Registered {
+                agent_id: Some(v1::AgentId {
+                    value: "m-A000001".into(),
+                }),
+                master_id: "m".into(),
+                heartbeat_interval_seconds: 5.0,
             }),
-            master_id: "m".into(),
-            heartbeat_interval_seconds: heartbeat,
-        })
+        )));
+        a.flush().unwrap();
+        (a, rx)
     }
 
     fn key() -> TaskKey {
         (FrameworkId::new("fw").unwrap(), TaskId::new("t").unwrap())
-    }
-
-    fn add_task(a: &mut Actor) {
-        a.tasks.insert(
-            key(),
-            TaskEntry {
-                info: v1::TaskInfo::default(),
-                state: TaskState::Staging,
-                isolation: String::new(),
-                kill: CancellationToken::new(),
-                pending: UpdateQueue::default(),
-            },
-        );
     }
 
     fn sent(rx: &mut mpsc::Receiver<v1::AgentMessage>) -> Vec<v1::TaskStatus> {
@@ -804,91 +755,45 @@ mod tests {
         out
     }
 
-    fn change(state: TaskState) -> Termination {
-        Termination::new(state, v1::Reason::Unspecified, "")
-    }
-
-    #[test]
-    fn a_task_has_one_update_in_flight_and_the_next_goes_on_acknowledgement() {
-        let (mut a, mut rx) = registered();
-        add_task(&mut a);
-        let (fw, t) = key();
-        for s in [TaskState::Starting, TaskState::Running, TaskState::Finished] {
-            a.task_changed(fw.clone(), t.clone(), change(s));
-        }
-        let first = sent(&mut rx);
-        assert_eq!(first.len(), 1, "only STARTING goes out: {first:?}");
-        assert_eq!(first[0].state(), v1::TaskState::TaskStarting);
-        // Re-registration resends the head only.
-        a.on_master_message(registered_message(5.0));
-        let again = sent(&mut rx);
-        assert_eq!(again.len(), 1);
-        assert_eq!(again[0].uuid, first[0].uuid);
-        let ack = |uuid: &[u8]| {
-            master_message::Message::Acknowledge(master_message::AcknowledgeUpdate {
-                framework_id: Some((&fw).into()),
-                task_id: Some((&t).into()),
-                uuid: uuid.to_vec(),
-            })
-        };
-        let mut order = vec![first[0].state()];
-        let mut head = first[0].uuid.clone();
-        loop {
-            a.on_master_message(ack(&head));
-            let next = sent(&mut rx);
-            if next.is_empty() {
-                break;
-            }
-            assert_eq!(next.len(), 1, "{next:?}");
-            order.push(next[0].state());
-            head = next[0].uuid.clone();
-        }
-        assert_eq!(
-            order,
-            [
-                v1::TaskState::TaskStarting,
-                v1::TaskState::TaskRunning,
-                v1::TaskState::TaskFinished
-            ]
-        );
-        assert!(
-            a.tasks.is_empty(),
-            "forgotten once its terminal update is acknowledged"
-        );
-    }
-
-    #[test]
-    fn a_heartbeat_interval_out_of_range_is_refused_not_a_panic() {
-        let (mut a, _rx) = registered();
-        assert_eq!(a.heartbeat_interval, Duration::from_secs(5));
-        for bad in [1e20, f64::NAN, f64::INFINITY, -1.0] {
-            a.on_master_message(registered_message(bad));
-            assert_eq!(a.heartbeat_interval, Duration::from_secs(5), "{bad}");
-        }
-        a.on_master_message(registered_message(0.5));
-        assert_eq!(a.heartbeat_interval, Duration::from_millis(500));
-    }
-
     #[tokio::test]
     async fn a_task_whose_runner_panics_fails_instead_of_hanging() {
         let (mut a, mut rx) = registered();
-        add_task(&mut a);
+        a.state.restore(
+            key(),
+            SavedTask {
+                info: v1::TaskInfo::default(),
+                state: TaskState::Staging,
+                isolation: String::new(),
+                pending: Vec::new(),
+                attachment: None,
+            },
+            Instant::now(),
+        );
         let (fw, t) = key();
-        a.task_changed(fw.clone(), t.clone(), change(TaskState::Starting));
+        a.handle(Event::Task {
+            framework: fw.clone(),
+            task: t.clone(),
+            change: Termination::new(TaskState::Starting, v1::Reason::Unspecified, ""),
+        });
+        a.flush().unwrap();
         let starting = sent(&mut rx);
+        assert_eq!(starting.len(), 1);
+        let kill = CancellationToken::new();
+        a.kills.insert(key(), kill.clone());
         let handle = a.runners.spawn(async { panic!("a bug") });
         a.runner_tasks.insert(handle.id(), key());
         let done = a.runners.join_next_with_id().await.unwrap();
         a.runner_ended(done);
-        assert_eq!(a.tasks[&key()].state, TaskState::Failed);
-        assert!(a.tasks[&key()].kill.is_cancelled());
-        a.on_master_message(master_message::Message::Acknowledge(
-            master_message::AcknowledgeUpdate {
+        assert_eq!(a.state.tasks[&key()].state, TaskState::Failed);
+        assert!(kill.is_cancelled());
+        a.handle(Event::FromMaster(Box::new(
+            master_message::Message::Acknowledge(master_message::AcknowledgeUpdate {
                 framework_id: Some((&fw).into()),
                 task_id: Some((&t).into()),
                 uuid: starting[0].uuid.clone(),
-            },
-        ));
+            }),
+        )));
+        a.flush().unwrap();
         let failed = sent(&mut rx);
         assert_eq!(failed[0].state(), v1::TaskState::TaskFailed);
         assert!(failed[0].message.contains("a bug"), "{}", failed[0].message);

@@ -210,6 +210,18 @@ impl Updates {
             .await;
     }
 
+    /// Tells the agent how to find the task's container again, should it restart.
+    pub async fn attached(&self, how: crate::state::Attachment) {
+        let _ = self
+            .events
+            .send(crate::actor::Event::Attached {
+                framework: self.framework.clone(),
+                task: self.task.clone(),
+                how,
+            })
+            .await;
+    }
+
     pub async fn send(&self, mut change: Termination) {
         if change.isolation.is_none() {
             change.isolation.clone_from(&self.isolation);
@@ -303,6 +315,22 @@ pub trait Containerizer: Send + Sync {
     fn supports(&self, task: &v1::TaskInfo) -> bool;
     /// Gets the task ready to run; a refusal ends the task with the returned status.
     async fn prepare(&self, spec: &LaunchSpec) -> Result<Box<dyn Container>, Termination>;
+    /// Finds a task's container again after the agent restarted (`how` is what it reported
+    /// through [`Updates::attached`]); a refusal ends the task with the returned status.
+    async fn recover(
+        &self,
+        _spec: &LaunchSpec,
+        _how: &crate::state::Attachment,
+    ) -> Result<Box<dyn Container>, Termination> {
+        Err(Termination::new(
+            TaskState::Failed,
+            v1::Reason::AgentRestarted,
+            format!(
+                "the agent restarted and its {} containerizer cannot re-attach to the task",
+                self.name()
+            ),
+        ))
+    }
     /// The framework is gone from this agent: stop anything of its that outlives tasks.
     async fn shutdown_framework(&self, _framework: &FrameworkId) {}
     /// The agent is stopping: stop everything.

@@ -32,12 +32,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::checkpoint::{Checkpoint, SavedExecutor};
 use crate::containerizer::{
     Container, ContainerEntry, ContainerKey, Containerizer, Containers, LaunchSpec, Termination,
     Updates,
 };
 use crate::fetcher::Fetcher;
-use crate::native::{NativeContainerizer, ProcessSpec, RunAs};
+use crate::native::{NativeContainerizer, OnStart, ProcessSpec, RunAs};
+use crate::state::{Attachment, ProcessRecord};
 
 /// Timing of custom executors.
 #[derive(Debug, Clone)]
@@ -52,6 +54,9 @@ pub struct ExecutorConfig {
     /// Memory an executor's cgroup gets beyond its tasks', for the executor itself, in MiB.
     /// Default 32 (the Wasm executor gets more: it holds the engine and compiled code).
     pub overhead_mem_mib: f64,
+    /// How long an executor waits for its agent to come back after losing it
+    /// (`AGORA_RECOVERY_TIMEOUT`) before it gives up and ends its tasks. Default 15 min.
+    pub recovery_timeout: Duration,
 }
 
 impl Default for ExecutorConfig {
@@ -61,6 +66,7 @@ impl Default for ExecutorConfig {
             idle_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(3),
             overhead_mem_mib: 32.0,
+            recovery_timeout: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -103,6 +109,9 @@ struct ExecState {
     shutting_down: bool,
     /// Why the agent stopped it, when it did.
     stopped_because: Option<(v1::Reason, String)>,
+    /// The tasks a re-attached executor said it has when it subscribed again; the agent's
+    /// other tasks for it never reached it.
+    listed: Option<std::collections::HashSet<TaskId>>,
 }
 
 /// One executor process and what the agent knows of it.
@@ -126,9 +135,46 @@ struct Exec {
     /// Held from reading the tasks' total to writing the cgroup's limits, so two resizes
     /// cannot write their totals in the wrong order.
     resizing: Mutex<()>,
+    /// A previous agent started it; this one re-attached to it.
+    recovered: bool,
 }
 
 impl Exec {
+    /// An executor whose process is `container`, new or `recovered` from a previous agent;
+    /// idle until a task arrives (or re-attaches), so that one without tasks cannot run for
+    /// ever.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        key: Key,
+        info: v1::ExecutorInfo,
+        agent_id: Option<AgentId>,
+        token: String,
+        container: &crate::native::NativeContainer,
+        overhead_mem_mib: f64,
+        recovered: bool,
+    ) -> Arc<Exec> {
+        let (subscribed, _) = watch::channel(false);
+        Arc::new(Exec {
+            key,
+            info,
+            agent_id,
+            token,
+            state: Mutex::new(ExecState {
+                idle_since: Some(Instant::now()),
+                ..ExecState::default()
+            }),
+            resizing: Mutex::new(()),
+            subscribed,
+            stop: CancellationToken::new(),
+            dead: CancellationToken::new(),
+            end: Mutex::new(None),
+            limiter: container.limiter(),
+            user: container.user(),
+            overhead_mem_mib,
+            recovered,
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ExecState> {
         // A panic while holding this lock leaves plain data behind; carry on with it.
         self.state
@@ -248,6 +294,19 @@ struct Inner {
     lifecycles: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Collects an executor's sandbox once its process has ended.
     gc: std::sync::OnceLock<crate::gc::Gc>,
+    /// Where executors are recorded, for a restarted agent to re-attach to.
+    checkpoint: std::sync::OnceLock<Arc<Checkpoint>>,
+}
+
+impl Inner {
+    /// Records `exec` (`Some`) or its end; a failure only costs its recovery.
+    fn save(&self, key: &Key, record: Option<&SavedExecutor>) {
+        if let Some(cp) = self.checkpoint.get()
+            && let Err(e) = cp.write_executor(&key.0, &key.1, record)
+        {
+            tracing::error!(executor_id = %key.1, error = %e, "checkpointing an executor");
+        }
+    }
 }
 
 impl Inner {
@@ -287,6 +346,7 @@ impl ExecutorContainerizer {
                 launching: Mutex::new(HashMap::new()),
                 lifecycles: Mutex::new(Vec::new()),
                 gc: std::sync::OnceLock::new(),
+                checkpoint: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -294,6 +354,88 @@ impl ExecutorContainerizer {
     /// Executors' sandboxes are scheduled with `gc` once their processes end.
     pub fn collect_with(&self, gc: crate::gc::Gc) {
         let _ = self.inner.gc.set(gc);
+    }
+
+    /// Executors are checkpointed in `checkpoint`, and told to wait for a restarted agent.
+    pub fn checkpoint_with(&self, checkpoint: Arc<Checkpoint>) {
+        let _ = self.inner.checkpoint.set(checkpoint);
+    }
+
+    /// Re-attaches to the executors a previous agent on this work directory started: each
+    /// whose process still runs waits (`registration_timeout`) for its executor to subscribe
+    /// again; the records of the others are dropped, and their tasks fail when recovered.
+    pub fn recover(
+        &self,
+        saved: Vec<((FrameworkId, ExecutorId), SavedExecutor)>,
+        agent_id: Option<&AgentId>,
+    ) {
+        use prost::Message;
+        for (key, rec) in saved {
+            let alive = rec
+                .process
+                .as_ref()
+                .filter(|p| crate::native::start_ticks(p.pid) == Some(p.start_ticks));
+            let info = v1::ExecutorInfo::decode(rec.info.as_slice());
+            let (Some(process), Ok(info)) = (alive, info) else {
+                tracing::warn!(framework_id = %key.0, executor_id = %key.1, "an executor of the previous agent is gone");
+                self.inner.save(&key, None);
+                continue;
+            };
+            tracing::info!(framework_id = %key.0, executor_id = %key.1, pid = process.pid, "re-attaching to an executor");
+            let container = self.inner.native.reattach(process);
+            let exec = Exec::new(
+                key.clone(),
+                info,
+                agent_id.cloned(),
+                rec.token.clone(),
+                &container,
+                self.inner.config.overhead_mem_mib,
+                true,
+            );
+            let sandbox = process.sandbox.clone();
+            self.start(exec, container, rec, sandbox);
+        }
+    }
+
+    /// Registers `exec` and runs its process's lifecycle.
+    fn start(
+        &self,
+        exec: Arc<Exec>,
+        container: crate::native::NativeContainer,
+        record: SavedExecutor,
+        sandbox: PathBuf,
+    ) {
+        let key = exec.key.clone();
+        let entry_key = ContainerKey {
+            framework: key.0.clone(),
+            task: None,
+            executor: Some(key.1.clone()),
+        };
+        if let Ok(mut c) = self.inner.containers.lock() {
+            c.insert(
+                entry_key.clone(),
+                ContainerEntry {
+                    containerizer: "executor",
+                    probe: container.usage_probe(),
+                    pid: container
+                        .pid()
+                        .unwrap_or_else(|| Arc::new(AtomicU32::new(0))),
+                },
+            );
+        }
+        if let Ok(mut r) = self.inner.running.lock() {
+            r.insert(key, exec.clone());
+        }
+        let collect = self.inner.gc.get().map(|gc| gc.on_drop(sandbox));
+        let lifecycle = lifecycle(self.inner.clone(), exec, container, entry_key, record);
+        let handle = tokio::spawn(async move {
+            let _collect = collect;
+            lifecycle.await;
+        });
+        if let Ok(mut l) = self.inner.lifecycles.lock() {
+            l.retain(|h| !h.is_finished());
+            l.push(handle);
+        }
     }
 
     /// The gRPC service executors talk to.
@@ -385,13 +527,20 @@ impl ExecutorContainerizer {
             .map_or(endpoint.as_str(), |(_, rest)| rest)
             .to_owned();
         let command = info.command.clone().unwrap_or_default();
-        let env = vec![
+        let mut env = vec![
             ("AGORA_EXECUTOR_ID".to_owned(), id.to_string()),
             ("AGORA_EXECUTOR_TOKEN".to_owned(), token.clone()),
             ("AGORA_AGENT_ENDPOINT".to_owned(), endpoint),
             ("MESOS_EXECUTOR_ID".to_owned(), id.to_string()),
             ("MESOS_AGENT_ENDPOINT".to_owned(), host_port),
         ];
+        if self.inner.checkpoint.get().is_some() {
+            // As Mesos's MESOS_RECOVERY_TIMEOUT: how long to wait for a restarted agent.
+            let secs = self.inner.config.recovery_timeout.as_secs_f64().to_string();
+            env.push(("AGORA_RECOVERY_TIMEOUT".to_owned(), secs.clone()));
+            env.push(("MESOS_RECOVERY_TIMEOUT".to_owned(), format!("{secs}secs")));
+            env.push(("MESOS_CHECKPOINT".to_owned(), "1".to_owned()));
+        }
         let name = format!("executor-{id}");
         // The cgroup starts at the first task's size plus the executor's own.
         let mut first = spec.resources.clone();
@@ -426,58 +575,25 @@ impl ExecutorContainerizer {
                 RunAs::Named(&command.user)
             },
         })?;
-        let (subscribed, _) = watch::channel(false);
-        let exec = Arc::new(Exec {
-            key: key.clone(),
-            info: info.clone(),
-            agent_id: spec.agent_id.clone(),
+        let exec = Exec::new(
+            key.clone(),
+            info.clone(),
+            spec.agent_id.clone(),
             token,
-            // Idle until a task arrives: one killed before it reached the executor must not
-            // leave it running for ever.
-            state: Mutex::new(ExecState {
-                idle_since: Some(Instant::now()),
-                ..ExecState::default()
-            }),
-            resizing: Mutex::new(()),
-            subscribed,
-            stop: CancellationToken::new(),
-            dead: CancellationToken::new(),
-            end: Mutex::new(None),
-            limiter: container.limiter(),
-            user: container.user(),
-            overhead_mem_mib: opts.overhead_mem_mib,
-        });
-        let entry_key = ContainerKey {
-            framework: key.0.clone(),
-            task: None,
-            executor: Some(id.clone()),
-        };
-        if let Ok(mut c) = self.inner.containers.lock() {
-            c.insert(
-                entry_key.clone(),
-                ContainerEntry {
-                    containerizer: "executor",
-                    probe: container.usage_probe(),
-                    pid: container
-                        .pid()
-                        .unwrap_or_else(|| Arc::new(AtomicU32::new(0))),
-                },
-            );
-        }
-        if let Ok(mut r) = self.inner.running.lock() {
-            r.insert(key, exec.clone());
-        }
+            &container,
+            opts.overhead_mem_mib,
+            false,
+        );
         tracing::info!(framework_id = %spec.framework_id, executor_id = %id, sandbox = %sandbox.display(), "starting executor");
-        let collect = self.inner.gc.get().map(|gc| gc.on_drop(sandbox.clone()));
-        let lifecycle = lifecycle(self.inner.clone(), exec.clone(), container, entry_key);
-        let handle = tokio::spawn(async move {
-            let _collect = collect;
-            lifecycle.await;
-        });
-        if let Ok(mut l) = self.inner.lifecycles.lock() {
-            l.retain(|h| !h.is_finished());
-            l.push(handle);
-        }
+        use prost::Message;
+        let record = SavedExecutor {
+            token: exec.token.clone(),
+            info: info.encode_to_vec(),
+            process: None,
+        };
+        // Recorded before it starts, so that a restarted agent knows its token.
+        self.inner.save(&key, Some(&record));
+        self.start(exec.clone(), container, record, sandbox);
         Ok(exec)
     }
 }
@@ -549,6 +665,7 @@ impl ExecutorContainerizer {
             grace,
             isolation,
             usage: Arc::new(Mutex::new(None)),
+            recovered: false,
         }))
     }
 }
@@ -560,9 +677,18 @@ async fn lifecycle(
     exec: Arc<Exec>,
     container: crate::native::NativeContainer,
     entry_key: ContainerKey,
+    record: SavedExecutor,
 ) {
     let pid = container.pid();
-    let run = container.run_process(exec.stop.clone());
+    let hook = {
+        let (inner, key) = (inner.clone(), exec.key.clone());
+        move |process: ProcessRecord| {
+            let mut record = record.clone();
+            record.process = Some(process);
+            inner.save(&key, Some(&record));
+        }
+    };
+    let run = container.run_process(exec.stop.clone(), Some(OnStart::Executor(&hook)));
     tokio::pin!(run);
     let registration = tokio::time::sleep(inner.config.registration_timeout);
     tokio::pin!(registration);
@@ -575,7 +701,8 @@ async fn lifecycle(
             () = &mut registration, if !timed_out && !*subscribed.borrow() => {
                 timed_out = true;
                 let why = format!(
-                    "it did not subscribe within {:?}",
+                    "it did not subscribe {}within {:?}",
+                    if exec.recovered { "again after the agent restarted " } else { "" },
                     inner.config.registration_timeout
                 );
                 tracing::warn!(executor_id = %exec.id(), "{why}");
@@ -596,6 +723,7 @@ async fn lifecycle(
         }
     };
     tracing::info!(executor_id = %exec.id(), state = %end.state, message = %end.message, "executor ended");
+    inner.save(&exec.key, None);
     if let Ok(mut e) = exec.end.lock() {
         *e = Some(end);
     }
@@ -660,6 +788,44 @@ impl Containerizer for ExecutorContainerizer {
         self.prepare_in(spec, info, spec.task.clone(), &opts).await
     }
 
+    async fn recover(
+        &self,
+        spec: &LaunchSpec,
+        how: &Attachment,
+    ) -> Result<Box<dyn Container>, Termination> {
+        let gone =
+            |msg: String| Termination::new(TaskState::Failed, v1::Reason::ExecutorTerminated, msg);
+        let Attachment::Executor(id) = how else {
+            return Err(gone("the task's container is not an executor".into()));
+        };
+        let id = ExecutorId::new(id.clone()).map_err(|e| gone(e.to_string()))?;
+        let exec = self
+            .inner
+            .get(&(spec.framework_id.clone(), id.clone()))
+            .filter(|e| !e.dead.is_cancelled())
+            .ok_or_else(|| {
+                gone(format!(
+                    "its executor {id} did not survive the agent's restart"
+                ))
+            })?;
+        let grace = crate::containerizer::task_times(&spec.task)
+            .ok()
+            .and_then(|t| t.kill_grace)
+            .unwrap_or(self.inner.native.config().kill_grace);
+        Ok(Box::new(ExecutorTask {
+            inner: self.inner.clone(),
+            exec,
+            task: spec.task.clone(),
+            task_id: spec.task_id.clone(),
+            sandbox: spec.sandbox.clone(),
+            resources: spec.resources.clone(),
+            grace,
+            isolation: String::new(),
+            usage: Arc::new(Mutex::new(None)),
+            recovered: true,
+        }))
+    }
+
     async fn shutdown_framework(&self, framework: &FrameworkId) {
         let execs: Vec<Arc<Exec>> = self
             .inner
@@ -722,6 +888,8 @@ struct ExecutorTask {
     grace: Duration,
     isolation: String,
     usage: Arc<Mutex<Option<v1::TaskUsage>>>,
+    /// Re-attached after the agent restarted: the executor has (or had) the task already.
+    recovered: bool,
 }
 
 /// Largest framework message an executor may send, in bytes.
@@ -743,7 +911,7 @@ impl ExecutorTask {
     }
 
     async fn watch(&self, kill: CancellationToken, updates: &Updates) -> Termination {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let exec = &self.exec;
         {
             let mut st = exec.lock();
@@ -751,34 +919,62 @@ impl ExecutorTask {
                 drop(st);
                 return exec.terminated();
             }
+            if self.recovered
+                && st
+                    .listed
+                    .as_ref()
+                    .is_some_and(|l| !l.contains(&self.task_id))
+            {
+                drop(st);
+                return unknown_to(exec.id());
+            }
             st.tasks.insert(
                 self.task_id.clone(),
                 Slot {
                     updates: tx,
                     resources: self.resources.clone(),
-                    sent: false,
+                    sent: self.recovered,
                     usage: self.usage.clone(),
                 },
             );
             st.idle_since = None;
-            let launch = executor_event::Event::Launch(executor_event::Launch {
-                task: Some(self.task.clone()),
-                sandbox: self.sandbox.to_string_lossy().into_owned(),
-            });
-            if exec.send(&mut st, launch.clone()) {
-                if let Some(s) = st.tasks.get_mut(&self.task_id) {
-                    s.sent = true;
-                }
-            } else {
-                st.queued.push((
-                    self.task_id.clone(),
-                    v1::ExecutorEvent {
-                        event: Some(launch),
-                    },
-                ));
+            // A re-attached task is in the executor already.
+            if !self.recovered {
+                self.launch(exec, &mut st);
             }
         }
         exec.resize(self.inner.native.config());
+        self.follow(kill, updates, rx).await
+    }
+
+    /// Sends (or queues, until the executor subscribes) the task's LAUNCH.
+    fn launch(&self, exec: &Exec, st: &mut ExecState) {
+        let launch = executor_event::Event::Launch(executor_event::Launch {
+            task: Some(self.task.clone()),
+            sandbox: self.sandbox.to_string_lossy().into_owned(),
+        });
+        if exec.send(st, launch.clone()) {
+            if let Some(s) = st.tasks.get_mut(&self.task_id) {
+                s.sent = true;
+            }
+        } else {
+            st.queued.push((
+                self.task_id.clone(),
+                v1::ExecutorEvent {
+                    event: Some(launch),
+                },
+            ));
+        }
+    }
+
+    /// Passes the executor's updates on until the task ends.
+    async fn follow(
+        &self,
+        kill: CancellationToken,
+        updates: &Updates,
+        mut rx: mpsc::UnboundedReceiver<v1::TaskStatus>,
+    ) -> Termination {
+        let exec = &self.exec;
         let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             tokio::select! {
@@ -840,6 +1036,11 @@ impl ExecutorTask {
 #[async_trait::async_trait]
 impl Container for ExecutorTask {
     async fn run(self: Box<Self>, kill: CancellationToken, updates: Updates) -> Termination {
+        if !self.recovered {
+            updates
+                .attached(Attachment::Executor(self.exec.id().to_string()))
+                .await;
+        }
         // The task's `disk` against its sandbox, as for a native task.
         let quota = crate::disk::Quota::of(
             &self.sandbox,
@@ -860,7 +1061,8 @@ impl Container for ExecutorTask {
     }
 
     fn isolation(&self) -> Option<String> {
-        Some(self.isolation.clone())
+        // A re-attached task keeps the isolation it was reported with.
+        (!self.isolation.is_empty()).then(|| self.isolation.clone())
     }
 
     fn reports_running(&self) -> bool {
@@ -877,6 +1079,17 @@ impl Container for ExecutorTask {
             usage.lock().ok().and_then(|u| *u).unwrap_or_default()
         }))
     }
+}
+
+/// The end of a task the agent gave an executor that, re-attached, does not have it.
+fn unknown_to(executor: &ExecutorId) -> Termination {
+    Termination::new(
+        TaskState::Failed,
+        v1::Reason::AgentRestarted,
+        format!(
+            "executor {executor} does not have the task after the agent restarted (it never reached the executor)"
+        ),
+    )
 }
 
 /// Checks the numbers and sizes of a usage report from an executor: every amount finite and
@@ -961,7 +1174,14 @@ impl v1::executor_server::Executor for ExecutorService {
         &self,
         request: Request<v1::ExecutorSubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let exec = self.authorise(request.into_inner().header)?;
+        let r = request.into_inner();
+        let exec = self.authorise(r.header)?;
+        limits::count("tasks", r.tasks.len(), limits::MAX_LIST).map_err(|e| refused(&e))?;
+        let listed: std::collections::HashSet<TaskId> = r
+            .tasks
+            .iter()
+            .filter_map(|t| TaskId::try_from(t).ok())
+            .collect();
         let (tx, rx) = mpsc::unbounded_channel();
         let subscribed = v1::ExecutorEvent {
             event: Some(executor_event::Event::Subscribed(
@@ -979,6 +1199,22 @@ impl v1::executor_server::Executor for ExecutorService {
                 tracing::info!(executor_id = %exec.id(), "executor subscribed again; the old stream is closed");
             }
             st.stream = Some(tx);
+            if exec.recovered && st.listed.is_none() {
+                // The tasks the agent re-attached to but the executor does not have end now.
+                for (task, slot) in &st.tasks {
+                    if !listed.contains(task) {
+                        let t = unknown_to(exec.id());
+                        let _ = slot.updates.send(v1::TaskStatus {
+                            task_id: Some(task.into()),
+                            state: agora_proto::state_to_proto(t.state) as i32,
+                            reason: t.reason as i32,
+                            message: t.message,
+                            ..Default::default()
+                        });
+                    }
+                }
+                st.listed = Some(listed);
+            }
             for (task, event) in std::mem::take(&mut st.queued) {
                 if let Some(e) = event.event
                     && exec.send(&mut st, e)

@@ -15,7 +15,9 @@
 //! - [`native`]: the native containerizer (`command` tasks as processes in cgroups).
 //! - [`executor`]: custom executors and the Executor API they use.
 //! - [`fetcher`]: tasks' URIs into their sandboxes, through a bounded cache.
-//! - [`actor`]: the owner task: tasks, status updates, the state machine of a launch.
+//! - [`state`]: the agent's rules as a pure state machine (tasks, status updates).
+//! - [`actor`]: the owner task: carries out the state machine's commands.
+//! - [`checkpoint`]: what a restarted agent recovers from.
 //! - [`updates`]: a task's status updates, one in flight at a time (pure).
 //! - [`link`]: the connection to the master, with reconnect.
 //! - [`sandbox`]: sandbox directories and the Sandbox API.
@@ -24,6 +26,7 @@
 //! - [`resources`]: detecting and overriding the resources offered.
 
 pub mod actor;
+pub mod checkpoint;
 pub mod containerizer;
 pub mod disk;
 pub mod executor;
@@ -33,6 +36,7 @@ pub mod link;
 pub mod native;
 pub mod resources;
 pub mod sandbox;
+pub mod state;
 pub mod updates;
 pub mod wasm;
 
@@ -95,6 +99,20 @@ pub struct AgentConfig {
     /// first, never one in use). Default 1 GiB; `None`: no bound. The compiled-module
     /// cache's bound is `wasm.cache_max_bytes` (default here 2 GiB).
     pub module_store_max_bytes: Option<u64>,
+    /// What to do with what a previous agent on this work directory left running.
+    pub recover: Recover,
+    /// What to do with the tasks when this agent stops. Default: kill them.
+    pub on_exit: actor::OnExit,
+}
+
+/// What a starting agent does with a previous run's checkpoint and containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recover {
+    /// Take them over: the same agent id, its tasks re-attached (the default).
+    #[default]
+    Reconnect,
+    /// Kill everything the previous agent left and start as a new agent.
+    Cleanup,
 }
 
 /// Default bound of the module store, in bytes.
@@ -128,6 +146,8 @@ impl AgentConfig {
             reconnect_min: Duration::from_millis(100),
             gc: gc::GcConfig::default(),
             module_store_max_bytes: Some(DEFAULT_MODULE_STORE_BYTES),
+            recover: Recover::Reconnect,
+            on_exit: actor::OnExit::Kill,
         }
     }
 }
@@ -151,10 +171,81 @@ pub enum AgentError {
     Modules(std::io::Error),
     #[error(transparent)]
     Link(#[from] link::LinkError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    /// The configuration differs from the one the checkpoint was made with.
+    #[error(
+        "this agent's configuration differs from the one its work directory {work_dir} was checkpointed with: {diff}. Restore the old configuration to recover its tasks, or start with --recover=cleanup to end them and register as a new agent"
+    )]
+    Mismatch { work_dir: PathBuf, diff: String },
     /// One of the agent's own tasks ended while the agent was meant to be running: the
     /// agent stops (its process exits non-zero) rather than carry on half alive.
     #[error("the agent's {task} ended unexpectedly: {cause}")]
     Died { task: &'static str, cause: String },
+}
+
+/// What of a previous run the agent takes over: all of it (`--recover=reconnect`, when the
+/// configuration matches), or nothing once everything it left is ended (`cleanup`).
+/// Containers under the agent's cgroup that nothing recovered names are removed either way.
+///
+/// # Errors
+/// When the configuration differs from the checkpoint's, or the checkpoint cannot be wiped.
+async fn recovery_plan(
+    config: &AgentConfig,
+    mut saved: checkpoint::Saved,
+    info: &v1::AgentInfo,
+    work_dir: &std::path::Path,
+    native: &native::NativeContainerizer,
+    checkpoint: &checkpoint::Checkpoint,
+) -> Result<checkpoint::Saved, AgentError> {
+    let processes = |saved: &checkpoint::Saved| -> Vec<state::ProcessRecord> {
+        let tasks = saved.tasks.iter().filter_map(|(_, t)| match &t.attachment {
+            Some(state::Attachment::Process(p)) if !t.state.is_terminal() => Some(p.clone()),
+            _ => None,
+        });
+        let execs = saved
+            .executors
+            .iter()
+            .filter_map(|(_, e)| e.process.clone());
+        tasks.chain(execs).collect()
+    };
+    match config.recover {
+        Recover::Cleanup => {
+            if !saved.is_empty() {
+                let procs = processes(&saved);
+                tracing::warn!(
+                    tasks = saved.tasks.len(),
+                    processes = procs.len(),
+                    "--recover=cleanup: ending what the previous agent left and starting as a new agent"
+                );
+                for p in &procs {
+                    native.end(p).await;
+                }
+                checkpoint.wipe()?;
+            }
+            saved = checkpoint::Saved::default();
+        }
+        Recover::Reconnect => {
+            let disk_detected = config
+                .resources
+                .as_ref()
+                .is_none_or(|r| !r.iter().any(|r| r.name == "disk"));
+            if let Some(diff) = saved.info.as_ref().and_then(|old| {
+                checkpoint::mismatch(old, info, disk_detected, !saved.executors.is_empty())
+            }) {
+                return Err(AgentError::Mismatch {
+                    work_dir: work_dir.to_owned(),
+                    diff,
+                });
+            }
+        }
+    }
+    let keep = processes(&saved)
+        .into_iter()
+        .filter_map(|p| p.cgroup)
+        .collect();
+    native.remove_leftovers(&keep);
+    Ok(saved)
 }
 
 fn hostname() -> String {
@@ -194,6 +285,8 @@ async fn serve(
             path: config.work_dir.clone(),
             source,
         })?;
+    let (checkpoint, saved) = checkpoint::Checkpoint::open(&work_dir)?;
+    let checkpoint = Arc::new(checkpoint);
     let detected = resources::detect(&work_dir);
     let total = match &config.resources {
         Some(flags) => resources::merge(&detected, flags),
@@ -229,6 +322,7 @@ async fn serve(
     // Stops when `run` returns.
     let (gc, _collector) = gc::start(work_dir.clone(), config.gc.clone()).await;
     executors.collect_with(gc.clone());
+    executors.checkpoint_with(checkpoint.clone());
     // Pool slots from the agent's memory: a slot per 16 MiB, at least 16, at most 1,000.
     let pool = config
         .wasm
@@ -274,7 +368,7 @@ async fn serve(
     // The first that supports a task runs it: a task naming an executor goes to it,
     // whatever its payload.
     let containerizers: Vec<Arc<dyn Containerizer>> =
-        vec![Arc::new(executors.clone()), wasm.clone(), native];
+        vec![Arc::new(executors.clone()), wasm.clone(), native.clone()];
     let info = v1::AgentInfo {
         hostname: config.hostname.clone().unwrap_or_else(hostname),
         resources: resources_to_proto(&total),
@@ -289,6 +383,7 @@ async fn serve(
             .join("+"),
     };
     tracing::info!(%endpoint, master = %config.master, resources = %total, work_dir = %work_dir.display(), "agent starting");
+    let saved = recovery_plan(&config, saved, &info, &work_dir, &native, &checkpoint).await?;
 
     let metrics = {
         let (fetcher, executors) = (fetcher.clone(), executors.clone());
@@ -320,7 +415,15 @@ async fn serve(
         },
         events_tx.clone(),
     )
-    .with_gc(gc);
+    .with_gc(gc)
+    .with_checkpoint(checkpoint, config.on_exit);
+    let mut actor = actor;
+    let mut saved = saved;
+    executors.recover(
+        std::mem::take(&mut saved.executors),
+        saved.agent_id.as_ref(),
+    );
+    actor.recover(saved);
     let mut link = tokio::spawn(link::maintain(
         masters,
         link::Backoff {
@@ -380,15 +483,16 @@ async fn serve(
     };
     let failure = match failure {
         Ok(f) => f,
-        // The owner task ended: on `shutdown`, or by panicking.
+        // The owner task ended: on `shutdown`, when it could not checkpoint, or by panicking.
         Err(ended) => {
             link.abort();
             let _ = stop_tx.send(true);
             return match ended {
-                Ok(()) => match server.await {
+                Ok(Ok(())) => match server.await {
                     Ok(result) => result.map_err(AgentError::from),
                     Err(e) => Err(died("sandbox server", e.to_string())),
                 },
+                Ok(Err(e)) => Err(AgentError::Checkpoint(e)),
                 Err(e) => Err(died("owner task", e.to_string())),
             };
         }

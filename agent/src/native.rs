@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::containerizer::{
     Container, Containerizer, LaunchSpec, Termination, Updates, invalid_field, task_times,
 };
+use crate::state::{Attachment, ProcessRecord};
 
 /// Settings of the native containerizer.
 #[derive(Debug, Clone)]
@@ -124,14 +125,6 @@ impl NativeContainerizer {
                 }
             }
         }
-        // An agent that died (killed, crashed) left its containers behind; this one cannot
-        // reattach to them yet, so it ends them: nothing runs that no agent accounts for.
-        for name in cgroups.children(&config.cgroup_parent) {
-            tracing::warn!(cgroup = %format!("{}/{name}", config.cgroup_parent), "removing a container a previous agent left behind");
-            if let Err(e) = cgroups.adopt(&config.cgroup_parent, &name).destroy() {
-                tracing::warn!(error = %e, "could not remove a leftover container");
-            }
-        }
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         let namespaces = config.namespaces && root;
@@ -142,6 +135,121 @@ impl NativeContainerizer {
             cgroups,
             namespaces,
             root,
+        }
+    }
+}
+
+impl NativeContainerizer {
+    /// Ends every container a previous agent left under the agent's cgroup but `keep` (those
+    /// it re-attaches to): nothing runs that no agent accounts for.
+    pub fn remove_leftovers(&self, keep: &std::collections::HashSet<String>) {
+        for name in self.cgroups.children(&self.config.cgroup_parent) {
+            if keep.contains(&name) {
+                continue;
+            }
+            tracing::warn!(cgroup = %format!("{}/{name}", self.config.cgroup_parent), "removing a container a previous agent left behind");
+            if let Err(e) = self
+                .cgroups
+                .adopt(&self.config.cgroup_parent, &name)
+                .destroy()
+            {
+                tracing::warn!(error = %e, "could not remove a leftover container");
+            }
+        }
+    }
+
+    /// Ends a supervised process a previous agent started (`--recover=cleanup`), and its
+    /// container.
+    pub async fn end(&self, rec: &ProcessRecord) {
+        if start_ticks(rec.pid) == Some(rec.start_ticks) {
+            // SAFETY: kill(2) on a pid whose start time shows it is still the supervisor.
+            unsafe {
+                libc::kill(rec.pid as i32, libc::SIGKILL);
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), exited(rec.pid, rec.start_ticks))
+                .await;
+        }
+        if let Some(name) = &rec.cgroup {
+            let cg = self.cgroups.adopt(&self.config.cgroup_parent, name);
+            if let Err(e) = cg
+                .kill_all(Duration::from_secs(5))
+                .and_then(|()| cg.destroy())
+            {
+                tracing::warn!(error = %e, cgroup = %name, "could not remove a container");
+            }
+        }
+    }
+
+    /// Re-attaches to a process a previous agent started under the supervisor.
+    pub(crate) fn reattach(&self, rec: &ProcessRecord) -> NativeContainer {
+        let cgroup = rec
+            .cgroup
+            .as_ref()
+            .map(|name| self.cgroups.adopt(&self.config.cgroup_parent, name));
+        NativeContainer {
+            cmd: std::process::Command::new("/bin/true"),
+            cgroup,
+            cgroup_name: rec.cgroup.clone(),
+            rotate: None,
+            grace: rec.grace,
+            limit: None,
+            mem_limit: rec.mem_limit,
+            isolation: rec.isolation.clone(),
+            pid: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(rec.pid)),
+            env_payload: None,
+            user: rec.user,
+            disk: None,
+            exit_file: Some(rec.status_file.clone()),
+            sandbox: rec.sandbox.clone(),
+            recovered: Some((rec.pid, rec.start_ticks)),
+        }
+    }
+}
+
+/// The start time of process `pid` in clock ticks since boot (`/proc/PID/stat` field 22),
+/// or `None` when there is no such process.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything: count from the
+    // last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Resolves once process `pid` (started at `ticks`) is gone; at once when it already is,
+/// or when the pid now names another process.
+pub async fn exited(pid: u32, ticks: u64) {
+    use std::os::fd::FromRawFd;
+    if start_ticks(pid) != Some(ticks) {
+        return;
+    }
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let watched = if fd >= 0 {
+        // SAFETY: a descriptor pidfd_open just returned, owned by nothing else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        // The pid may have been reused between the first look and the open.
+        if start_ticks(pid) != Some(ticks) {
+            return;
+        }
+        // SAFETY: an OwnedFd keeps its descriptor open, and names the same one, for as
+        // long as the AsyncFd holds it.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .ok()
+    } else {
+        None
+    };
+    match watched {
+        // Readable once the process has exited.
+        Some(fd) => {
+            let _ = fd.readable().await;
+        }
+        None => {
+            while start_ticks(pid) == Some(ticks) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 }
@@ -239,6 +347,27 @@ impl Containerizer for NativeContainerizer {
             visible: vec![spec.sandbox.clone()],
             run_as: RunAs::Named(&c.user),
         })?;
+        container.disk = crate::disk::Quota::of(
+            &spec.sandbox,
+            spec.resources.disk(),
+            self.config.disk_watch_interval,
+        );
+        Ok(Box::new(container))
+    }
+
+    async fn recover(
+        &self,
+        spec: &LaunchSpec,
+        how: &Attachment,
+    ) -> Result<Box<dyn Container>, Termination> {
+        let Attachment::Process(rec) = how else {
+            return Err(Termination::new(
+                TaskState::Failed,
+                v1::Reason::AgentRestarted,
+                "the agent restarted and the task's container is not a process it can find again",
+            ));
+        };
+        let mut container = self.reattach(rec);
         container.disk = crate::disk::Quota::of(
             &spec.sandbox,
             spec.resources.disk(),
@@ -407,11 +536,24 @@ impl NativeContainerizer {
         // With a PID namespace the process runs under the init, which becomes PID 1 there
         // and drops to the user just before exec (it needs root to mount /proc). The init
         // gets no environment: the task's comes on its stdin, for the task's exec alone.
+        // The init is also its supervisor: it holds the logs and records the exit status,
+        // so the process outlives the agent.
+        let supervise = agora_executor_native::init::Supervise {
+            exit_file: Some(p.sandbox.join(EXIT_FILE)),
+            logs: self
+                .config
+                .log_max_bytes
+                .map(|max| agora_executor_native::init::Logs {
+                    dir: p.sandbox.to_owned(),
+                    max: max.max(1),
+                    keep: self.config.log_keep,
+                }),
+        };
         let argv: Vec<std::ffi::OsString> = match self.init.as_ref().filter(|_| pid_ns) {
             Some(init) => {
                 let mut v: Vec<std::ffi::OsString> =
                     init.iter().filter(|a| *a != "--").cloned().collect();
-                v.extend(agora_executor_native::init::args(user, true));
+                v.extend(agora_executor_native::init::args(user, true, &supervise));
                 v.extend(argv);
                 v
             }
@@ -491,13 +633,22 @@ impl NativeContainerizer {
             open_log(&p.sandbox.join(name), user)
                 .map_err(|e| launch_failed(format!("creating the sandbox's {name}: {e}")))
         };
-        let rotate = self.config.log_max_bytes.map(|max| Rotation {
-            dir: p.sandbox.to_owned(),
-            max: max.max(1),
-            keep: self.config.log_keep,
-            user,
-        });
-        if rotate.is_some() {
+        // Supervised, the init rotates the logs (it outlives the agent); else the agent does.
+        let rotate = self
+            .config
+            .log_max_bytes
+            .filter(|_| !pid_ns)
+            .map(|max| Rotation {
+                dir: p.sandbox.to_owned(),
+                max: max.max(1),
+                keep: self.config.log_keep,
+                user,
+            });
+        if pid_ns && self.config.log_max_bytes.is_some() {
+            open("stdout")?;
+            open("stderr")?;
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        } else if rotate.is_some() {
             // Pumped through pipes into rotating files once the task runs.
             open("stdout")?;
             open("stderr")?;
@@ -508,8 +659,8 @@ impl NativeContainerizer {
 
         let mut limits = limits(p.resources, &self.config);
         limits.pids_max = pids_max;
-        let cgroup = if self.cgroups == Cgroups::None {
-            None
+        let (cgroup, cgroup_name) = if self.cgroups == Cgroups::None {
+            (None, None)
         } else {
             let name = format!(
                 "{}-{}-{}",
@@ -517,11 +668,11 @@ impl NativeContainerizer {
                 p.name,
                 uuid::Uuid::new_v4().simple()
             );
-            Some(
-                self.cgroups
-                    .create(&self.config.cgroup_parent, &name, &limits)
-                    .map_err(|e| launch_failed(format!("creating the task's cgroup: {e}")))?,
-            )
+            let cg = self
+                .cgroups
+                .create(&self.config.cgroup_parent, &name, &limits)
+                .map_err(|e| launch_failed(format!("creating the task's cgroup: {e}")))?;
+            (Some(cg), Some(name))
         };
         let ns = Namespaces {
             enabled: self.namespaces,
@@ -545,6 +696,7 @@ impl NativeContainerizer {
         Ok(NativeContainer {
             cmd,
             cgroup,
+            cgroup_name,
             rotate,
             grace: p.kill_grace.unwrap_or(self.config.kill_grace),
             limit: p.max_duration,
@@ -554,9 +706,23 @@ impl NativeContainerizer {
             env_payload,
             user,
             disk: None,
+            exit_file: pid_ns.then(|| p.sandbox.join(EXIT_FILE)),
+            sandbox: p.sandbox.to_owned(),
+            recovered: None,
         })
     }
 }
+
+/// Who hears of a supervised process once it runs, to find it again after a restart.
+pub(crate) enum OnStart<'a> {
+    /// A task's: the owner task, through its updates.
+    Task(&'a Updates),
+    /// An executor's: its containerizer, which checkpoints it.
+    Executor(&'a (dyn Fn(ProcessRecord) + Send + Sync)),
+}
+
+/// Where, in a supervised process's sandbox, its supervisor records the exit status.
+pub const EXIT_FILE: &str = ".agora-exit";
 
 /// Makes `dir` (a sandbox) belong to `user` (the agent's user when `None`), mode 0700, with
 /// everything already in it (what was fetched), as Mesos gives a task its sandbox.
@@ -605,6 +771,7 @@ fn open_log(path: &Path, user: Option<(u32, u32)>) -> std::io::Result<std::fs::F
 pub(crate) struct NativeContainer {
     cmd: std::process::Command,
     cgroup: Option<TaskCgroup>,
+    cgroup_name: Option<String>,
     rotate: Option<Rotation>,
     grace: Duration,
     limit: Option<Duration>,
@@ -616,12 +783,20 @@ pub(crate) struct NativeContainer {
     user: Option<(u32, u32)>,
     /// The task's `disk`, enforced while it runs (tasks only, not executors).
     disk: Option<crate::disk::Quota>,
+    /// Where its supervisor records the exit status (supervised processes only).
+    exit_file: Option<PathBuf>,
+    sandbox: PathBuf,
+    /// The supervisor's pid and start time, when a previous agent started it.
+    recovered: Option<(u32, u64)>,
 }
 
 enum End {
-    Exited(std::process::ExitStatus),
+    /// The exit code, or the signal that ended it.
+    Exited(Option<i32>, Option<i32>),
     Killed,
     TimedOut,
+    /// Gone while no agent watched, without a recorded status.
+    Vanished,
 }
 
 impl NativeContainer {
@@ -694,17 +869,76 @@ impl Container for NativeContainer {
         Some(self.isolation.clone())
     }
 
-    async fn run(mut self: Box<Self>, kill: CancellationToken, _updates: Updates) -> Termination {
+    async fn run(mut self: Box<Self>, kill: CancellationToken, updates: Updates) -> Termination {
         let quota = self.disk.take();
-        crate::disk::enforce(quota, kill, |kill| self.run_process(kill)).await
+        crate::disk::enforce(quota, kill, |kill| {
+            self.run_process(kill, Some(OnStart::Task(&updates)))
+        })
+        .await
     }
 }
 
 impl NativeContainer {
     /// Runs the process until it ends, or `kill` asks for it to end (SIGTERM, the grace
     /// period, then every process of the container); cleans the cgroup up.
-    pub(crate) async fn run_process(mut self, kill: CancellationToken) -> Termination {
+    /// What a restarted agent needs to find this process again, once it runs.
+    pub(crate) fn record(&self, pid: u32) -> Option<ProcessRecord> {
+        Some(ProcessRecord {
+            pid,
+            start_ticks: start_ticks(pid)?,
+            cgroup: self.cgroup_name.clone(),
+            status_file: self.exit_file.clone()?,
+            sandbox: self.sandbox.clone(),
+            isolation: self.isolation.clone(),
+            grace: self.grace,
+            mem_limit: self.mem_limit,
+            user: self.user,
+        })
+    }
+
+    /// Follows a process a previous agent started until it ends, or `kill` asks for it to
+    /// end (SIGTERM to its supervisor, which passes it on; the grace period; then every
+    /// process of the container).
+    async fn follow_recovered(&self, pid: u32, ticks: u64, kill: &CancellationToken) -> End {
+        let read_exit = || {
+            let code = self
+                .exit_file
+                .as_deref()
+                .and_then(agora_executor_native::init::read_exit_file);
+            match code {
+                Some(c) => End::Exited(Some(c), None),
+                None => End::Vanished,
+            }
+        };
+        tokio::select! {
+            () = exited(pid, ticks) => read_exit(),
+            () = kill.cancelled() => {
+                if start_ticks(pid) == Some(ticks) {
+                    // SAFETY: kill(2) on a pid whose start time shows it is still ours.
+                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                }
+                if tokio::time::timeout(self.grace, exited(pid, ticks)).await.is_err() {
+                    tracing::info!(grace = ?self.grace, "task ignored SIGTERM; killing it");
+                }
+                self.kill_rest(Some(pid));
+                End::Killed
+            }
+        }
+    }
+
+    pub(crate) async fn run_process(
+        mut self,
+        kill: CancellationToken,
+        on_start: Option<OnStart<'_>>,
+    ) -> Termination {
         let started = Instant::now();
+        if let Some((pid, ticks)) = self.recovered {
+            let end = self.follow_recovered(pid, ticks, &kill).await;
+            if let Some(cg) = &self.cgroup {
+                let _ = cg.kill_all(Duration::from_secs(5));
+            }
+            return self.ended(end, started);
+        }
         let std_cmd = std::mem::replace(&mut self.cmd, std::process::Command::new("/bin/true"));
         let mut child = match tokio::process::Command::from(std_cmd).spawn() {
             Ok(c) => c,
@@ -720,6 +954,13 @@ impl NativeContainer {
             child.id().unwrap_or_default(),
             std::sync::atomic::Ordering::Relaxed,
         );
+        if let Some(rec) = child.id().and_then(|pid| self.record(pid)) {
+            match on_start {
+                Some(OnStart::Task(updates)) => updates.attached(Attachment::Process(rec)).await,
+                Some(OnStart::Executor(hook)) => hook(rec),
+                None => {}
+            }
+        }
         if let (Some(payload), Some(mut stdin)) = (self.env_payload.take(), child.stdin.take()) {
             // Written while the init reads; closing the pipe ends the environment. An init
             // that died first only makes this fail, which its own end reports.
@@ -740,14 +981,17 @@ impl NativeContainer {
         let limit = self.limit;
         let end = tokio::select! {
             status = child.wait() => match status {
-                Ok(s) => End::Exited(s),
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    End::Exited(s.code(), s.signal())
+                }
                 Err(_) => End::Killed,
             },
             () = kill.cancelled() => End::Killed,
             () = async { match limit { Some(l) => tokio::time::sleep(l).await, None => std::future::pending().await } } => End::TimedOut,
         };
         match end {
-            End::Exited(_) => self.kill_rest(child.id()),
+            End::Exited(..) | End::Vanished => self.kill_rest(child.id()),
             End::Killed | End::TimedOut => self.stop(&mut child, self.grace).await,
         }
         // Every writer is gone now, so the pumps reach end of file.
@@ -760,6 +1004,12 @@ impl NativeContainer {
                 p.abort();
             }
         }
+        self.ended(end, started)
+    }
+
+    /// How the process ended, as a status; removes its cgroup and exit file.
+    fn ended(mut self, end: End, started: Instant) -> Termination {
+        let limit = self.limit;
         let usage = self.cgroup.as_ref().map(TaskCgroup::usage);
         let oom = self.cgroup.as_ref().is_some_and(TaskCgroup::oom_killed);
         let wall = started.elapsed().as_secs_f64();
@@ -782,37 +1032,39 @@ impl NativeContainer {
                 v1::Reason::MaxCompletionTimeReached,
                 format!("ran past its time limit of {:?}", limit.unwrap_or_default()),
             ),
-            End::Exited(status) => {
-                use std::os::unix::process::ExitStatusExt;
-                match (status.code(), status.signal()) {
-                    (Some(0), _) => {
-                        let mut t = Termination::new(
-                            TaskState::Finished,
-                            v1::Reason::Unspecified,
-                            "exited with status 0",
-                        );
-                        t.exit_code = Some(0);
-                        t
-                    }
-                    (Some(code), _) => {
-                        let mut t = Termination::new(
-                            TaskState::Failed,
-                            v1::Reason::CommandExited,
-                            format!("exited with status {code}"),
-                        );
-                        t.exit_code = Some(code);
-                        t
-                    }
-                    (None, Some(sig)) => Termination::new(
+            End::Vanished => Termination::new(
+                TaskState::Failed,
+                v1::Reason::AgentRestarted,
+                "the task ended while the agent was restarting, and its supervisor recorded no exit status",
+            ),
+            End::Exited(code, signal) => match (code, signal) {
+                (Some(0), _) => {
+                    let mut t = Termination::new(
+                        TaskState::Finished,
+                        v1::Reason::Unspecified,
+                        "exited with status 0",
+                    );
+                    t.exit_code = Some(0);
+                    t
+                }
+                (Some(code), _) => {
+                    let mut t = Termination::new(
                         TaskState::Failed,
                         v1::Reason::CommandExited,
-                        format!("killed by signal {sig}"),
-                    ),
-                    (None, None) => {
-                        Termination::new(TaskState::Failed, v1::Reason::CommandExited, "ended")
-                    }
+                        format!("exited with status {code}"),
+                    );
+                    t.exit_code = Some(code);
+                    t
                 }
-            }
+                (None, Some(sig)) => Termination::new(
+                    TaskState::Failed,
+                    v1::Reason::CommandExited,
+                    format!("killed by signal {sig}"),
+                ),
+                (None, None) => {
+                    Termination::new(TaskState::Failed, v1::Reason::CommandExited, "ended")
+                }
+            },
         };
         t.usage = Some(Box::new(v1::TaskUsage {
             fuel_used: 0,
@@ -825,6 +1077,9 @@ impl NativeContainer {
             && let Err(e) = cg.destroy()
         {
             tracing::warn!(error = %e, "could not remove the task's cgroup");
+        }
+        if let Some(f) = &self.exit_file {
+            let _ = std::fs::remove_file(f);
         }
         t
     }

@@ -57,6 +57,11 @@ impl UpdateQueue {
         self.pending.len()
     }
 
+    /// Every unacknowledged update, oldest first (what the checkpoint keeps).
+    pub fn statuses(&self) -> impl Iterator<Item = &v1::TaskStatus> {
+        self.pending.iter().map(|p| &p.status)
+    }
+
     /// The update in flight, if any.
     pub fn head(&self) -> Option<&v1::TaskStatus> {
         self.pending.front().map(|p| &p.status)

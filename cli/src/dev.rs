@@ -139,6 +139,8 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         let mut config = agora_agent::AgentConfig::new(master.clone(), &dir);
         config.resources = Some(share(&detected, args.agents, i));
         config.hostname = Some(format!("dev-agent-{}", i + 1));
+        // A dev cluster kills its tasks when it stops; a new one starts afresh.
+        config.recover = agora_agent::Recover::Cleanup;
         // A dev cluster is one user's: file:// URIs may name any of their files.
         config.fetcher.file_roots = vec!["/".into()];
         // Agents on one host need cgroup parents of their own.

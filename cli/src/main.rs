@@ -34,7 +34,7 @@ enum Command {
     /// Run a master.
     Master(MasterArgs),
     /// Run an agent.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Run one Wasm task and wait for it, printing its state changes and output (like
     /// mesos-execute); exits with the task's exit code.
     Run(run::RunArgs),
@@ -209,8 +209,9 @@ struct AgentArgs {
     /// (the leader among them is found, and followed when it changes).
     #[arg(long, env = "AGORA_MASTER", default_value = "127.0.0.1:5050")]
     master: String,
-    /// Address to serve the agent's Sandbox API on.
-    #[arg(long, default_value = "127.0.0.1:0")]
+    /// Address to serve the agent's Sandbox and Executor APIs on. Keep it across restarts:
+    /// the executors a restarted agent re-attaches to dial it.
+    #[arg(long, default_value = "127.0.0.1:5051")]
     listen: SocketAddr,
     /// Address clients should use for the Sandbox API (default: the listen address).
     #[arg(long)]
@@ -323,6 +324,30 @@ struct AgentArgs {
     /// Run Wasm tasks in the agent's own process instead of per-framework executors.
     #[arg(long)]
     wasm_in_process: bool,
+    /// What to do with what a previous agent on this work directory left: `reconnect`
+    /// takes its id and re-attaches to its tasks and executors; `cleanup` kills them all
+    /// and starts as a new agent.
+    #[arg(long, value_enum, default_value_t = RecoverArg::Reconnect)]
+    recover: RecoverArg,
+    /// What happens to the tasks when the agent stops (SIGTERM, SIGINT): `leave` them
+    /// running for the next agent on this work directory, or `kill` them.
+    #[arg(long, value_enum, default_value_t = OnExitArg::Leave)]
+    on_exit: OnExitArg,
+    /// How long an executor waits for its restarted agent before it gives up.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    executor_recovery_timeout: Duration,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RecoverArg {
+    Reconnect,
+    Cleanup,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnExitArg {
+    Leave,
+    Kill,
 }
 
 fn parse_volume(s: &str) -> Result<(String, agora_agent::Volume), String> {
@@ -576,6 +601,15 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     config.executors.registration_timeout = args.executor_registration_timeout;
     config.executors.idle_timeout = args.executor_idle_timeout;
+    config.executors.recovery_timeout = args.executor_recovery_timeout;
+    config.recover = match args.recover {
+        RecoverArg::Reconnect => agora_agent::Recover::Reconnect,
+        RecoverArg::Cleanup => agora_agent::Recover::Cleanup,
+    };
+    config.on_exit = match args.on_exit {
+        OnExitArg::Leave => agora_agent::actor::OnExit::Leave,
+        OnExitArg::Kill => agora_agent::actor::OnExit::Kill,
+    };
     config.wasm_policy.volumes = args.wasm_volumes.into_iter().collect();
     config.wasm_policy.allow_env = args.wasm_allow_env;
     config.wasm_policy.allow_connect = args.wasm_allow_connect;
@@ -631,7 +665,7 @@ async fn async_main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Dev(args) => dev::dev(args).await,
         Command::Master(args) => master(args).await,
-        Command::Agent(args) => agent(args).await,
+        Command::Agent(args) => agent(*args).await,
         Command::Run(args) => return run::run(args).await,
         Command::Agents(args) => tables::agents(&args).await,
         Command::Tasks(args) => tables::tasks(&args.query, args.all, args.usage).await,

@@ -15,6 +15,14 @@
 //! `--env-stdin` the agent starts it with an empty environment and writes the task's on its
 //! stdin (`NAME=VALUE` entries, each ended by a NUL, until end of file); the init reads it,
 //! puts `/dev/null` on its stdin, and passes the environment to the task's exec alone.
+//!
+//! The init is also the task's supervisor, so that the task outlives the agent that started
+//! it. With `--exit-file PATH` the outer process writes the task's exit code there (written
+//! to a new file, synced, then renamed into place) before it exits, for an agent that is no
+//! longer its parent to read. With `--logs DIR MAX KEEP` the outer process, not the agent,
+//! holds the read ends of the task's stdout and stderr: it appends them to `DIR/stdout` and
+//! `DIR/stderr`, rotating each at `MAX` bytes into `NAME.1` … `NAME.KEEP`, so no pipe breaks
+//! when the agent goes away.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -80,8 +88,30 @@ fn wait_for(pid: libc::pid_t) -> i32 {
     }
 }
 
-/// The arguments the init takes before the task's argv: `[--user UID:GID] [--env-stdin] --`.
-pub fn args(user: Option<(u32, u32)>, env_stdin: bool) -> Vec<std::ffi::OsString> {
+/// How the init supervises the task (see the module documentation).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Supervise {
+    /// Where the task's exit code is written when it ends.
+    pub exit_file: Option<std::path::PathBuf>,
+    /// The task's stdout and stderr pumped into rotating files.
+    pub logs: Option<Logs>,
+}
+
+/// Rotating logs: `dir/stdout` and `dir/stderr`, each rotated at `max` bytes, `keep` kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Logs {
+    pub dir: std::path::PathBuf,
+    pub max: u64,
+    pub keep: usize,
+}
+
+/// The arguments the init takes before the task's argv:
+/// `[--user UID:GID] [--env-stdin] [--exit-file PATH] [--logs DIR MAX KEEP] --`.
+pub fn args(
+    user: Option<(u32, u32)>,
+    env_stdin: bool,
+    supervise: &Supervise,
+) -> Vec<std::ffi::OsString> {
     let mut v = Vec::new();
     if let Some((uid, gid)) = user {
         v.push("--user".into());
@@ -90,8 +120,183 @@ pub fn args(user: Option<(u32, u32)>, env_stdin: bool) -> Vec<std::ffi::OsString
     if env_stdin {
         v.push("--env-stdin".into());
     }
+    if let Some(f) = &supervise.exit_file {
+        v.push("--exit-file".into());
+        v.push(f.clone().into_os_string());
+    }
+    if let Some(l) = &supervise.logs {
+        v.push("--logs".into());
+        v.push(l.dir.clone().into_os_string());
+        v.push(l.max.to_string().into());
+        v.push(l.keep.to_string().into());
+    }
     v.push("--".into());
     v
+}
+
+/// Reads an exit file the init wrote: the task's exit code (128 + signal for a signal).
+/// `None` when there is none, or it does not hold a code.
+pub fn read_exit_file(path: &std::path::Path) -> Option<i32> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let mut s = String::new();
+    f.by_ref().take(32).read_to_string(&mut s).ok()?;
+    s.trim().parse().ok().filter(|c| (0..=255).contains(c))
+}
+
+/// Writes `code` to `path`: a new file next to it, synced, renamed into place. The file's
+/// directory may be the task's (its sandbox): never follow a link planted there.
+fn write_exit_file(path: &std::path::Path, code: i32) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| {
+            writeln!(f, "{code}")?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        eprintln!(
+            "agora init: recording the exit status in {}: {e}",
+            path.display()
+        );
+    }
+}
+
+/// One rotating log the outer init writes.
+struct Log {
+    logs: Logs,
+    name: &'static str,
+    user: Option<(u32, u32)>,
+    file: Option<std::fs::File>,
+    size: u64,
+}
+
+impl Log {
+    fn path(&self, i: usize) -> std::path::PathBuf {
+        if i == 0 {
+            self.logs.dir.join(self.name)
+        } else {
+            self.logs.dir.join(format!("{}.{i}", self.name))
+        }
+    }
+
+    /// Opens `NAME` for appending (`fresh`: emptied), never through a link, owned by the
+    /// task's user.
+    fn open(&mut self, fresh: bool) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut o = std::fs::OpenOptions::new();
+        o.create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+        if fresh {
+            o.write(true).truncate(true);
+        } else {
+            o.append(true);
+        }
+        self.file = o.open(self.path(0)).ok();
+        if let (Some(f), Some((uid, gid))) = (&self.file, self.user) {
+            let _ = std::os::unix::fs::fchown(f, Some(uid), Some(gid));
+        }
+        self.size = self
+            .file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+    }
+
+    fn rotate(&mut self) {
+        self.file = None;
+        if self.logs.keep > 0 {
+            let _ = std::fs::remove_file(self.path(self.logs.keep));
+            for i in (0..self.logs.keep).rev() {
+                if self.path(i).exists() {
+                    let _ = std::fs::rename(self.path(i), self.path(i + 1));
+                }
+            }
+        }
+        self.open(true);
+    }
+
+    fn write(&mut self, mut data: &[u8]) {
+        use std::io::Write;
+        while !data.is_empty() {
+            // Rotate only when more comes, so a full file is not followed by an empty one.
+            if self.size >= self.logs.max {
+                self.rotate();
+            }
+            let take = ((self.logs.max - self.size) as usize).min(data.len());
+            // A log that cannot be written loses the output, never the task.
+            if let Some(f) = self.file.as_mut() {
+                let _ = f.write_all(&data[..take]);
+            }
+            self.size += take as u64;
+            data = &data[take..];
+        }
+    }
+}
+
+/// Reads both pipes into their logs until every writer has closed them.
+fn pump(fds: [libc::c_int; 2], logs: &Logs, user: Option<(u32, u32)>) {
+    let mut out: Vec<Log> = ["stdout", "stderr"]
+        .into_iter()
+        .map(|name| {
+            let mut l = Log {
+                logs: logs.clone(),
+                name,
+                user,
+                file: None,
+                size: 0,
+            };
+            l.open(false);
+            l
+        })
+        .collect();
+    let mut polls = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    while polls.iter().any(|p| p.fd >= 0) {
+        // SAFETY: poll on our own array of two pollfds.
+        let r = unsafe { libc::poll(polls.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            break;
+        }
+        for (i, p) in polls.iter_mut().enumerate() {
+            if p.fd < 0 || p.revents == 0 {
+                continue;
+            }
+            // SAFETY: read into our buffer from a pipe we own.
+            let n = unsafe { libc::read(p.fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                out[i].write(&buf[..n as usize]);
+            } else if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)
+            {
+                // SAFETY: closing a pipe we own, once.
+                unsafe { libc::close(p.fd) };
+                p.fd = -1;
+            }
+        }
+    }
 }
 
 /// Most bytes of environment the init reads from its stdin.
@@ -148,24 +353,81 @@ fn read_env() -> Result<Vec<CString>, String> {
     parse_env(&bytes)
 }
 
-/// Parses `[--user UID:GID] [--env-stdin] [--] PROGRAM ARGS…` and runs the init; see [`run`].
-pub fn main(args: &[std::ffi::OsString]) -> ! {
-    let mut rest = args;
-    let mut user = None;
-    if rest.first().is_some_and(|a| a == "--user") {
-        let parsed = rest.get(1).and_then(|v| {
-            let (u, g) = v.to_str()?.split_once(':')?;
-            Some((u.parse().ok()?, g.parse().ok()?))
-        });
-        let Some(ids) = parsed else {
-            eprintln!("agora init: --user wants UID:GID");
-            std::process::exit(127);
-        };
-        user = Some(ids);
-        rest = &rest[2..];
+/// What [`args`] says, read back.
+#[derive(Debug, Default, PartialEq)]
+struct Parsed {
+    user: Option<(u32, u32)>,
+    env_stdin: bool,
+    supervise: Supervise,
+    /// Where the task's argv starts.
+    argv: usize,
+}
+
+fn parse(args: &[std::ffi::OsString]) -> Result<Parsed, String> {
+    let mut p = Parsed::default();
+    let mut i = 0;
+    let arg = |i: usize, what: &str| {
+        args.get(i)
+            .cloned()
+            .ok_or_else(|| format!("{what} wants a value"))
+    };
+    while let Some(a) = args.get(i) {
+        match a.to_str() {
+            Some("--user") => {
+                let v = arg(i + 1, "--user")?;
+                let ids = v
+                    .to_str()
+                    .and_then(|v| v.split_once(':'))
+                    .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+                    .ok_or("--user wants UID:GID")?;
+                p.user = Some(ids);
+                i += 2;
+            }
+            Some("--env-stdin") => {
+                p.env_stdin = true;
+                i += 1;
+            }
+            Some("--exit-file") => {
+                p.supervise.exit_file = Some(arg(i + 1, "--exit-file")?.into());
+                i += 2;
+            }
+            Some("--logs") => {
+                let dir = arg(i + 1, "--logs")?;
+                let number = |j: usize| -> Result<u64, String> {
+                    arg(j, "--logs")?
+                        .to_str()
+                        .and_then(|v| v.parse().ok())
+                        .ok_or_else(|| "--logs wants DIR MAX KEEP".to_owned())
+                };
+                p.supervise.logs = Some(Logs {
+                    dir: dir.into(),
+                    max: number(i + 2)?.max(1),
+                    keep: number(i + 3)?.min(100) as usize,
+                });
+                i += 4;
+            }
+            Some("--") => {
+                i += 1;
+                break;
+            }
+            _ => break,
+        }
     }
+    p.argv = i;
+    Ok(p)
+}
+
+/// Parses [`args`]' arguments, then the task's argv, and runs the init; see [`run`].
+pub fn main(args: &[std::ffi::OsString]) -> ! {
+    let p = match parse(args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agora init: {e}");
+            std::process::exit(127);
+        }
+    };
     let mut env = None;
-    if rest.first().is_some_and(|a| a == "--env-stdin") {
+    if p.env_stdin {
         match read_env() {
             Ok(e) => env = Some(e),
             Err(e) => {
@@ -173,12 +435,8 @@ pub fn main(args: &[std::ffi::OsString]) -> ! {
                 std::process::exit(127);
             }
         }
-        rest = &rest[1..];
     }
-    if rest.first().is_some_and(|a| a == "--") {
-        rest = &rest[1..];
-    }
-    run(rest, user, env)
+    run(&args[p.argv..], p.user, env, &p.supervise)
 }
 
 /// Drops to `uid`/`gid` with no supplementary groups.
@@ -202,7 +460,12 @@ pub fn switch_user(uid: u32, gid: u32) -> std::io::Result<()> {
 /// Runs the init for `argv` (the program and its arguments), the task as `user` when given
 /// and with `env` as its whole environment when given (else the init's own), and exits with
 /// the task's status. Call it first thing in a process started for the purpose.
-pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>, env: Option<Vec<CString>>) -> ! {
+pub fn run(
+    argv: &[std::ffi::OsString],
+    user: Option<(u32, u32)>,
+    env: Option<Vec<CString>>,
+    supervise: &Supervise,
+) -> ! {
     let Some(program) = argv.first() else {
         eprintln!("agora init: no program given");
         std::process::exit(127);
@@ -228,6 +491,21 @@ pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>, env: Option<Ve
             .collect()
     });
 
+    // The task's stdout and stderr: pipes whose read ends the outer process keeps.
+    let pipes = supervise.logs.as_ref().map(|_| {
+        let mut out = [0; 2];
+        let mut err = [0; 2];
+        // SAFETY: pipe2 writes two fds into each local array.
+        let ok = unsafe {
+            libc::pipe2(out.as_mut_ptr(), libc::O_CLOEXEC) == 0
+                && libc::pipe2(err.as_mut_ptr(), libc::O_CLOEXEC) == 0
+        };
+        if !ok {
+            eprintln!("agora init: pipe: {}", std::io::Error::last_os_error());
+            std::process::exit(127);
+        }
+        (out, err)
+    });
     mask_forwarded(libc::SIG_BLOCK);
     // SAFETY: fork in a single-threaded process started only to run this.
     let pid1 = unsafe { libc::fork() };
@@ -239,7 +517,34 @@ pub fn run(argv: &[std::ffi::OsString], user: Option<(u32, u32)>, env: Option<Ve
         // Outside the namespace: stand in for the task.
         install_forwarding(pid1);
         mask_forwarded(libc::SIG_UNBLOCK);
-        std::process::exit(wait_for(pid1));
+        if let (Some((out, err)), Some(logs)) = (pipes, &supervise.logs) {
+            // SAFETY: the write ends belong to PID 1 now; closing ours lets the pipes end.
+            unsafe {
+                libc::close(out[1]);
+                libc::close(err[1]);
+                // The agent may be gone: nothing of ours writes to what it gave us.
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+                if null >= 0 {
+                    libc::dup2(null, 1);
+                    libc::dup2(null, 2);
+                    libc::close(null);
+                }
+            }
+            pump([out[0], err[0]], logs, user);
+        }
+        let code = wait_for(pid1);
+        if let Some(f) = &supervise.exit_file {
+            write_exit_file(f, code);
+        }
+        std::process::exit(code);
+    }
+    if let Some((out, err)) = pipes {
+        // SAFETY: PID 1's stdout and stderr become the pipes' write ends (dup2 clears
+        // close-on-exec on the copies); the originals and the read ends close at exec.
+        unsafe {
+            libc::dup2(out[1], 1);
+            libc::dup2(err[1], 2);
+        }
     }
     // PID 1 of the new namespace. A /proc of its own, where the mount namespace allows.
     // SAFETY: mount on literals; failure only means a /proc showing the host's processes.
@@ -384,9 +689,65 @@ mod tests {
     }
 
     #[test]
+    fn supervision_arguments_round_trip() {
+        let sup = Supervise {
+            exit_file: Some("/w/run/.agora-exit".into()),
+            logs: Some(Logs {
+                dir: "/w/run".into(),
+                max: 1024,
+                keep: 2,
+            }),
+        };
+        let mut a = args(Some((65534, 65534)), true, &sup);
+        a.extend(["/bin/sh".into(), "-c".into(), "true".into()]);
+        let p = parse(&a).unwrap();
+        assert_eq!(p.user, Some((65534, 65534)));
+        assert!(p.env_stdin);
+        assert_eq!(p.supervise, sup);
+        assert_eq!(a[p.argv], "/bin/sh");
+        assert!(parse(&["--logs".into(), "/d".into(), "x".into(), "1".into()]).is_err());
+    }
+
+    #[test]
+    fn an_exit_file_holds_a_code_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("exit");
+        write_exit_file(&f, 7);
+        assert_eq!(read_exit_file(&f), Some(7));
+        write_exit_file(&f, 137);
+        assert_eq!(read_exit_file(&f), Some(137));
+        std::fs::write(&f, "garbage").unwrap();
+        assert_eq!(read_exit_file(&f), None);
+        assert_eq!(read_exit_file(&dir.path().join("none")), None);
+    }
+
+    #[test]
+    fn logs_rotate_at_their_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Log {
+            logs: Logs {
+                dir: dir.path().into(),
+                max: 10,
+                keep: 1,
+            },
+            name: "stdout",
+            user: None,
+            file: None,
+            size: 0,
+        };
+        l.open(false);
+        l.write(b"0123456789abcdefghij-");
+        let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
+        assert_eq!(read("stdout"), "-");
+        assert_eq!(read("stdout.1"), "abcdefghij");
+        assert!(!dir.path().join("stdout.2").exists());
+    }
+
+    #[test]
     fn args_say_what_the_init_reads() {
-        let a = args(Some((65534, 65534)), true);
+        let none = Supervise::default();
+        let a = args(Some((65534, 65534)), true, &none);
         assert_eq!(a, ["--user", "65534:65534", "--env-stdin", "--"]);
-        assert_eq!(args(None, false), ["--"]);
+        assert_eq!(args(None, false, &none), ["--"]);
     }
 }

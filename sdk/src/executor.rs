@@ -24,7 +24,15 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! An executor the agent starts with `AGORA_RECOVERY_TIMEOUT` outlives the agent: when the
+//! event stream breaks, [`ExecutorEvents::next`] subscribes again (every second, until the
+//! agent is back or the timeout has passed), tells the agent which tasks it still has, and
+//! sends again every update the agent has not acknowledged, in order. Meanwhile
+//! [`Executor::update`] keeps updates it cannot deliver for then.
 
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agora_core::{ExecutorId, FrameworkId, TaskId, TaskState};
@@ -42,6 +50,9 @@ pub struct ExecutorEnv {
     pub framework_id: FrameworkId,
     pub executor_id: ExecutorId,
     pub token: String,
+    /// How long to wait for a restarted agent (`AGORA_RECOVERY_TIMEOUT`); `None`: the
+    /// executor ends with its first stream.
+    pub recovery_timeout: Option<Duration>,
 }
 
 impl ExecutorEnv {
@@ -65,6 +76,19 @@ impl ExecutorEnv {
             executor_id: ExecutorId::new(var("AGORA_EXECUTOR_ID")?)
                 .map_err(|e| Error::Invalid(format!("AGORA_EXECUTOR_ID: {e}")))?,
             token: var("AGORA_EXECUTOR_TOKEN")?,
+            recovery_timeout: match std::env::var("AGORA_RECOVERY_TIMEOUT") {
+                Ok(v) => Some(
+                    v.parse::<f64>()
+                        .ok()
+                        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "AGORA_RECOVERY_TIMEOUT is {v:?}, not a number of seconds"
+                            ))
+                        })?,
+                ),
+                Err(_) => None,
+            },
         })
     }
 
@@ -81,7 +105,7 @@ impl ExecutorEnv {
             .connect()
             .await
             .map_err(|e| Error::Connection(format!("connecting to {}: {e}", self.endpoint)))?;
-        let mut client = ExecutorClient::new(channel)
+        let client = ExecutorClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let header = v1::ExecutorHeader {
@@ -89,20 +113,14 @@ impl ExecutorEnv {
             executor_id: Some((&self.executor_id).into()),
             token: self.token.clone(),
         };
-        let stream = client
-            .subscribe(v1::ExecutorSubscribeRequest {
-                header: Some(header.clone()),
-            })
-            .await?
-            .into_inner();
-        Ok((
-            Executor {
-                client,
-                header,
-                env: self,
-            },
-            ExecutorEvents { stream },
-        ))
+        let executor = Executor {
+            client,
+            header,
+            env: self,
+            shared: Arc::default(),
+        };
+        let stream = executor.subscribe_once(Vec::new()).await?;
+        Ok((executor.clone(), ExecutorEvents { stream, executor }))
     }
 }
 
@@ -112,6 +130,39 @@ pub struct Executor {
     client: ExecutorClient<Channel>,
     header: v1::ExecutorHeader,
     env: ExecutorEnv,
+    shared: Arc<Mutex<Unacked>>,
+}
+
+/// What an executor must tell a restarted agent: its tasks, and its updates the agent has
+/// not acknowledged, oldest first.
+#[derive(Debug, Default)]
+struct Unacked {
+    tasks: BTreeSet<TaskId>,
+    updates: VecDeque<v1::TaskStatus>,
+}
+
+impl Unacked {
+    fn acknowledged(&mut self, task: &TaskId, uuid: &[u8]) {
+        let Some(i) = self.updates.iter().position(|u| u.uuid == uuid) else {
+            return;
+        };
+        if self.updates.remove(i).is_some_and(|u| {
+            v1::TaskState::try_from(u.state)
+                .ok()
+                .and_then(agora_proto::state_from_proto)
+                .is_some_and(TaskState::is_terminal)
+        }) {
+            self.tasks.remove(task);
+        }
+    }
+}
+
+/// A call that failed because the agent is away (restarting), not because it refused.
+fn agent_away(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
 }
 
 impl Executor {
@@ -123,11 +174,34 @@ impl Executor {
         &self.env.framework_id
     }
 
-    /// Reports a task's status (build one with [`status`]).
+    /// Reports a task's status (build one with [`status`]). With a recovery timeout, an
+    /// update the agent is away for is kept and sent again when the executor subscribes
+    /// again, and this returns `Ok`.
     ///
     /// # Errors
     /// [`Error::Refused`] when the agent refuses it (e.g. not a task of this executor).
     pub async fn update(&self, status: v1::TaskStatus) -> Result<(), Error> {
+        let recovers = self.env.recovery_timeout.is_some() && !status.uuid.is_empty();
+        if recovers && let Ok(mut u) = self.shared.lock() {
+            u.updates.push_back(status.clone());
+        }
+        let uuid = status.uuid.clone();
+        match self.send_update(status).await {
+            Ok(()) => Ok(()),
+            Err(e) if recovers && agent_away(&e) => {
+                tracing::info!(error = %e, "the agent is away; the update goes again once it is back");
+                Ok(())
+            }
+            Err(e) => {
+                if let Ok(mut u) = self.shared.lock() {
+                    u.updates.retain(|s| s.uuid != uuid);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn send_update(&self, status: v1::TaskStatus) -> Result<(), tonic::Status> {
         self.client
             .clone()
             .update(v1::ExecutorUpdateRequest {
@@ -136,6 +210,66 @@ impl Executor {
             })
             .await?;
         Ok(())
+    }
+
+    async fn subscribe_once(
+        &self,
+        tasks: Vec<TaskId>,
+    ) -> Result<tonic::Streaming<v1::ExecutorEvent>, tonic::Status> {
+        Ok(self
+            .client
+            .clone()
+            .subscribe(v1::ExecutorSubscribeRequest {
+                header: Some(self.header.clone()),
+                tasks: tasks.iter().map(Into::into).collect(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Subscribes again after the stream broke, until the agent is back or `timeout` has
+    /// passed; then sends the updates it has not acknowledged again.
+    async fn resubscribe(
+        &self,
+        timeout: Duration,
+    ) -> Result<tonic::Streaming<v1::ExecutorEvent>, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stream = loop {
+            let tasks: Vec<TaskId> = self
+                .shared
+                .lock()
+                .map(|u| u.tasks.iter().cloned().collect())
+                .unwrap_or_default();
+            match self.subscribe_once(tasks).await {
+                Ok(s) => break s,
+                Err(e) if agent_away(&e) && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "the agent is not back yet");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    return Err(Error::Connection(format!(
+                        "the agent did not take this executor back within {timeout:?}: {e}"
+                    )));
+                }
+            }
+        };
+        tracing::info!("subscribed to the agent again");
+        let again: Vec<v1::TaskStatus> = self
+            .shared
+            .lock()
+            .map(|u| u.updates.iter().cloned().collect())
+            .unwrap_or_default();
+        for s in again {
+            let uuid = s.uuid.clone();
+            if let Err(e) = self.send_update(s).await
+                && !agent_away(&e)
+                && let Ok(mut u) = self.shared.lock()
+            {
+                // Refused (its task is not the agent's any more): it will never be taken.
+                u.updates.retain(|s| s.uuid != uuid);
+            }
+        }
+        Ok(stream)
     }
 }
 
@@ -227,11 +361,42 @@ pub enum ExecutorEvent {
 /// The events of a subscription, in order.
 pub struct ExecutorEvents {
     stream: tonic::Streaming<v1::ExecutorEvent>,
+    executor: Executor,
 }
 
 impl std::fmt::Debug for ExecutorEvents {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExecutorEvents").finish_non_exhaustive()
+    }
+}
+
+impl ExecutorEvents {
+    /// Keeps what a restarted agent must be told: launched tasks, acknowledged updates.
+    fn track(&self, msg: &v1::ExecutorEvent) {
+        if self.executor.env.recovery_timeout.is_none() {
+            return;
+        }
+        let Ok(mut u) = self.executor.shared.lock() else {
+            return;
+        };
+        match &msg.event {
+            Some(executor_event::Event::Launch(l)) => {
+                if let Some(id) = l
+                    .task
+                    .as_ref()
+                    .and_then(|t| t.task_id.as_ref())
+                    .and_then(|t| TaskId::try_from(t).ok())
+                {
+                    u.tasks.insert(id);
+                }
+            }
+            Some(executor_event::Event::Acknowledged(a)) => {
+                if let Some(id) = a.task_id.as_ref().and_then(|t| TaskId::try_from(t).ok()) {
+                    u.acknowledged(&id, &a.uuid);
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -247,11 +412,27 @@ impl ExecutorEvents {
     /// SDK cannot read.
     pub async fn next(&mut self) -> Option<Result<ExecutorEvent, Error>> {
         loop {
-            let msg = match self.stream.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) => return None,
-                Err(e) => return Some(Err(e.into())),
+            let broken = match self.stream.message().await {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => Err(None),
+                Err(e) => Err(Some(e)),
             };
+            let msg = match (broken, self.executor.env.recovery_timeout) {
+                (Ok(m), _) => m,
+                (Err(e), Some(timeout)) => {
+                    tracing::warn!(error = ?e, ?timeout, "the agent's stream ended; waiting for the agent to come back");
+                    match self.executor.resubscribe(timeout).await {
+                        Ok(s) => {
+                            self.stream = s;
+                            continue;
+                        }
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+                (Err(None), None) => return None,
+                (Err(Some(e)), None) => return Some(Err(e.into())),
+            };
+            self.track(&msg);
             let Some(event) = msg.event else { continue };
             let task_id = |t: Option<v1::TaskId>| {
                 t.as_ref()

@@ -164,6 +164,7 @@ async fn killing_a_task_in_an_executor_and_idle_executors_stopping() {
         framework_id: s.framework_id().unwrap(),
         executor_id: ExecutorId::new("killer").unwrap(),
         token: "guessed".into(),
+        recovery_timeout: None,
     };
     let err = impostor.subscribe().await.unwrap_err();
     assert!(
@@ -267,6 +268,7 @@ async fn the_executor_api_refuses_strangers() {
         framework_id: agora_core::FrameworkId::new("nobody").unwrap(),
         executor_id: ExecutorId::new("ghost").unwrap(),
         token: "guess".into(),
+        recovery_timeout: None,
     };
     let err = env.subscribe().await.unwrap_err();
     assert!(

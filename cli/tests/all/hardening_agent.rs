@@ -502,6 +502,7 @@ fn executor_env(file: &std::path::Path) -> Option<agora_sdk::executor::ExecutorE
         framework_id: agora_core::FrameworkId::new(var("AGORA_FRAMEWORK_ID")?).ok()?,
         executor_id: agora_core::ExecutorId::new(var("AGORA_EXECUTOR_ID")?).ok()?,
         token: var("AGORA_EXECUTOR_TOKEN")?,
+        recovery_timeout: None,
     })
 }
 

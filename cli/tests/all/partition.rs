@@ -155,6 +155,8 @@ async fn a_partitioned_agent_is_reported_and_healed_without_duplicates() {
             .args([
                 "--cgroup-parent",
                 &format!("agora-test-{}-partition", std::process::id()),
+                "--on-exit",
+                "kill",
             ])
             .arg("--work-dir")
             .arg(work.path())

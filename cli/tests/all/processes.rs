@@ -95,6 +95,8 @@ fn master_agent_and_run_as_processes() {
                 "cpus:2;mem:1024",
                 "--cgroup-parent",
                 &format!("agora-test-{}-processes", std::process::id()),
+                "--on-exit",
+                "kill",
             ])
             .arg("--work-dir")
             .arg(work.path()),
