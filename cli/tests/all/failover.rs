@@ -12,10 +12,10 @@ use agora_sdk::Operator;
 use crate::native::command;
 use crate::*;
 
-struct Group {
-    ports: Vec<u16>,
+pub(crate) struct Group {
+    pub ports: Vec<u16>,
     dirs: Vec<std::path::PathBuf>,
-    procs: Vec<Killed>,
+    pub procs: Vec<Killed>,
     _dir: tempfile::TempDir,
 }
 
@@ -29,7 +29,7 @@ impl Group {
             .join(",")
     }
 
-    fn list(&self) -> String {
+    pub fn list(&self) -> String {
         self.ports
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
@@ -66,7 +66,7 @@ impl Group {
         Killed(Some(child))
     }
 
-    fn start() -> Group {
+    pub fn start() -> Group {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..3)
             .map(|_| {
@@ -89,7 +89,7 @@ impl Group {
     }
 
     /// The index of the master that says it leads (skipping `dead`), waiting for one.
-    async fn leader(&self, dead: Option<usize>) -> usize {
+    pub async fn leader(&self, dead: Option<usize>) -> usize {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             for (i, port) in self.ports.iter().enumerate() {

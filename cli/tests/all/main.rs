@@ -2,6 +2,7 @@
 //! process (`cluster`, `faults`) and as separate `agora` processes (`processes`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod agent_recovery;
 mod bounds;
 mod cluster;
 mod disk;

@@ -1,0 +1,365 @@
+//! An `agora agent` process killed with SIGKILL while it runs native and Wasm tasks, then
+//! started again on the same work directory: its tasks were never interrupted, those that
+//! ended meanwhile are reported with their exit status, and it can still kill the others.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use agora_core::{FrameworkId, TaskState};
+use agora_proto::v1;
+
+use crate::native::command;
+use crate::processes::Proc;
+use crate::*;
+
+/// A free loopback port: the agent keeps its address across restarts, as executors dial it.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub(crate) struct AgentProcess {
+    pub master: String,
+    pub port: u16,
+    pub work_dir: PathBuf,
+    pub cgroup_parent: String,
+}
+
+impl AgentProcess {
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_agora"));
+        c.args(["agent", "--master", &self.master])
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--resources", "cpus:4;mem:2048;disk:2048"])
+            .args(["--hostname", "recovering"])
+            .args(["--cgroup-parent", &self.cgroup_parent])
+            // Kill what runs when the test stops the last agent; the one killed with SIGKILL
+            // has no say.
+            .args(["--on-exit", "kill"])
+            .arg("--work-dir")
+            .arg(&self.work_dir)
+            .env("AGORA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        c
+    }
+
+    /// The sandbox of the latest run of `task`.
+    pub fn sandbox(&self, fw: &FrameworkId, task: &str) -> Option<PathBuf> {
+        agora_agent::sandbox::latest_run_dir(&self.work_dir, fw, &tid(task))
+    }
+}
+
+fn count(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("count"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Every terminal update the framework saw, per task, by uuid.
+#[derive(Default)]
+pub(crate) struct Seen {
+    pub latest: HashMap<String, v1::TaskStatus>,
+    pub ends: HashMap<String, Vec<Vec<u8>>>,
+}
+
+impl Seen {
+    pub fn note(&mut self, st: v1::TaskStatus) {
+        let id = st.task_id.as_ref().unwrap().value.clone();
+        if state_of(&st).is_terminal() {
+            let ends = self.ends.entry(id.clone()).or_default();
+            if !ends.contains(&st.uuid) {
+                ends.push(st.uuid.clone());
+            }
+        }
+        self.latest.insert(id, st);
+    }
+
+    pub fn state(&self, task: &str) -> Option<TaskState> {
+        self.latest.get(task).map(state_of)
+    }
+
+    /// Reads events until `until` holds, declining offers.
+    pub async fn pump(
+        &mut self,
+        s: &Scheduler,
+        events: &mut Events,
+        what: &str,
+        until: impl Fn(&Seen) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !until(self) {
+            let ev = tokio::time::timeout_at(deadline, events.next())
+                .await
+                .unwrap_or_else(|_| {
+                    let states: HashMap<_, _> = self
+                        .latest
+                        .iter()
+                        .map(|(k, v)| (k.clone(), (state_of(v), v.message.clone())))
+                        .collect();
+                    panic!("timed out waiting for {what}: {states:?}")
+                })
+                .expect("the event stream ended");
+            match ev {
+                Event::Update(st) => self.note(st),
+                Event::Offers(o) => {
+                    let ids: Vec<v1::OfferId> = o.iter().filter_map(|o| o.id.clone()).collect();
+                    let _ = s.decline(&ids, Some(0.0)).await;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The master waits long enough for an agent to come back (as Mesos's 75 s) that a restart
+/// is not a partition.
+fn patient_master() -> agora_master::MasterConfig {
+    agora_master::MasterConfig {
+        agent_heartbeat_interval: Duration::from_millis(500),
+        max_missed_heartbeats: 60,
+        ..fast_master()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_and_restarted_keeps_its_tasks_running() {
+    let cluster = Cluster::start_with(patient_master(), &[]).await;
+    let agent = AgentProcess {
+        master: cluster.master.clone(),
+        port: free_port(),
+        work_dir: cluster.dir.path().join("agent"),
+        cgroup_parent: format!("agora-test-{}-recovery", std::process::id()),
+    };
+    let mut first = Killed(Some(agent.command().spawn().unwrap()));
+    cluster.wait_for_agents(1).await;
+    let agent_id = cluster.state().await.agents[0].id.clone();
+
+    let (s, mut events) = cluster.framework("recovering").await;
+    let fw = s.framework_id().unwrap();
+    let offers = next_offers(&mut events).await;
+    let offer = &offers[0];
+    let tasks = vec![
+        command(
+            "long-native",
+            "i=0; while :; do i=$((i+1)); echo $i > count; sleep 0.05; done",
+            "cpus:0.2;mem:64",
+        )
+        .build_for(offer),
+        command("short-native", "sleep 3; exit 7", "cpus:0.2;mem:64").build_for(offer),
+        wasm_task("long-wasm", "sleeper", "cpus:0.2;mem:64")
+            .args(["600"])
+            .build_for(offer),
+        wasm_task("short-wasm", "sleeper", "cpus:0.2;mem:64")
+            .args(["2"])
+            .build_for(offer),
+    ];
+    s.accept(&[offer.id.clone().unwrap()], tasks, Some(0.0))
+        .await
+        .unwrap();
+    let mut seen = Seen::default();
+    let names = ["long-native", "short-native", "long-wasm", "short-wasm"];
+    seen.pump(&s, &mut events, "every task to run", |v| {
+        names.iter().all(|t| v.state(t) == Some(TaskState::Running))
+    })
+    .await;
+
+    // The agent dies while they run; the short ones end while it is away.
+    first.kill();
+    let native = agent.sandbox(&fw, "short-native").unwrap();
+    wait_until("the short native task to end with no agent", || async {
+        native.join(agora_agent::native::EXIT_FILE).exists()
+    })
+    .await;
+    let long = agent.sandbox(&fw, "long-native").unwrap();
+    let while_away = count(&long);
+    let _second = Proc(agent.command().spawn().unwrap());
+
+    // The same agent, its tasks as they are: the ended ones with their exit status.
+    seen.pump(&s, &mut events, "the short tasks' ends", |v| {
+        v.state("short-native") == Some(TaskState::Failed)
+            && v.state("short-wasm") == Some(TaskState::Finished)
+    })
+    .await;
+    let failed = &seen.latest["short-native"];
+    assert_eq!(failed.exit_code, Some(7), "{failed:?}");
+    assert_eq!(failed.reason(), v1::Reason::CommandExited, "{failed:?}");
+    let st = cluster.state().await;
+    assert_eq!(st.agents.len(), 1, "{:?}", st.agents);
+    assert_eq!(st.agents[0].id, agent_id, "the agent kept its id");
+    assert!(st.agents[0].active);
+    // The long ones never stopped: no update ended them, and the native one kept counting
+    // through the restart.
+    assert_eq!(seen.state("long-native"), Some(TaskState::Running));
+    assert_eq!(seen.state("long-wasm"), Some(TaskState::Running));
+    wait_until("the long native task to count on", || async {
+        count(&long) > while_away + 5
+    })
+    .await;
+
+    // The new agent holds them: it can kill them.
+    let agent_id = agora_core::AgentId::new(agent_id.unwrap().value).unwrap();
+    for t in ["long-native", "long-wasm"] {
+        s.kill(&tid(t), Some(&agent_id)).await.unwrap();
+    }
+    seen.pump(&s, &mut events, "the long tasks to be killed", |v| {
+        v.state("long-native") == Some(TaskState::Killed)
+            && v.state("long-wasm") == Some(TaskState::Killed)
+    })
+    .await;
+    for t in names {
+        assert_eq!(seen.ends[t].len(), 1, "{t} ended once: {:?}", seen.ends[t]);
+    }
+}
+
+/// The leader of three masters and the agent die at the same moment: a new leader serves, the
+/// restarted agent re-registers with it, the running tasks carry on, the one that ended
+/// meanwhile is reported once with its exit status, and the registry's reservation stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_and_an_agent_killed_together_lose_nothing() {
+    init_logs();
+    let mut group = crate::failover::Group::start();
+    let first = group.leader(None).await;
+    let masters = group.list();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess {
+        master: masters.clone(),
+        port: free_port(),
+        work_dir: dir.path().join("agent"),
+        cgroup_parent: format!("agora-test-{}-recovery-leader", std::process::id()),
+    };
+    let mut first_agent = Killed(Some(agent.command().spawn().unwrap()));
+    let op = agora_sdk::Operator::connect(&masters).await.unwrap();
+    wait_until("the agent to register", || async {
+        op.state()
+            .await
+            .is_ok_and(|s| s.agents.iter().any(|a| a.active))
+    })
+    .await;
+    let mut config = SchedulerConfig::new(masters.clone(), "together");
+    config.framework.roles = vec!["eng".into()];
+    config.framework.principal = "alice".into();
+    config.framework.failover_timeout = 600.0;
+    let (s, mut events) = subscribe(config).await.unwrap();
+    let Some(Event::Subscribed { .. }) = events.next().await else {
+        panic!("not subscribed");
+    };
+    let fw = s.framework_id().unwrap();
+    let offers = next_offers(&mut events).await;
+    let offer = &offers[0];
+    let reserve = v1::Operation {
+        operation: Some(v1::operation::Operation::Reserve(v1::operation::Reserve {
+            resources: agora_proto::resources_to_proto(
+                &agora_core::parse_resources("cpus(eng,alice):1;mem(eng,alice):128").unwrap(),
+            ),
+        })),
+    };
+    let launch = v1::Operation {
+        operation: Some(v1::operation::Operation::Launch(v1::operation::Launch {
+            tasks: vec![
+                command("long-native", "exec sleep 600", "cpus:0.2;mem:64").build_for(offer),
+                command("short-native", "sleep 3; exit 3", "cpus:0.2;mem:64").build_for(offer),
+                wasm_task("long-wasm", "sleeper", "cpus:0.2;mem:64")
+                    .args(["600"])
+                    .build_for(offer),
+            ],
+        })),
+    };
+    s.accept_operations(
+        &[offer.id.clone().unwrap()],
+        vec![reserve, launch],
+        Some(0.0),
+    )
+    .await
+    .unwrap();
+    let mut seen = Seen::default();
+    let names = ["long-native", "short-native", "long-wasm"];
+    seen.pump(&s, &mut events, "every task to run", |v| {
+        names.iter().all(|t| v.state(t) == Some(TaskState::Running))
+    })
+    .await;
+    let reserved = |st: &v1::GetStateResponse| {
+        st.agents
+            .iter()
+            .map(|a| {
+                agora_proto::resources_from_proto(&a.total)
+                    .unwrap()
+                    .reserved_for("eng")
+            })
+            .fold(agora_core::Resources::new(), |a, b| a + b)
+    };
+    wait_until("the reservation to show", || async {
+        op.state().await.is_ok_and(|st| !reserved(&st).is_empty())
+    })
+    .await;
+    let before = reserved(&op.state().await.unwrap());
+
+    group.procs[first].kill();
+    first_agent.kill();
+    let native = agent.sandbox(&fw, "short-native").unwrap();
+    wait_until("the short task to end with no agent", || async {
+        native.join(agora_agent::native::EXIT_FILE).exists()
+    })
+    .await;
+    let _second_agent = Proc(agent.command().spawn().unwrap());
+    let next = group.leader(Some(first)).await;
+    assert_ne!(next, first);
+
+    seen.pump(&s, &mut events, "the short task's end", |v| {
+        v.state("short-native") == Some(TaskState::Failed)
+    })
+    .await;
+    assert_eq!(seen.latest["short-native"].exit_code, Some(3));
+    // Reconciliation through the new leader: the long ones are running on the same agent.
+    let ids = [tid("long-native"), tid("long-wasm")];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = s.reconcile(&ids).await;
+        let got = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                match events.next().await {
+                    Some(Event::Update(st)) => {
+                        let running = state_of(&st) == TaskState::Running;
+                        seen.note(st);
+                        if running
+                            && seen.state("long-native") == Some(TaskState::Running)
+                            && seen.state("long-wasm") == Some(TaskState::Running)
+                        {
+                            return true;
+                        }
+                    }
+                    Some(Event::Offers(o)) => {
+                        let ids: Vec<v1::OfferId> = o.iter().filter_map(|o| o.id.clone()).collect();
+                        let _ = s.decline(&ids, Some(0.0)).await;
+                    }
+                    Some(_) => {}
+                    None => return false,
+                }
+            }
+        })
+        .await;
+        if got == Ok(true) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the long tasks were not reported running: {:?}",
+            seen.latest.keys()
+        );
+    }
+    wait_until("the agent to be back with the new leader", || async {
+        op.state()
+            .await
+            .is_ok_and(|st| st.agents.len() == 1 && st.agents[0].active && reserved(&st) == before)
+    })
+    .await;
+    for t in names {
+        let ends = seen.ends.get(t).map_or(0, Vec::len);
+        assert_eq!(ends, usize::from(t == "short-native"), "{t}: {ends} ends");
+    }
+}
