@@ -59,17 +59,20 @@ pub enum Event {
     /// Boxed: a RunTask carries a whole task.
     FromMaster(Box<master_message::Message>),
     LinkDown,
-    /// A task's runner reports a change.
+    /// A task's runner reports a change; `durable` hears once it is checkpointed.
     Task {
         framework: FrameworkId,
         task: TaskId,
         change: Termination,
+        durable: Option<oneshot::Sender<()>>,
     },
-    /// A task's container can be found again this way (after a restart of the agent).
+    /// A task's container can be found again this way (after a restart of the agent);
+    /// `durable` hears once that is checkpointed.
     Attached {
         framework: FrameworkId,
         task: TaskId,
         how: Attachment,
+        durable: Option<oneshot::Sender<()>>,
     },
     /// A task (or its executor) sends its framework bytes.
     FrameworkMessage {
@@ -120,6 +123,10 @@ pub struct Actor {
     dirty: BTreeSet<TaskKey>,
     id_dirty: bool,
     outbox: Vec<Deferred>,
+    /// Registrations the link waits for.
+    replies: Vec<oneshot::Sender<v1::AgentMessage>>,
+    /// Told once this turn's saves are durable (an executor's update, a task's attachment).
+    durable: Vec<oneshot::Sender<()>>,
 }
 
 impl Actor {
@@ -149,6 +156,8 @@ impl Actor {
             dirty: BTreeSet::new(),
             id_dirty: false,
             outbox: Vec::new(),
+            replies: Vec::new(),
+            durable: Vec::new(),
         }
     }
 
@@ -189,9 +198,9 @@ impl Actor {
                 None => self.apply(Input::Changed {
                     key,
                     change: Termination::new(
-                        TaskState::Failed,
+                        TaskState::Lost,
                         v1::Reason::AgentRestarted,
-                        "the agent restarted before the task's container started",
+                        "the agent restarted and cannot find the task's container again (it had not started, or it ran in the agent's own process)",
                     ),
                 }),
             }
@@ -243,8 +252,44 @@ impl Actor {
                 tasks = self.state.tasks.len(),
                 "agent stopping; its tasks keep running for the next agent on this work directory"
             );
+            // Their sandboxes are still in use: the runners' guards must not schedule them.
+            if let Some(gc) = &self.gc {
+                gc.freeze();
+            }
+            // A task no supervisor holds would be left with no one to find it: it ends now.
+            let unsupervised: Vec<TaskKey> = self
+                .state
+                .tasks
+                .iter()
+                .filter(|(_, t)| !t.state.is_terminal() && t.attachment.is_none())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &unsupervised {
+                if let Some(kill) = self.kills.get(k) {
+                    kill.cancel();
+                }
+            }
+            let ids: std::collections::HashSet<tokio::task::Id> = self
+                .runner_tasks
+                .iter()
+                .filter(|(_, k)| unsupervised.contains(k))
+                .map(|(id, _)| *id)
+                .collect();
+            let drain = async {
+                let mut left = ids.len();
+                while left > 0 {
+                    match self.runners.join_next_with_id().await {
+                        Some(Ok((id, ()))) if ids.contains(&id) => left -= 1,
+                        Some(Err(e)) if ids.contains(&e.id()) => left -= 1,
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
             self.runners.abort_all();
             while self.runners.join_next().await.is_some() {}
+            let _ = self.flush();
             return result;
         }
         tracing::info!(
@@ -299,9 +344,9 @@ impl Actor {
         match ev {
             #[cfg(test)]
             Event::Crash => panic!("injected fault"),
-            Event::Connecting { reply } => {
-                let _ = reply.send(self.state.registration());
-            }
+            // Answered once the turn is durable: the master must not hear of a state a
+            // restart would take back.
+            Event::Connecting { reply } => self.replies.push(reply),
             Event::LinkUp { tx } => {
                 self.link = Some(tx);
                 self.apply(Input::LinkUp);
@@ -317,18 +362,26 @@ impl Actor {
                 framework,
                 task,
                 change,
-            } => self.apply(Input::Changed {
-                key: (framework, task),
-                change,
-            }),
+                durable,
+            } => {
+                self.apply(Input::Changed {
+                    key: (framework, task),
+                    change,
+                });
+                self.durable.extend(durable);
+            }
             Event::Attached {
                 framework,
                 task,
                 how,
-            } => self.apply(Input::Attached {
-                key: (framework, task),
-                how,
-            }),
+                durable,
+            } => {
+                self.apply(Input::Attached {
+                    key: (framework, task),
+                    how,
+                });
+                self.durable.extend(durable);
+            }
             Event::FrameworkMessage {
                 framework,
                 executor,
@@ -363,11 +416,15 @@ impl Actor {
                     key,
                     task,
                     resources,
-                } => self.outbox.push(Deferred::Launch {
-                    key,
-                    task,
-                    resources,
-                }),
+                } => {
+                    // The token exists from now: a kill in this same turn reaches the task.
+                    self.kills.entry(key.clone()).or_default();
+                    self.outbox.push(Deferred::Launch {
+                        key,
+                        task,
+                        resources,
+                    });
+                }
                 Command::Kill(key) => {
                     if let Some(k) = self.kills.get(&key) {
                         k.cancel();
@@ -424,6 +481,15 @@ impl Actor {
                         resources,
                     } => self.launch(key, *task, resources, None),
                 }
+            }
+        }
+        for d in self.durable.drain(..) {
+            let _ = d.send(());
+        }
+        if !self.replies.is_empty() {
+            let registration = self.state.registration();
+            for r in self.replies.drain(..) {
+                let _ = r.send(registration.clone());
             }
         }
         Ok(())
@@ -485,8 +551,7 @@ impl Actor {
         };
         let (fw, tid) = key.clone();
         let span = tracing::info_span!("task", framework_id = %fw, task_id = %tid, containerizer = containerizer.name());
-        let kill = CancellationToken::new();
-        self.kills.insert(key.clone(), kill.clone());
+        let kill = self.kills.entry(key.clone()).or_default().clone();
         let runner = Runner {
             containerizer,
             containers: self.containers.clone(),
@@ -540,6 +605,7 @@ impl Runner {
                 framework: self.framework.clone(),
                 task: self.task_id.clone(),
                 change,
+                durable: None,
             })
             .await;
     }
@@ -644,7 +710,7 @@ impl Runner {
         };
         let Some(sandbox) = sandbox else {
             self.report(Termination::new(
-                TaskState::Failed,
+                TaskState::Lost,
                 v1::Reason::AgentRestarted,
                 "the agent restarted and the task's sandbox is gone",
             ))
@@ -766,6 +832,7 @@ mod tests {
                 isolation: String::new(),
                 pending: Vec::new(),
                 attachment: None,
+                origins: Vec::new(),
             },
             Instant::now(),
         );
@@ -774,6 +841,7 @@ mod tests {
             framework: fw.clone(),
             task: t.clone(),
             change: Termination::new(TaskState::Starting, v1::Reason::Unspecified, ""),
+            durable: None,
         });
         a.flush().unwrap();
         let starting = sent(&mut rx);

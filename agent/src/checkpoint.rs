@@ -1,5 +1,6 @@
 //! The agent's checkpoint: what a restarted agent needs to carry on, in one redb file,
-//! `WORK_DIR/agent.redb`, every write one durable (fsync'd) transaction.
+//! `WORK_DIR/meta/agent.redb` (the directory 0700, the file 0600), every write one durable
+//! (fsync'd) transaction.
 //!
 //! ```text
 //!  meta       "agent_id" → the id the master gave     "info" → the AgentInfo it registered
@@ -25,7 +26,8 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const EXECUTORS: TableDefinition<&str, &[u8]> = TableDefinition::new("executors");
 
-/// The file under the work directory.
+/// The directory under the work directory, and the file in it.
+pub const DIR: &str = "meta";
 pub const FILE: &str = "agent.redb";
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,8 @@ pub struct SavedTask {
     /// Unacknowledged updates, oldest first.
     pub pending: Vec<v1::TaskStatus>,
     pub attachment: Option<Attachment>,
+    /// See [`crate::state::Task::origins`].
+    pub origins: Vec<u64>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -60,6 +64,7 @@ struct TaskRow {
     isolation: String,
     pending: Vec<Vec<u8>>,
     attachment: Option<Attachment>,
+    origins: Vec<u64>,
 }
 
 /// An executor as checkpointed.
@@ -116,7 +121,19 @@ impl Checkpoint {
     /// # Errors
     /// When another process holds it, or it cannot be read.
     pub fn open(work_dir: &Path) -> Result<(Checkpoint, Saved), CheckpointError> {
-        let path = work_dir.join(FILE);
+        use std::os::unix::fs::PermissionsExt;
+        let dir = work_dir.join(DIR);
+        let path = dir.join(FILE);
+        // Root's (the agent's) alone: it holds executors' tokens and tasks' environments, and
+        // a task that could open it could also lock the next agent out of it.
+        let private = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)));
+        if let Err(e) = private {
+            return Err(CheckpointError::Damaged {
+                path: dir,
+                detail: format!("preparing the directory: {e}"),
+            });
+        }
         let damaged = |detail: String| CheckpointError::Damaged {
             path: path.clone(),
             detail,
@@ -128,6 +145,7 @@ impl Checkpoint {
             }
             Err(e) => return Err(damaged(e.to_string())),
         };
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         let saved = Checkpoint::read(&db).map_err(damaged)?;
         let cp = Checkpoint { db, path };
         Ok((cp, saved))
@@ -187,6 +205,7 @@ impl Checkpoint {
                                 isolation: row.isolation,
                                 pending,
                                 attachment: row.attachment,
+                                origins: row.origins,
                             },
                         ))
                     })()
@@ -256,6 +275,7 @@ impl Checkpoint {
                             isolation: t.isolation.clone(),
                             pending: t.pending.statuses().map(Message::encode_to_vec).collect(),
                             attachment: t.attachment.clone(),
+                            origins: t.origins.iter().copied().collect(),
                         };
                         let bytes = postcard::to_stdvec(&row).map_err(|e| self.write_err(e))?;
                         table
@@ -413,6 +433,7 @@ mod tests {
             isolation: "wasm".into(),
             pending,
             attachment: Some(Attachment::Executor("agora-wasm".into())),
+            origins: Default::default(),
         };
         let k1 = (FrameworkId::new("fw").unwrap(), TaskId::new("a").unwrap());
         let k2 = (FrameworkId::new("fw").unwrap(), TaskId::new("b").unwrap());
@@ -461,7 +482,12 @@ mod tests {
     #[test]
     fn a_damaged_checkpoint_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(FILE), b"not a database at all, just bytes").unwrap();
+        std::fs::create_dir_all(dir.path().join(DIR)).unwrap();
+        std::fs::write(
+            dir.path().join(DIR).join(FILE),
+            b"not a database at all, just bytes",
+        )
+        .unwrap();
         let e = Checkpoint::open(dir.path()).unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, CheckpointError::Damaged { .. }), "{msg}");

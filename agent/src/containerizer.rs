@@ -47,6 +47,18 @@ pub struct Termination {
     pub isolation: Option<String>,
     /// How far the task has come (a progress report on a TASK_RUNNING update).
     pub progress: Option<f32>,
+    /// A digest of the uuid the task's executor gave the update ([`origin_of`]); 0 when it
+    /// came from no executor.
+    pub origin: u64,
+}
+
+/// The first 8 bytes of the uuid's SHA-256, never 0: what identifies an executor's update.
+pub fn origin_of(uuid: &[u8]) -> u64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(uuid);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_le_bytes(b).max(1)
 }
 
 impl Termination {
@@ -61,6 +73,7 @@ impl Termination {
             source: v1::StatusSource::SourceAgent,
             isolation: None,
             progress: None,
+            origin: 0,
         }
     }
 }
@@ -210,14 +223,38 @@ impl Updates {
             .await;
     }
 
-    /// Tells the agent how to find the task's container again, should it restart.
-    pub async fn attached(&self, how: crate::state::Attachment) {
-        let _ = self
+    /// Tells the agent how to find the task's container again, should it restart; returns
+    /// once that is checkpointed (true), or the agent is stopping or cannot (false).
+    pub async fn attached(&self, how: crate::state::Attachment) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self
             .events
             .send(crate::actor::Event::Attached {
                 framework: self.framework.clone(),
                 task: self.task.clone(),
                 how,
+                durable: Some(tx),
+            })
+            .await;
+        sent.is_ok() && rx.await.is_ok()
+    }
+
+    /// A change, as [`Updates::send`]; `durable` hears once it is checkpointed.
+    pub async fn send_acked(
+        &self,
+        mut change: Termination,
+        durable: tokio::sync::oneshot::Sender<()>,
+    ) {
+        if change.isolation.is_none() {
+            change.isolation.clone_from(&self.isolation);
+        }
+        let _ = self
+            .events
+            .send(crate::actor::Event::Task {
+                framework: self.framework.clone(),
+                task: self.task.clone(),
+                change,
+                durable: Some(durable),
             })
             .await;
     }
@@ -232,6 +269,7 @@ impl Updates {
                 framework: self.framework.clone(),
                 task: self.task.clone(),
                 change,
+                durable: None,
             })
             .await;
     }
@@ -323,7 +361,7 @@ pub trait Containerizer: Send + Sync {
         _how: &crate::state::Attachment,
     ) -> Result<Box<dyn Container>, Termination> {
         Err(Termination::new(
-            TaskState::Failed,
+            TaskState::Lost,
             v1::Reason::AgentRestarted,
             format!(
                 "the agent restarted and its {} containerizer cannot re-attach to the task",

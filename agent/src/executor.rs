@@ -28,7 +28,7 @@ use agora_core::limits::{self, LimitError};
 use agora_core::{AgentId, ExecutorId, FrameworkId, Resources, TaskId, TaskState};
 use agora_proto::v1::{self, executor_event};
 use agora_proto::{required, state_from_proto};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -78,7 +78,9 @@ type Key = (FrameworkId, ExecutorId);
 type EventTx = mpsc::UnboundedSender<Result<v1::ExecutorEvent, Status>>;
 
 struct Slot {
-    updates: mpsc::UnboundedSender<v1::TaskStatus>,
+    /// The executor's updates of the task, each with who to tell once it is checkpointed
+    /// (the agent acknowledges it to the executor then, not before).
+    updates: mpsc::UnboundedSender<(v1::TaskStatus, oneshot::Sender<()>)>,
     resources: Resources,
     /// LAUNCH was sent on a stream (not only queued).
     sent: bool,
@@ -112,6 +114,9 @@ struct ExecState {
     /// The tasks a re-attached executor said it has when it subscribed again; the agent's
     /// other tasks for it never reached it.
     listed: Option<std::collections::HashSet<TaskId>>,
+    /// The receiving ends of re-attached tasks' slots, made when the executor was (so that
+    /// an update it sends again at once has a slot), until their runners take them.
+    parked: HashMap<TaskId, mpsc::UnboundedReceiver<(v1::TaskStatus, oneshot::Sender<()>)>>,
 }
 
 /// One executor process and what the agent knows of it.
@@ -300,11 +305,16 @@ struct Inner {
 
 impl Inner {
     /// Records `exec` (`Some`) or its end; a failure only costs its recovery.
-    fn save(&self, key: &Key, record: Option<&SavedExecutor>) {
-        if let Some(cp) = self.checkpoint.get()
-            && let Err(e) = cp.write_executor(&key.0, &key.1, record)
-        {
-            tracing::error!(executor_id = %key.1, error = %e, "checkpointing an executor");
+    fn save(&self, key: &Key, record: Option<&SavedExecutor>) -> bool {
+        match self.checkpoint.get() {
+            Some(cp) => match cp.write_executor(&key.0, &key.1, record) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(executor_id = %key.1, error = %e, "checkpointing an executor");
+                    false
+                }
+            },
+            None => true,
         }
     }
 }
@@ -368,13 +378,11 @@ impl ExecutorContainerizer {
         &self,
         saved: Vec<((FrameworkId, ExecutorId), SavedExecutor)>,
         agent_id: Option<&AgentId>,
+        tasks: &HashMap<Key, Vec<(TaskId, Resources)>>,
     ) {
         use prost::Message;
         for (key, rec) in saved {
-            let alive = rec
-                .process
-                .as_ref()
-                .filter(|p| crate::native::start_ticks(p.pid) == Some(p.start_ticks));
+            let alive = rec.process.as_ref().filter(|p| p.alive());
             let info = v1::ExecutorInfo::decode(rec.info.as_slice());
             let (Some(process), Ok(info)) = (alive, info) else {
                 tracing::warn!(framework_id = %key.0, executor_id = %key.1, "an executor of the previous agent is gone");
@@ -392,6 +400,25 @@ impl ExecutorContainerizer {
                 self.inner.config.overhead_mem_mib,
                 true,
             );
+            {
+                let mut st = exec.lock();
+                for (task, resources) in tasks.get(&key).into_iter().flatten() {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    st.tasks.insert(
+                        task.clone(),
+                        Slot {
+                            updates: tx,
+                            resources: resources.clone(),
+                            sent: true,
+                            usage: Arc::default(),
+                        },
+                    );
+                    st.parked.insert(task.clone(), rx);
+                }
+                if !st.tasks.is_empty() {
+                    st.idle_since = None;
+                }
+            }
             let sandbox = process.sandbox.clone();
             self.start(exec, container, rec, sandbox);
         }
@@ -592,7 +619,12 @@ impl ExecutorContainerizer {
             process: None,
         };
         // Recorded before it starts, so that a restarted agent knows its token.
-        self.inner.save(&key, Some(&record));
+        if !self.inner.save(&key, Some(&record)) {
+            return Err(failed(
+                v1::Reason::ContainerLaunchFailed,
+                format!("executor {id} could not be checkpointed"),
+            ));
+        }
         self.start(exec.clone(), container, record, sandbox);
         Ok(exec)
     }
@@ -666,6 +698,7 @@ impl ExecutorContainerizer {
             isolation,
             usage: Arc::new(Mutex::new(None)),
             recovered: false,
+            end_ack: Mutex::new(None),
         }))
     }
 }
@@ -685,7 +718,7 @@ async fn lifecycle(
         move |process: ProcessRecord| {
             let mut record = record.clone();
             record.process = Some(process);
-            inner.save(&key, Some(&record));
+            inner.save(&key, Some(&record))
         }
     };
     let run = container.run_process(exec.stop.clone(), Some(OnStart::Executor(&hook)));
@@ -823,6 +856,7 @@ impl Containerizer for ExecutorContainerizer {
             isolation: String::new(),
             usage: Arc::new(Mutex::new(None)),
             recovered: true,
+            end_ack: Mutex::new(None),
         }))
     }
 
@@ -890,6 +924,8 @@ struct ExecutorTask {
     usage: Arc<Mutex<Option<v1::TaskUsage>>>,
     /// Re-attached after the agent restarted: the executor has (or had) the task already.
     recovered: bool,
+    /// Who hears once the executor's terminal update is checkpointed.
+    end_ack: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 /// Largest framework message an executor may send, in bytes.
@@ -907,40 +943,55 @@ impl ExecutorTask {
         t.usage = status.usage.map(Box::new);
         t.progress = status.progress;
         t.source = v1::StatusSource::SourceExecutor;
+        if !status.uuid.is_empty() {
+            t.origin = crate::containerizer::origin_of(&status.uuid);
+        }
         Some(t)
     }
 
     async fn watch(&self, kill: CancellationToken, updates: &Updates) -> Termination {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         let exec = &self.exec;
         {
             let mut st = exec.lock();
-            if exec.dead.is_cancelled() {
-                drop(st);
-                return exec.terminated();
-            }
-            if self.recovered
-                && st
-                    .listed
-                    .as_ref()
-                    .is_some_and(|l| !l.contains(&self.task_id))
-            {
-                drop(st);
-                return unknown_to(exec.id());
-            }
-            st.tasks.insert(
-                self.task_id.clone(),
-                Slot {
-                    updates: tx,
-                    resources: self.resources.clone(),
-                    sent: self.recovered,
-                    usage: self.usage.clone(),
-                },
-            );
-            st.idle_since = None;
-            // A re-attached task is in the executor already.
-            if !self.recovered {
-                self.launch(exec, &mut st);
+            let parked = if self.recovered {
+                st.parked.remove(&self.task_id)
+            } else {
+                None
+            };
+            if let Some(parked) = parked {
+                rx = parked;
+                if let Some(slot) = st.tasks.get_mut(&self.task_id) {
+                    slot.usage = self.usage.clone();
+                }
+            } else {
+                if exec.dead.is_cancelled() {
+                    drop(st);
+                    return exec.terminated();
+                }
+                if self.recovered
+                    && st
+                        .listed
+                        .as_ref()
+                        .is_some_and(|l| !l.contains(&self.task_id))
+                {
+                    drop(st);
+                    return unknown_to(exec.id());
+                }
+                st.tasks.insert(
+                    self.task_id.clone(),
+                    Slot {
+                        updates: tx,
+                        resources: self.resources.clone(),
+                        sent: self.recovered,
+                        usage: self.usage.clone(),
+                    },
+                );
+                st.idle_since = None;
+                // A re-attached task is in the executor already.
+                if !self.recovered {
+                    self.launch(exec, &mut st);
+                }
             }
         }
         exec.resize(self.inner.native.config());
@@ -972,22 +1023,29 @@ impl ExecutorTask {
         &self,
         kill: CancellationToken,
         updates: &Updates,
-        mut rx: mpsc::UnboundedReceiver<v1::TaskStatus>,
+        mut rx: mpsc::UnboundedReceiver<(v1::TaskStatus, oneshot::Sender<()>)>,
     ) -> Termination {
         let exec = &self.exec;
         let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let mut killing = false;
         loop {
             tokio::select! {
                 biased;
-                Some(status) = rx.recv() => {
+                Some((status, durable)) = rx.recv() => {
                     let Some(change) = Self::change(status) else { continue };
                     if change.state.is_terminal() {
+                        // Acknowledged once the end (which the disk watch may still replace)
+                        // is checkpointed: see `run`.
+                        if let Ok(mut a) = self.end_ack.lock() {
+                            *a = Some(durable);
+                        }
                         return change;
                     }
-                    updates.send(change).await;
+                    updates.send_acked(change, durable).await;
                 }
                 () = exec.dead.cancelled() => return exec.terminated(),
-                () = kill.cancelled(), if deadline.is_none() => {
+                () = kill.cancelled(), if !killing => {
+                    killing = true;
                     let mut st = exec.lock();
                     let before = st.queued.len();
                     st.queued.retain(|(t, _)| *t != self.task_id);
@@ -998,16 +1056,19 @@ impl ExecutorTask {
                             "killed before its executor subscribed",
                         );
                     }
-                    exec.send(
-                        &mut st,
-                        executor_event::Event::Kill(executor_event::Kill {
-                            task_id: Some((&self.task_id).into()),
-                            kill_policy: Some(v1::KillPolicy {
-                                grace_period_seconds: self.grace.as_secs_f64(),
-                            }),
+                    let event = executor_event::Event::Kill(executor_event::Kill {
+                        task_id: Some((&self.task_id).into()),
+                        kill_policy: Some(v1::KillPolicy {
+                            grace_period_seconds: self.grace.as_secs_f64(),
                         }),
-                    );
-                    deadline = Some(Box::pin(tokio::time::sleep(self.grace + KILL_MARGIN)));
+                    });
+                    let mut limit = self.grace + KILL_MARGIN;
+                    if !exec.send(&mut st, event.clone()) {
+                        // A re-attached executor not yet back: it hears of it when it is.
+                        st.queued.push((self.task_id.clone(), v1::ExecutorEvent { event: Some(event) }));
+                        limit += self.inner.config.registration_timeout;
+                    }
+                    deadline = Some(Box::pin(tokio::time::sleep(limit)));
                 }
                 () = async { match deadline.as_mut() { Some(d) => d.await, None => std::future::pending().await } } => {
                     let why = format!(
@@ -1036,10 +1097,17 @@ impl ExecutorTask {
 #[async_trait::async_trait]
 impl Container for ExecutorTask {
     async fn run(self: Box<Self>, kill: CancellationToken, updates: Updates) -> Termination {
-        if !self.recovered {
-            updates
+        // LAUNCH goes only once a restarted agent would know the task is in the executor.
+        if !self.recovered
+            && !updates
                 .attached(Attachment::Executor(self.exec.id().to_string()))
-                .await;
+                .await
+        {
+            return Termination::new(
+                TaskState::Failed,
+                v1::Reason::ContainerLaunchFailed,
+                "the task could not be checkpointed; it was not launched",
+            );
         }
         // The task's `disk` against its sandbox, as for a native task.
         let quota = crate::disk::Quota::of(
@@ -1048,6 +1116,12 @@ impl Container for ExecutorTask {
             self.inner.native.config().disk_watch_interval,
         );
         let end = crate::disk::enforce(quota, kill, |kill| self.watch(kill, &updates)).await;
+        let ack = self.end_ack.lock().ok().and_then(|mut a| a.take());
+        if let Some(ack) = ack {
+            // The end goes now, so that the executor hears of it only once it is on disk;
+            // the runner's report of it after this is the same update, and dropped.
+            updates.send_acked(end.clone(), ack).await;
+        }
         {
             let mut st = self.exec.lock();
             st.tasks.remove(&self.task_id);
@@ -1084,7 +1158,7 @@ impl Container for ExecutorTask {
 /// The end of a task the agent gave an executor that, re-attached, does not have it.
 fn unknown_to(executor: &ExecutorId) -> Termination {
     Termination::new(
-        TaskState::Failed,
+        TaskState::Lost,
         v1::Reason::AgentRestarted,
         format!(
             "executor {executor} does not have the task after the agent restarted (it never reached the executor)"
@@ -1204,13 +1278,17 @@ impl v1::executor_server::Executor for ExecutorService {
                 for (task, slot) in &st.tasks {
                     if !listed.contains(task) {
                         let t = unknown_to(exec.id());
-                        let _ = slot.updates.send(v1::TaskStatus {
-                            task_id: Some(task.into()),
-                            state: agora_proto::state_to_proto(t.state) as i32,
-                            reason: t.reason as i32,
-                            message: t.message,
-                            ..Default::default()
-                        });
+                        let (durable, _) = oneshot::channel();
+                        let _ = slot.updates.send((
+                            v1::TaskStatus {
+                                task_id: Some(task.into()),
+                                state: agora_proto::state_to_proto(t.state) as i32,
+                                reason: t.reason as i32,
+                                message: t.message,
+                                ..Default::default()
+                            },
+                            durable,
+                        ));
                     }
                 }
                 st.listed = Some(listed);
@@ -1311,7 +1389,7 @@ impl v1::executor_server::Executor for ExecutorService {
                 ))
             })?;
         let uuid = status.uuid.clone();
-        let mut st = exec.lock();
+        let st = exec.lock();
         let slot = st.tasks.get(&task).ok_or_else(|| {
             Status::not_found(format!(
                 "task {task} is not a running task of executor {}",
@@ -1319,14 +1397,24 @@ impl v1::executor_server::Executor for ExecutorService {
             ))
         })?;
         tracing::debug!(executor_id = %exec.id(), task_id = %task, %state, "status update from executor");
-        let _ = slot.updates.send(status);
-        exec.send(
-            &mut st,
-            executor_event::Event::Acknowledged(executor_event::Acknowledged {
-                task_id: Some((&task).into()),
-                uuid,
-            }),
-        );
+        let (durable, checkpointed) = oneshot::channel();
+        let _ = slot.updates.send((status, durable));
+        drop(st);
+        // Acknowledged to the executor once the agent has it on disk, as Mesos does: an
+        // update the agent loses in a crash is one the executor still holds.
+        let exec = exec.clone();
+        tokio::spawn(async move {
+            if checkpointed.await.is_ok() {
+                let mut st = exec.lock();
+                exec.send(
+                    &mut st,
+                    executor_event::Event::Acknowledged(executor_event::Acknowledged {
+                        task_id: Some((&task).into()),
+                        uuid,
+                    }),
+                );
+            }
+        });
         Ok(Response::new(v1::CallResponse {}))
     }
 }

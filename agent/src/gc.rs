@@ -5,7 +5,9 @@
 //!  a task's runner ends ──> its run directory is scheduled (now)
 //!  an executor's process ends ──> its run directory is scheduled (now)
 //!  the agent starts ──> every run directory a previous agent left is scheduled (at its
-//!                       last change): nothing of a previous agent still runs
+//!                       last change), but those of the tasks and executors it re-attaches
+//!                       to: those are scheduled when they end, as this agent's own
+//!  the agent stops, leaving its tasks running ──> nothing more is scheduled
 //!  every disk watch ──> max age = gc_delay × max(0, 1 − headroom − usage of the work
 //!                       directory's filesystem)
 //!  a scheduled directory older than the max age ──> removed (links inside are removed,
@@ -122,11 +124,22 @@ impl Schedule {
 pub struct Gc {
     tx: mpsc::UnboundedSender<PathBuf>,
     removed: Arc<AtomicU64>,
+    /// Set when the agent stops and leaves its tasks running: their runners' guards drop
+    /// then, and must not schedule sandboxes still in use.
+    frozen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Gc {
+    /// Nothing is scheduled from now on (see `frozen`).
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
     /// `dir` (a run directory of a task or an executor that has ended) is finished now.
     pub fn schedule(&self, dir: &Path) {
+        if self.frozen.load(Ordering::SeqCst) {
+            return;
+        }
         tracing::debug!(dir = %dir.display(), "sandbox scheduled for removal");
         // Only fails once the collector has stopped with the agent.
         let _ = self.tx.send(dir.to_owned());
@@ -254,10 +267,19 @@ fn open_up(dir: &Path) {
 /// this returns, so before any task of this agent has a sandbox), then directories are
 /// removed as they come due. It stops when every [`Gc`] is dropped, or with the returned
 /// [`Collector`].
-pub async fn start(work_dir: PathBuf, config: GcConfig) -> (Gc, Collector) {
+pub async fn start(
+    work_dir: PathBuf,
+    config: GcConfig,
+    live: std::collections::HashSet<PathBuf>,
+) -> (Gc, Collector) {
     let mut schedule = Schedule::default();
     let wd = work_dir.clone();
-    if let Ok(left) = tokio::task::spawn_blocking(move || existing_runs(&wd)).await {
+    let left = tokio::task::spawn_blocking(move || {
+        let mut left = existing_runs(&wd);
+        left.retain(|(dir, _)| !live.contains(dir));
+        left
+    });
+    if let Ok(left) = left.await {
         if !left.is_empty() {
             tracing::info!(
                 sandboxes = left.len(),
@@ -271,7 +293,14 @@ pub async fn start(work_dir: PathBuf, config: GcConfig) -> (Gc, Collector) {
     let (tx, rx) = mpsc::unbounded_channel();
     let removed = Arc::new(AtomicU64::new(0));
     let task = tokio::spawn(collect(work_dir, config, schedule, rx, removed.clone()));
-    (Gc { tx, removed }, Collector(task))
+    (
+        Gc {
+            tx,
+            removed,
+            frozen: Arc::default(),
+        },
+        Collector(task),
+    )
 }
 
 /// The collector's task: it stops when this is dropped.
@@ -474,6 +503,7 @@ mod tests {
                 disk_headroom: 0.0,
                 disk_watch_interval: Duration::from_secs(3600),
             },
+            Default::default(),
         )
         .await;
         let later = crate::sandbox::create_run_dir(
@@ -507,6 +537,7 @@ mod tests {
                 disk_headroom: 1.0,
                 disk_watch_interval: Duration::from_millis(50),
             },
+            Default::default(),
         )
         .await;
         let run = crate::sandbox::create_run_dir(

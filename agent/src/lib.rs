@@ -184,6 +184,27 @@ pub enum AgentError {
     Died { task: &'static str, cause: String },
 }
 
+/// The run directories of the tasks and executors of `saved` that may still run.
+fn live_sandboxes(
+    saved: &checkpoint::Saved,
+    work_dir: &std::path::Path,
+) -> std::collections::HashSet<PathBuf> {
+    let tasks = saved
+        .tasks
+        .iter()
+        .filter(|(_, t)| !t.state.is_terminal())
+        .filter_map(|((fw, task), t)| match &t.attachment {
+            Some(state::Attachment::Process(p)) => Some(p.sandbox.clone()),
+            Some(state::Attachment::Executor(_)) => sandbox::latest_run_dir(work_dir, fw, task),
+            None => None,
+        });
+    let execs = saved
+        .executors
+        .iter()
+        .filter_map(|(_, e)| e.process.as_ref().map(|p| p.sandbox.clone()));
+    tasks.chain(execs).collect()
+}
+
 /// What of a previous run the agent takes over: all of it (`--recover=reconnect`, when the
 /// configuration matches), or nothing once everything it left is ended (`cleanup`).
 /// Containers under the agent's cgroup that nothing recovered names are removed either way.
@@ -285,7 +306,22 @@ async fn serve(
             path: config.work_dir.clone(),
             source,
         })?;
-    let (checkpoint, saved) = checkpoint::Checkpoint::open(&work_dir)?;
+    let (checkpoint, saved) = match checkpoint::Checkpoint::open(&work_dir) {
+        // Told to start afresh: a checkpoint that cannot be read is set aside, and every
+        // container under the agent's cgroup is removed as a leftover.
+        Err(checkpoint::CheckpointError::Damaged { path, detail })
+            if config.recover == Recover::Cleanup =>
+        {
+            let aside = path.with_extension(format!("damaged-{}", std::process::id()));
+            tracing::warn!(path = %path.display(), aside = %aside.display(), %detail, "--recover=cleanup: setting a checkpoint that cannot be read aside");
+            std::fs::rename(&path, &aside).map_err(|source| AgentError::WorkDir {
+                path: path.clone(),
+                source,
+            })?;
+            checkpoint::Checkpoint::open(&work_dir)?
+        }
+        r => r?,
+    };
     let checkpoint = Arc::new(checkpoint);
     let detected = resources::detect(&work_dir);
     let total = match &config.resources {
@@ -320,7 +356,12 @@ async fn serve(
         events_tx.clone(),
     );
     // Stops when `run` returns.
-    let (gc, _collector) = gc::start(work_dir.clone(), config.gc.clone()).await;
+    // The sandboxes of what this agent will re-attach to are not a previous agent's leftovers.
+    let live = match config.recover {
+        Recover::Reconnect => live_sandboxes(&saved, &work_dir),
+        Recover::Cleanup => Default::default(),
+    };
+    let (gc, _collector) = gc::start(work_dir.clone(), config.gc.clone(), live).await;
     executors.collect_with(gc.clone());
     executors.checkpoint_with(checkpoint.clone());
     // Pool slots from the agent's memory: a slot per 16 MiB, at least 16, at most 1,000.
@@ -419,9 +460,26 @@ async fn serve(
     .with_checkpoint(checkpoint, config.on_exit);
     let mut actor = actor;
     let mut saved = saved;
+    let in_executors = {
+        let mut m: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
+        for ((fw, task), t) in &saved.tasks {
+            if let Some(state::Attachment::Executor(e)) = &t.attachment
+                && !t.state.is_terminal()
+                && let Ok(e) = agora_core::ExecutorId::new(e.clone())
+            {
+                let resources =
+                    agora_proto::resources_from_proto(&t.info.resources).unwrap_or_default();
+                m.entry((fw.clone(), e))
+                    .or_default()
+                    .push((task.clone(), resources));
+            }
+        }
+        m
+    };
     executors.recover(
         std::mem::take(&mut saved.executors),
         saved.agent_id.as_ref(),
+        &in_executors,
     );
     actor.recover(saved);
     let mut link = tokio::spawn(link::maintain(

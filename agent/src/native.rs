@@ -161,9 +161,12 @@ impl NativeContainerizer {
     /// Ends a supervised process a previous agent started (`--recover=cleanup`), and its
     /// container.
     pub async fn end(&self, rec: &ProcessRecord) {
-        if start_ticks(rec.pid) == Some(rec.start_ticks) {
-            // SAFETY: kill(2) on a pid whose start time shows it is still the supervisor.
+        if rec.alive() {
+            // SAFETY: kill(2) on a pid whose boot and start time show it is still the
+            // supervisor, and on its process group (it leads one; PID 1 of its namespace,
+            // which dies with it anyway, is in it).
             unsafe {
+                libc::kill(-(rec.pid as i32), libc::SIGKILL);
                 libc::kill(rec.pid as i32, libc::SIGKILL);
             }
             let _ = tokio::time::timeout(Duration::from_secs(5), exited(rec.pid, rec.start_ticks))
@@ -201,9 +204,21 @@ impl NativeContainerizer {
             disk: None,
             exit_file: Some(rec.status_file.clone()),
             sandbox: rec.sandbox.clone(),
-            recovered: Some((rec.pid, rec.start_ticks)),
+            // From before a reboot: certainly gone (no pid names it).
+            recovered: Some(if rec.boot_id == boot_id() {
+                (rec.pid, rec.start_ticks)
+            } else {
+                (0, 0)
+            }),
         }
     }
+}
+
+/// The host's boot id, or an empty string where the kernel gives none.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// The start time of process `pid` in clock ticks since boot (`/proc/PID/stat` field 22),
@@ -297,6 +312,8 @@ fn env_payload(env: &BTreeMap<String, String>) -> Vec<u8> {
         out.extend_from_slice(v.as_bytes());
         out.push(0);
     }
+    // The end: an init that reads end of file without it was given nothing to start.
+    out.push(0);
     out
 }
 
@@ -362,7 +379,7 @@ impl Containerizer for NativeContainerizer {
     ) -> Result<Box<dyn Container>, Termination> {
         let Attachment::Process(rec) = how else {
             return Err(Termination::new(
-                TaskState::Failed,
+                TaskState::Lost,
                 v1::Reason::AgentRestarted,
                 "the agent restarted and the task's container is not a process it can find again",
             ));
@@ -717,8 +734,8 @@ impl NativeContainerizer {
 pub(crate) enum OnStart<'a> {
     /// A task's: the owner task, through its updates.
     Task(&'a Updates),
-    /// An executor's: its containerizer, which checkpoints it.
-    Executor(&'a (dyn Fn(ProcessRecord) + Send + Sync)),
+    /// An executor's: its containerizer, which checkpoints it (true once it has).
+    Executor(&'a (dyn Fn(ProcessRecord) -> bool + Send + Sync)),
 }
 
 /// Where, in a supervised process's sandbox, its supervisor records the exit status.
@@ -893,6 +910,7 @@ impl NativeContainer {
             grace: self.grace,
             mem_limit: self.mem_limit,
             user: self.user,
+            boot_id: boot_id(),
         })
     }
 
@@ -954,12 +972,21 @@ impl NativeContainer {
             child.id().unwrap_or_default(),
             std::sync::atomic::Ordering::Relaxed,
         );
+        // The supervisor waits for the environment before it starts anything: it gets it
+        // only once a restarted agent could find the process, so that nothing runs that no
+        // agent would account for.
+        let mut recorded = true;
         if let Some(rec) = child.id().and_then(|pid| self.record(pid)) {
-            match on_start {
+            recorded = match on_start {
                 Some(OnStart::Task(updates)) => updates.attached(Attachment::Process(rec)).await,
                 Some(OnStart::Executor(hook)) => hook(rec),
-                None => {}
-            }
+                None => true,
+            };
+        }
+        if !recorded {
+            tracing::warn!("the process could not be checkpointed; it is not started");
+            drop(self.env_payload.take());
+            drop(child.stdin.take());
         }
         if let (Some(payload), Some(mut stdin)) = (self.env_payload.take(), child.stdin.take()) {
             // Written while the init reads; closing the pipe ends the environment. An init
@@ -1033,7 +1060,7 @@ impl NativeContainer {
                 format!("ran past its time limit of {:?}", limit.unwrap_or_default()),
             ),
             End::Vanished => Termination::new(
-                TaskState::Failed,
+                TaskState::Lost,
                 v1::Reason::AgentRestarted,
                 "the task ended while the agent was restarting, and its supervisor recorded no exit status",
             ),
@@ -1078,9 +1105,8 @@ impl NativeContainer {
         {
             tracing::warn!(error = %e, "could not remove the task's cgroup");
         }
-        if let Some(f) = &self.exit_file {
-            let _ = std::fs::remove_file(f);
-        }
+        // The exit file stays (with the sandbox): a restart before this end is checkpointed
+        // reads it again.
         t
     }
 }

@@ -64,6 +64,17 @@ pub struct ProcessRecord {
     pub mem_limit: Option<u64>,
     /// The uid and gid it runs as, when not the agent's.
     pub user: Option<(u32, u32)>,
+    /// The host's boot it ran in (`/proc/sys/kernel/random/boot_id`): after a reboot a pid
+    /// and start time may name another process.
+    pub boot_id: String,
+}
+
+impl ProcessRecord {
+    /// It is still running: the same boot, and its pid names a process started when it was.
+    pub fn alive(&self) -> bool {
+        self.boot_id == crate::native::boot_id()
+            && crate::native::start_ticks(self.pid) == Some(self.start_ticks)
+    }
 }
 
 /// One task on this agent.
@@ -75,7 +86,13 @@ pub struct Task {
     pub isolation: String,
     pub pending: UpdateQueue,
     pub attachment: Option<Attachment>,
+    /// The uuids of the executor's latest updates of the task (at most [`ORIGINS`]): one
+    /// it sends again (it had no acknowledgement before the agent restarted) is dropped.
+    pub origins: std::collections::VecDeque<u64>,
 }
+
+/// Executor update uuids remembered per task.
+pub const ORIGINS: usize = 16;
 
 /// What happened.
 #[derive(Debug)]
@@ -331,6 +348,7 @@ impl AgentState {
                 isolation: String::new(),
                 pending: UpdateQueue::default(),
                 attachment: None,
+                origins: Default::default(),
             },
         );
         out.push(Command::Save(key.clone()));
@@ -361,6 +379,16 @@ impl AgentState {
         let Some(entry) = self.tasks.get_mut(&key) else {
             return;
         };
+        if change.origin != 0 {
+            if entry.origins.contains(&change.origin) {
+                tracing::debug!(task_id = %key.1, "an update the executor sent again; dropped");
+                return;
+            }
+            if entry.origins.len() == ORIGINS {
+                entry.origins.pop_front();
+            }
+            entry.origins.push_back(change.origin);
+        }
         if !entry.state.can_transition(change.state) {
             tracing::debug!(task_id = %key.1, from = %entry.state, to = %change.state, "ignoring illegal transition");
             return;
@@ -469,6 +497,7 @@ impl AgentState {
                 isolation: saved.isolation,
                 pending,
                 attachment: saved.attachment,
+                origins: saved.origins.into(),
             },
         );
     }

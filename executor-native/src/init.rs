@@ -13,7 +13,7 @@
 //! The init runs as root, so it must not run with the task's environment: `LD_PRELOAD` or
 //! `LD_LIBRARY_PATH` set by the task would load the task's code into it. With
 //! `--env-stdin` the agent starts it with an empty environment and writes the task's on its
-//! stdin (`NAME=VALUE` entries, each ended by a NUL, until end of file); the init reads it,
+//! stdin (`NAME=VALUE` entries, each ended by a NUL, then one more NUL); the init reads it,
 //! puts `/dev/null` on its stdin, and passes the environment to the task's exec alone.
 //!
 //! The init is also the task's supervisor, so that the task outlives the agent that started
@@ -136,14 +136,24 @@ pub fn args(
 
 /// Reads an exit file the init wrote: the task's exit code (128 + signal for a signal).
 /// `None` when there is none, or it does not hold a code.
+///
+/// The file is in the task's sandbox, where the task could plant anything: only a regular
+/// file with one link, owned by this process's user (the init's, who wrote it), is read, and
+/// opening never blocks (a FIFO planted there would hang the reader).
 pub fn read_exit_file(path: &std::path::Path) -> Option<i32> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let mut f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .ok()?;
+    let m = f.metadata().ok()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !m.file_type().is_file() || m.nlink() != 1 || m.uid() != me {
+        return None;
+    }
     let mut s = String::new();
     f.by_ref().take(32).read_to_string(&mut s).ok()?;
     s.trim().parse().ok().filter(|c| (0..=255).contains(c))
@@ -154,10 +164,15 @@ pub fn read_exit_file(path: &std::path::Path) -> Option<i32> {
 fn write_exit_file(path: &std::path::Path, code: i32) {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    // A name the task cannot guess ahead and block with a directory of its own.
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".new");
+    let mut noise = [0u8; 8];
+    // SAFETY: getrandom writes at most the buffer's length into it.
+    unsafe {
+        libc::getrandom(noise.as_mut_ptr().cast(), noise.len(), 0);
+    }
+    tmp.push(format!(".{:016x}", u64::from_ne_bytes(noise)));
     let tmp = std::path::PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -169,6 +184,9 @@ fn write_exit_file(path: &std::path::Path, code: i32) {
             f.sync_all()
         })
         .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
     if let Err(e) = written {
         eprintln!(
             "agora init: recording the exit status in {}: {e}",
@@ -195,20 +213,24 @@ impl Log {
         }
     }
 
-    /// Opens `NAME` for appending (`fresh`: emptied), never through a link, owned by the
-    /// task's user.
+    /// Opens `NAME` for appending (`fresh`: a new file), never through a link, owned by the
+    /// task's user. The directory is the task's: what it planted there (a symbolic or a hard
+    /// link, anything but a plain file of its own) is not written to.
     fn open(&mut self, fresh: bool) {
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let mut o = std::fs::OpenOptions::new();
-        o.create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+        o.mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK);
         if fresh {
-            o.write(true).truncate(true);
+            let _ = std::fs::remove_file(self.path(0));
+            o.write(true).create_new(true);
         } else {
-            o.append(true);
+            o.append(true).create(true);
         }
-        self.file = o.open(self.path(0)).ok();
+        self.file = o.open(self.path(0)).ok().filter(|f| {
+            f.metadata()
+                .is_ok_and(|m| m.file_type().is_file() && m.nlink() == 1)
+        });
         if let (Some(f), Some((uid, gid))) = (&self.file, self.user) {
             let _ = std::os::unix::fs::fchown(f, Some(uid), Some(gid));
         }
@@ -336,6 +358,11 @@ fn read_env() -> Result<Vec<CString>, String> {
         return Err(format!(
             "the task's environment is larger than {MAX_ENV_BYTES} bytes"
         ));
+    }
+    // Ended by an empty entry; without it the agent went away (or chose not to start the
+    // task) before it was done, and nothing may run.
+    if !(bytes == [0] || bytes.ends_with(&[0, 0])) {
+        return Err("the agent did not give the task its environment; not starting it".into());
     }
     // SAFETY: open and dup2 on a literal path and fds we own.
     unsafe {
@@ -546,7 +573,13 @@ pub fn run(
             libc::dup2(err[1], 2);
         }
     }
-    // PID 1 of the new namespace. A /proc of its own, where the mount namespace allows.
+    // PID 1 of the new namespace: it dies with the outer process (and so the whole
+    // namespace), whoever kills that.
+    // SAFETY: prctl with plain integers.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
+    // A /proc of its own, where the mount namespace allows.
     // SAFETY: mount on literals; failure only means a /proc showing the host's processes.
     unsafe {
         libc::mount(

@@ -190,6 +190,34 @@ impl Executor {
             Ok(()) => Ok(()),
             Err(e) if recovers && agent_away(&e) => {
                 tracing::info!(error = %e, "the agent is away; the update goes again once it is back");
+                // Again every second while it is not acknowledged: the stream may stay up
+                // through a passing failure, and then nothing would resubscribe.
+                let me = self.clone();
+                let timeout = self.env.recovery_timeout.unwrap_or_default();
+                tokio::spawn(async move {
+                    let deadline = tokio::time::Instant::now() + timeout;
+                    while tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let Some(status) = me
+                            .shared
+                            .lock()
+                            .ok()
+                            .and_then(|u| u.updates.iter().find(|s| s.uuid == uuid).cloned())
+                        else {
+                            return;
+                        };
+                        match me.send_update(status).await {
+                            Ok(()) => return,
+                            Err(e) if agent_away(&e) => {}
+                            Err(_) => {
+                                if let Ok(mut u) = me.shared.lock() {
+                                    u.updates.retain(|s| s.uuid != uuid);
+                                }
+                                return;
+                            }
+                        }
+                    }
+                });
                 Ok(())
             }
             Err(e) => {

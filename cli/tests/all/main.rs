@@ -45,6 +45,10 @@ pub fn fast_master() -> MasterConfig {
         // masters on disk): a disk busy with a parallel build must not hold up their
         // registrations behind fsyncs.
         registry_in_memory: true,
+        // A test that skips over offers while it waits for something else (an update may
+        // free resources, and have them offered, before it reaches the framework) gets them
+        // again.
+        offer_timeout: Some(Duration::from_secs(5)),
         ..Default::default()
     }
 }

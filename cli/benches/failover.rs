@@ -1,0 +1,326 @@
+//! Failover: three `agora master` processes, thousands of simulated agents with their
+//! tasks; the leader is killed with SIGKILL, and the time until a new leader serves and
+//! every agent has re-registered with it is measured, beside the time the same agents took
+//! to register with a leader that was already up (the baseline, in the same run).
+//!
+//! ```text
+//! cargo bench -p agora-cli --bench failover                       # 10,000 agents, 10 tasks each
+//! cargo bench -p agora-cli --bench failover -- --agents 2000 --tasks 5
+//! ```
+//!
+//! A simulated agent is the real agent's link ([`agora_agent::link::maintain`]: one gRPC
+//! connection per agent, the real registration, leader-finding and reconnect backoff) with a
+//! stand-in for the rest of the agent: it registers with its tasks (reported running),
+//! heartbeats, and answers nothing else — it runs no containers, keeps no checkpoint and
+//! sends no status updates, and all of them share this one process (and its two cores with
+//! the masters).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agora_agent::actor::Event;
+use agora_agent::link;
+use agora_proto::v1::{self, agent_message, master_message};
+use agora_sdk::{Event as FrameworkEvent, SchedulerConfig, subscribe};
+use tokio::sync::mpsc;
+
+struct Masters {
+    ports: Vec<u16>,
+    procs: Vec<Option<Child>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Masters {
+    fn start() -> Masters {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let peers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let procs = (0..3)
+            .map(|i| {
+                Some(
+                    Command::new(env!("CARGO_BIN_EXE_agora"))
+                        .args(["master", "--listen", &format!("127.0.0.1:{}", ports[i])])
+                        .args(["--id", &(i + 1).to_string(), "--peers", &peers])
+                        .arg("--work-dir")
+                        .arg(dir.path().join(format!("m{}", i + 1)))
+                        .env("AGORA_LOG", "error")
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::inherit())
+                        .spawn()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        Masters {
+            ports,
+            procs,
+            _dir: dir,
+        }
+    }
+
+    fn list(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn leader(&self, dead: Option<usize>) -> usize {
+        loop {
+            for (i, port) in self.ports.iter().enumerate() {
+                if Some(i) == dead {
+                    continue;
+                }
+                if let Ok(mut c) =
+                    v1::operator_client::OperatorClient::connect(format!("http://127.0.0.1:{port}"))
+                        .await
+                    && let Ok(h) = c.get_health(v1::GetHealthRequest {}).await
+                    && h.get_ref().role == "leader"
+                    && h.get_ref().healthy
+                {
+                    return i;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Masters {
+    fn drop(&mut self) {
+        for c in self.procs.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A registration with a master, as a simulated agent saw it.
+struct Registered {
+    agent: usize,
+    master_id: String,
+    at: Instant,
+}
+
+/// One simulated agent: answers the link's requests, heartbeats, reports registrations.
+async fn sim(
+    n: usize,
+    framework: v1::FrameworkId,
+    tasks: usize,
+    mut rx: mpsc::Receiver<Event>,
+    report: mpsc::UnboundedSender<Registered>,
+) {
+    let info = v1::AgentInfo {
+        hostname: format!("sim-{n}"),
+        resources: agora_proto::resources_to_proto(
+            &agora_core::parse_resources("cpus:8;mem:16384").unwrap(),
+        ),
+        endpoint: "http://127.0.0.1:1".into(),
+        ..Default::default()
+    };
+    let task_resources =
+        agora_proto::resources_to_proto(&agora_core::parse_resources("cpus:0.1;mem:32").unwrap());
+    let reported: Vec<v1::AgentTask> = (0..tasks)
+        .map(|j| v1::AgentTask {
+            framework_id: Some(framework.clone()),
+            task: Some(v1::TaskInfo {
+                task_id: Some(v1::TaskId {
+                    value: format!("t-{n}-{j}"),
+                }),
+                name: format!("t-{n}-{j}"),
+                resources: task_resources.clone(),
+                ..Default::default()
+            }),
+            state: v1::TaskState::TaskRunning as i32,
+        })
+        .collect();
+    let mut agent_id: Option<v1::AgentId> = None;
+    let mut link: Option<mpsc::Sender<v1::AgentMessage>> = None;
+    let mut heartbeat = Duration::from_secs(5);
+    let mut tick = tokio::time::interval(heartbeat);
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                None => return,
+                Some(Event::Connecting { reply }) => {
+                    let _ = reply.send(v1::AgentMessage {
+                        message: Some(agent_message::Message::Register(agent_message::Register {
+                            info: Some(info.clone()),
+                            agent_id: agent_id.clone(),
+                            tasks: reported.clone(),
+                        })),
+                    });
+                }
+                Some(Event::LinkUp { tx }) => link = Some(tx),
+                Some(Event::LinkDown) => link = None,
+                Some(Event::FromMaster(m)) => {
+                    if let master_message::Message::Registered(r) = *m {
+                        agent_id = r.agent_id;
+                        if r.heartbeat_interval_seconds > 0.0 {
+                            heartbeat = Duration::from_secs_f64(r.heartbeat_interval_seconds);
+                            tick = tokio::time::interval(heartbeat);
+                        }
+                        let _ = report.send(Registered {
+                            agent: n,
+                            master_id: r.master_id,
+                            at: Instant::now(),
+                        });
+                    }
+                }
+                Some(_) => {}
+            },
+            _ = tick.tick() => {
+                if let Some(l) = &link {
+                    let _ = l.try_send(v1::AgentMessage {
+                        message: Some(agent_message::Message::Heartbeat(agent_message::Heartbeat {})),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn raise_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+fn main() {
+    let mut agents = 10_000usize;
+    let mut tasks = 10usize;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--agents" => agents = it.next().expect("--agents N").parse().expect("a number"),
+            "--tasks" => tasks = it.next().expect("--tasks N").parse().expect("a number"),
+            // What cargo bench passes.
+            "--bench" => {}
+            other => panic!("unknown argument {other:?} (--agents N, --tasks N per agent)"),
+        }
+    }
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(agents, tasks));
+}
+
+async fn run(agents: usize, tasks: usize) {
+    let mut masters = Masters::start();
+    let first = masters.leader(None).await;
+    let list = masters.list();
+    let urls = link::masters(&list).unwrap();
+
+    let mut fc = SchedulerConfig::new(list.clone(), "failover-bench");
+    fc.framework.failover_timeout = 3600.0;
+    let (scheduler, mut events) = subscribe(fc).await.unwrap();
+    let framework = loop {
+        match events.next().await {
+            Some(FrameworkEvent::Subscribed { framework_id, .. }) => break framework_id,
+            Some(_) => {}
+            None => panic!("the framework's events ended"),
+        }
+    };
+    let framework: v1::FrameworkId = (&framework).into();
+    // Offers go back for an hour: the agents are full of simulated work.
+    tokio::spawn(async move {
+        while let Some(e) = events.next().await {
+            if let FrameworkEvent::Offers(o) = e {
+                let ids: Vec<v1::OfferId> = o.iter().filter_map(|o| o.id.clone()).collect();
+                let _ = scheduler.decline(&ids, Some(3600.0)).await;
+            }
+        }
+    });
+
+    let (report, mut reports) = mpsc::unbounded_channel();
+    let started = Instant::now();
+    for n in 0..agents {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(link::maintain(
+            urls.clone(),
+            link::Backoff {
+                min: Duration::from_millis(100),
+                max: Duration::from_secs(2),
+            },
+            tx,
+        ));
+        tokio::spawn(sim(n, framework.clone(), tasks, rx, report.clone()));
+    }
+    let mut first_master = None;
+    for _ in 0..agents {
+        let r = reports.recv().await.unwrap();
+        first_master.get_or_insert(r.master_id);
+    }
+    let register = started.elapsed();
+    let first_master = first_master.unwrap();
+    println!(
+        "{agents} simulated agents with {} tasks registered with the leader in {register:.2?}",
+        agents * tasks
+    );
+    // Settle: allocation and offers of the first registrations are done.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while reports.try_recv().is_ok() {}
+
+    let killed = Instant::now();
+    if let Some(mut c) = masters.procs[first].take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let watch = {
+        let ports = masters.ports.clone();
+        tokio::spawn(async move {
+            let m = Masters {
+                ports,
+                procs: Vec::new(),
+                _dir: tempfile::tempdir().unwrap(),
+            };
+            m.leader(Some(first)).await;
+            killed.elapsed()
+        })
+    };
+    let mut back = std::collections::HashSet::new();
+    let mut last = killed;
+    while back.len() < agents {
+        let r = reports.recv().await.unwrap();
+        if r.master_id != first_master && back.insert(r.agent) {
+            last = last.max(r.at);
+        }
+    }
+    let leader = watch.await.unwrap();
+    let all = last.duration_since(killed);
+    println!("leader killed: a new leader served after {leader:.2?}");
+    println!(
+        "every agent re-registered with it after {all:.2?} ({:.2}x the cold registration of the same agents, {register:.2?})",
+        all.as_secs_f64() / register.as_secs_f64()
+    );
+    println!(
+        "machine: {} cpus; target: <= 2 s",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+}
