@@ -215,6 +215,80 @@ pub const MAX_REMOVED_FRAMEWORKS: usize = 100_000;
 /// Uuids of recent updates remembered per task, to drop duplicates.
 const RECENT_UUIDS: usize = 8;
 
+/// The tasks the master knows, indexed by agent too: a registration, an agent lost or an
+/// agent's message looks at that agent's tasks, so it costs what the agent runs, not what
+/// the cluster does. A task never moves between agents.
+#[derive(Default)]
+struct Tasks {
+    map: HashMap<TaskKey, Task>,
+    by_agent: HashMap<AgentId, HashSet<TaskKey>>,
+}
+
+impl Tasks {
+    fn get(&self, key: &TaskKey) -> Option<&Task> {
+        self.map.get(key)
+    }
+
+    /// The task to change; its agent must stay what it is.
+    fn get_mut(&mut self, key: &TaskKey) -> Option<&mut Task> {
+        self.map.get_mut(key)
+    }
+
+    fn contains_key(&self, key: &TaskKey) -> bool {
+        self.map.contains_key(key)
+    }
+
+    fn insert(&mut self, key: TaskKey, task: Task) -> Option<Task> {
+        let agent = task.agent.clone();
+        let old = self.map.insert(key.clone(), task);
+        if let Some(o) = &old
+            && o.agent != agent
+        {
+            let was = o.agent.clone();
+            self.unindex(&was, &key);
+        }
+        self.by_agent.entry(agent).or_default().insert(key);
+        old
+    }
+
+    fn unindex(&mut self, agent: &AgentId, key: &TaskKey) {
+        if let Some(set) = self.by_agent.get_mut(agent) {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_agent.remove(agent);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &TaskKey) -> Option<Task> {
+        let t = self.map.remove(key)?;
+        self.unindex(&t.agent, key);
+        Some(t)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&TaskKey, &Task)> {
+        self.map.iter()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &TaskKey> {
+        self.map.keys()
+    }
+
+    #[cfg(test)]
+    fn values(&self) -> impl Iterator<Item = &Task> {
+        self.map.values()
+    }
+
+    /// The tasks on `agent`.
+    fn on_agent<'a>(&'a self, agent: &AgentId) -> impl Iterator<Item = (&'a TaskKey, &'a Task)> {
+        self.by_agent
+            .get(agent)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.map.get(k).map(|t| (k, t)))
+    }
+}
+
 struct Offer {
     framework: FrameworkId,
     agent: AgentId,
@@ -264,7 +338,7 @@ pub struct Engine {
     written_off: HashSet<TaskKey>,
     agents: HashMap<AgentId, Agent>,
     offers: HashMap<OfferId, Offer>,
-    tasks: HashMap<TaskKey, Task>,
+    tasks: Tasks,
     completed: VecDeque<v1::TaskRecord>,
     allocator: Box<dyn Allocator>,
     effects: Vec<Effect>,
@@ -333,7 +407,7 @@ impl Engine {
             written_off: HashSet::new(),
             agents: HashMap::new(),
             offers: HashMap::new(),
-            tasks: HashMap::new(),
+            tasks: Tasks::default(),
             completed: VecDeque::new(),
             allocator,
             effects: Vec::new(),
@@ -1600,8 +1674,8 @@ impl Engine {
         self.reconcile_agent_tasks(&id, reported, &written_off, now);
         let held: Vec<(FrameworkId, String, Resources)> = self
             .tasks
-            .iter()
-            .filter(|(_, t)| t.agent == id && t.state.is_live() && t.holds())
+            .on_agent(&id)
+            .filter(|(_, t)| t.state.is_live() && t.holds())
             .map(|((fw, _), t)| (fw.clone(), t.role.clone(), t.resources.clone()))
             .collect();
         let total = self
@@ -1705,17 +1779,25 @@ impl Engine {
                     t.last_status = Some(status);
                 }
             }
-            let task = self.tasks.entry(key).or_insert_with(|| Task {
-                agent: agent.clone(),
-                role: role_of(&info),
-                info: without_module(&info),
-                resources,
-                state,
-                last_status: None,
-                terminal_uuid: None,
-                recent: VecDeque::new(),
-                freed: false,
-            });
+            if !self.tasks.contains_key(&key) {
+                self.tasks.insert(
+                    key.clone(),
+                    Task {
+                        agent: agent.clone(),
+                        role: role_of(&info),
+                        info: without_module(&info),
+                        resources,
+                        state,
+                        last_status: None,
+                        terminal_uuid: None,
+                        recent: VecDeque::new(),
+                        freed: false,
+                    },
+                );
+            }
+            let Some(task) = self.tasks.get(&key) else {
+                continue;
+            };
             // The framework's ledger gains what now holds and did not before (a task adopted
             // or back from unreachable): counted per task, so a registration costs what it
             // reports, not what the whole cluster runs.
@@ -1733,8 +1815,8 @@ impl Engine {
         // Tasks the master placed on this agent that the agent no longer has.
         let missing: Vec<TaskKey> = self
             .tasks
-            .iter()
-            .filter(|(k, t)| t.agent == *agent && t.state.is_live() && !seen.contains(*k))
+            .on_agent(agent)
+            .filter(|(k, t)| t.state.is_live() && !seen.contains(*k))
             .map(|(k, _)| k.clone())
             .collect();
         for key in missing {
@@ -2172,8 +2254,8 @@ impl Engine {
         self.withdraw_offers(|o| o.agent == *agent, true);
         let keys: Vec<TaskKey> = self
             .tasks
-            .iter()
-            .filter(|(_, t)| t.agent == *agent && t.state.is_live())
+            .on_agent(agent)
+            .filter(|(_, t)| t.state.is_live())
             .map(|(k, _)| k.clone())
             .collect();
         for key in keys {

@@ -591,6 +591,14 @@ fn check(e: &Engine) -> Result<(), String> {
         if a.status != AgentStatus::Connected && !offered.is_empty() {
             return Err(format!("agent {id} is {:?} but has offers", a.status));
         }
+        let indexed: Vec<&TaskKey> = e.tasks.on_agent(id).map(|(k, _)| k).collect();
+        let placed = e.tasks.values().filter(|t| t.agent == *id).count();
+        if indexed.len() != placed {
+            return Err(format!(
+                "agent {id}: {placed} tasks, {} in the index by agent",
+                indexed.len()
+            ));
+        }
         let used = e
             .tasks
             .values()
