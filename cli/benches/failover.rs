@@ -6,6 +6,7 @@
 //! ```text
 //! cargo bench -p agora-cli --bench failover                       # 10,000 agents, 10 tasks each
 //! cargo bench -p agora-cli --bench failover -- --agents 2000 --tasks 5
+//! cargo bench -p agora-cli --bench failover -- --election-timeout 300ms
 //! ```
 //!
 //! A simulated agent is the real agent's link ([`agora_agent::link::maintain`]: one gRPC
@@ -27,12 +28,13 @@ use tokio::sync::mpsc;
 
 struct Masters {
     ports: Vec<u16>,
+
     procs: Vec<Option<Child>>,
     _dir: tempfile::TempDir,
 }
 
 impl Masters {
-    fn start() -> Masters {
+    fn start(election: Option<&str>) -> Masters {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..3)
             .map(|_| {
@@ -55,9 +57,22 @@ impl Masters {
                     Command::new(env!("CARGO_BIN_EXE_agora"))
                         .args(["master", "--listen", &format!("127.0.0.1:{}", ports[i])])
                         .args(["--id", &(i + 1).to_string(), "--peers", &peers])
+                        .args(election.map_or_else(Vec::new, |e| {
+                            let heartbeat = format!("{}ms", humantime_ms(e) / 5);
+                            vec![
+                                "--raft-election-timeout".to_owned(),
+                                e.to_owned(),
+                                "--raft-heartbeat".to_owned(),
+                                heartbeat,
+                            ]
+                        }))
                         .arg("--work-dir")
                         .arg(dir.path().join(format!("m{}", i + 1)))
-                        .env("AGORA_LOG", "error")
+                        // AGORA_BENCH_LOG=info shows the masters' side of the failover.
+                        .env(
+                            "AGORA_LOG",
+                            std::env::var("AGORA_BENCH_LOG").unwrap_or_else(|_| "error".into()),
+                        )
                         .stdout(Stdio::null())
                         .stderr(Stdio::inherit())
                         .spawn()
@@ -195,6 +210,17 @@ async fn sim(
     }
 }
 
+/// Milliseconds of `N ms` or `N s`.
+fn humantime_ms(s: &str) -> u64 {
+    if let Some(ms) = s.strip_suffix("ms") {
+        ms.parse().expect("a number of ms")
+    } else if let Some(secs) = s.strip_suffix('s') {
+        secs.parse::<u64>().expect("a number of seconds") * 1000
+    } else {
+        panic!("--election-timeout wants e.g. 300ms")
+    }
+}
+
 fn raise_fd_limit() {
     let mut l = libc::rlimit {
         rlim_cur: 0,
@@ -212,14 +238,19 @@ fn raise_fd_limit() {
 fn main() {
     let mut agents = 10_000usize;
     let mut tasks = 10usize;
+    let mut election = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--agents" => agents = it.next().expect("--agents N").parse().expect("a number"),
             "--tasks" => tasks = it.next().expect("--tasks N").parse().expect("a number"),
+            // The masters' election timeout (their heartbeat a fifth of it).
+            "--election-timeout" => election = Some(it.next().expect("--election-timeout 300ms")),
             // What cargo bench passes.
             "--bench" => {}
-            other => panic!("unknown argument {other:?} (--agents N, --tasks N per agent)"),
+            other => panic!(
+                "unknown argument {other:?} (--agents N, --tasks N per agent, --election-timeout 300ms)"
+            ),
         }
     }
     raise_fd_limit();
@@ -228,11 +259,11 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(agents, tasks));
+    rt.block_on(run(agents, tasks, election.as_deref()));
 }
 
-async fn run(agents: usize, tasks: usize) {
-    let mut masters = Masters::start();
+async fn run(agents: usize, tasks: usize, election: Option<&str>) {
+    let mut masters = Masters::start(election);
     let first = masters.leader(None).await;
     let list = masters.list();
     let urls = link::masters(&list).unwrap();
@@ -288,6 +319,11 @@ async fn run(agents: usize, tasks: usize) {
     while reports.try_recv().is_ok() {}
 
     let killed = Instant::now();
+    eprintln!(
+        "killing master {} at {:?}",
+        first + 1,
+        std::time::SystemTime::now()
+    );
     if let Some(mut c) = masters.procs[first].take() {
         let _ = c.kill();
         let _ = c.wait();

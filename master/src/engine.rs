@@ -338,6 +338,9 @@ pub struct Engine {
     written_off: HashSet<TaskKey>,
     agents: HashMap<AgentId, Agent>,
     offers: HashMap<OfferId, Offer>,
+    /// The offers on each agent: an agent's registration or loss withdraws its own without
+    /// looking at every offer.
+    offers_by_agent: HashMap<AgentId, HashSet<OfferId>>,
     tasks: Tasks,
     completed: VecDeque<v1::TaskRecord>,
     allocator: Box<dyn Allocator>,
@@ -407,6 +410,7 @@ impl Engine {
             written_off: HashSet::new(),
             agents: HashMap::new(),
             offers: HashMap::new(),
+            offers_by_agent: HashMap::new(),
             tasks: Tasks::default(),
             completed: VecDeque::new(),
             allocator,
@@ -663,6 +667,21 @@ impl Engine {
 
     /// Removes every offer matching `which`, returning its resources; tells the frameworks
     /// when `rescind`.
+    /// Withdraws the offers on `agent` (see [`Engine::withdraw_offers`]).
+    fn withdraw_agent_offers(&mut self, agent: &AgentId, rescind: bool) {
+        let ids: Vec<OfferId> = self
+            .offers_by_agent
+            .get(agent)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        for oid in ids {
+            if let Some(o) = self.remove_offer(&oid, rescind) {
+                self.allocator
+                    .recover(&o.agent, &o.framework, &o.role, &o.resources, None);
+            }
+        }
+    }
+
     fn withdraw_offers(&mut self, which: impl Fn(&Offer) -> bool, rescind: bool) {
         let ids: Vec<OfferId> = self
             .offers
@@ -682,6 +701,12 @@ impl Engine {
     /// resources); tells the framework when `rescind`.
     fn remove_offer(&mut self, id: &OfferId, rescind: bool) -> Option<Offer> {
         let offer = self.offers.remove(id)?;
+        if let Some(set) = self.offers_by_agent.get_mut(&offer.agent) {
+            set.remove(id);
+            if set.is_empty() {
+                self.offers_by_agent.remove(&offer.agent);
+            }
+        }
         if let Some(a) = self.agents.get_mut(&offer.agent) {
             a.offered.subtract(&offer.resources);
         }
@@ -1622,7 +1647,7 @@ impl Engine {
         }
         tracing::info!(agent_id = %id, hostname = %info.hostname, returning, tasks = reported.len(), "agent registered");
         // Offers on this agent were made from what the master knew before; withdraw them.
-        self.withdraw_offers(|o| o.agent == id, true);
+        self.withdraw_agent_offers(&id, true);
         let registered_at = self.agents.get(&id).map_or(now.wall, |a| a.registered_at);
         let record = agent_record(&info, &total);
         let unchanged = self.agents.get(&id).is_some_and(|a| {
@@ -1909,7 +1934,7 @@ impl Engine {
         }
         a.status = AgentStatus::Disconnected;
         tracing::warn!(agent_id = %agent, "agent link dropped");
-        self.withdraw_offers(|o| o.agent == *agent, true);
+        self.withdraw_agent_offers(agent, true);
         self.allocator.set_agent_active(agent, false);
         self.changed = true;
     }
@@ -2251,7 +2276,7 @@ impl Engine {
             // link so that it registers anew and its written-off tasks are killed.
             self.effects.push(Effect::CloseAgent(agent.clone()));
         }
-        self.withdraw_offers(|o| o.agent == *agent, true);
+        self.withdraw_agent_offers(agent, true);
         let keys: Vec<TaskKey> = self
             .tasks
             .on_agent(agent)
@@ -2335,6 +2360,10 @@ impl Engine {
                 f.offered += &resources;
             }
             tracing::debug!(framework_id = %framework, agent_id = %agent, offer_id = %offer_id, %resources, "offer");
+            self.offers_by_agent
+                .entry(agent.clone())
+                .or_default()
+                .insert(offer_id.clone());
             self.offers.insert(
                 offer_id,
                 Offer {

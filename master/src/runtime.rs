@@ -281,6 +281,7 @@ impl Actor {
         let mut tick = tokio::time::interval(self.config.tick);
         let mut allocation = tokio::time::interval(self.config.allocation_interval);
         let mut publish = tokio::time::interval(self.config.snapshot_interval);
+        let mut next_publish = tokio::time::Instant::now();
         for t in [&mut tick, &mut allocation, &mut publish] {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
@@ -339,8 +340,12 @@ impl Actor {
                     self.flush(&done_tx);
                 }
                 _ = publish.tick() => {
-                    if self.engine.take_changed() {
+                    // A snapshot of a large cluster takes a while to build: it is built at
+                    // most a tenth of the time, so that it never crowds out the work.
+                    if tokio::time::Instant::now() >= next_publish && self.engine.take_changed() {
+                        let t = tokio::time::Instant::now();
                         self.publish();
+                        next_publish = tokio::time::Instant::now() + t.elapsed() * 9;
                     }
                 }
             }

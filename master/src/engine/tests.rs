@@ -591,6 +591,13 @@ fn check(e: &Engine) -> Result<(), String> {
         if a.status != AgentStatus::Connected && !offered.is_empty() {
             return Err(format!("agent {id} is {:?} but has offers", a.status));
         }
+        let offers_here = e.offers.values().filter(|o| o.agent == *id).count();
+        let offers_indexed = e.offers_by_agent.get(id).map_or(0, HashSet::len);
+        if offers_here != offers_indexed {
+            return Err(format!(
+                "agent {id}: {offers_here} offers, {offers_indexed} in the index by agent"
+            ));
+        }
         let indexed: Vec<&TaskKey> = e.tasks.on_agent(id).map(|(k, _)| k).collect();
         let placed = e.tasks.values().filter(|t| t.agent == *id).count();
         if indexed.len() != placed {
