@@ -468,7 +468,7 @@ impl Actor {
                     .as_ref()
                     .filter(|_| self.id_dirty)
                     .map(|id| (id, &self.state.info));
-                cp.write(identity, &writes)?;
+                crate::checkpoint::off_the_runtime(|| cp.write(identity, &writes))?;
             }
             self.dirty.clear();
             self.id_dirty = false;

@@ -338,6 +338,18 @@ impl Checkpoint {
     }
 }
 
+/// Runs `write` (a durable commit: an fsync) where it does not hold up other tasks: on a
+/// multi-threaded runtime the worker hands its other tasks over first.
+pub fn off_the_runtime<T>(write: impl FnOnce() -> T) -> T {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi {
+        tokio::task::block_in_place(write)
+    } else {
+        write()
+    }
+}
+
 /// How this agent's configuration differs from the one its checkpoint was made with, if it
 /// does in a way recovery cannot follow: its host name, attributes, or resources (a `disk`
 /// the agent detected from free space may change).

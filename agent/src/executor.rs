@@ -307,7 +307,9 @@ impl Inner {
     /// Records `exec` (`Some`) or its end; a failure only costs its recovery.
     fn save(&self, key: &Key, record: Option<&SavedExecutor>) -> bool {
         match self.checkpoint.get() {
-            Some(cp) => match cp.write_executor(&key.0, &key.1, record) {
+            Some(cp) => match crate::checkpoint::off_the_runtime(|| {
+                cp.write_executor(&key.0, &key.1, record)
+            }) {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::error!(executor_id = %key.1, error = %e, "checkpointing an executor");

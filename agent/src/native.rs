@@ -195,7 +195,10 @@ impl NativeContainerizer {
             cgroup_name: rec.cgroup.clone(),
             rotate: None,
             grace: rec.grace,
-            limit: None,
+            // What is left of its time limit.
+            limit: rec
+                .deadline_ms
+                .map(|d| Duration::from_millis(d.saturating_sub(unix_ms()))),
             mem_limit: rec.mem_limit,
             isolation: rec.isolation.clone(),
             pid: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(rec.pid)),
@@ -212,6 +215,12 @@ impl NativeContainerizer {
             }),
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The host's boot id, or an empty string where the kernel gives none.
@@ -910,13 +919,16 @@ impl NativeContainer {
             grace: self.grace,
             mem_limit: self.mem_limit,
             user: self.user,
+            deadline_ms: self
+                .limit
+                .map(|l| unix_ms().saturating_add(l.as_millis() as u64)),
             boot_id: boot_id(),
         })
     }
 
     /// Follows a process a previous agent started until it ends, or `kill` asks for it to
-    /// end (SIGTERM to its supervisor, which passes it on; the grace period; then every
-    /// process of the container).
+    /// end, or what is left of its time limit runs out (SIGTERM to its supervisor, which
+    /// passes it on; the grace period; then every process of the container).
     async fn follow_recovered(&self, pid: u32, ticks: u64, kill: &CancellationToken) -> End {
         let read_exit = || {
             let code = self
@@ -928,20 +940,30 @@ impl NativeContainer {
                 None => End::Vanished,
             }
         };
-        tokio::select! {
-            () = exited(pid, ticks) => read_exit(),
-            () = kill.cancelled() => {
-                if start_ticks(pid) == Some(ticks) {
-                    // SAFETY: kill(2) on a pid whose start time shows it is still ours.
-                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                }
-                if tokio::time::timeout(self.grace, exited(pid, ticks)).await.is_err() {
-                    tracing::info!(grace = ?self.grace, "task ignored SIGTERM; killing it");
-                }
-                self.kill_rest(Some(pid));
-                End::Killed
+        let limit = self.limit;
+        let timed_out = async {
+            match limit {
+                Some(l) => tokio::time::sleep(l).await,
+                None => std::future::pending().await,
             }
+        };
+        let stop = tokio::select! {
+            () = exited(pid, ticks) => return read_exit(),
+            () = kill.cancelled() => End::Killed,
+            () = timed_out => End::TimedOut,
+        };
+        if start_ticks(pid) == Some(ticks) {
+            // SAFETY: kill(2) on a pid whose start time shows it is still ours.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         }
+        if tokio::time::timeout(self.grace, exited(pid, ticks))
+            .await
+            .is_err()
+        {
+            tracing::info!(grace = ?self.grace, "task ignored SIGTERM; killing it");
+        }
+        self.kill_rest(Some(pid));
+        stop
     }
 
     pub(crate) async fn run_process(

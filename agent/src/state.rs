@@ -64,6 +64,8 @@ pub struct ProcessRecord {
     pub mem_limit: Option<u64>,
     /// The uid and gid it runs as, when not the agent's.
     pub user: Option<(u32, u32)>,
+    /// When it must have ended (`max_duration`), in milliseconds since the Unix epoch.
+    pub deadline_ms: Option<u64>,
     /// The host's boot it ran in (`/proc/sys/kernel/random/boot_id`): after a reboot a pid
     /// and start time may name another process.
     pub boot_id: String,

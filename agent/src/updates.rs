@@ -42,6 +42,9 @@ pub enum Acked {
     Ignored,
 }
 
+/// Most updates of one task kept waiting (see [`UpdateQueue::push`]).
+pub const MAX_QUEUED: usize = 64;
+
 /// The unacknowledged updates of one task, oldest first.
 #[derive(Debug, Default)]
 pub struct UpdateQueue {
@@ -69,12 +72,31 @@ impl UpdateQueue {
 
     /// Queues `status`; returns it to send now when it is the head (nothing else is in
     /// flight), else `None`: it waits for the updates before it to be acknowledged.
+    ///
+    /// A queue is bounded ([`MAX_QUEUED`]): past that, a new update that is not terminal
+    /// replaces the newest waiting one that is not terminal either, so a task reporting
+    /// progress faster than its framework acknowledges costs a bounded queue (and a bounded
+    /// checkpoint), and only intermediate states are skipped — never the first or the end.
     pub fn push(
         &mut self,
         status: v1::TaskStatus,
         now: Instant,
         retry: &RetryPolicy,
     ) -> Option<v1::TaskStatus> {
+        let terminal = |s: &v1::TaskStatus| {
+            agora_proto::state_from_proto(s.state()).is_some_and(agora_core::TaskState::is_terminal)
+        };
+        let queued = self.pending.len();
+        if queued >= MAX_QUEUED && !terminal(&status) {
+            // Never the head (in flight): the newest waiting update, when it is not an end.
+            if let Some(last) = self.pending.back_mut()
+                && queued > 1
+                && !terminal(&last.status)
+            {
+                last.status = status;
+                return None;
+            }
+        }
         let head = self.pending.is_empty();
         self.pending.push_back(Pending {
             status,
@@ -213,6 +235,28 @@ mod tests {
             state(&q.due(at + Duration::from_secs(10), &r)),
             Some(v1::TaskState::TaskRunning)
         );
+    }
+
+    #[test]
+    fn a_flood_of_progress_is_bounded_and_keeps_the_first_and_the_end() {
+        let (t0, r) = (Instant::now(), policy());
+        let mut q = UpdateQueue::default();
+        q.push(update(v1::TaskState::TaskStarting, 0), t0, &r);
+        for i in 1..=200u8 {
+            q.push(update(v1::TaskState::TaskRunning, i), t0, &r);
+        }
+        assert_eq!(q.len(), MAX_QUEUED);
+        q.push(update(v1::TaskState::TaskFinished, 255), t0, &r);
+        let states: Vec<_> = q.statuses().map(v1::TaskStatus::state).collect();
+        assert_eq!(states[0], v1::TaskState::TaskStarting, "the head stays");
+        assert_eq!(
+            *states.last().unwrap(),
+            v1::TaskState::TaskFinished,
+            "the end is kept"
+        );
+        assert!(q.len() <= MAX_QUEUED + 1);
+        // The newest progress survived the coalescing, just before the end.
+        assert_eq!(q.statuses().nth(q.len() - 2).unwrap().uuid, vec![200]);
     }
 
     #[test]

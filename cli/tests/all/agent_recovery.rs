@@ -152,6 +152,10 @@ async fn an_agent_killed_and_restarted_keeps_its_tasks_running() {
         )
         .build_for(offer),
         command("short-native", "sleep 3; exit 7", "cpus:0.2;mem:64").build_for(offer),
+        // Its time limit runs out after the restart: the new agent still enforces it.
+        command("limited-native", "exec sleep 600", "cpus:0.2;mem:64")
+            .max_duration(6.0)
+            .build_for(offer),
         wasm_task("long-wasm", "sleeper", "cpus:0.2;mem:64")
             .args(["600"])
             .build_for(offer),
@@ -163,7 +167,13 @@ async fn an_agent_killed_and_restarted_keeps_its_tasks_running() {
         .await
         .unwrap();
     let mut seen = Seen::default();
-    let names = ["long-native", "short-native", "long-wasm", "short-wasm"];
+    let names = [
+        "long-native",
+        "short-native",
+        "limited-native",
+        "long-wasm",
+        "short-wasm",
+    ];
     seen.pump(&s, &mut events, "every task to run", |v| {
         names.iter().all(|t| v.state(t) == Some(TaskState::Running))
     })
@@ -203,6 +213,18 @@ async fn an_agent_killed_and_restarted_keeps_its_tasks_running() {
         count(&long) > while_away + 5
     })
     .await;
+
+    seen.pump(
+        &s,
+        &mut events,
+        "the limited task to run out of time",
+        |v| v.state("limited-native") == Some(TaskState::Failed),
+    )
+    .await;
+    assert_eq!(
+        seen.latest["limited-native"].reason(),
+        v1::Reason::MaxCompletionTimeReached
+    );
 
     // The new agent holds them: it can kill them.
     let agent_id = agora_core::AgentId::new(agent_id.unwrap().value).unwrap();
