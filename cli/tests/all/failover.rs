@@ -13,6 +13,8 @@ use crate::native::command;
 use crate::*;
 
 pub(crate) struct Group {
+    /// The address the masters listen on (loopback, or a test's veth address).
+    host: String,
     pub ports: Vec<u16>,
     dirs: Vec<std::path::PathBuf>,
     pub procs: Vec<Killed>,
@@ -24,7 +26,7 @@ impl Group {
         self.ports
             .iter()
             .enumerate()
-            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .map(|(i, p)| format!("{}={}:{p}", i + 1, self.host))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -32,7 +34,7 @@ impl Group {
     pub fn list(&self) -> String {
         self.ports
             .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
+            .map(|p| format!("{}:{p}", self.host))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -42,7 +44,7 @@ impl Group {
             .args([
                 "master",
                 "--listen",
-                &format!("127.0.0.1:{}", self.ports[i]),
+                &format!("{}:{}", self.host, self.ports[i]),
                 "--id",
                 &(i + 1).to_string(),
                 "--peers",
@@ -67,10 +69,15 @@ impl Group {
     }
 
     pub fn start() -> Group {
+        Group::start_on("127.0.0.1")
+    }
+
+    /// Three masters listening on `host`.
+    pub fn start_on(host: &str) -> Group {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..3)
             .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
+                std::net::TcpListener::bind((host, 0))
                     .unwrap()
                     .local_addr()
                     .unwrap()
@@ -79,6 +86,7 @@ impl Group {
             .collect();
         let dirs = (1..=3).map(|i| dir.path().join(format!("m{i}"))).collect();
         let mut g = Group {
+            host: host.to_owned(),
             ports,
             dirs,
             procs: Vec::new(),
@@ -96,9 +104,11 @@ impl Group {
                 if Some(i) == dead {
                     continue;
                 }
-                if let Ok(mut c) =
-                    v1::operator_client::OperatorClient::connect(format!("http://127.0.0.1:{port}"))
-                        .await
+                if let Ok(mut c) = v1::operator_client::OperatorClient::connect(format!(
+                    "http://{}:{port}",
+                    self.host
+                ))
+                .await
                     && let Ok(h) = c.get_health(v1::GetHealthRequest {}).await
                     && h.get_ref().role == "leader"
                 {

@@ -1,5 +1,6 @@
 //! A partitioned agent: the agent is an `agora agent` process in a network namespace of its
-//! own, joined to the host by a veth pair; the partition is its end of the pair going down.
+//! own, joined by a veth pair to the host, where three `agora master` processes serve; the
+//! partition is its end of the pair going down.
 //! Past the heartbeat timeout, a partition-aware framework's task becomes TASK_UNREACHABLE
 //! and another's TASK_LOST; healed, the first is RUNNING again and the second is killed on
 //! the agent, so no written-off task is left running.
@@ -115,31 +116,10 @@ async fn a_partitioned_agent_is_reported_and_healed_without_duplicates() {
     let Some(ns) = Netns::create() else {
         panic!("this test needs root and iproute2 to make a network namespace");
     };
-    let port = {
-        let l = std::net::TcpListener::bind((ns.host_ip.as_str(), 0)).unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let master = format!("http://{}:{port}", ns.host_ip);
-    let _master = Proc(
-        Command::new(env!("CARGO_BIN_EXE_agora"))
-            .args([
-                "master",
-                "--listen",
-                &format!("{}:{port}", ns.host_ip),
-                "--agent-heartbeat-interval",
-                "200ms",
-                "--max-missed-heartbeats",
-                "5",
-                "--allocation-interval",
-                "100ms",
-                "--framework-heartbeat-interval",
-                "1s",
-            ])
-            .env("AGORA_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    // Three masters on the host's end of the pair; the agent has their list.
+    let group = crate::failover::Group::start_on(&ns.host_ip);
+    group.leader(None).await;
+    let master = group.list();
     let work = tempfile::tempdir().unwrap();
     let _agent = Proc(
         Command::new("ip")
@@ -165,7 +145,8 @@ async fn a_partitioned_agent_is_reported_and_healed_without_duplicates() {
             .spawn()
             .unwrap(),
     );
-    let op = leading_operator(&master).await;
+    // The SDK's operator follows the leader among them.
+    let op = agora_sdk::Operator::connect(&master).await.unwrap();
     wait_until("the agent to register", || async {
         op.state()
             .await
