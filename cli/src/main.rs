@@ -142,10 +142,11 @@ pub struct MasterArgs {
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     agent_reregister_timeout: Duration,
     /// How often the leader heartbeats the other masters.
-    #[arg(long, default_value = "150ms", value_parser = parse_duration, hide = true)]
+    #[arg(long, default_value = "100ms", value_parser = parse_duration, hide = true)]
     raft_heartbeat: Duration,
-    /// Followers hearing no leader for between this and twice this start an election.
-    #[arg(long, default_value = "750ms", value_parser = parse_duration, hide = true)]
+    /// The shortest a follower waits after the leader was last heard before it stands for
+    /// election (about twice this in all; later members by id wait a step longer).
+    #[arg(long, default_value = "500ms", value_parser = parse_duration, hide = true)]
     raft_election_timeout: Duration,
     /// Registry entries between snapshots (the log is compacted behind each).
     #[arg(long, default_value_t = 5000, hide = true)]

@@ -85,10 +85,11 @@ pub struct MasterConfig {
     /// After a failover, how long agents the registry knows have to register again before
     /// they are marked unreachable. Default 10 minutes, as in Mesos.
     pub agent_reregister_timeout: Duration,
-    /// How often the leader heartbeats the other masters. Default 150 ms.
+    /// How often the leader heartbeats the other masters. Default 100 ms.
     pub raft_heartbeat: Duration,
-    /// Followers that hear no leader for between this and twice this start an election.
-    /// Default 750 ms.
+    /// The shortest a follower waits, after the leader was last heard, before it stands for
+    /// election (about twice this in all; each member after the first in id order waits a
+    /// step longer, so that they do not split the vote). Default 500 ms.
     pub raft_election_timeout: Duration,
     /// Registry entries between snapshots (the log is compacted behind each). Default 5000.
     pub registry_snapshot_every: u64,
@@ -119,8 +120,8 @@ impl Default for MasterConfig {
             group_id: 1,
             peers: std::collections::BTreeMap::new(),
             agent_reregister_timeout: Duration::from_secs(600),
-            raft_heartbeat: Duration::from_millis(150),
-            raft_election_timeout: Duration::from_millis(750),
+            raft_heartbeat: Duration::from_millis(100),
+            raft_election_timeout: Duration::from_millis(500),
             registry_snapshot_every: 5000,
             registry_in_memory: false,
         }

@@ -143,11 +143,12 @@ impl Registrar {
         let mut log = store.log_store();
         let mut sm = store.state_machine();
         check_membership(&config, &store, &mut sm).await?;
+        let (election_min, election_max) = staggered(&config);
         let raft_config = openraft::Config {
             cluster_name: "agora".into(),
             heartbeat_interval: millis(config.heartbeat),
-            election_timeout_min: millis(config.election_timeout.0),
-            election_timeout_max: millis(config.election_timeout.1),
+            election_timeout_min: election_min,
+            election_timeout_max: election_max,
             // Snapshots are whole registries; give a large one time to cross.
             install_snapshot_timeout: 10_000,
             snapshot_max_chunk_size: 1 << 20,
@@ -307,12 +308,36 @@ async fn check_membership(
     Ok(())
 }
 
+/// This member's election timeouts, in milliseconds: the configured shortest, and one a
+/// little longer for each member before it in id order.
+///
+/// openraft 0.9 draws a member's timeout once, when it starts, and lets it stand for election
+/// only once a leader lease (its longest timeout) and that timeout have passed since the
+/// leader was last heard. With one wide range for all, every member waits about twice the
+/// range's top, and two that drew alike split the vote. Narrow ranges, one after the other,
+/// let the first member stand after about twice the shortest timeout, and the next one a
+/// clear step later, so they do not collide.
+fn staggered(config: &RegistryConfig) -> (u64, u64) {
+    let base = millis(config.election_timeout.0).max(1);
+    let spread = millis(config.election_timeout.1)
+        .saturating_sub(base)
+        .max(10);
+    let rank = config
+        .members
+        .keys()
+        .position(|id| *id == config.id)
+        .unwrap_or(0) as u64;
+    let min = base + rank * (base * 2 / 5);
+    (min, min + spread / 10)
+}
+
 /// Follows openraft's metrics: a leader counts as one only while a majority answered it
-/// within the longest election timeout (a partitioned leader stops serving before another is
-/// elected).
+/// within one and a half of the shortest election timeout. No other member can be elected
+/// sooner than about twice it after last hearing the leader ([`staggered`]), so a
+/// partitioned leader stops serving before another is elected.
 fn watch_leadership(raft: Raft, config: Arc<RegistryConfig>) -> watch::Receiver<Leadership> {
     let (tx, rx) = watch::channel(Leadership::Follower { leader: None });
-    let lease = millis(config.election_timeout.0);
+    let lease = millis(config.election_timeout.0) * 3 / 2;
     let solo = config.members.len() == 1;
     tokio::spawn(async move {
         let mut metrics = raft.metrics();

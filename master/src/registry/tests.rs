@@ -258,3 +258,24 @@ async fn a_group_of_three_elects_a_new_leader_that_has_every_committed_write() {
         m.registrar.shutdown().await;
     }
 }
+
+#[test]
+fn members_wait_one_after_the_other_to_stand_for_election() {
+    let members: BTreeMap<NodeId, String> =
+        (1..=3).map(|i| (i, format!("127.0.0.1:{i}"))).collect();
+    let of = |id| {
+        staggered(&RegistryConfig {
+            id,
+            members: members.clone(),
+            path: None,
+            heartbeat: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+            snapshot_every: 10,
+        })
+    };
+    assert_eq!([of(1), of(2), of(3)], [(500, 550), (700, 750), (900, 950)]);
+    // openraft stands after the lease (the top) and the timeout: the steps never overlap.
+    for (a, b) in [(of(1), of(2)), (of(2), of(3))] {
+        assert!(a.1 + a.1 < b.1 + b.0, "{a:?} then {b:?}");
+    }
+}
