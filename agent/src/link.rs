@@ -175,7 +175,7 @@ pub async fn maintain(masters: Vec<String>, backoff: Backoff, events: mpsc::Send
             delay = backoff.min;
         }
         (last, named) = (outcome.master.or(last), outcome.named);
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(dial::jittered(delay)).await;
         delay = (delay * 2).min(backoff.max);
     }
 }

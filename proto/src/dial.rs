@@ -237,9 +237,20 @@ where
                 tried,
             );
         }
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(jittered(delay)).await;
         delay = (delay * 2).min(policy.retry_max);
     }
+}
+
+/// Somewhere from half of `d` to all of it: many clients that lost their master at the same
+/// moment do not all ask again at the same moments.
+pub fn jittered(d: std::time::Duration) -> std::time::Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A randomly keyed hasher's output is a cheap random number.
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    d / 2 + d.mul_f64((r % 1000) as f64 / 2000.0)
 }
 
 #[cfg(test)]
