@@ -342,15 +342,26 @@ async fn run(agents: usize, tasks: usize, election: Option<&str>) {
     };
     let mut back = std::collections::HashSet::new();
     let mut last = killed;
+    let mut delays = Vec::with_capacity(agents);
     while back.len() < agents {
         let r = reports.recv().await.unwrap();
         if r.master_id != first_master && back.insert(r.agent) {
             last = last.max(r.at);
+            delays.push(r.at.duration_since(killed));
         }
     }
+    delays.sort();
+    let at = |q: f64| delays[((delays.len() as f64 * q) as usize).min(delays.len() - 1)];
     let leader = watch.await.unwrap();
     let all = last.duration_since(killed);
     println!("leader killed: a new leader served after {leader:.2?}");
+    println!(
+        "agents back after: p50 {:.2?}, p90 {:.2?}, p99 {:.2?}, all {:.2?}",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        last.duration_since(killed)
+    );
     println!(
         "every agent re-registered with it after {all:.2?} ({:.2}x the cold registration of the same agents, {register:.2?})",
         all.as_secs_f64() / register.as_secs_f64()
