@@ -252,7 +252,7 @@ async fn serve(
     } else {
         config.peers.clone()
     };
-    let registrar = Registrar::start(RegistryConfig {
+    let registrar = Registrar::start_apart(RegistryConfig {
         id: config.group_id,
         members,
         path: config

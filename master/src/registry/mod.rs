@@ -117,9 +117,53 @@ pub struct Registrar {
     store: store::Store,
     config: Arc<RegistryConfig>,
     leadership: watch::Receiver<Leadership>,
+    /// Dropped with the last clone of the registrar, which stops the runtime of
+    /// [`Registrar::start_apart`].
+    _apart: Option<Arc<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl Registrar {
+    /// [`Registrar::start`] on a runtime and thread of its own, where openraft's core, its
+    /// replication and the store's commits run: however busy the master's own runtime is
+    /// (ten thousand agents registering at once), heartbeats go out and are answered in
+    /// time, so a leader does not step down for want of them. The runtime stops when the
+    /// registrar is dropped (or shut down).
+    ///
+    /// # Errors
+    /// As [`Registrar::start`], or when the thread cannot be started.
+    pub async fn start_apart(config: RegistryConfig) -> Result<Registrar, RegistryError> {
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("agora-registry".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(RegistryError::Fatal(format!(
+                            "starting the registry's runtime: {e}"
+                        ))));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    if started_tx.send(Registrar::start(config).await).is_ok() {
+                        // Until the registrar is dropped.
+                        let _ = stopped.await;
+                    }
+                });
+            })
+            .map_err(|e| RegistryError::Fatal(format!("starting the registry's thread: {e}")))?;
+        let mut registrar = started
+            .await
+            .map_err(|_| RegistryError::Fatal("the registry's thread ended".into()))??;
+        registrar._apart = Some(Arc::new(stop));
+        Ok(registrar)
+    }
+
     /// Opens the store, checks it against the configured group, and starts this member.
     ///
     /// # Errors
@@ -202,6 +246,7 @@ impl Registrar {
             store,
             config,
             leadership,
+            _apart: None,
         })
     }
 
