@@ -240,10 +240,18 @@ impl Updates {
     }
 
     /// A change, as [`Updates::send`]; `durable` hears once it is checkpointed.
-    pub async fn send_acked(
+    pub async fn send_acked(&self, change: Termination, durable: tokio::sync::oneshot::Sender<()>) {
+        self.emit(change, Some(durable)).await;
+    }
+
+    pub async fn send(&self, change: Termination) {
+        self.emit(change, None).await;
+    }
+
+    async fn emit(
         &self,
         mut change: Termination,
-        durable: tokio::sync::oneshot::Sender<()>,
+        durable: Option<tokio::sync::oneshot::Sender<()>>,
     ) {
         if change.isolation.is_none() {
             change.isolation.clone_from(&self.isolation);
@@ -254,22 +262,7 @@ impl Updates {
                 framework: self.framework.clone(),
                 task: self.task.clone(),
                 change,
-                durable: Some(durable),
-            })
-            .await;
-    }
-
-    pub async fn send(&self, mut change: Termination) {
-        if change.isolation.is_none() {
-            change.isolation.clone_from(&self.isolation);
-        }
-        let _ = self
-            .events
-            .send(crate::actor::Event::Task {
-                framework: self.framework.clone(),
-                task: self.task.clone(),
-                change,
-                durable: None,
+                durable,
             })
             .await;
     }

@@ -189,20 +189,33 @@ fn live_sandboxes(
     saved: &checkpoint::Saved,
     work_dir: &std::path::Path,
 ) -> std::collections::HashSet<PathBuf> {
-    let tasks = saved
+    // A task in an executor has no process of its own; its sandbox is its latest run's.
+    let in_executors = saved
         .tasks
         .iter()
-        .filter(|(_, t)| !t.state.is_terminal())
-        .filter_map(|((fw, task), t)| match &t.attachment {
-            Some(state::Attachment::Process(p)) => Some(p.sandbox.clone()),
-            Some(state::Attachment::Executor(_)) => sandbox::latest_run_dir(work_dir, fw, task),
-            None => None,
-        });
-    let execs = saved
-        .executors
-        .iter()
-        .filter_map(|(_, e)| e.process.as_ref().map(|p| p.sandbox.clone()));
-    tasks.chain(execs).collect()
+        .filter(|(_, t)| {
+            !t.state.is_terminal() && matches!(t.attachment, Some(state::Attachment::Executor(_)))
+        })
+        .filter_map(|((fw, task), _)| sandbox::latest_run_dir(work_dir, fw, task));
+    left_running(saved)
+        .map(|p| p.sandbox.clone())
+        .chain(in_executors)
+        .collect()
+}
+
+/// The supervised processes of `saved` that may still run: its unfinished tasks' and its
+/// executors'.
+fn left_running(saved: &checkpoint::Saved) -> impl Iterator<Item = &state::ProcessRecord> {
+    let tasks = saved.tasks.iter().filter_map(|(_, t)| match &t.attachment {
+        Some(state::Attachment::Process(p)) if !t.state.is_terminal() => Some(p),
+        _ => None,
+    });
+    tasks.chain(
+        saved
+            .executors
+            .iter()
+            .filter_map(|(_, e)| e.process.as_ref()),
+    )
 }
 
 /// What of a previous run the agent takes over: all of it (`--recover=reconnect`, when the
@@ -220,15 +233,7 @@ async fn recovery_plan(
     checkpoint: &checkpoint::Checkpoint,
 ) -> Result<checkpoint::Saved, AgentError> {
     let processes = |saved: &checkpoint::Saved| -> Vec<state::ProcessRecord> {
-        let tasks = saved.tasks.iter().filter_map(|(_, t)| match &t.attachment {
-            Some(state::Attachment::Process(p)) if !t.state.is_terminal() => Some(p.clone()),
-            _ => None,
-        });
-        let execs = saved
-            .executors
-            .iter()
-            .filter_map(|(_, e)| e.process.clone());
-        tasks.chain(execs).collect()
+        left_running(saved).cloned().collect()
     };
     match config.recover {
         Recover::Cleanup => {
