@@ -866,4 +866,31 @@ mod tests {
         assert_eq!(failed[0].state(), v1::TaskState::TaskFailed);
         assert!(failed[0].message.contains("a bug"), "{}", failed[0].message);
     }
+
+    #[test]
+    fn a_kill_in_the_launchs_own_turn_reaches_the_task() {
+        let (mut a, _rx) = registered();
+        let (fw, t) = key();
+        a.handle(Event::FromMaster(Box::new(
+            master_message::Message::RunTask(master_message::RunTask {
+                framework_id: Some((&fw).into()),
+                task: Some(v1::TaskInfo {
+                    task_id: Some((&t).into()),
+                    resources: agora_proto::resources_to_proto(
+                        &agora_core::parse_resources("cpus:1;mem:32").unwrap(),
+                    ),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        )));
+        a.handle(Event::FromMaster(Box::new(
+            master_message::Message::KillTask(master_message::KillTask {
+                framework_id: Some((&fw).into()),
+                task_id: Some((&t).into()),
+            }),
+        )));
+        // Before the turn ends (and the launch is carried out), the kill has a token to cancel.
+        assert!(a.kills[&key()].is_cancelled());
+    }
 }

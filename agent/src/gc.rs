@@ -554,4 +554,36 @@ mod tests {
         }
         drop((gc, task));
     }
+
+    #[tokio::test]
+    async fn the_sandboxes_of_re_attached_tasks_are_not_a_previous_agents_leftovers() {
+        let work = tempfile::tempdir().unwrap();
+        let fw = agora_core::FrameworkId::new("fw").unwrap();
+        let run = |t: &str| {
+            crate::sandbox::create_run_dir(work.path(), &fw, &agora_core::TaskId::new(t).unwrap())
+                .unwrap()
+        };
+        let (left, kept) = (run("left"), run("kept"));
+        // The disk counts as full: every leftover is due at once, in one pass.
+        let (gc, task) = start(
+            work.path().to_owned(),
+            GcConfig {
+                delay: Duration::from_secs(3600),
+                disk_headroom: 1.0,
+                disk_watch_interval: Duration::from_millis(50),
+            },
+            std::iter::once(kept.clone()).collect(),
+        )
+        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while left.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the leftover stayed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(kept.exists(), "a live task's sandbox was removed");
+        drop((gc, task));
+    }
 }
