@@ -47,6 +47,12 @@ pub struct ExecutorConfig {
     /// An executor that has not subscribed this long after it started is killed and its
     /// tasks fail with REASON_EXECUTOR_REGISTRATION_TIMEOUT. Default 20 s.
     pub registration_timeout: Duration,
+    /// An executor re-attached after the agent restarted that has not subscribed again this
+    /// long after the agent came back is killed, as `registration_timeout` (Mesos's
+    /// `--executor_reregistration_timeout`). Shorter: a live executor only has to reconnect,
+    /// and its tasks' updates wait on it. Default 5 s (executors of the SDK retry every
+    /// second).
+    pub reregistration_timeout: Duration,
     /// An executor without tasks this long is shut down. Default 5 s.
     pub idle_timeout: Duration,
     /// Between the SHUTDOWN event and SIGTERM. Default 3 s.
@@ -63,6 +69,7 @@ impl Default for ExecutorConfig {
     fn default() -> Self {
         ExecutorConfig {
             registration_timeout: Duration::from_secs(20),
+            reregistration_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(3),
             overhead_mem_mib: 32.0,
@@ -374,7 +381,7 @@ impl ExecutorContainerizer {
     }
 
     /// Re-attaches to the executors a previous agent on this work directory started: each
-    /// whose process still runs waits (`registration_timeout`) for its executor to subscribe
+    /// whose process still runs waits (`reregistration_timeout`) for its executor to subscribe
     /// again; the records of the others are dropped, and their tasks fail when recovered.
     pub fn recover(
         &self,
@@ -725,7 +732,12 @@ async fn lifecycle(
     };
     let run = container.run_process(exec.stop.clone(), Some(OnStart::Executor(&hook)));
     tokio::pin!(run);
-    let registration = tokio::time::sleep(inner.config.registration_timeout);
+    let wait = if exec.recovered {
+        inner.config.reregistration_timeout
+    } else {
+        inner.config.registration_timeout
+    };
+    let registration = tokio::time::sleep(wait);
     tokio::pin!(registration);
     let subscribed = exec.subscribed.subscribe();
     let mut timed_out = false;
@@ -736,9 +748,8 @@ async fn lifecycle(
             () = &mut registration, if !timed_out && !*subscribed.borrow() => {
                 timed_out = true;
                 let why = format!(
-                    "it did not subscribe {}within {:?}",
+                    "it did not subscribe {}within {wait:?}",
                     if exec.recovered { "again after the agent restarted " } else { "" },
-                    inner.config.registration_timeout
                 );
                 tracing::warn!(executor_id = %exec.id(), "{why}");
                 exec.lock().stopped_because = Some((v1::Reason::ExecutorRegistrationTimeout, why));
@@ -1068,7 +1079,11 @@ impl ExecutorTask {
                     if !exec.send(&mut st, event.clone()) {
                         // A re-attached executor not yet back: it hears of it when it is.
                         st.queued.push((self.task_id.clone(), v1::ExecutorEvent { event: Some(event) }));
-                        limit += self.inner.config.registration_timeout;
+                        limit += if exec.recovered {
+                            self.inner.config.reregistration_timeout
+                        } else {
+                            self.inner.config.registration_timeout
+                        };
                     }
                     deadline = Some(Box::pin(tokio::time::sleep(limit)));
                 }

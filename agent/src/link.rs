@@ -74,8 +74,13 @@ struct Opened {
     inbound: tonic::Streaming<v1::MasterMessage>,
 }
 
-/// Opens a session at `master`, registering first.
-async fn open(master: String, events: &mpsc::Sender<Event>) -> Result<Opened, Failure<String>> {
+/// Opens a session at `master`, registering first; `lost` is the master the last session
+/// was lost with, if it broke (see [`agora_proto::leader::LOST_METADATA`]).
+async fn open(
+    master: String,
+    lost: Option<&str>,
+    events: &mpsc::Sender<Event>,
+) -> Result<Opened, Failure<String>> {
     let channel = endpoint(&master)
         .map_err(|e| Failure::Unreachable(e.to_string()))?
         .connect()
@@ -95,8 +100,14 @@ async fn open(master: String, events: &mpsc::Sender<Event>) -> Result<Opened, Fa
     tx.send(registration)
         .await
         .map_err(|_| Failure::Unreachable("link closed".into()))?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(v) = lost.and_then(|l| l.parse().ok()) {
+        request
+            .metadata_mut()
+            .insert(agora_proto::leader::LOST_METADATA, v);
+    }
     let inbound = client
-        .session(ReceiverStream::new(rx))
+        .session(request)
         .await
         .map_err(|s| Failure::from(s).map(|s| format!("registering: {}", s.message())))?
         .into_inner();
@@ -115,7 +126,12 @@ struct Outcome {
 }
 
 /// Finds the leader among `order`, registers and forwards messages until the link breaks.
-async fn session(order: &[String], policy: &DialPolicy, events: &mpsc::Sender<Event>) -> Outcome {
+async fn session(
+    order: &[String],
+    lost: Option<&str>,
+    policy: &DialPolicy,
+    events: &mpsc::Sender<Event>,
+) -> Outcome {
     let mut outcome = Outcome {
         master: None,
         named: None,
@@ -123,7 +139,7 @@ async fn session(order: &[String], policy: &DialPolicy, events: &mpsc::Sender<Ev
         result: Ok(()),
     };
     let (master, Opened { tx, mut inbound }) =
-        match dial::find_leader(order, policy, |m| open(m, events)).await {
+        match dial::find_leader(order, policy, |m| open(m, lost, events)).await {
             Ok(found) => found,
             Err(e) => {
                 outcome.result = Err(e.to_string());
@@ -162,7 +178,13 @@ pub async fn maintain(masters: Vec<String>, backoff: Backoff, events: mpsc::Send
     loop {
         // After a break the lost master is tried last, a leader it named first.
         let order = dial::order(&masters, named.as_deref(), last.as_deref());
-        let outcome = session(&order, &policy, &events).await;
+        // The master last linked to, if it was lost rather than left for a leader it named.
+        let lost = if named.is_none() {
+            last.as_deref()
+        } else {
+            None
+        };
+        let outcome = session(&order, lost, &policy, &events).await;
         let _ = events.send(Event::LinkDown).await;
         if events.is_closed() {
             return;

@@ -297,6 +297,10 @@ struct AgentArgs {
     /// Kill a custom executor that has not subscribed within this.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     executor_registration_timeout: Duration,
+    /// After a restart, kill an executor of the previous agent that has not subscribed
+    /// again within this.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    executor_reregistration_timeout: Duration,
     /// Shut down a custom executor that has had no tasks for this long.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     executor_idle_timeout: Duration,
@@ -601,6 +605,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     config.executors.registration_timeout = args.executor_registration_timeout;
+    config.executors.reregistration_timeout = args.executor_reregistration_timeout;
     config.executors.idle_timeout = args.executor_idle_timeout;
     config.executors.recovery_timeout = args.executor_recovery_timeout;
     config.recover = match args.recover {

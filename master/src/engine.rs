@@ -1845,13 +1845,31 @@ impl Engine {
             .map(|(k, _)| k.clone())
             .collect();
         for key in missing {
+            let state = self.lost_state(&key);
             self.master_update(
                 &key,
-                TaskState::Lost,
+                state,
                 v1::Reason::AgentRestarted,
                 "the agent re-registered without this task",
                 now,
             );
+        }
+    }
+
+    /// What a task an agent no longer has becomes for its framework. As Mesos: a
+    /// partition-aware framework never sees TASK_LOST for it, but TASK_GONE (the task is not
+    /// running), or TASK_DROPPED if it had not started; the others see TASK_LOST.
+    fn lost_state(&self, key: &TaskKey) -> TaskState {
+        if !self
+            .frameworks
+            .get(&key.0)
+            .is_some_and(|f| f.partition_aware)
+        {
+            return TaskState::Lost;
+        }
+        match self.tasks.get(key).map(|t| t.state) {
+            Some(TaskState::Staging) => TaskState::Dropped,
+            _ => TaskState::Gone,
         }
     }
 
@@ -2025,10 +2043,16 @@ impl Engine {
                 .as_ref()
                 .ok_or(ProtoError::Missing("status.task_id"))?,
         )?;
-        let state = state_from_proto(status.state()).ok_or(ProtoError::Missing("status.state"))?;
+        let mut state =
+            state_from_proto(status.state()).ok_or(ProtoError::Missing("status.state"))?;
         status.agent_id = Some(agent.into());
         crate::validate::sanitize_status(&mut status);
         let key = (fw.clone(), task_id.clone());
+        if state == TaskState::Lost {
+            // An agent says TASK_LOST of a task it cannot find again (after a restart).
+            state = self.lost_state(&key);
+            status.state = state_to_proto(state) as i32;
+        }
         let on_this_agent = self.tasks.get(&key).map(|t| t.agent == *agent);
         if on_this_agent == Some(false) {
             tracing::warn!(framework_id = %fw, task_id = %task_id, agent_id = %agent, "refusing a status update from an agent that does not run the task");

@@ -280,6 +280,7 @@ async fn serve(
     let gate = Gate {
         owner: owner_rx,
         leadership: registrar.leadership(),
+        silence: registrar.silence(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
@@ -556,7 +557,11 @@ mod tests {
         let (owner_cmd, _owner_rx) = mpsc::channel(1);
         owner_tx.send_replace(Some(owner_cmd));
         let (_l, leadership) = watch::channel(Leadership::Leader);
-        let gate = Gate { owner, leadership };
+        let gate = Gate {
+            owner,
+            leadership,
+            silence: Duration::from_millis(300),
+        };
         assert!(service::health(&rx, &gate).healthy);
         drop(tx);
         assert!(!service::health(&rx, &gate).healthy);

@@ -7,6 +7,7 @@
 //! [`agora_proto::leader`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use agora_core::{FrameworkId, OfferId, TaskId};
 use agora_proto::v1::{
@@ -29,12 +30,19 @@ fn bad(e: agora_core::LimitError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+/// Longest a call waits at a master that knows no leader yet ([`Gate::serving`]): more than
+/// an election takes, less than a client waits for one master's answer.
+pub const LEADER_WAIT: Duration = Duration::from_secs(5);
+
 /// Where calls go: the owner task while this master leads, else nowhere but a redirect.
 #[derive(Clone)]
 pub struct Gate {
     /// The owner task's commands, while this master leads and has recovered.
     pub owner: watch::Receiver<Option<mpsc::Sender<Command>>>,
     pub leadership: watch::Receiver<Leadership>,
+    /// How long a follower may go without hearing from a live leader (see
+    /// [`crate::registry::Registrar::silence`]).
+    pub silence: Duration,
 }
 
 impl Gate {
@@ -47,6 +55,56 @@ impl Gate {
             return Ok(tx);
         }
         Err(self.elsewhere())
+    }
+
+    /// The owner task's commands once this master serves, waiting up to `hold` while no
+    /// leader is known (an election, or a new leader recovering): the caller then goes
+    /// straight to the outcome — this master serving, or the leader's address — instead of
+    /// asking the masters round and round until one leads, which with thousands of agents
+    /// looking at once costs the masters the CPU the election needs.
+    ///
+    /// `lost` is the master the caller just lost. While this master still names it as the
+    /// leader, it waits up to [`Gate::silence`] for that leader to be heard from (it is
+    /// alive after all: the caller is sent back to it) or to be given up for silent (the
+    /// caller waits for the election).
+    ///
+    /// # Errors
+    /// As [`Gate::commands`], once another master is known to lead or `hold` has passed.
+    pub async fn serving(
+        &self,
+        hold: Duration,
+        lost: Option<&str>,
+    ) -> Result<mpsc::Sender<Command>, Status> {
+        let (mut owner, mut leadership) = (self.owner.clone(), self.leadership.clone());
+        let start = tokio::time::Instant::now();
+        let deadline = start + hold;
+        let doubt = (start + self.silence).min(deadline);
+        let lost = lost.map(agora_proto::leader::host_port);
+        loop {
+            if let Some(tx) = owner.borrow_and_update().clone() {
+                return Ok(tx);
+            }
+            let mut wake = deadline;
+            match &*leadership.borrow_and_update() {
+                Leadership::Follower { leader: Some(l) }
+                    if lost.is_some_and(|x| x == agora_proto::leader::host_port(l))
+                        && tokio::time::Instant::now() < doubt =>
+                {
+                    wake = doubt;
+                }
+                Leadership::Follower { leader: Some(_) } | Leadership::Stopped(_) => {
+                    return Err(self.elsewhere());
+                }
+                _ => {}
+            }
+            tokio::select! {
+                r = owner.changed() => if r.is_err() { return Err(self.elsewhere()) },
+                r = leadership.changed() => if r.is_err() { return Err(self.elsewhere()) },
+                () = tokio::time::sleep_until(wake) => if wake == deadline {
+                    return Err(self.elsewhere());
+                },
+            }
+        }
     }
 
     /// The answer of a master that cannot serve: who leads, if anyone is known to.
@@ -74,7 +132,16 @@ async fn ask<T>(
     gate: &Gate,
     make: impl FnOnce(oneshot::Sender<Result<T, Status>>) -> Command,
 ) -> Result<T, Status> {
-    let tx = gate.commands()?;
+    ask_after(gate, None, make).await
+}
+
+/// [`ask`] from a caller that just lost the master `lost` ([`Gate::serving`]).
+async fn ask_after<T>(
+    gate: &Gate,
+    lost: Option<&str>,
+    make: impl FnOnce(oneshot::Sender<Result<T, Status>>) -> Command,
+) -> Result<T, Status> {
+    let tx = gate.serving(LEADER_WAIT, lost).await?;
     let (reply, rx) = oneshot::channel();
     // The owner gone mid-call means this master stopped leading (or is stopping).
     tx.send(make(reply)).await.map_err(|_| gate.elsewhere())?;
@@ -280,6 +347,12 @@ impl AgentLink for AgentLinkService {
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.remote_addr();
+        let lost = request
+            .metadata()
+            .get(agora_proto::leader::LOST_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= agora_core::limits::MAX_TEXT)
+            .map(str::to_owned);
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("the agent closed its link before registering")
@@ -291,10 +364,12 @@ impl AgentLink for AgentLinkService {
         };
         validate::registration(&register).map_err(bad)?;
         let (link, rx) = mpsc::channel(self.link_buffer);
-        let (agent, conn) = ask(&self.gate, |reply| Command::AgentRegister {
-            register,
-            link,
-            reply,
+        let (agent, conn) = ask_after(&self.gate, lost.as_deref(), |reply| {
+            Command::AgentRegister {
+                register,
+                link,
+                reply,
+            }
         })
         .await?;
         // The owner that registered the agent: should it end (leadership lost), the link
@@ -467,4 +542,115 @@ pub fn health_router(snapshot: watch::Receiver<Arc<Snapshot>>, gate: Gate) -> ax
             }
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate() -> (
+        Gate,
+        watch::Sender<Option<mpsc::Sender<Command>>>,
+        watch::Sender<Leadership>,
+    ) {
+        let (owner_tx, owner) = watch::channel(None);
+        let (lead_tx, leadership) = watch::channel(Leadership::Follower { leader: None });
+        (
+            Gate {
+                owner,
+                leadership,
+                silence: Duration::from_millis(300),
+            },
+            owner_tx,
+            lead_tx,
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_during_an_election_waits_for_its_outcome() {
+        // Elected here: the waiting call is served once the registry is recovered.
+        let (g, owner_tx, lead_tx) = gate();
+        let call = tokio::spawn(async move { g.serving(LEADER_WAIT, None).await.is_ok() });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!call.is_finished(), "answered before the election ended");
+        lead_tx.send_replace(Leadership::Leader);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !call.is_finished(),
+            "served before the registry was recovered"
+        );
+        let (tx, _rx) = mpsc::channel(1);
+        owner_tx.send_replace(Some(tx));
+        assert!(call.await.unwrap());
+
+        // Another master elected: the waiting call is sent there at once.
+        let (g, _owner_tx, lead_tx) = gate();
+        let call = tokio::spawn(async move { g.serving(LEADER_WAIT, None).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lead_tx.send_replace(Leadership::Follower {
+            leader: Some("127.0.0.1:5052".into()),
+        });
+        let before = tokio::time::Instant::now();
+        let status = call.await.unwrap().expect_err("a follower does not serve");
+        assert!(before.elapsed() < Duration::from_millis(10));
+        assert_eq!(
+            agora_proto::leader::redirect(&status),
+            Some(Some("http://127.0.0.1:5052".into()))
+        );
+
+        // No outcome: after the wait, "no leader yet".
+        let (g, _owner_tx, _lead_tx) = gate();
+        let before = tokio::time::Instant::now();
+        let status = g.serving(LEADER_WAIT, None).await.expect_err("no leader");
+        assert_eq!(before.elapsed(), LEADER_WAIT);
+        assert_eq!(agora_proto::leader::redirect(&status), Some(None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_that_knows_the_leader_answers_at_once() {
+        let (g, _owner_tx, _lead_tx) = gate();
+        let _ = _lead_tx.send_replace(Leadership::Follower {
+            leader: Some("127.0.0.1:5052".into()),
+        });
+        let before = tokio::time::Instant::now();
+        assert!(g.serving(LEADER_WAIT, None).await.is_err());
+        assert_eq!(before.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_lost_the_named_leader_waits_for_it_to_be_heard_or_given_up() {
+        let named = || Leadership::Follower {
+            leader: Some("127.0.0.1:5051".into()),
+        };
+        // It is heard from all along: the caller goes back to it after the doubt.
+        let (g, _owner_tx, lead_tx) = gate();
+        lead_tx.send_replace(named());
+        let before = tokio::time::Instant::now();
+        let status = g
+            .serving(LEADER_WAIT, Some("http://127.0.0.1:5051"))
+            .await
+            .expect_err("a follower does not serve");
+        assert_eq!(before.elapsed(), g.silence);
+        assert_eq!(
+            agora_proto::leader::redirect(&status),
+            Some(Some("http://127.0.0.1:5051".into()))
+        );
+
+        // It falls silent: the caller waits for the election here.
+        let (g, owner_tx, lead_tx) = gate();
+        lead_tx.send_replace(named());
+        let call = tokio::spawn(async move {
+            g.serving(LEADER_WAIT, Some("http://127.0.0.1:5051"))
+                .await
+                .is_ok()
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        lead_tx.send_replace(Leadership::Follower { leader: None });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!call.is_finished(), "gave up before the election ended");
+        lead_tx.send_replace(Leadership::Leader);
+        let (tx, _rx) = mpsc::channel(1);
+        owner_tx.send_replace(Some(tx));
+        assert!(call.await.unwrap(), "served once elected here");
+    }
 }

@@ -9,6 +9,18 @@
 /// The metadata key of the leader's address.
 pub const LEADER_METADATA: &str = "agora-leader";
 
+/// The metadata key a caller sets to the master it just lost (`host:port`, or a URL): a
+/// follower that still names that master waits a few heartbeats to hear from it, rather
+/// than send the caller straight back to it.
+pub const LOST_METADATA: &str = "agora-lost-leader";
+
+/// `host:port` of an address given with or without a scheme, for comparing addresses.
+pub fn host_port(addr: &str) -> &str {
+    let a = addr.trim();
+    let a = a.split_once("://").map_or(a, |(_, rest)| rest);
+    a.trim_end_matches('/')
+}
+
 /// The status a follower answers with.
 pub fn not_leader(leader: Option<&str>) -> tonic::Status {
     let msg = match leader {

@@ -117,6 +117,7 @@ pub struct Registrar {
     store: store::Store,
     config: Arc<RegistryConfig>,
     leadership: watch::Receiver<Leadership>,
+    heard: Arc<network::Heard>,
     /// Dropped with the last clone of the registrar, which stops the runtime of
     /// [`Registrar::start_apart`].
     _apart: Option<Arc<tokio::sync::oneshot::Sender<()>>>,
@@ -240,12 +241,14 @@ impl Registrar {
             let _ = raft.trigger().elect().await;
         }
         let config = Arc::new(config);
-        let leadership = watch_leadership(raft.clone(), Arc::clone(&config));
+        let heard = Arc::new(network::Heard::default());
+        let leadership = watch_leadership(raft.clone(), Arc::clone(&config), Arc::clone(&heard));
         Ok(Registrar {
             raft,
             store,
             config,
             leadership,
+            heard,
             _apart: None,
         })
     }
@@ -282,6 +285,12 @@ impl Registrar {
         self.leadership.clone()
     }
 
+    /// How long a follower goes without hearing from the leader before it names none: three
+    /// heartbeats.
+    pub fn silence(&self) -> Duration {
+        self.config.heartbeat * 3
+    }
+
     /// This master's address in the group.
     pub fn address(&self) -> &str {
         &self.config.members[&self.config.id]
@@ -291,6 +300,7 @@ impl Registrar {
     pub fn peer_service(&self) -> v1::raft_peer_server::RaftPeerServer<network::PeerService> {
         v1::raft_peer_server::RaftPeerServer::new(network::PeerService {
             raft: self.raft.clone(),
+            heard: Arc::clone(&self.heard),
         })
         .max_decoding_message_size(agora_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(agora_proto::MAX_MESSAGE_BYTES)
@@ -380,9 +390,19 @@ fn staggered(config: &RegistryConfig) -> (u64, u64) {
 /// within one and a half of the shortest election timeout. No other member can be elected
 /// sooner than about twice it after last hearing the leader ([`staggered`]), so a
 /// partitioned leader stops serving before another is elected.
-fn watch_leadership(raft: Raft, config: Arc<RegistryConfig>) -> watch::Receiver<Leadership> {
+///
+/// A follower names its leader only while it has heard from it within three heartbeats.
+/// A leader silent longer is most likely gone and an election is coming: saying "no leader
+/// known" then makes callers wait for the election ([`crate::service::Gate::serving`])
+/// rather than be sent to a dead address and come back again and again.
+fn watch_leadership(
+    raft: Raft,
+    config: Arc<RegistryConfig>,
+    heard: Arc<network::Heard>,
+) -> watch::Receiver<Leadership> {
     let (tx, rx) = watch::channel(Leadership::Follower { leader: None });
     let lease = millis(config.election_timeout.0) * 3 / 2;
+    let silent = config.heartbeat * 3; // Registrar::silence
     let solo = config.members.len() == 1;
     tokio::spawn(async move {
         let mut metrics = raft.metrics();
@@ -400,6 +420,7 @@ fn watch_leadership(raft: Raft, config: Arc<RegistryConfig>) -> watch::Receiver<
                     let leader = m
                         .current_leader
                         .filter(|l| *l != config.id)
+                        .filter(|_| heard.since().is_some_and(|t| t < silent))
                         .and_then(|l| config.members.get(&l).cloned());
                     Leadership::Follower { leader }
                 }

@@ -2,7 +2,9 @@
 //! [`v1::RaftPayload`] in the registry's own encoding (postcard), on the masters' own
 //! listeners.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use agora_proto::{MAX_MESSAGE_BYTES, v1};
 use openraft::BasicNode;
@@ -146,6 +148,46 @@ impl RaftNetwork<TypeConfig> for Peer {
 /// The server side: hands peers' messages to the local raft node.
 pub struct PeerService {
     pub raft: Raft,
+    /// Noted at each message of the leader this node follows.
+    pub heard: Arc<Heard>,
+}
+
+/// When this node last heard from the leader it follows. openraft keeps this to itself in
+/// 0.9; the master needs it to tell a leader that just fell silent (it may be dead, an
+/// election is coming) from one that leads.
+#[derive(Debug)]
+pub struct Heard {
+    base: Instant,
+    /// Milliseconds after `base` plus one; 0 for never.
+    at: AtomicU64,
+}
+
+impl Default for Heard {
+    fn default() -> Self {
+        Heard {
+            base: Instant::now(),
+            at: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Heard {
+    pub fn note(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.at.store(ms + 1, Ordering::Relaxed);
+    }
+
+    /// How long ago the leader was last heard, if ever.
+    pub fn since(&self) -> Option<Duration> {
+        match self.at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(
+                self.base
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(at - 1)),
+            ),
+        }
+    }
 }
 
 fn decode<T: DeserializeOwned>(req: tonic::Request<v1::RaftPayload>) -> Result<T, tonic::Status> {
@@ -166,7 +208,12 @@ impl v1::raft_peer_server::RaftPeer for PeerService {
         req: tonic::Request<v1::RaftPayload>,
     ) -> Result<tonic::Response<v1::RaftPayload>, tonic::Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
-        encode(&self.raft.append_entries(rpc).await)
+        let answer = self.raft.append_entries(rpc).await;
+        // Any answer but "my vote is higher" means the sender is the leader this node follows.
+        if matches!(&answer, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.heard.note();
+        }
+        encode(&answer)
     }
 
     async fn vote(
@@ -182,6 +229,10 @@ impl v1::raft_peer_server::RaftPeer for PeerService {
         req: tonic::Request<v1::RaftPayload>,
     ) -> Result<tonic::Response<v1::RaftPayload>, tonic::Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
-        encode(&self.raft.install_snapshot(rpc).await)
+        let answer = self.raft.install_snapshot(rpc).await;
+        if answer.is_ok() {
+            self.heard.note();
+        }
+        encode(&answer)
     }
 }

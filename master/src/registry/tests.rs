@@ -239,10 +239,29 @@ async fn a_group_of_three_elects_a_new_leader_that_has_every_committed_write() {
     let mut group = group;
     let dead = group.swap_remove(first);
     dead.server.abort();
+    let dead_addr = dead.registrar.address().to_owned();
     dead.registrar.shutdown().await;
     let t = Instant::now();
+    // Within a few heartbeats of its silence, nobody sends callers to the dead leader: they
+    // wait for the election instead.
+    let names_dead = |m: &Member| {
+        *m.registrar.leadership().borrow()
+            == Leadership::Follower {
+                leader: Some(dead_addr.clone()),
+            }
+    };
+    while group.iter().any(names_dead) {
+        assert!(
+            t.elapsed() < Duration::from_millis(600),
+            "followers still name the dead leader after {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let forgotten = t.elapsed();
     let second = leader_of(&group, None).await;
     let elected = t.elapsed();
+    eprintln!("the dead leader forgotten after {forgotten:?}");
     let r = &group[second].registrar;
     let applied = r.write(vec![Op::BeginEpoch]).await.unwrap();
     assert_eq!(applied.epoch, 2);

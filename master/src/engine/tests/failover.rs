@@ -300,3 +300,69 @@ fn every_registry_change_is_a_persist_effect() {
             .any(|e| matches!(e, Effect::Persist(Op::RemoveFramework { .. })))
     );
 }
+
+#[test]
+fn a_partition_aware_framework_hears_gone_not_lost_of_tasks_an_agent_lost() {
+    let mut w = World::new();
+    let aware = principal_framework(&mut w, "aware", "alice", &["*"]);
+    let plain = w.framework("plain");
+    let agent = w.agent("cpus:4;mem:1024");
+    let mut tasks = HashMap::new();
+    for fw in [&aware, &plain] {
+        // Two tasks each: one the agent says it lost, one it re-registers without.
+        let mut offers = Vec::new();
+        for _ in 0..5 {
+            w.allocate();
+            offers = w.take_offers(fw);
+            if !offers.is_empty() {
+                break;
+            }
+            w.advance(Duration::from_secs(1));
+        }
+        assert!(!offers.is_empty(), "no offer for {fw}");
+        let launched = vec![w.task("cpus:0.5;mem:64"), w.task("cpus:0.5;mem:64")];
+        let ids: Vec<String> = launched
+            .iter()
+            .map(|t| t.task_id.clone().unwrap().value)
+            .collect();
+        w.accept(fw, &offers, launched, Some(0.0)).unwrap();
+        for id in &ids {
+            w.report(&agent, fw, id, v1::TaskState::TaskRunning);
+        }
+        tasks.insert(fw.clone(), ids);
+    }
+    w.updates.clear();
+    for fw in [&aware, &plain] {
+        w.report(&agent, fw, &tasks[fw][0], v1::TaskState::TaskLost);
+    }
+    // The agent comes back with neither framework's second task.
+    w.e.agent_disconnected(&agent);
+    let now = w.now();
+    w.e.register_agent(
+        v1::agent_message::Register {
+            info: Some(v1::AgentInfo {
+                hostname: "host".into(),
+                resources: resources_to_proto(&parse_resources("cpus:4;mem:1024").unwrap()),
+                ..Default::default()
+            }),
+            agent_id: Some((&agent).into()),
+            tasks: vec![],
+        },
+        now,
+    )
+    .unwrap();
+    w.drain();
+    let heard = |fw: &FrameworkId, task: &str| {
+        w.updates
+            .iter()
+            .filter(|(f, s)| f == fw && s.task_id.as_ref().unwrap().value == task)
+            .map(|(_, s)| s.state())
+            .collect::<Vec<_>>()
+    };
+    for task in &tasks[&aware] {
+        assert_eq!(heard(&aware, task), [v1::TaskState::TaskGone], "{task}");
+    }
+    for task in &tasks[&plain] {
+        assert_eq!(heard(&plain, task), [v1::TaskState::TaskLost], "{task}");
+    }
+}
