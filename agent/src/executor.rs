@@ -65,6 +65,18 @@ pub struct ExecutorConfig {
     pub recovery_timeout: Duration,
 }
 
+impl ExecutorConfig {
+    /// How long an executor has to subscribe: a new one, or one `recovered` from a
+    /// previous agent.
+    fn subscribe_within(&self, recovered: bool) -> Duration {
+        if recovered {
+            self.reregistration_timeout
+        } else {
+            self.registration_timeout
+        }
+    }
+}
+
 impl Default for ExecutorConfig {
     fn default() -> Self {
         ExecutorConfig {
@@ -732,11 +744,7 @@ async fn lifecycle(
     };
     let run = container.run_process(exec.stop.clone(), Some(OnStart::Executor(&hook)));
     tokio::pin!(run);
-    let wait = if exec.recovered {
-        inner.config.reregistration_timeout
-    } else {
-        inner.config.registration_timeout
-    };
+    let wait = inner.config.subscribe_within(exec.recovered);
     let registration = tokio::time::sleep(wait);
     tokio::pin!(registration);
     let subscribed = exec.subscribed.subscribe();
@@ -1079,11 +1087,7 @@ impl ExecutorTask {
                     if !exec.send(&mut st, event.clone()) {
                         // A re-attached executor not yet back: it hears of it when it is.
                         st.queued.push((self.task_id.clone(), v1::ExecutorEvent { event: Some(event) }));
-                        limit += if exec.recovered {
-                            self.inner.config.reregistration_timeout
-                        } else {
-                            self.inner.config.registration_timeout
-                        };
+                        limit += self.inner.config.subscribe_within(exec.recovered);
                     }
                     deadline = Some(Box::pin(tokio::time::sleep(limit)));
                 }

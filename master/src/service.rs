@@ -32,7 +32,7 @@ fn bad(e: agora_core::LimitError) -> Status {
 
 /// Longest a call waits at a master that knows no leader yet ([`Gate::serving`]): more than
 /// an election takes, less than a client waits for one master's answer.
-pub const LEADER_WAIT: Duration = Duration::from_secs(5);
+const LEADER_WAIT: Duration = Duration::from_secs(5);
 
 /// Where calls go: the owner task while this master leads, else nowhere but a redirect.
 #[derive(Clone)]

@@ -130,6 +130,14 @@ impl World {
     }
 
     fn agent(&mut self, resources: &str) -> AgentId {
+        let id = self.register(None, resources);
+        // Only what follows registration is of interest.
+        self.to_agents.clear();
+        id
+    }
+
+    /// An agent on "host" registers (again, under `id`), reporting no tasks.
+    fn register(&mut self, id: Option<&AgentId>, resources: &str) -> AgentId {
         let now = self.now();
         let id = self
             .e
@@ -140,15 +148,13 @@ impl World {
                         resources: resources_to_proto(&parse_resources(resources).unwrap()),
                         ..Default::default()
                     }),
-                    agent_id: None,
+                    agent_id: id.map(Into::into),
                     tasks: vec![],
                 },
                 now,
             )
             .unwrap();
         self.drain();
-        // Only what follows registration is of interest.
-        self.to_agents.clear();
         id
     }
 

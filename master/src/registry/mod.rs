@@ -288,7 +288,7 @@ impl Registrar {
     /// How long a follower goes without hearing from the leader before it names none: three
     /// heartbeats.
     pub fn silence(&self) -> Duration {
-        self.config.heartbeat * 3
+        silence(&self.config)
     }
 
     /// This master's address in the group.
@@ -386,6 +386,11 @@ fn staggered(config: &RegistryConfig) -> (u64, u64) {
     (min, min + spread / 10)
 }
 
+/// How long a follower goes without hearing from the leader before it names none.
+fn silence(config: &RegistryConfig) -> Duration {
+    config.heartbeat * 3
+}
+
 /// Follows openraft's metrics: a leader counts as one only while a majority answered it
 /// within one and a half of the shortest election timeout. No other member can be elected
 /// sooner than about twice it after last hearing the leader ([`staggered`]), so a
@@ -402,7 +407,7 @@ fn watch_leadership(
 ) -> watch::Receiver<Leadership> {
     let (tx, rx) = watch::channel(Leadership::Follower { leader: None });
     let lease = millis(config.election_timeout.0) * 3 / 2;
-    let silent = config.heartbeat * 3; // Registrar::silence
+    let silent = silence(&config);
     let solo = config.members.len() == 1;
     tokio::spawn(async move {
         let mut metrics = raft.metrics();

@@ -262,21 +262,7 @@ fn agents_that_do_not_return_are_marked_unreachable_after_the_reregister_timeout
         .unwrap();
     assert_eq!(a.status, "unreachable");
     // When it does come back, it is admitted again (and written so).
-    let now = n.now();
-    n.e.register_agent(
-        v1::agent_message::Register {
-            info: Some(v1::AgentInfo {
-                hostname: "host".into(),
-                resources: resources_to_proto(&parse_resources("cpus:2;mem:512").unwrap()),
-                ..Default::default()
-            }),
-            agent_id: Some((&agent).into()),
-            tasks: vec![],
-        },
-        now,
-    )
-    .unwrap();
-    n.drain();
+    n.register(Some(&agent), "cpus:2;mem:512");
     assert_eq!(n.registry.agents[agent.as_str()].unreachable_since, None);
 }
 
@@ -337,21 +323,7 @@ fn a_partition_aware_framework_hears_gone_not_lost_of_tasks_an_agent_lost() {
     }
     // The agent comes back with neither framework's second task.
     w.e.agent_disconnected(&agent);
-    let now = w.now();
-    w.e.register_agent(
-        v1::agent_message::Register {
-            info: Some(v1::AgentInfo {
-                hostname: "host".into(),
-                resources: resources_to_proto(&parse_resources("cpus:4;mem:1024").unwrap()),
-                ..Default::default()
-            }),
-            agent_id: Some((&agent).into()),
-            tasks: vec![],
-        },
-        now,
-    )
-    .unwrap();
-    w.drain();
+    w.register(Some(&agent), "cpus:4;mem:1024");
     let heard = |fw: &FrameworkId, task: &str| {
         w.updates
             .iter()
