@@ -195,13 +195,14 @@ impl Scheduler for SchedulerService {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let lost = agora_proto::leader::lost(request.metadata());
         let r = request.into_inner();
         let info = required(r.framework_info, "framework_info")?;
         validate::framework_info(&info).map_err(bad)?;
         agora_core::limits::text("stream_id", &r.stream_id, agora_core::limits::MAX_TEXT)
             .map_err(bad)?;
         let replaces = (!r.stream_id.is_empty()).then_some(r.stream_id);
-        let stream = ask(&self.gate, |reply| Command::Subscribe {
+        let stream = ask_after(&self.gate, lost.as_deref(), |reply| Command::Subscribe {
             info,
             replaces,
             reply,
@@ -347,12 +348,7 @@ impl AgentLink for AgentLinkService {
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.remote_addr();
-        let lost = request
-            .metadata()
-            .get(agora_proto::leader::LOST_METADATA)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= agora_core::limits::MAX_TEXT)
-            .map(str::to_owned);
+        let lost = agora_proto::leader::lost(request.metadata());
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("the agent closed its link before registering")

@@ -14,6 +14,24 @@ pub const LEADER_METADATA: &str = "agora-leader";
 /// than send the caller straight back to it.
 pub const LOST_METADATA: &str = "agora-lost-leader";
 
+/// The most bytes of a lost master's address a master reads from a caller.
+const MAX_LOST_BYTES: usize = 512;
+
+/// Sets on `request` the master its caller just lost ([`LOST_METADATA`]); an address that
+/// cannot travel as metadata is left out (the hint is an optimisation only).
+pub fn tell_lost<T>(request: &mut tonic::Request<T>, master: &str) {
+    if let Ok(v) = host_port(master).parse() {
+        request.metadata_mut().insert(LOST_METADATA, v);
+    }
+}
+
+/// The master a caller says it just lost ([`tell_lost`]): `None` when absent, empty, not
+/// text, or longer than 512 bytes.
+pub fn lost(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    let v = metadata.get(LOST_METADATA)?.to_str().ok()?.trim();
+    (!v.is_empty() && v.len() <= MAX_LOST_BYTES).then(|| v.to_owned())
+}
+
 /// `host:port` of an address given with or without a scheme, for comparing addresses.
 pub fn host_port(addr: &str) -> &str {
     let a = addr.trim();
@@ -94,6 +112,22 @@ mod tests {
         assert_eq!(redirect(&not_leader(None)), Some(None));
         assert_eq!(redirect(&tonic::Status::unavailable("down")), None);
         assert_eq!(redirect(&tonic::Status::not_found("x")), None);
+    }
+
+    #[test]
+    fn a_lost_master_travels_in_metadata_and_is_bounded() {
+        let mut r = tonic::Request::new(());
+        tell_lost(&mut r, "http://10.0.0.1:5050/");
+        assert_eq!(lost(r.metadata()).as_deref(), Some("10.0.0.1:5050"));
+        assert_eq!(lost(tonic::Request::new(()).metadata()), None);
+        let mut long = tonic::Request::new(());
+        tell_lost(&mut long, &"a".repeat(MAX_LOST_BYTES + 1));
+        assert_eq!(lost(long.metadata()), None, "too long");
+        let mut blank = tonic::Request::new(());
+        blank
+            .metadata_mut()
+            .insert(LOST_METADATA, "  ".parse().unwrap());
+        assert_eq!(lost(blank.metadata()), None, "blank");
     }
 
     #[test]

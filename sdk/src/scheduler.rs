@@ -216,20 +216,26 @@ struct Opened {
 /// Subscribes at `master`; `replaces` is the stream id of this process's previous
 /// subscription, which lets it take over even before the master has noticed the old
 /// stream's end. A master that never saw that stream (a new leader) ignores it: the
-/// framework has no live subscription there.
+/// framework has no live subscription there. `lost` is the master the last subscription
+/// was lost with, if it broke ([`agora_proto::leader::LOST_METADATA`]).
 async fn open(
     master: String,
     info: v1::FrameworkInfo,
     replaces: Option<String>,
+    lost: Option<&str>,
 ) -> Result<Opened, Failure<Error>> {
     let mut client = SchedulerClient::new(masters::channel(&master, true).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut request = tonic::Request::new(v1::SubscribeRequest {
+        framework_info: Some(info),
+        stream_id: replaces.unwrap_or_default(),
+    });
+    if let Some(l) = lost {
+        agora_proto::leader::tell_lost(&mut request, l);
+    }
     let mut stream = client
-        .subscribe(v1::SubscribeRequest {
-            framework_info: Some(info),
-            stream_id: replaces.unwrap_or_default(),
-        })
+        .subscribe(request)
         .await
         .map_err(masters::status_failure)?
         .into_inner();
@@ -263,9 +269,10 @@ async fn open_at_leader(
     policy: &DialPolicy,
     info: &v1::FrameworkInfo,
     replaces: Option<&str>,
+    lost: Option<&str>,
 ) -> Result<Opened, Error> {
     let (_, opened) = dial::find_leader(order, policy, |master| {
-        open(master, info.clone(), replaces.map(str::to_owned))
+        open(master, info.clone(), replaces.map(str::to_owned), lost)
     })
     .await?;
     Ok(opened)
@@ -304,7 +311,7 @@ pub async fn subscribe(config: SchedulerConfig) -> Result<(Scheduler, Events), E
         stream,
         session,
         first,
-    } = open_at_leader(&list, &config.discovery, &config.framework, None).await?;
+    } = open_at_leader(&list, &config.discovery, &config.framework, None, None).await?;
     let inner = Arc::new(Inner {
         link: RwLock::new(link),
         session: RwLock::new(Some(session.clone())),
@@ -397,7 +404,17 @@ async fn drive(
             let mut info = config.framework.clone();
             info.id = Some((&session.framework_id).into());
             let order = dial::order(&list, named.as_deref(), Some(&lost));
-            match open_at_leader(&order, &config.discovery, &info, Some(&session.stream_id)).await {
+            // A master that named another leader was not lost: it is alive and follows.
+            let lost = named.is_none().then_some(lost.as_str());
+            match open_at_leader(
+                &order,
+                &config.discovery,
+                &info,
+                Some(&session.stream_id),
+                lost,
+            )
+            .await
+            {
                 Ok(opened) => {
                     if let Event::Subscribed {
                         heartbeat_interval, ..
