@@ -2,7 +2,17 @@
 //! messages both ways, and on any failure search again with backoff — so an agent outlives
 //! master restarts and failovers to another master, and re-registers with its id and its
 //! running tasks.
+//!
+//! The link keeps a connection open to every master it knows, not only the leader: when the
+//! leader dies, ten thousand agents re-registering at once each need a TCP and HTTP/2
+//! handshake with the new leader, and on a small master those handshakes, not the
+//! registrations, are most of the time to fail over. With the connections made in the quiet
+//! time before (one per master, made once and kept alive by HTTP/2 pings), re-registering is
+//! one call on a warm connection. The warming starts only once the agent is linked, so a
+//! cold start connects to the leader first.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use agora_proto::MAX_MESSAGE_BYTES;
@@ -10,7 +20,8 @@ use agora_proto::dial::{self, DialPolicy, Failure};
 use agora_proto::v1::{self, agent_link_client::AgentLinkClient};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tokio_util::task::AbortOnDropHandle;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::actor::Event;
 
@@ -68,6 +79,83 @@ pub struct Backoff {
     pub max: Duration,
 }
 
+/// How often the link connects to masters it has no connection to (jittered).
+const WARM_EVERY: Duration = Duration::from_secs(30);
+
+/// Most connections kept: a `--master` list has at most 16 masters, and a leader named by
+/// one of them may be outside the list.
+const MAX_CHANNELS: usize = 32;
+
+/// The connections the link keeps to masters, by URL.
+#[derive(Clone, Default)]
+struct Channels(Arc<Mutex<HashMap<String, Channel>>>);
+
+impl Channels {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        // The map holds no invariant a panicking holder could break.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, master: &str) -> Option<Channel> {
+        self.lock().get(master).cloned()
+    }
+
+    fn keep(&self, master: &str, channel: Channel) {
+        let mut map = self.lock();
+        if map.len() < MAX_CHANNELS || map.contains_key(master) {
+            map.insert(master.to_owned(), channel);
+        }
+    }
+
+    fn forget(&self, master: &str) {
+        self.lock().remove(master);
+    }
+
+    /// The kept connection to `master`, or a new one (then kept).
+    async fn channel(&self, master: &str) -> Result<Channel, Failure<String>> {
+        if let Some(c) = self.get(master) {
+            return Ok(c);
+        }
+        let c = connect(master).await?;
+        self.keep(master, c.clone());
+        Ok(c)
+    }
+
+    /// Connects to each of `masters` it has no connection to, now and every
+    /// [`WARM_EVERY`], until the handle is dropped (or the link's connections are).
+    fn warm(&self, masters: Vec<String>) -> AbortOnDropHandle<()> {
+        let weak: Weak<Mutex<HashMap<String, Channel>>> = Arc::downgrade(&self.0);
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            loop {
+                for m in &masters {
+                    let Some(channels) = weak.upgrade().map(Channels) else {
+                        return;
+                    };
+                    if channels.get(m).is_some() {
+                        continue;
+                    }
+                    match connect(m).await {
+                        Ok(c) => channels.keep(m, c),
+                        Err(e) => tracing::debug!(master = %m, error = ?e, "no standby connection"),
+                    }
+                }
+                tokio::time::sleep(dial::jittered(WARM_EVERY)).await;
+            }
+        }))
+    }
+}
+
+/// A new connection to `master`.
+async fn connect(master: &str) -> Result<Channel, Failure<String>> {
+    endpoint(master)
+        .map_err(|e| Failure::Unreachable(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| Failure::Unreachable(format!("connecting: {e}")))
+}
+
 /// A session the master accepted.
 struct Opened {
     tx: mpsc::Sender<v1::AgentMessage>,
@@ -79,13 +167,10 @@ struct Opened {
 async fn open(
     master: String,
     lost: Option<&str>,
+    channels: &Channels,
     events: &mpsc::Sender<Event>,
 ) -> Result<Opened, Failure<String>> {
-    let channel = endpoint(&master)
-        .map_err(|e| Failure::Unreachable(e.to_string()))?
-        .connect()
-        .await
-        .map_err(|e| Failure::Unreachable(format!("connecting: {e}")))?;
+    let channel = channels.channel(&master).await?;
     let mut client = AgentLinkClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -101,16 +186,20 @@ async fn open(
         .await
         .map_err(|_| Failure::Unreachable("link closed".into()))?;
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(v) = lost.and_then(|l| l.parse().ok()) {
-        request
-            .metadata_mut()
-            .insert(agora_proto::leader::LOST_METADATA, v);
+    if let Some(l) = lost {
+        agora_proto::leader::tell_lost(&mut request, l);
     }
-    let inbound = client
-        .session(request)
-        .await
-        .map_err(|s| Failure::from(s).map(|s| format!("registering: {}", s.message())))?
-        .into_inner();
+    let inbound = match client.session(request).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            let failure = Failure::from(s).map(|s| format!("registering: {}", s.message()));
+            // A broken connection is made again on the next attempt.
+            if matches!(failure, Failure::Unreachable(_)) {
+                channels.forget(&master);
+            }
+            return Err(failure);
+        }
+    };
     Ok(Opened { tx, inbound })
 }
 
@@ -130,6 +219,7 @@ async fn session(
     order: &[String],
     lost: Option<&str>,
     policy: &DialPolicy,
+    channels: &Channels,
     events: &mpsc::Sender<Event>,
 ) -> Outcome {
     let mut outcome = Outcome {
@@ -139,7 +229,7 @@ async fn session(
         result: Ok(()),
     };
     let (master, Opened { tx, mut inbound }) =
-        match dial::find_leader(order, policy, |m| open(m, lost, events)).await {
+        match dial::find_leader(order, policy, |m| open(m, lost, channels, events)).await {
             Ok(found) => found,
             Err(e) => {
                 outcome.result = Err(e.to_string());
@@ -147,10 +237,13 @@ async fn session(
             }
         };
     tracing::info!(%master, "linked to the leading master");
-    outcome.master = Some(master);
     if events.send(Event::LinkUp { tx }).await.is_err() {
+        outcome.master = Some(master);
         return outcome;
     }
+    // Standby connections to the others, for the day this master is lost.
+    let _warm = channels.warm(order.iter().filter(|m| **m != master).cloned().collect());
+    outcome.master = Some(master);
     outcome.up_since = Some(Instant::now());
     outcome.result = loop {
         match inbound.message().await {
@@ -173,6 +266,7 @@ async fn session(
 /// Keeps a link to the leader among `masters` (see [`masters`]) until `events` closes.
 pub async fn maintain(masters: Vec<String>, backoff: Backoff, events: mpsc::Sender<Event>) {
     let policy = DialPolicy::default();
+    let channels = Channels::default();
     let mut delay = backoff.min;
     let (mut last, mut named) = (None, None);
     loop {
@@ -184,7 +278,7 @@ pub async fn maintain(masters: Vec<String>, backoff: Backoff, events: mpsc::Send
         } else {
             None
         };
-        let outcome = session(&order, lost, &policy, &events).await;
+        let outcome = session(&order, lost, &policy, &channels, &events).await;
         let _ = events.send(Event::LinkDown).await;
         if events.is_closed() {
             return;
@@ -209,8 +303,8 @@ mod tests {
 
     use agora_proto::leader::not_leader;
     use agora_proto::v1::agent_link_server::{AgentLink, AgentLinkServer};
-    use tokio_stream::Stream;
     use tokio_stream::wrappers::TcpListenerStream;
+    use tokio_stream::{Stream, StreamExt};
     use tonic::{Request, Response, Status, Streaming};
 
     use super::*;
@@ -220,6 +314,8 @@ mod tests {
         /// The leader it names (`host:port`) while it follows; `None`: it leads.
         follows: Option<Option<String>>,
         sessions: u32,
+        /// TCP connections it accepted.
+        connections: usize,
         /// The first message of each session it accepted.
         registrations: Vec<v1::AgentMessage>,
         /// Open sessions; dropping them ends the links.
@@ -268,10 +364,15 @@ mod tests {
                 addr: listener.local_addr().unwrap().to_string(),
             };
             fake.state.lock().unwrap().follows = follows;
+            let state = fake.state.clone();
+            let incoming = TcpListenerStream::new(listener).map(move |c| {
+                state.lock().unwrap().connections += 1;
+                c
+            });
             tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(AgentLinkServer::new(fake.clone()))
-                    .serve_with_incoming(TcpListenerStream::new(listener)),
+                    .serve_with_incoming(incoming),
             );
             fake
         }
@@ -286,6 +387,10 @@ mod tests {
 
         fn sessions(&self) -> u32 {
             self.state.lock().unwrap().sessions
+        }
+
+        fn connections(&self) -> usize {
+            self.state.lock().unwrap().connections
         }
     }
 
@@ -347,6 +452,67 @@ mod tests {
         };
         assert_eq!(r.agent_id.unwrap().value, "A1", "re-registered with its id");
         link.abort();
+    }
+
+    #[tokio::test]
+    async fn a_standby_connection_to_the_other_master_serves_the_failover() {
+        let a = Fake::serve(None).await;
+        let b = Fake::serve(Some(Some(a.addr.clone()))).await;
+        let (tx, mut events) = mpsc::channel(64);
+        let backoff = Backoff {
+            min: Duration::from_millis(10),
+            max: Duration::from_millis(100),
+        };
+        let link = tokio::spawn(maintain(vec![a.url(), b.url()], backoff, tx));
+        until_link_up(&mut events).await;
+        assert_eq!(a.registrations(), 1);
+        // Linked to `a`, the agent connects to `b` without calling it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b.connections() == 0 {
+            assert!(Instant::now() < deadline, "no standby connection to b");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(b.sessions(), 0);
+
+        b.state.lock().unwrap().follows = None;
+        {
+            let mut s = a.state.lock().unwrap();
+            s.follows = Some(Some(b.addr.clone()));
+            s.links.clear();
+        }
+        until_link_up(&mut events).await;
+        assert_eq!(b.registrations(), 1);
+        assert_eq!(
+            b.connections(),
+            1,
+            "the failover used the standby connection"
+        );
+        link.abort();
+    }
+
+    #[test]
+    fn kept_connections_are_bounded() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _in = rt.enter();
+        let channels = Channels::default();
+        let lazy = |i: usize| {
+            endpoint(&format!("http://127.0.0.1:{}", 1000 + i))
+                .unwrap()
+                .connect_lazy()
+        };
+        for i in 0..MAX_CHANNELS + 8 {
+            channels.keep(&format!("m{i}"), lazy(i));
+        }
+        assert_eq!(channels.lock().len(), MAX_CHANNELS);
+        // A master already kept gets its new connection.
+        channels.keep("m0", lazy(0));
+        channels.forget("m1");
+        channels.keep("new", lazy(99));
+        assert!(channels.get("new").is_some() && channels.get("m1").is_none());
+        assert_eq!(channels.lock().len(), MAX_CHANNELS);
     }
 
     #[test]
