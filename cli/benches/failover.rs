@@ -9,8 +9,8 @@
 //! cargo bench -p agora-cli --bench failover -- --election-timeout 300ms
 //! ```
 //!
-//! A simulated agent is the real agent's link ([`agora_agent::link::maintain`]: one gRPC
-//! connection per agent, the real registration, leader-finding and reconnect backoff) with a
+//! A simulated agent is the real agent's link ([`agora_agent::link::maintain`]: a gRPC
+//! connection to each master, the real registration, leader-finding and reconnect backoff) with a
 //! stand-in for the rest of the agent: it registers with its tasks (reported running),
 //! heartbeats, and answers nothing else — it runs no containers, keeps no checkpoint and
 //! sends no status updates, and all of them share this one process (and its two cores with
@@ -221,14 +221,24 @@ fn humantime_ms(s: &str) -> u64 {
     }
 }
 
+/// Each simulated agent holds a connection to each of the three masters (the link keeps
+/// standby connections), so 10,000 agents need about 30,000 descriptors here and 10,000 in
+/// each master: more than some hosts' hard limit of 20,000. As root both limits are raised;
+/// otherwise the soft limit goes up to the hard one.
 fn raise_fd_limit() {
     let mut l = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit/setrlimit on a local struct.
+    // SAFETY: getrlimit/setrlimit on local structs.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+        let wanted = libc::rlimit {
+            rlim_cur: 1 << 20,
+            rlim_max: 1 << 20,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0
+            && libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0
+        {
             l.rlim_cur = l.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &l);
         }
@@ -314,8 +324,9 @@ async fn run(agents: usize, tasks: usize, election: Option<&str>) {
         "{agents} simulated agents with {} tasks registered with the leader in {register:.2?}",
         agents * tasks
     );
-    // Settle: allocation and offers of the first registrations are done.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Settle: allocation and offers of the first registrations are done, and each agent
+    // has made its standby connections to the other masters.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     while reports.try_recv().is_ok() {}
 
     let killed = Instant::now();
