@@ -387,3 +387,147 @@ async fn the_leader_and_an_agent_killed_together_lose_nothing() {
         assert_eq!(ends, usize::from(t == "short-native"), "{t}: {ends} ends");
     }
 }
+
+/// The pids of the `agora __wasm-executor` processes in cgroups under `parent` (not the
+/// `agora __init -- agora __wasm-executor` that supervises each).
+fn wasm_executors(parent: &str) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| in_cgroup(*pid, parent))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"__wasm-executor"))
+        })
+        .collect()
+}
+
+fn in_cgroup(pid: i32, parent: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(parent))
+}
+
+/// Whether `pid` has exited (a zombie has: only its parent's wait is left).
+fn ended(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+    })
+}
+
+/// Kills what is left in the cgroups under `parent` and removes them, so a test that fails
+/// half-way (its agent killed with SIGKILL, an executor stopped) leaves nothing behind.
+struct Reap(String);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        fn dirs(d: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs(&e.path(), out);
+                }
+            }
+            out.push(d.to_owned());
+        }
+        let mut all = Vec::new();
+        for h in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let top = h.path().join(&self.0);
+            if top.is_dir() {
+                dirs(&top, &mut all);
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for d in &all {
+            loop {
+                let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                let pids: Vec<i32> = procs.lines().filter_map(|l| l.parse().ok()).collect();
+                if pids.is_empty() || std::time::Instant::now() > deadline {
+                    break;
+                }
+                for pid in pids {
+                    // SAFETY: kill(2) on a member of this test's own cgroup.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// An executor that is alive but never subscribes again after its agent restarted (here:
+/// stopped with SIGSTOP) is killed after `--executor-reregistration-timeout`, and its task
+/// ends with REASON_EXECUTOR_REGISTRATION_TIMEOUT instead of being reported running forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_that_does_not_return_after_an_agent_restart_is_killed() {
+    let cluster = Cluster::start_with(patient_master(), &[]).await;
+    let agent = AgentProcess {
+        master: cluster.master.clone(),
+        port: free_port(),
+        work_dir: cluster.dir.path().join("agent"),
+        cgroup_parent: format!("agora-test-{}-recovery-stuck", std::process::id()),
+    };
+    let _reap = Reap(agent.cgroup_parent.clone());
+    let mut first = Killed(Some(agent.command().spawn().unwrap()));
+    cluster.wait_for_agents(1).await;
+    let (s, mut events) = cluster.framework("stuck").await;
+    let offers = next_offers(&mut events).await;
+    let offer = &offers[0];
+    let task = wasm_task("stuck-wasm", "sleeper", "cpus:0.2;mem:64")
+        .args(["600"])
+        .build_for(offer);
+    s.accept(&[offer.id.clone().unwrap()], vec![task], Some(0.0))
+        .await
+        .unwrap();
+    let mut seen = Seen::default();
+    seen.pump(&s, &mut events, "the task to run", |v| {
+        v.state("stuck-wasm") == Some(TaskState::Running)
+    })
+    .await;
+    let executors = wasm_executors(&agent.cgroup_parent);
+    let [pid] = executors[..] else {
+        let cmds: Vec<_> = executors
+            .iter()
+            .map(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            })
+            .collect();
+        panic!("expected one Wasm executor, found {cmds:?}");
+    };
+
+    first.kill();
+    // SAFETY: kill(2) on the executor this test's agent started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let mut again = agent.command();
+    again.args(["--executor-reregistration-timeout", "1s"]);
+    let _second = Proc(again.spawn().unwrap());
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+    let pumped = tokio::time::timeout_at(
+        deadline,
+        seen.pump(&s, &mut events, "the task to end", |v| {
+            v.state("stuck-wasm").is_some_and(TaskState::is_terminal)
+        }),
+    )
+    .await;
+    assert!(
+        pumped.is_ok(),
+        "the task did not end within 12 s: {:?}",
+        seen.latest.get("stuck-wasm")
+    );
+    let end = &seen.latest["stuck-wasm"];
+    assert_eq!(
+        end.reason(),
+        v1::Reason::ExecutorRegistrationTimeout,
+        "{end:?}"
+    );
+    wait_until("the stopped executor to be killed", || async { ended(pid) }).await;
+}
