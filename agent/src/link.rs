@@ -86,9 +86,14 @@ const WARM_EVERY: Duration = Duration::from_secs(30);
 /// one of them may be outside the list.
 const MAX_CHANNELS: usize = 32;
 
-/// The connections the link keeps to masters, by URL.
+/// The connections the link keeps to masters, by `host:port` (however an address is
+/// spelled, one connection per master).
 #[derive(Clone, Default)]
 struct Channels(Arc<Mutex<HashMap<String, Channel>>>);
+
+fn key(master: &str) -> String {
+    agora_proto::leader::host_port(master).to_owned()
+}
 
 impl Channels {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
@@ -99,18 +104,29 @@ impl Channels {
     }
 
     fn get(&self, master: &str) -> Option<Channel> {
-        self.lock().get(master).cloned()
+        self.lock().get(&key(master)).cloned()
+    }
+
+    fn has_room(&self) -> bool {
+        self.lock().len() < MAX_CHANNELS
     }
 
     fn keep(&self, master: &str, channel: Channel) {
         let mut map = self.lock();
-        if map.len() < MAX_CHANNELS || map.contains_key(master) {
-            map.insert(master.to_owned(), channel);
+        let k = key(master);
+        if map.len() < MAX_CHANNELS || map.contains_key(&k) {
+            map.insert(k, channel);
         }
     }
 
     fn forget(&self, master: &str) {
-        self.lock().remove(master);
+        self.lock().remove(&key(master));
+    }
+
+    /// Drops the connections to masters other than `masters` (leaders named once and gone).
+    fn retain(&self, masters: &[String]) {
+        let keep: std::collections::HashSet<String> = masters.iter().map(|m| key(m)).collect();
+        self.lock().retain(|k, _| keep.contains(k));
     }
 
     /// The kept connection to `master`, or a new one (then kept).
@@ -123,8 +139,11 @@ impl Channels {
         Ok(c)
     }
 
-    /// Connects to each of `masters` it has no connection to, now and every
-    /// [`WARM_EVERY`], until the handle is dropped (or the link's connections are).
+    /// Keeps a working connection to each of `masters`, now and every [`WARM_EVERY`], until
+    /// the handle is dropped (or the link's connections are). A kept connection is asked
+    /// for the master's health: a connection only reconnects when it is used, so one to a
+    /// master that restarted would otherwise cost a handshake at the failover; one that
+    /// fails is replaced.
     fn warm(&self, masters: Vec<String>) -> AbortOnDropHandle<()> {
         let weak: Weak<Mutex<HashMap<String, Channel>>> = Arc::downgrade(&self.0);
         AbortOnDropHandle::new(tokio::spawn(async move {
@@ -133,7 +152,17 @@ impl Channels {
                     let Some(channels) = weak.upgrade().map(Channels) else {
                         return;
                     };
-                    if channels.get(m).is_some() {
+                    if let Some(c) = channels.get(m) {
+                        let mut client = v1::operator_client::OperatorClient::new(c);
+                        let health = client.get_health(v1::GetHealthRequest {});
+                        match tokio::time::timeout(Duration::from_secs(5), health).await {
+                            // Any answer of the master's own proves the connection.
+                            Ok(Ok(_)) => continue,
+                            Ok(Err(s)) if s.code() != tonic::Code::Unavailable => continue,
+                            _ => channels.forget(m),
+                        }
+                    }
+                    if !channels.has_room() {
                         continue;
                     }
                     match connect(m).await {
@@ -242,7 +271,11 @@ async fn session(
         return outcome;
     }
     // Standby connections to the others, for the day this master is lost.
-    let _warm = channels.warm(order.iter().filter(|m| **m != master).cloned().collect());
+    let mut known = order.to_vec();
+    known.push(master.clone());
+    channels.retain(&known);
+    let others = order.iter().filter(|m| key(m) != key(&master));
+    let _warm = channels.warm(others.cloned().collect());
     outcome.master = Some(master);
     outcome.up_since = Some(Instant::now());
     outcome.result = loop {
@@ -513,6 +546,11 @@ mod tests {
         channels.keep("new", lazy(99));
         assert!(channels.get("new").is_some() && channels.get("m1").is_none());
         assert_eq!(channels.lock().len(), MAX_CHANNELS);
+        // Masters no longer named are dropped; one master however spelled is one entry.
+        channels.retain(&["http://m0/".to_owned(), "new".to_owned()]);
+        assert_eq!(channels.lock().len(), 2);
+        channels.keep("http://new", lazy(98));
+        assert_eq!(channels.lock().len(), 2);
     }
 
     #[test]
