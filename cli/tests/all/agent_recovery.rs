@@ -430,13 +430,26 @@ impl Drop for Reap {
             }
             out.push(d.to_owned());
         }
+        // A name that is empty, absolute or climbs would reach cgroups not the test's.
+        let name = Path::new(&self.0);
+        assert!(
+            !self.0.is_empty()
+                && name
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_))),
+            "not a test's cgroup name: {:?}",
+            self.0
+        );
         let mut all = Vec::new();
-        for h in std::fs::read_dir("/sys/fs/cgroup")
+        // cgroup v2 (`/sys/fs/cgroup/NAME`) and each v1 hierarchy (`/sys/fs/cgroup/H/NAME`).
+        let hierarchies = std::fs::read_dir("/sys/fs/cgroup")
             .into_iter()
             .flatten()
-            .flatten()
-        {
-            let top = h.path().join(&self.0);
+            .flatten();
+        let roots =
+            std::iter::once(PathBuf::from("/sys/fs/cgroup")).chain(hierarchies.map(|h| h.path()));
+        for root in roots {
+            let top = root.join(name);
             if top.is_dir() {
                 dirs(&top, &mut all);
             }
@@ -529,5 +542,7 @@ async fn an_executor_that_does_not_return_after_an_agent_restart_is_killed() {
         v1::Reason::ExecutorRegistrationTimeout,
         "{end:?}"
     );
+    // The flag's timeout, not the default's (5 s).
+    assert!(end.message.contains("within 1s"), "{end:?}");
     wait_until("the stopped executor to be killed", || async { ended(pid) }).await;
 }
