@@ -37,12 +37,12 @@ async fn an_agent_that_goes_away_is_marked_lost_with_its_tasks() {
 
     let stopped = Instant::now();
     cluster.agents[0].handle.stop().await.unwrap();
-    // 3 missed heartbeats of 100 ms, counted from the last heartbeat, which came up to one
+    // 10 missed heartbeats of 100 ms, counted from the last heartbeat, which came up to one
     // interval before the agent stopped.
     let lost = wait_state(&mut events, &tid("plain-task"), TaskState::Lost).await;
     assert_eq!(lost.reason(), v1::Reason::AgentRemoved);
     assert!(
-        stopped.elapsed() >= Duration::from_millis(200),
+        stopped.elapsed() >= Duration::from_millis(900),
         "{:?}",
         stopped.elapsed()
     );

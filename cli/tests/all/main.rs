@@ -38,7 +38,10 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub fn fast_master() -> MasterConfig {
     MasterConfig {
         agent_heartbeat_interval: Duration::from_millis(100),
-        max_missed_heartbeats: 3,
+        // A second of silence: two clusters compiling Wasm side by side on two cores can
+        // hold an agent's heartbeat up for a few hundred milliseconds, and its tasks must
+        // not be written off for that.
+        max_missed_heartbeats: 10,
         allocation_interval: Duration::from_millis(100),
         framework_heartbeat_interval: Duration::from_secs(1),
         // These clusters test other things than durability (the registry's own tests run
