@@ -487,3 +487,73 @@ async fn agora_run_outlives_a_failover() {
     );
     agent.stop().await.unwrap();
 }
+
+/// A leader whose followers are gone (here: killed) can no longer commit, and a follower on
+/// the far side of a partition may be elected: it stops serving within about one and a half
+/// election timeouts, and calls at it are refused, never answered from a stale registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_majority_stops_serving() {
+    let mut group = Group::start();
+    let leader = group.leader(None).await;
+    let url = format!("http://127.0.0.1:{}", group.ports[leader]);
+    let mut op = v1::operator_client::OperatorClient::connect(url.clone())
+        .await
+        .unwrap();
+    let role = |h: &v1::GetHealthResponse| h.role.clone();
+    assert_eq!(
+        role(
+            &op.get_health(v1::GetHealthRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        "leader"
+    );
+
+    let cut = std::time::Instant::now();
+    for i in (0..3).filter(|i| *i != leader) {
+        group.procs[i].kill();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let last = loop {
+        let h = op
+            .get_health(v1::GetHealthRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if role(&h) != "leader" {
+            break role(&h);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still leading 10 s after losing its majority"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // 1.5 election timeouts (500 ms) and the 50 ms the leadership watch looks again; no
+    // follower could be elected sooner than about twice the timeout. 3 s leaves room for a
+    // loaded machine while still failing a leader that only steps down much later.
+    let took = cut.elapsed();
+    eprintln!("stopped leading after {took:?} ({last})");
+    assert!(
+        took < Duration::from_secs(3),
+        "stopped leading only after {took:?}"
+    );
+    // A framework is not served there: after the leader wait, it is told no leader is known.
+    let mut sched = v1::scheduler_client::SchedulerClient::connect(url)
+        .await
+        .unwrap();
+    let refused = sched
+        .subscribe(v1::SubscribeRequest {
+            framework_info: Some(v1::FrameworkInfo {
+                name: "late".into(),
+                user: "nobody".into(),
+                ..Default::default()
+            }),
+            stream_id: String::new(),
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+}
