@@ -754,6 +754,70 @@ mod tests {
         assert_eq!(read_exit_file(&dir.path().join("none")), None);
     }
 
+    /// `read_exit_file` on another thread, so a reader that blocks fails the test.
+    fn read_within_5s(path: &std::path::Path) -> Option<i32> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = path.to_owned();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_exit_file(&path));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("reading the exit file blocked")
+    }
+
+    #[test]
+    fn what_a_task_plants_as_its_exit_file_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "3\n").unwrap();
+        // A FIFO: opening it for reading would wait for a writer.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a path in the test's own directory.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        assert_eq!(read_within_5s(&fifo), None);
+        // A hard link to a file of someone else's choosing.
+        let hard = dir.path().join("hard");
+        std::fs::hard_link(&secret, &hard).unwrap();
+        assert_eq!(read_within_5s(&hard), None);
+        // A symbolic link.
+        let sym = dir.path().join("sym");
+        std::os::unix::fs::symlink(&secret, &sym).unwrap();
+        assert_eq!(read_within_5s(&sym), None);
+        // A directory.
+        let d = dir.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        assert_eq!(read_within_5s(&d), None);
+    }
+
+    #[test]
+    fn a_planted_log_file_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "").unwrap();
+        let mut l = Log {
+            logs: Logs {
+                dir: dir.path().into(),
+                max: 1024,
+                keep: 1,
+            },
+            name: "stdout",
+            user: None,
+            file: None,
+            size: 0,
+        };
+        for plant in [
+            |t: &std::path::Path, p: &std::path::Path| std::fs::hard_link(t, p),
+            |t: &std::path::Path, p: &std::path::Path| std::os::unix::fs::symlink(t, p),
+        ] {
+            let _ = std::fs::remove_file(dir.path().join("stdout"));
+            plant(&target, &dir.path().join("stdout")).unwrap();
+            l.open(false);
+            l.write(b"leaked");
+            assert_eq!(std::fs::read_to_string(&target).unwrap(), "");
+        }
+    }
+
     #[test]
     fn logs_rotate_at_their_bound() {
         let dir = tempfile::tempdir().unwrap();
