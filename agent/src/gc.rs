@@ -299,18 +299,16 @@ pub async fn start(
             removed,
             frozen: Arc::default(),
         },
-        Collector(task),
+        Collector {
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        },
     )
 }
 
 /// The collector's task: it stops when this is dropped.
 #[derive(Debug)]
-pub struct Collector(tokio::task::JoinHandle<()>);
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+pub struct Collector {
+    _task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
 async fn collect(
