@@ -218,18 +218,32 @@ async fn open(
     if let Some(l) = lost {
         agora_proto::leader::tell_lost(&mut request, l);
     }
+    // A broken connection is made again on the next attempt: one that failed, and one
+    // whose call outlived the attempt (dropped unanswered, as on a half-open connection).
+    let mut unanswered = Forget(Some((channels, &master)));
     let inbound = match client.session(request).await {
         Ok(r) => r.into_inner(),
         Err(s) => {
             let failure = Failure::from(s).map(|s| format!("registering: {}", s.message()));
-            // A broken connection is made again on the next attempt.
-            if matches!(failure, Failure::Unreachable(_)) {
-                channels.forget(&master);
+            if !matches!(failure, Failure::Unreachable(_)) {
+                unanswered.0 = None;
             }
             return Err(failure);
         }
     };
+    unanswered.0 = None;
     Ok(Opened { tx, inbound })
+}
+
+/// Forgets the kept connection to a master when dropped, unless disarmed (`None`).
+struct Forget<'a>(Option<(&'a Channels, &'a str)>);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Some((channels, master)) = self.0 {
+            channels.forget(master);
+        }
+    }
 }
 
 /// How one session went.
@@ -349,6 +363,8 @@ mod tests {
         sessions: u32,
         /// TCP connections it accepted.
         connections: usize,
+        /// Whether it never answers a session (a hung master, or a half-open connection).
+        hang: bool,
         /// The first message of each session it accepted.
         registrations: Vec<v1::AgentMessage>,
         /// Open sessions; dropping them ends the links.
@@ -371,11 +387,14 @@ mod tests {
             &self,
             request: Request<Streaming<v1::AgentMessage>>,
         ) -> Result<Response<Out>, Status> {
-            let follows = {
+            let (follows, hang) = {
                 let mut s = self.state.lock().unwrap();
                 s.sessions += 1;
-                s.follows.clone()
+                (s.follows.clone(), s.hang)
             };
+            if hang {
+                std::future::pending::<()>().await;
+            }
             if let Some(leader) = follows {
                 return Err(not_leader(leader.as_deref()));
             }
@@ -521,6 +540,29 @@ mod tests {
             "the failover used the standby connection"
         );
         link.abort();
+    }
+
+    #[tokio::test]
+    async fn a_session_call_dropped_unanswered_forgets_its_connection() {
+        let hung = Fake::serve(None).await;
+        hung.state.lock().unwrap().hang = true;
+        let channels = Channels::default();
+        let (tx, mut events) = mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if let Event::Connecting { reply } = ev {
+                    let _ = reply.send(v1::AgentMessage::default());
+                }
+            }
+        });
+        let attempt = open(hung.url(), None, &channels, &tx);
+        let timed_out = tokio::time::timeout(Duration::from_millis(500), attempt).await;
+        assert!(timed_out.is_err(), "the hung master answered");
+        assert_eq!(hung.sessions(), 1, "the call reached the master");
+        assert!(
+            channels.get(&hung.url()).is_none(),
+            "the connection is kept"
+        );
     }
 
     #[test]
