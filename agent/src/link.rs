@@ -446,6 +446,15 @@ mod tests {
         }
     }
 
+    /// `a` dies as leader (its links end); `b` is elected and `a`'s address answers as a
+    /// follower naming it.
+    fn fail_over(a: &Fake, b: &Fake) {
+        b.state.lock().unwrap().follows = None;
+        let mut s = a.state.lock().unwrap();
+        s.follows = Some(Some(b.addr.clone()));
+        s.links.clear();
+    }
+
     /// Plays the agent's owner task: answers `Connecting` with a registration until the link
     /// is up.
     async fn until_link_up(events: &mut mpsc::Receiver<Event>) {
@@ -489,13 +498,7 @@ mod tests {
         until_link_up(&mut events).await;
         assert_eq!((a.registrations(), b.sessions()), (1, 1));
 
-        // `a` dies as leader; `b` is elected and `a`'s address answers as a follower.
-        b.state.lock().unwrap().follows = None;
-        {
-            let mut s = a.state.lock().unwrap();
-            s.follows = Some(Some(b.addr.clone()));
-            s.links.clear();
-        }
+        fail_over(&a, &b);
         until_link_up(&mut events).await;
         assert_eq!(b.registrations(), 1);
         let reg = b.state.lock().unwrap().registrations[0].clone();
@@ -526,12 +529,7 @@ mod tests {
         }
         assert_eq!(b.sessions(), 0);
 
-        b.state.lock().unwrap().follows = None;
-        {
-            let mut s = a.state.lock().unwrap();
-            s.follows = Some(Some(b.addr.clone()));
-            s.links.clear();
-        }
+        fail_over(&a, &b);
         until_link_up(&mut events).await;
         assert_eq!(b.registrations(), 1);
         assert_eq!(

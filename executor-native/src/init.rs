@@ -790,22 +790,27 @@ mod tests {
         assert_eq!(read_within_5s(&d), None);
     }
 
-    #[test]
-    fn a_planted_log_file_is_not_written_through() {
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("elsewhere");
-        std::fs::write(&target, "").unwrap();
-        let mut l = Log {
+    /// A task's stdout log in `dir`, rotated at `max` bytes, one old file kept.
+    fn stdout_log(dir: &std::path::Path, max: u64) -> Log {
+        Log {
             logs: Logs {
-                dir: dir.path().into(),
-                max: 1024,
+                dir: dir.into(),
+                max,
                 keep: 1,
             },
             name: "stdout",
             user: None,
             file: None,
             size: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn a_planted_log_file_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "").unwrap();
+        let mut l = stdout_log(dir.path(), 1024);
         for plant in [
             |t: &std::path::Path, p: &std::path::Path| std::fs::hard_link(t, p),
             |t: &std::path::Path, p: &std::path::Path| std::os::unix::fs::symlink(t, p),
@@ -821,17 +826,7 @@ mod tests {
     #[test]
     fn logs_rotate_at_their_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let mut l = Log {
-            logs: Logs {
-                dir: dir.path().into(),
-                max: 10,
-                keep: 1,
-            },
-            name: "stdout",
-            user: None,
-            file: None,
-            size: 0,
-        };
+        let mut l = stdout_log(dir.path(), 10);
         l.open(false);
         l.write(b"0123456789abcdefghij-");
         let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
