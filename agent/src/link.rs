@@ -2,17 +2,7 @@
 //! messages both ways, and on any failure search again with backoff — so an agent outlives
 //! master restarts and failovers to another master, and re-registers with its id and its
 //! running tasks.
-//!
-//! The link keeps a connection open to every master it knows, not only the leader: when the
-//! leader dies, ten thousand agents re-registering at once each need a TCP and HTTP/2
-//! handshake with the new leader, and on a small master those handshakes, not the
-//! registrations, are most of the time to fail over. With the connections made in the quiet
-//! time before (one per master, made once and kept alive by HTTP/2 pings), re-registering is
-//! one call on a warm connection. The warming starts only once the agent is linked, so a
-//! cold start connects to the leader first.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use agora_proto::MAX_MESSAGE_BYTES;
@@ -20,8 +10,7 @@ use agora_proto::dial::{self, DialPolicy, Failure};
 use agora_proto::v1::{self, agent_link_client::AgentLinkClient};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::task::AbortOnDropHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::actor::Event;
 
@@ -79,112 +68,6 @@ pub struct Backoff {
     pub max: Duration,
 }
 
-/// How often the link connects to masters it has no connection to (jittered).
-const WARM_EVERY: Duration = Duration::from_secs(30);
-
-/// Most connections kept: a `--master` list has at most 16 masters, and a leader named by
-/// one of them may be outside the list.
-const MAX_CHANNELS: usize = 32;
-
-/// The connections the link keeps to masters, by `host:port` (however an address is
-/// spelled, one connection per master).
-#[derive(Clone, Default)]
-struct Channels(Arc<Mutex<HashMap<String, Channel>>>);
-
-fn key(master: &str) -> String {
-    agora_proto::leader::host_port(master).to_owned()
-}
-
-impl Channels {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
-        // The map holds no invariant a panicking holder could break.
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn get(&self, master: &str) -> Option<Channel> {
-        self.lock().get(&key(master)).cloned()
-    }
-
-    fn has_room(&self) -> bool {
-        self.lock().len() < MAX_CHANNELS
-    }
-
-    fn keep(&self, master: &str, channel: Channel) {
-        let mut map = self.lock();
-        let k = key(master);
-        if map.len() < MAX_CHANNELS || map.contains_key(&k) {
-            map.insert(k, channel);
-        }
-    }
-
-    fn forget(&self, master: &str) {
-        self.lock().remove(&key(master));
-    }
-
-    /// Drops the connections to masters other than `masters` (leaders named once and gone).
-    fn retain(&self, masters: &[String]) {
-        let keep: std::collections::HashSet<String> = masters.iter().map(|m| key(m)).collect();
-        self.lock().retain(|k, _| keep.contains(k));
-    }
-
-    /// The kept connection to `master`, or a new one (then kept).
-    async fn channel(&self, master: &str) -> Result<Channel, Failure<String>> {
-        if let Some(c) = self.get(master) {
-            return Ok(c);
-        }
-        let c = connect(master).await?;
-        self.keep(master, c.clone());
-        Ok(c)
-    }
-
-    /// Keeps a working connection to each of `masters`, now and every [`WARM_EVERY`], until
-    /// the handle is dropped (or the link's connections are). A kept connection is asked
-    /// for the master's health: a connection only reconnects when it is used, so one to a
-    /// master that restarted would otherwise cost a handshake at the failover; one that
-    /// fails is replaced.
-    fn warm(&self, masters: Vec<String>) -> AbortOnDropHandle<()> {
-        let weak: Weak<Mutex<HashMap<String, Channel>>> = Arc::downgrade(&self.0);
-        AbortOnDropHandle::new(tokio::spawn(async move {
-            loop {
-                for m in &masters {
-                    let Some(channels) = weak.upgrade().map(Channels) else {
-                        return;
-                    };
-                    if let Some(c) = channels.get(m) {
-                        let mut client = v1::operator_client::OperatorClient::new(c);
-                        let health = client.get_health(v1::GetHealthRequest {});
-                        match tokio::time::timeout(Duration::from_secs(5), health).await {
-                            // Any answer of the master's own proves the connection.
-                            Ok(Ok(_)) => continue,
-                            Ok(Err(s)) if s.code() != tonic::Code::Unavailable => continue,
-                            _ => channels.forget(m),
-                        }
-                    }
-                    if !channels.has_room() {
-                        continue;
-                    }
-                    match connect(m).await {
-                        Ok(c) => channels.keep(m, c),
-                        Err(e) => tracing::debug!(master = %m, error = ?e, "no standby connection"),
-                    }
-                }
-                tokio::time::sleep(dial::jittered(WARM_EVERY)).await;
-            }
-        }))
-    }
-}
-
-/// A new connection to `master`.
-async fn connect(master: &str) -> Result<Channel, Failure<String>> {
-    endpoint(master)
-        .map_err(|e| Failure::Unreachable(e.to_string()))?
-        .connect()
-        .await
-        .map_err(|e| Failure::Unreachable(format!("connecting: {e}")))
-}
-
 /// A session the master accepted.
 struct Opened {
     tx: mpsc::Sender<v1::AgentMessage>,
@@ -196,10 +79,13 @@ struct Opened {
 async fn open(
     master: String,
     lost: Option<&str>,
-    channels: &Channels,
     events: &mpsc::Sender<Event>,
 ) -> Result<Opened, Failure<String>> {
-    let channel = channels.channel(&master).await?;
+    let channel = endpoint(&master)
+        .map_err(|e| Failure::Unreachable(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| Failure::Unreachable(format!("connecting: {e}")))?;
     let mut client = AgentLinkClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -218,32 +104,12 @@ async fn open(
     if let Some(l) = lost {
         agora_proto::leader::tell_lost(&mut request, l);
     }
-    // A broken connection is made again on the next attempt: one that failed, and one
-    // whose call outlived the attempt (dropped unanswered, as on a half-open connection).
-    let mut unanswered = Forget(Some((channels, &master)));
-    let inbound = match client.session(request).await {
-        Ok(r) => r.into_inner(),
-        Err(s) => {
-            let failure = Failure::from(s).map(|s| format!("registering: {}", s.message()));
-            if !matches!(failure, Failure::Unreachable(_)) {
-                unanswered.0 = None;
-            }
-            return Err(failure);
-        }
-    };
-    unanswered.0 = None;
+    let inbound = client
+        .session(request)
+        .await
+        .map_err(|s| Failure::from(s).map(|s| format!("registering: {}", s.message())))?
+        .into_inner();
     Ok(Opened { tx, inbound })
-}
-
-/// Forgets the kept connection to a master when dropped, unless disarmed (`None`).
-struct Forget<'a>(Option<(&'a Channels, &'a str)>);
-
-impl Drop for Forget<'_> {
-    fn drop(&mut self) {
-        if let Some((channels, master)) = self.0 {
-            channels.forget(master);
-        }
-    }
 }
 
 /// How one session went.
@@ -262,7 +128,6 @@ async fn session(
     order: &[String],
     lost: Option<&str>,
     policy: &DialPolicy,
-    channels: &Channels,
     events: &mpsc::Sender<Event>,
 ) -> Outcome {
     let mut outcome = Outcome {
@@ -272,7 +137,7 @@ async fn session(
         result: Ok(()),
     };
     let (master, Opened { tx, mut inbound }) =
-        match dial::find_leader(order, policy, |m| open(m, lost, channels, events)).await {
+        match dial::find_leader(order, policy, |m| open(m, lost, events)).await {
             Ok(found) => found,
             Err(e) => {
                 outcome.result = Err(e.to_string());
@@ -280,17 +145,10 @@ async fn session(
             }
         };
     tracing::info!(%master, "linked to the leading master");
+    outcome.master = Some(master);
     if events.send(Event::LinkUp { tx }).await.is_err() {
-        outcome.master = Some(master);
         return outcome;
     }
-    // Standby connections to the others, for the day this master is lost.
-    let mut known = order.to_vec();
-    known.push(master.clone());
-    channels.retain(&known);
-    let others = order.iter().filter(|m| key(m) != key(&master));
-    let _warm = channels.warm(others.cloned().collect());
-    outcome.master = Some(master);
     outcome.up_since = Some(Instant::now());
     outcome.result = loop {
         match inbound.message().await {
@@ -313,7 +171,6 @@ async fn session(
 /// Keeps a link to the leader among `masters` (see [`masters`]) until `events` closes.
 pub async fn maintain(masters: Vec<String>, backoff: Backoff, events: mpsc::Sender<Event>) {
     let policy = DialPolicy::default();
-    let channels = Channels::default();
     let mut delay = backoff.min;
     let (mut last, mut named) = (None, None);
     loop {
@@ -325,7 +182,7 @@ pub async fn maintain(masters: Vec<String>, backoff: Backoff, events: mpsc::Send
         } else {
             None
         };
-        let outcome = session(&order, lost, &policy, &channels, &events).await;
+        let outcome = session(&order, lost, &policy, &events).await;
         let _ = events.send(Event::LinkDown).await;
         if events.is_closed() {
             return;
@@ -350,8 +207,8 @@ mod tests {
 
     use agora_proto::leader::not_leader;
     use agora_proto::v1::agent_link_server::{AgentLink, AgentLinkServer};
+    use tokio_stream::Stream;
     use tokio_stream::wrappers::TcpListenerStream;
-    use tokio_stream::{Stream, StreamExt};
     use tonic::{Request, Response, Status, Streaming};
 
     use super::*;
@@ -361,10 +218,6 @@ mod tests {
         /// The leader it names (`host:port`) while it follows; `None`: it leads.
         follows: Option<Option<String>>,
         sessions: u32,
-        /// TCP connections it accepted.
-        connections: usize,
-        /// Whether it never answers a session (a hung master, or a half-open connection).
-        hang: bool,
         /// The first message of each session it accepted.
         registrations: Vec<v1::AgentMessage>,
         /// Open sessions; dropping them ends the links.
@@ -387,14 +240,11 @@ mod tests {
             &self,
             request: Request<Streaming<v1::AgentMessage>>,
         ) -> Result<Response<Out>, Status> {
-            let (follows, hang) = {
+            let follows = {
                 let mut s = self.state.lock().unwrap();
                 s.sessions += 1;
-                (s.follows.clone(), s.hang)
+                s.follows.clone()
             };
-            if hang {
-                std::future::pending::<()>().await;
-            }
             if let Some(leader) = follows {
                 return Err(not_leader(leader.as_deref()));
             }
@@ -416,15 +266,10 @@ mod tests {
                 addr: listener.local_addr().unwrap().to_string(),
             };
             fake.state.lock().unwrap().follows = follows;
-            let state = fake.state.clone();
-            let incoming = TcpListenerStream::new(listener).map(move |c| {
-                state.lock().unwrap().connections += 1;
-                c
-            });
             tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(AgentLinkServer::new(fake.clone()))
-                    .serve_with_incoming(incoming),
+                    .serve_with_incoming(TcpListenerStream::new(listener)),
             );
             fake
         }
@@ -440,19 +285,6 @@ mod tests {
         fn sessions(&self) -> u32 {
             self.state.lock().unwrap().sessions
         }
-
-        fn connections(&self) -> usize {
-            self.state.lock().unwrap().connections
-        }
-    }
-
-    /// `a` dies as leader (its links end); `b` is elected and `a`'s address answers as a
-    /// follower naming it.
-    fn fail_over(a: &Fake, b: &Fake) {
-        b.state.lock().unwrap().follows = None;
-        let mut s = a.state.lock().unwrap();
-        s.follows = Some(Some(b.addr.clone()));
-        s.links.clear();
     }
 
     /// Plays the agent's owner task: answers `Connecting` with a registration until the link
@@ -498,7 +330,13 @@ mod tests {
         until_link_up(&mut events).await;
         assert_eq!((a.registrations(), b.sessions()), (1, 1));
 
-        fail_over(&a, &b);
+        // `a` dies as leader; `b` is elected and `a`'s address answers as a follower.
+        b.state.lock().unwrap().follows = None;
+        {
+            let mut s = a.state.lock().unwrap();
+            s.follows = Some(Some(b.addr.clone()));
+            s.links.clear();
+        }
         until_link_up(&mut events).await;
         assert_eq!(b.registrations(), 1);
         let reg = b.state.lock().unwrap().registrations[0].clone();
@@ -507,90 +345,6 @@ mod tests {
         };
         assert_eq!(r.agent_id.unwrap().value, "A1", "re-registered with its id");
         link.abort();
-    }
-
-    #[tokio::test]
-    async fn a_standby_connection_to_the_other_master_serves_the_failover() {
-        let a = Fake::serve(None).await;
-        let b = Fake::serve(Some(Some(a.addr.clone()))).await;
-        let (tx, mut events) = mpsc::channel(64);
-        let backoff = Backoff {
-            min: Duration::from_millis(10),
-            max: Duration::from_millis(100),
-        };
-        let link = tokio::spawn(maintain(vec![a.url(), b.url()], backoff, tx));
-        until_link_up(&mut events).await;
-        assert_eq!(a.registrations(), 1);
-        // Linked to `a`, the agent connects to `b` without calling it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while b.connections() == 0 {
-            assert!(Instant::now() < deadline, "no standby connection to b");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(b.sessions(), 0);
-
-        fail_over(&a, &b);
-        until_link_up(&mut events).await;
-        assert_eq!(b.registrations(), 1);
-        assert_eq!(
-            b.connections(),
-            1,
-            "the failover used the standby connection"
-        );
-        link.abort();
-    }
-
-    #[tokio::test]
-    async fn a_session_call_dropped_unanswered_forgets_its_connection() {
-        let hung = Fake::serve(None).await;
-        hung.state.lock().unwrap().hang = true;
-        let channels = Channels::default();
-        let (tx, mut events) = mpsc::channel(8);
-        tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                if let Event::Connecting { reply } = ev {
-                    let _ = reply.send(v1::AgentMessage::default());
-                }
-            }
-        });
-        let attempt = open(hung.url(), None, &channels, &tx);
-        let timed_out = tokio::time::timeout(Duration::from_millis(500), attempt).await;
-        assert!(timed_out.is_err(), "the hung master answered");
-        assert_eq!(hung.sessions(), 1, "the call reached the master");
-        assert!(
-            channels.get(&hung.url()).is_none(),
-            "the connection is kept"
-        );
-    }
-
-    #[test]
-    fn kept_connections_are_bounded() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let _in = rt.enter();
-        let channels = Channels::default();
-        let lazy = |i: usize| {
-            endpoint(&format!("http://127.0.0.1:{}", 1000 + i))
-                .unwrap()
-                .connect_lazy()
-        };
-        for i in 0..MAX_CHANNELS + 8 {
-            channels.keep(&format!("m{i}"), lazy(i));
-        }
-        assert_eq!(channels.lock().len(), MAX_CHANNELS);
-        // A master already kept gets its new connection.
-        channels.keep("m0", lazy(0));
-        channels.forget("m1");
-        channels.keep("new", lazy(99));
-        assert!(channels.get("new").is_some() && channels.get("m1").is_none());
-        assert_eq!(channels.lock().len(), MAX_CHANNELS);
-        // Masters no longer named are dropped; one master however spelled is one entry.
-        channels.retain(&["http://m0/".to_owned(), "new".to_owned()]);
-        assert_eq!(channels.lock().len(), 2);
-        channels.keep("http://new", lazy(98));
-        assert_eq!(channels.lock().len(), 2);
     }
 
     #[test]

@@ -10,11 +10,11 @@
 //! ```
 //!
 //! A simulated agent is the real agent's link ([`agora_agent::link::maintain`]: a gRPC
-//! connection to each master, the real registration, leader-finding and reconnect backoff) with a
+//! connection to the master it is linked to, the real registration, leader-finding and reconnect backoff) with a
 //! stand-in for the rest of the agent: it registers with its tasks (reported running),
 //! heartbeats, and answers nothing else — it runs no containers, keeps no checkpoint and
 //! sends no status updates. They run in this process, or, when its open-file limit cannot
-//! hold three connections per agent, in several processes of this bench (`--shard`); either
+//! hold a connection per agent, in several processes of this bench (`--shard`); either
 //! way they share the machine's cores with the masters.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -224,9 +224,9 @@ fn humantime_ms(s: &str) -> u64 {
     }
 }
 
-/// Descriptors a simulated agent holds: a connection to each of the three masters (the
-/// link keeps standby connections to the masters it is not linked to).
-const FDS_PER_AGENT: u64 = 3;
+/// Descriptors a simulated agent holds: its connection to the master it is linked to (while
+/// it searches, the connection of a failed attempt is closed before the next is made).
+const FDS_PER_AGENT: u64 = 1;
 
 /// Descriptors each process keeps for everything but its agents' connections.
 const FD_RESERVE: u64 = 1000;
@@ -279,7 +279,7 @@ fn spawn_agents(
 
 /// A process of this bench running some of the simulated agents (`--shard`), when one
 /// process may not hold every agent's connections: on a host whose open-file hard limit is
-/// 20,000, 10,000 agents with three connections each do not fit in one. It reports each
+/// 20,000, 20,000 agents do not fit in one. It reports each
 /// registration as a line on its stdout, and ends when its stdin closes.
 struct Shard(Child);
 
@@ -448,9 +448,8 @@ async fn run(agents: usize, tasks: usize, election: Option<&str>, per_process: u
         "{agents} simulated agents with {} tasks registered with the leader in {register:.2?}",
         agents * tasks
     );
-    // Settle: allocation and offers of the first registrations are done, and each agent
-    // has made its standby connections to the other masters.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Settle: allocation and offers of the first registrations are done.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     while reports.try_recv().is_ok() {}
 
     let killed = SystemTime::now();
