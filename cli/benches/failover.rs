@@ -9,18 +9,16 @@
 //! cargo bench -p agora-cli --bench failover -- --election-timeout 300ms
 //! ```
 //!
-//! A simulated agent is the real agent's link ([`agora_agent::link::maintain`]: a gRPC
-//! connection to the master it is linked to, the real registration, leader-finding and reconnect backoff) with a
+//! A simulated agent is the real agent's link ([`agora_agent::link::maintain`]: one gRPC
+//! connection per agent, the real registration, leader-finding and reconnect backoff) with a
 //! stand-in for the rest of the agent: it registers with its tasks (reported running),
 //! heartbeats, and answers nothing else — it runs no containers, keeps no checkpoint and
-//! sends no status updates. They run in this process, or, when its open-file limit cannot
-//! hold a connection per agent, in several processes of this bench (`--shard`); either
-//! way they share the machine's cores with the masters.
+//! sends no status updates, and all of them share this one process (and its two cores with
+//! the masters).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
-use std::io::{BufRead, Read, Write};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use agora_agent::actor::Event;
 use agora_agent::link;
@@ -127,12 +125,11 @@ impl Drop for Masters {
     }
 }
 
-/// A registration with a master, as a simulated agent saw it; `at` is wall-clock time so
-/// that registrations seen in the shard processes compare with the kill.
+/// A registration with a master, as a simulated agent saw it.
 struct Registered {
     agent: usize,
     master_id: String,
-    at: SystemTime,
+    at: Instant,
 }
 
 /// One simulated agent: answers the link's requests, heartbeats, reports registrations.
@@ -196,7 +193,7 @@ async fn sim(
                         let _ = report.send(Registered {
                             agent: n,
                             master_id: r.master_id,
-                            at: SystemTime::now(),
+                            at: Instant::now(),
                         });
                     }
                 }
@@ -224,128 +221,17 @@ fn humantime_ms(s: &str) -> u64 {
     }
 }
 
-/// Descriptors a simulated agent holds: its connection to the master it is linked to (while
-/// it searches, the connection of a failed attempt is closed before the next is made).
-const FDS_PER_AGENT: u64 = 1;
-
-/// Descriptors each process keeps for everything but its agents' connections.
-const FD_RESERVE: u64 = 1000;
-
-/// Raises the open-file limit as far as this process may (both limits when it can raise
-/// the hard one) and returns the soft limit in force.
-fn raise_fd_limit() -> u64 {
+fn raise_fd_limit() {
     let mut l = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit/setrlimit on local structs.
+    // SAFETY: getrlimit/setrlimit on a local struct.
     unsafe {
-        let wanted = libc::rlimit {
-            rlim_cur: 1 << 20,
-            rlim_max: 1 << 20,
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0
-            && libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0
-        {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
             l.rlim_cur = l.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &l);
         }
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-    }
-    l.rlim_cur
-}
-
-/// Starts simulated agents `range` against `urls`, each reporting its registrations.
-fn spawn_agents(
-    urls: &[String],
-    framework: &v1::FrameworkId,
-    tasks: usize,
-    range: std::ops::Range<usize>,
-    report: &mpsc::UnboundedSender<Registered>,
-) {
-    for n in range {
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(link::maintain(
-            urls.to_vec(),
-            link::Backoff {
-                min: Duration::from_millis(100),
-                max: Duration::from_secs(2),
-            },
-            tx,
-        ));
-        tokio::spawn(sim(n, framework.clone(), tasks, rx, report.clone()));
-    }
-}
-
-/// A process of this bench running some of the simulated agents (`--shard`), when one
-/// process may not hold every agent's connections: on a host whose open-file hard limit is
-/// 20,000, 20,000 agents do not fit in one. It reports each
-/// registration as a line on its stdout, and ends when its stdin closes.
-struct Shard(Child);
-
-impl Shard {
-    fn spawn(
-        list: &str,
-        framework: &v1::FrameworkId,
-        tasks: usize,
-        range: std::ops::Range<usize>,
-        report: mpsc::UnboundedSender<Registered>,
-    ) -> Shard {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--shard", list, &framework.value])
-            .args([range.start, range.len(), tasks].map(|n| n.to_string()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let out = std::io::BufReader::new(child.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            for line in out.lines() {
-                let Ok(line) = line else { return };
-                let mut w = line.split(' ');
-                let (Some(agent), Some(master_id), Some(nanos)) = (w.next(), w.next(), w.next())
-                else {
-                    continue;
-                };
-                let _ = report.send(Registered {
-                    agent: agent.parse().unwrap(),
-                    master_id: master_id.to_owned(),
-                    at: SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos.parse().unwrap()),
-                });
-            }
-        });
-        Shard(child)
-    }
-}
-
-impl Drop for Shard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The `--shard` process: runs its agents and prints `AGENT MASTER_ID UNIX_NANOS` for
-/// each registration.
-async fn shard(list: String, framework: String, first: usize, count: usize, tasks: usize) {
-    // The parent's end of stdin closes when it ends, however it ends.
-    std::thread::spawn(|| {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        std::process::exit(0);
-    });
-    let urls = link::masters(&list).unwrap();
-    let (report, mut reports) = mpsc::unbounded_channel();
-    let framework = v1::FrameworkId { value: framework };
-    spawn_agents(&urls, &framework, tasks, first..first + count, &report);
-    let mut out = std::io::stdout().lock();
-    while let Some(r) = reports.recv().await {
-        let nanos =
-            r.at.duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos();
-        writeln!(out, "{} {} {nanos}", r.agent, r.master_id).unwrap();
-        out.flush().unwrap();
     }
 }
 
@@ -354,12 +240,6 @@ fn main() {
     let mut tasks = 10usize;
     let mut election = None;
     let mut it = std::env::args().skip(1);
-    let limit = raise_fd_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--agents" => agents = it.next().expect("--agents N").parse().expect("a number"),
@@ -368,26 +248,21 @@ fn main() {
             "--election-timeout" => election = Some(it.next().expect("--election-timeout 300ms")),
             // What cargo bench passes.
             "--bench" => {}
-            "--shard" => {
-                let mut next = || {
-                    it.next()
-                        .expect("--shard MASTERS FRAMEWORK FIRST COUNT TASKS")
-                };
-                let (list, framework) = (next(), next());
-                let [first, count, tasks] = [next(), next(), next()].map(|n| n.parse().unwrap());
-                rt.block_on(shard(list, framework, first, count, tasks));
-                return;
-            }
             other => panic!(
                 "unknown argument {other:?} (--agents N, --tasks N per agent, --election-timeout 300ms)"
             ),
         }
     }
-    let per_process = (limit.saturating_sub(FD_RESERVE) / FDS_PER_AGENT).max(1) as usize;
-    rt.block_on(run(agents, tasks, election.as_deref(), per_process, limit));
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(agents, tasks, election.as_deref()));
 }
 
-async fn run(agents: usize, tasks: usize, election: Option<&str>, per_process: usize, limit: u64) {
+async fn run(agents: usize, tasks: usize, election: Option<&str>) {
     let mut masters = Masters::start(election);
     let first = masters.leader(None).await;
     let list = masters.list();
@@ -415,34 +290,25 @@ async fn run(agents: usize, tasks: usize, election: Option<&str>, per_process: u
     });
 
     let (report, mut reports) = mpsc::unbounded_channel();
-    let started = SystemTime::now();
-    let mut shards = Vec::new();
-    if agents <= per_process {
-        spawn_agents(&urls, &framework, tasks, 0..agents, &report);
-    } else {
-        eprintln!(
-            "{agents} agents in {} processes of at most {per_process} (open-file limit {limit})",
-            agents.div_ceil(per_process)
-        );
-        for first in (0..agents).step_by(per_process) {
-            let range = first..(first + per_process).min(agents);
-            shards.push(Shard::spawn(
-                &list,
-                &framework,
-                tasks,
-                range,
-                report.clone(),
-            ));
-        }
+    let started = Instant::now();
+    for n in 0..agents {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(link::maintain(
+            urls.clone(),
+            link::Backoff {
+                min: Duration::from_millis(100),
+                max: Duration::from_secs(2),
+            },
+            tx,
+        ));
+        tokio::spawn(sim(n, framework.clone(), tasks, rx, report.clone()));
     }
     let mut first_master = None;
-    let mut registered = started;
     for _ in 0..agents {
         let r = reports.recv().await.unwrap();
-        registered = registered.max(r.at);
         first_master.get_or_insert(r.master_id);
     }
-    let register = registered.duration_since(started).unwrap_or_default();
+    let register = started.elapsed();
     let first_master = first_master.unwrap();
     println!(
         "{agents} simulated agents with {} tasks registered with the leader in {register:.2?}",
@@ -452,8 +318,7 @@ async fn run(agents: usize, tasks: usize, election: Option<&str>, per_process: u
     tokio::time::sleep(Duration::from_secs(2)).await;
     while reports.try_recv().is_ok() {}
 
-    let killed = SystemTime::now();
-    let killed_instant = Instant::now();
+    let killed = Instant::now();
     eprintln!(
         "killing master {} at {:?}",
         first + 1,
@@ -472,7 +337,7 @@ async fn run(agents: usize, tasks: usize, election: Option<&str>, per_process: u
                 _dir: tempfile::tempdir().unwrap(),
             };
             m.leader(Some(first)).await;
-            killed_instant.elapsed()
+            killed.elapsed()
         })
     };
     let mut back = std::collections::HashSet::new();
@@ -482,20 +347,20 @@ async fn run(agents: usize, tasks: usize, election: Option<&str>, per_process: u
         let r = reports.recv().await.unwrap();
         if r.master_id != first_master && back.insert(r.agent) {
             last = last.max(r.at);
-            delays.push(r.at.duration_since(killed).unwrap_or_default());
+            delays.push(r.at.duration_since(killed));
         }
     }
     delays.sort();
     let at = |q: f64| delays[((delays.len() as f64 * q) as usize).min(delays.len() - 1)];
     let leader = watch.await.unwrap();
-    let all = last.duration_since(killed).unwrap_or_default();
+    let all = last.duration_since(killed);
     println!("leader killed: a new leader served after {leader:.2?}");
     println!(
         "agents back after: p50 {:.2?}, p90 {:.2?}, p99 {:.2?}, all {:.2?}",
         at(0.5),
         at(0.9),
         at(0.99),
-        all
+        last.duration_since(killed)
     );
     println!(
         "every agent re-registered with it after {all:.2?} ({:.2}x the cold registration of the same agents, {register:.2?})",
