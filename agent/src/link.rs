@@ -101,9 +101,7 @@ async fn open(
         .await
         .map_err(|_| Failure::Unreachable("link closed".into()))?;
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(l) = lost {
-        agora_proto::leader::tell_lost(&mut request, l);
-    }
+    agora_proto::leader::tell_lost(&mut request, lost);
     let inbound = client
         .session(request)
         .await

@@ -17,10 +17,10 @@ pub const LOST_METADATA: &str = "agora-lost-leader";
 /// The most bytes of a lost master's address a master reads from a caller.
 const MAX_LOST_BYTES: usize = 512;
 
-/// Sets on `request` the master its caller just lost ([`LOST_METADATA`]); an address that
-/// cannot travel as metadata is left out (the hint is an optimisation only).
-pub fn tell_lost<T>(request: &mut tonic::Request<T>, master: &str) {
-    if let Ok(v) = host_port(master).parse() {
+/// Sets on `request` the master its caller just lost, if any ([`LOST_METADATA`]); an
+/// address that cannot travel as metadata is left out (the hint is an optimisation only).
+pub fn tell_lost<T>(request: &mut tonic::Request<T>, master: Option<&str>) {
+    if let Some(Ok(v)) = master.map(|m| host_port(m).parse()) {
         request.metadata_mut().insert(LOST_METADATA, v);
     }
 }
@@ -117,11 +117,11 @@ mod tests {
     #[test]
     fn a_lost_master_travels_in_metadata_and_is_bounded() {
         let mut r = tonic::Request::new(());
-        tell_lost(&mut r, "http://10.0.0.1:5050/");
+        tell_lost(&mut r, Some("http://10.0.0.1:5050/"));
         assert_eq!(lost(r.metadata()).as_deref(), Some("10.0.0.1:5050"));
         assert_eq!(lost(tonic::Request::new(()).metadata()), None);
         let mut long = tonic::Request::new(());
-        tell_lost(&mut long, &"a".repeat(MAX_LOST_BYTES + 1));
+        tell_lost(&mut long, Some(&"a".repeat(MAX_LOST_BYTES + 1)));
         assert_eq!(lost(long.metadata()), None, "too long");
         let mut blank = tonic::Request::new(());
         blank

@@ -231,9 +231,7 @@ async fn open(
         framework_info: Some(info),
         stream_id: replaces.unwrap_or_default(),
     });
-    if let Some(l) = lost {
-        agora_proto::leader::tell_lost(&mut request, l);
-    }
+    agora_proto::leader::tell_lost(&mut request, lost);
     let mut stream = client
         .subscribe(request)
         .await
