@@ -30,6 +30,17 @@ pub(crate) struct AgentProcess {
 }
 
 impl AgentProcess {
+    /// An agent of `master` on a free port, its work directory `dir/agent`, its cgroups
+    /// under `agora-test-PID-NAME`.
+    pub fn new(master: String, dir: &Path, name: &str) -> AgentProcess {
+        AgentProcess {
+            master,
+            port: free_port(),
+            work_dir: dir.join("agent"),
+            cgroup_parent: format!("agora-test-{}-{name}", std::process::id()),
+        }
+    }
+
     pub fn command(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_agora"));
         c.args(["agent", "--master", &self.master])
@@ -130,12 +141,7 @@ fn patient_master() -> agora_master::MasterConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_and_restarted_keeps_its_tasks_running() {
     let cluster = Cluster::start_with(patient_master(), &[]).await;
-    let agent = AgentProcess {
-        master: cluster.master.clone(),
-        port: free_port(),
-        work_dir: cluster.dir.path().join("agent"),
-        cgroup_parent: format!("agora-test-{}-recovery", std::process::id()),
-    };
+    let agent = AgentProcess::new(cluster.master.clone(), cluster.dir.path(), "recovery");
     let mut first = Killed(Some(agent.command().spawn().unwrap()));
     cluster.wait_for_agents(1).await;
     let agent_id = cluster.state().await.agents[0].id.clone();
@@ -251,12 +257,7 @@ async fn the_leader_and_an_agent_killed_together_lose_nothing() {
     let first = group.leader(None).await;
     let masters = group.list();
     let dir = tempfile::tempdir().unwrap();
-    let agent = AgentProcess {
-        master: masters.clone(),
-        port: free_port(),
-        work_dir: dir.path().join("agent"),
-        cgroup_parent: format!("agora-test-{}-recovery-leader", std::process::id()),
-    };
+    let agent = AgentProcess::new(masters.clone(), dir.path(), "recovery-leader");
     let mut first_agent = Killed(Some(agent.command().spawn().unwrap()));
     let op = agora_sdk::Operator::connect(&masters).await.unwrap();
     wait_until("the agent to register", || async {
@@ -481,12 +482,7 @@ impl Drop for Reap {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executor_that_does_not_return_after_an_agent_restart_is_killed() {
     let cluster = Cluster::start_with(patient_master(), &[]).await;
-    let agent = AgentProcess {
-        master: cluster.master.clone(),
-        port: free_port(),
-        work_dir: cluster.dir.path().join("agent"),
-        cgroup_parent: format!("agora-test-{}-recovery-stuck", std::process::id()),
-    };
+    let agent = AgentProcess::new(cluster.master.clone(), cluster.dir.path(), "recovery-stuck");
     let _reap = Reap(agent.cgroup_parent.clone());
     let mut first = Killed(Some(agent.command().spawn().unwrap()));
     cluster.wait_for_agents(1).await;
