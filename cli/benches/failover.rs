@@ -26,6 +26,11 @@ use agora_proto::v1::{self, agent_message, master_message};
 use agora_sdk::{Event as FrameworkEvent, SchedulerConfig, subscribe};
 use tokio::sync::mpsc;
 
+// Shared with the tests, whose one-port helper the bench does not use.
+#[allow(dead_code)]
+#[path = "../tests/all/ports.rs"]
+mod ports;
+
 struct Masters {
     ports: Vec<u16>,
 
@@ -36,19 +41,14 @@ struct Masters {
 impl Masters {
     fn start(election: Option<&str>) -> Masters {
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..3)
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port()
-            })
-            .collect();
+        // Client ports, then raft ports.
+        let mut ports = ports::free_ports("127.0.0.1", 6);
+        let raft_ports = ports.split_off(3);
         let peers = ports
             .iter()
+            .zip(&raft_ports)
             .enumerate()
-            .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+            .map(|(i, (p, r))| format!("{}=127.0.0.1:{p}/{r}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
         let procs = (0..3)

@@ -106,11 +106,21 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let peers: std::collections::BTreeMap<u64, String> = if args.masters == 1 {
-        std::collections::BTreeMap::new()
-    } else {
-        (1..).zip(addrs.iter().cloned()).collect()
-    };
+    // A group's masters replicate on raft listeners of their own, on free ports too.
+    let mut raft_listeners = Vec::new();
+    let mut peers = std::collections::BTreeMap::new();
+    if args.masters > 1 {
+        for (i, addr) in (1..).zip(&addrs) {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let peer = agora_master::Peer {
+                addr: addr.clone(),
+                raft_addr: l.local_addr()?.to_string(),
+            };
+            peers.insert(i, peer);
+            raft_listeners.push(l);
+        }
+    }
+    let mut raft_listeners = raft_listeners.into_iter();
     let mut master_tasks = Vec::new();
     for (i, listener) in (1..).zip(listeners) {
         let config = agora_master::MasterConfig {
@@ -124,11 +134,14 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
             peers: peers.clone(),
             ..Default::default()
         };
-        master_tasks.push(tokio::spawn(agora_master::run(
-            listener,
-            config,
-            stopped(stop_rx.clone()),
-        )));
+        let stop = stopped(stop_rx.clone());
+        let raft = raft_listeners.next();
+        master_tasks.push(tokio::spawn(async move {
+            match raft {
+                Some(raft) => agora_master::run_member(listener, raft, config, stop).await,
+                None => agora_master::run(listener, config, stop).await,
+            }
+        }));
     }
 
     let detected = agora_agent::resources::detect(&work_dir);

@@ -133,10 +133,12 @@ pub struct MasterArgs {
     #[arg(long, default_value_t = 1)]
     id: u64,
     /// Every master of the group, this one included: '1=HOST:PORT,2=HOST:PORT,3=HOST:PORT'
-    /// (a group of 1, 3 or 5). Without it, this master is a group of one; with or without,
-    /// the registry is kept under --work-dir.
+    /// (a group of 1, 3 or 5), each at the address clients reach it on. The masters
+    /// replicate the registry on a port of its own, two above that one (5052 for 5050), or
+    /// as given: '1=HOST:PORT/RAFT_PORT'. Without --peers, this master is a group of one;
+    /// with or without, the registry is kept under --work-dir.
     #[arg(long, value_parser = parse_peers)]
-    peers: Option<std::collections::BTreeMap<u64, String>>,
+    peers: Option<std::collections::BTreeMap<u64, agora_master::Peer>>,
     /// After a failover, how long known agents have to register again before they are
     /// marked unreachable.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
@@ -153,22 +155,19 @@ pub struct MasterArgs {
     registry_snapshot_every: u64,
 }
 
-/// Parses `1=HOST:PORT,2=HOST:PORT`.
-fn parse_peers(s: &str) -> Result<std::collections::BTreeMap<u64, String>, String> {
+/// Parses `1=HOST:PORT,2=HOST:PORT[/RAFT_PORT]`.
+fn parse_peers(s: &str) -> Result<std::collections::BTreeMap<u64, agora_master::Peer>, String> {
     let mut out = std::collections::BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (id, addr) = part
             .split_once('=')
-            .ok_or_else(|| format!("{part:?}: write ID=HOST:PORT"))?;
+            .ok_or_else(|| format!("{part:?}: write ID=HOST:PORT or ID=HOST:PORT/RAFT_PORT"))?;
         let id: u64 = id
             .trim()
             .parse()
             .map_err(|_| format!("{part:?}: the id must be a number"))?;
-        let addr = addr.trim();
-        if addr.is_empty() || !addr.contains(':') || addr.contains("://") {
-            return Err(format!("{part:?}: the address must be HOST:PORT"));
-        }
-        if out.insert(id, addr.to_owned()).is_some() {
+        let peer = agora_master::Peer::parse(addr).map_err(|e| format!("master {id}: {e}"))?;
+        if out.insert(id, peer).is_some() {
             return Err(format!("master id {id} is given twice"));
         }
     }
@@ -712,8 +711,12 @@ mod tests {
 
     #[test]
     fn peers_parse() {
-        let p = parse_peers("1=a:1, 2=b:2,3=c:3").unwrap();
-        assert_eq!(p[&2], "b:2");
+        let p = parse_peers("1=a:1, 2=b:2/7,3=c:3").unwrap();
+        assert_eq!(p[&1].raft_addr, "a:3");
+        assert_eq!(
+            (p[&2].addr.as_str(), p[&2].raft_addr.as_str()),
+            ("b:2", "b:7")
+        );
         assert!(
             parse_peers("1=a:1,2=b:2")
                 .unwrap_err()

@@ -2,8 +2,9 @@
 //!
 //! [`run`] serves, on one listener, the Scheduler API (frameworks subscribe and make calls),
 //! the AgentLink API (agents register and stream status updates), the Operator API (state and
-//! health), HTTP `GET /health`, and, with a work directory, the blob store (`/blobs/…`). Tests bind port 0 and pass a shutdown future; the binary
-//! passes Ctrl-C.
+//! health), HTTP `GET /health`, and, with a work directory, the blob store (`/blobs/…`). A
+//! member of a group of masters also serves raft, on a listener of its own (see [`Peer`]).
+//! Tests bind port 0 and pass a shutdown future; the binary passes Ctrl-C.
 //!
 //! Inside, one owner task holds all state in an [`engine::Engine`] — a pure state machine
 //! driven by typed commands with the time passed in — and a pure [`allocator`] decides the
@@ -79,9 +80,9 @@ pub struct MasterConfig {
     pub max_blob_bytes: u64,
     /// This master's id in its group. Default 1.
     pub group_id: u64,
-    /// Every master of the group by id, with the address it serves on (this one's
-    /// included). Empty: a group of one, this master alone.
-    pub peers: std::collections::BTreeMap<u64, String>,
+    /// Every master of the group by id, with its addresses (this one's included). Empty: a
+    /// group of one, this master alone.
+    pub peers: std::collections::BTreeMap<u64, Peer>,
     /// After a failover, how long agents the registry knows have to register again before
     /// they are marked unreachable. Default 10 minutes, as in Mesos.
     pub agent_reregister_timeout: Duration,
@@ -128,6 +129,80 @@ impl Default for MasterConfig {
     }
 }
 
+/// One master of a group, as the others know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// `HOST:PORT` where agents, frameworks and operators reach it.
+    pub addr: String,
+    /// `HOST:PORT` where the other masters replicate the registry to it. Raft has a listener
+    /// of its own, so that a storm of agent connections cannot delay heartbeats and votes.
+    pub raft_addr: String,
+}
+
+impl Peer {
+    /// How far above its client port a master listens for raft by default: the port just
+    /// above is an agent's (5050 and 5051), so raft takes the next (5052).
+    pub const RAFT_PORT_OFFSET: u16 = 2;
+
+    /// Parses `HOST:PORT` (raft on `HOST:PORT+2`) or `HOST:PORT/RAFT_PORT`.
+    ///
+    /// # Errors
+    /// When the address is not `HOST:PORT`, or a port is not a number from 1 to 65535.
+    pub fn parse(s: &str) -> Result<Peer, String> {
+        let s = s.trim();
+        if s.contains("://") {
+            return Err(format!(
+                "{s:?}: the address must be HOST:PORT, without a scheme"
+            ));
+        }
+        let (addr, raft_port) = match s.split_once('/') {
+            Some((a, r)) => (a, Some(r)),
+            None => (s, None),
+        };
+        let port_of = |p: &str| -> Result<u16, String> {
+            match p.parse::<u16>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!("{s:?}: {p:?} is not a port (1 to 65535)")),
+            }
+        };
+        let Some((host, port)) = addr.rsplit_once(':').filter(|(h, _)| !h.is_empty()) else {
+            return Err(format!(
+                "{s:?}: the address must be HOST:PORT or HOST:PORT/RAFT_PORT"
+            ));
+        };
+        let port = port_of(port)?;
+        let raft_port = match raft_port {
+            Some(r) => port_of(r)?,
+            None => port.checked_add(Self::RAFT_PORT_OFFSET).ok_or_else(|| {
+                format!(
+                    "{s:?}: port {port} leaves no room for raft above it; give HOST:PORT/RAFT_PORT"
+                )
+            })?,
+        };
+        if raft_port == port {
+            return Err(format!(
+                "{s:?}: raft needs a port of its own, not the client port"
+            ));
+        }
+        Ok(Peer {
+            addr: format!("{host}:{port}"),
+            raft_addr: format!("{host}:{raft_port}"),
+        })
+    }
+
+    fn raft_port(&self) -> Result<u16, MasterError> {
+        self.raft_addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .ok_or_else(|| {
+                MasterError::Config(format!(
+                    "raft address {:?} is not HOST:PORT",
+                    self.raft_addr
+                ))
+            })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
     #[error("invalid configuration: {0}")]
@@ -156,7 +231,21 @@ pub async fn run(
     config: MasterConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), MasterError> {
-    serve(listener, config, shutdown, None).await
+    serve(listener, None, config, shutdown, None).await
+}
+
+/// [`run`] for a member of a group whose raft listener is already bound (instead of at its
+/// [`Peer::raft_addr`]): a process that runs several masters binds port 0 for each.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_member(
+    listener: TcpListener,
+    raft_listener: TcpListener,
+    config: MasterConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), MasterError> {
+    serve(listener, Some(raft_listener), config, shutdown, None).await
 }
 
 /// Checks the settings that become timers, buffers and products of durations.
@@ -214,6 +303,16 @@ fn check_config(config: &MasterConfig) -> Result<(), MasterError> {
             config.peers.keys().collect::<Vec<_>>()
         )));
     }
+    let mut taken = std::collections::BTreeMap::new();
+    for (id, p) in &config.peers {
+        for (what, a) in [("address", &p.addr), ("raft address", &p.raft_addr)] {
+            if let Some(other) = taken.insert(a.as_str(), format!("master {id}'s {what}")) {
+                return Err(MasterError::Config(format!(
+                    "--peers: {a} is both {other} and master {id}'s {what}"
+                )));
+            }
+        }
+    }
     for (name, n) in [
         ("event buffer", config.event_buffer),
         ("link buffer", config.link_buffer),
@@ -231,6 +330,7 @@ fn check_config(config: &MasterConfig) -> Result<(), MasterError> {
 /// [`run`], handing each owner task's command sender to `tap` (tests inject faults with it).
 async fn serve(
     listener: TcpListener,
+    raft_listener: Option<TcpListener>,
     config: MasterConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
     tap: Option<mpsc::UnboundedSender<mpsc::Sender<runtime::Command>>>,
@@ -250,23 +350,55 @@ async fn serve(
     let members = if config.peers.is_empty() {
         std::collections::BTreeMap::from([(config.group_id, addr.to_string())])
     } else {
-        config.peers.clone()
+        config
+            .peers
+            .iter()
+            .map(|(id, p)| (*id, p.addr.clone()))
+            .collect()
     };
-    let registrar = Registrar::start_apart(RegistryConfig {
-        id: config.group_id,
-        members,
-        path: config
-            .work_dir
-            .as_deref()
-            .filter(|_| !config.registry_in_memory)
-            .map(registry::store::path_in),
-        heartbeat: config.raft_heartbeat,
-        election_timeout: (
-            config.raft_election_timeout,
-            config.raft_election_timeout * 2,
-        ),
-        snapshot_every: config.registry_snapshot_every,
-    })
+    // A member of a group takes raft on a listener of its own: this one's raft port, on the
+    // address it serves clients on.
+    let raft_listener = match (config.peers.get(&config.group_id), raft_listener) {
+        (None, _) => None,
+        (Some(_), Some(l)) => Some(l),
+        (Some(me), None) => {
+            let at = std::net::SocketAddr::new(addr.ip(), me.raft_port()?);
+            Some(
+                TcpListener::bind(at)
+                    .await
+                    .map_err(|e| MasterError::Config(format!("listening for raft on {at}: {e}")))?,
+            )
+        }
+    };
+    let raft_listener = raft_listener
+        .map(|l| {
+            l.into_std()
+                .map_err(|e| MasterError::Config(format!("the raft listener: {e}")))
+        })
+        .transpose()?;
+    let registrar = Registrar::start_apart(
+        RegistryConfig {
+            id: config.group_id,
+            members,
+            raft_addrs: config
+                .peers
+                .iter()
+                .map(|(id, p)| (*id, p.raft_addr.clone()))
+                .collect(),
+            path: config
+                .work_dir
+                .as_deref()
+                .filter(|_| !config.registry_in_memory)
+                .map(registry::store::path_in),
+            heartbeat: config.raft_heartbeat,
+            election_timeout: (
+                config.raft_election_timeout,
+                config.raft_election_timeout * 2,
+            ),
+            snapshot_every: config.registry_snapshot_every,
+        },
+        raft_listener,
+    )
     .await?;
     tracing::info!(master_id = %base_id, %addr, group_id = config.group_id, "master serving");
     if config.work_dir.is_none() || config.registry_in_memory {
@@ -340,8 +472,7 @@ async fn serve(
         .add_service(v1::operator_server::OperatorServer::new(OperatorService {
             snapshot: snap_rx.clone(),
             gate: gate.clone(),
-        }))
-        .add_service(registrar.peer_service());
+        }));
     let blob_routes = match &config.work_dir {
         Some(dir) => blobs::BlobStore::open(dir.join("blobs"), config.max_blob_bytes)?.router(),
         None => blobs::BlobStore::disabled_router(),
@@ -527,12 +658,60 @@ async fn lead(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_peer_takes_raft_two_ports_up_unless_told() {
+        let p = Peer::parse("10.0.0.1:5050").unwrap();
+        assert_eq!(
+            (p.addr.as_str(), p.raft_addr.as_str()),
+            ("10.0.0.1:5050", "10.0.0.1:5052")
+        );
+        let p = Peer::parse(" m1.example:7000/7100 ").unwrap();
+        assert_eq!(
+            (p.addr.as_str(), p.raft_addr.as_str()),
+            ("m1.example:7000", "m1.example:7100")
+        );
+        let p = Peer::parse("[::1]:5050").unwrap();
+        assert_eq!(p.raft_addr, "[::1]:5052");
+        for (bad, says) in [
+            ("10.0.0.1", "HOST:PORT"),
+            (":5050", "HOST:PORT"),
+            ("10.0.0.1:0", "not a port"),
+            ("10.0.0.1:x", "not a port"),
+            ("10.0.0.1:5050/", "not a port"),
+            ("10.0.0.1:5050/70000", "not a port"),
+            ("10.0.0.1:5050/5050", "a port of its own"),
+            ("10.0.0.1:65535", "no room"),
+            ("http://10.0.0.1:5050", "scheme"),
+        ] {
+            let e = Peer::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn peers_that_share_an_address_are_refused() {
+        let config = MasterConfig {
+            work_dir: Some("/nonexistent".into()),
+            peers: [(1, "h:5050/5060"), (2, "h:5060")]
+                .into_iter()
+                .map(|(id, a)| (id, Peer::parse(a).unwrap()))
+                .collect(),
+            ..MasterConfig::default()
+        };
+        let e = check_config(&config).unwrap_err().to_string();
+        assert!(
+            e.contains("h:5060 is both master 1's raft address and master 2's address"),
+            "{e}"
+        );
+    }
+
     #[tokio::test]
     async fn a_dead_owner_stops_the_master_with_an_error() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (tap, mut commands) = mpsc::unbounded_channel();
         let master = tokio::spawn(serve(
             listener,
+            None,
             MasterConfig::default(),
             std::future::pending(),
             Some(tap),

@@ -10,17 +10,9 @@ use agora_core::{FrameworkId, TaskState};
 use agora_proto::v1;
 
 use crate::native::command;
+use crate::ports::free_port;
 use crate::processes::Proc;
 use crate::*;
-
-/// A free loopback port: the agent keeps its address across restarts, as executors dial it.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 pub(crate) struct AgentProcess {
     pub master: String,

@@ -16,6 +16,8 @@ pub(crate) struct Group {
     /// The address the masters listen on (loopback, or a test's veth address).
     host: String,
     pub ports: Vec<u16>,
+    /// Where each master takes raft, apart from its clients.
+    raft_ports: Vec<u16>,
     dirs: Vec<std::path::PathBuf>,
     pub procs: Vec<Killed>,
     _dir: tempfile::TempDir,
@@ -25,8 +27,9 @@ impl Group {
     fn peers(&self) -> String {
         self.ports
             .iter()
+            .zip(&self.raft_ports)
             .enumerate()
-            .map(|(i, p)| format!("{}={}:{p}", i + 1, self.host))
+            .map(|(i, (p, r))| format!("{}={}:{p}/{r}", i + 1, self.host))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -75,19 +78,13 @@ impl Group {
     /// Three masters listening on `host`.
     pub fn start_on(host: &str) -> Group {
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..3)
-            .map(|_| {
-                std::net::TcpListener::bind((host, 0))
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port()
-            })
-            .collect();
+        let mut ports = crate::ports::free_ports(host, 6);
+        let raft_ports = ports.split_off(3);
         let dirs = (1..=3).map(|i| dir.path().join(format!("m{i}"))).collect();
         let mut g = Group {
             host: host.to_owned(),
             ports,
+            raft_ports,
             dirs,
             procs: Vec::new(),
             _dir: dir,

@@ -13,6 +13,7 @@ mod fetch;
 mod hardening_agent;
 mod native;
 mod partition;
+mod ports;
 mod processes;
 mod registry;
 mod roles;

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use agora_core::{Resources, parse_resources};
 use agora_proto::{resources_from_proto, resources_to_proto, v1};
 
+use crate::ports::free_port;
 use crate::*;
 
 fn start_master(port: u16, work: &std::path::Path) -> Killed {
@@ -29,14 +30,6 @@ fn start_master(port: u16, work: &std::path::Path) -> Killed {
         .spawn()
         .unwrap();
     Killed(Some(child))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn res(s: &str) -> Resources {

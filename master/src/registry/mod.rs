@@ -60,6 +60,9 @@ pub struct RegistryConfig {
     pub id: NodeId,
     /// Every member's id and address (host:port of its listener), this one's included.
     pub members: BTreeMap<NodeId, String>,
+    /// Where each member takes raft, when not at its address in `members` (a master serves
+    /// raft on a listener of its own). A member missing here is reached at its address.
+    pub raft_addrs: BTreeMap<NodeId, String>,
     /// The store file; `None` keeps it in memory (tests).
     pub path: Option<PathBuf>,
     pub heartbeat: Duration,
@@ -75,6 +78,7 @@ impl RegistryConfig {
         RegistryConfig {
             id: 1,
             members: BTreeMap::from([(1, addr)]),
+            raft_addrs: BTreeMap::new(),
             path,
             heartbeat: Duration::from_millis(150),
             election_timeout: (Duration::from_millis(750), Duration::from_millis(1500)),
@@ -130,9 +134,15 @@ impl Registrar {
     /// time, so a leader does not step down for want of them. The runtime stops when the
     /// registrar is dropped (or shut down).
     ///
+    /// With `raft_listener`, the peers' raft calls are served on it, on the same runtime, so
+    /// that they never wait behind the master's client connections either.
+    ///
     /// # Errors
     /// As [`Registrar::start`], or when the thread cannot be started.
-    pub async fn start_apart(config: RegistryConfig) -> Result<Registrar, RegistryError> {
+    pub async fn start_apart(
+        config: RegistryConfig,
+        raft_listener: Option<std::net::TcpListener>,
+    ) -> Result<Registrar, RegistryError> {
         let (started_tx, started) = tokio::sync::oneshot::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -151,8 +161,16 @@ impl Registrar {
                     }
                 };
                 rt.block_on(async move {
-                    if started_tx.send(Registrar::start(config).await).is_ok() {
-                        // Until the registrar is dropped.
+                    let started = match Registrar::start(config).await {
+                        Ok(r) => match raft_listener.map(|l| r.serve_peers(l)).transpose() {
+                            Ok(_) => Ok(r),
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    if started_tx.send(started).is_ok() {
+                        // Until the registrar is dropped; the peer server goes with the
+                        // runtime.
                         let _ = stopped.await;
                     }
                 });
@@ -216,7 +234,8 @@ impl Registrar {
                     .last_log_id
                     .is_none()
         };
-        let raft = Raft::new(config.id, Arc::new(raft_config), network::Network, log, sm)
+        let network = network::Network::new(config.raft_addrs.clone());
+        let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| RegistryError::Fatal(e.to_string()))?;
         if pristine {
@@ -294,6 +313,24 @@ impl Registrar {
     /// This master's address in the group.
     pub fn address(&self) -> &str {
         &self.config.members[&self.config.id]
+    }
+
+    /// Serves [`Registrar::peer_service`] on `listener`, on the current runtime, until that
+    /// runtime stops.
+    fn serve_peers(&self, listener: std::net::TcpListener) -> Result<(), RegistryError> {
+        let listener = listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(listener))
+            .map_err(|e| RegistryError::Config(format!("the raft listener: {e}")))?;
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let routes = tonic::transport::Server::builder().add_service(self.peer_service());
+        tokio::spawn(async move {
+            if let Err(e) = routes.serve_with_incoming(incoming).await {
+                tracing::error!(error = %e, "the raft listener stopped");
+            }
+        });
+        Ok(())
     }
 
     /// The gRPC service peers replicate through.

@@ -1,7 +1,8 @@
 //! Replication between masters over gRPC: openraft's three messages, each carried whole in a
-//! [`v1::RaftPayload`] in the registry's own encoding (postcard), on the masters' own
-//! listeners.
+//! [`v1::RaftPayload`] in the registry's own encoding (postcard), on a listener each master
+//! keeps for raft alone.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,8 +23,19 @@ use tonic::transport::Channel;
 
 use super::{NodeId, Raft, TypeConfig};
 
-/// Makes a connection per peer.
-pub struct Network;
+/// Makes a connection per peer, to its raft address.
+pub struct Network {
+    raft_addrs: Arc<BTreeMap<NodeId, String>>,
+}
+
+impl Network {
+    /// `raft_addrs`: where members take raft when not at their address in the membership.
+    pub fn new(raft_addrs: BTreeMap<NodeId, String>) -> Self {
+        Network {
+            raft_addrs: Arc::new(raft_addrs),
+        }
+    }
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
@@ -31,7 +43,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
         Peer {
             target,
-            addr: node.addr.clone(),
+            addr: self
+                .raft_addrs
+                .get(&target)
+                .cloned()
+                .unwrap_or_else(|| node.addr.clone()),
             client: None,
         }
     }

@@ -172,7 +172,11 @@ async fn start_group(
     listeners: Vec<tokio::net::TcpListener>,
     dir: &std::path::Path,
 ) -> Vec<Member> {
-    let members: BTreeMap<NodeId, String> = listeners
+    // The members' client addresses lead nowhere: raft must reach each at its raft address.
+    let members: BTreeMap<NodeId, String> = (1..=listeners.len() as u64)
+        .map(|id| (id, format!("master-{id}.invalid:5050")))
+        .collect();
+    let raft_addrs: BTreeMap<NodeId, String> = listeners
         .iter()
         .enumerate()
         .map(|(i, l)| (i as u64 + 1, l.local_addr().unwrap().to_string()))
@@ -182,6 +186,7 @@ async fn start_group(
         let config = RegistryConfig {
             id: i as u64 + 1,
             members: members.clone(),
+            raft_addrs: raft_addrs.clone(),
             path: Some(dir.join(format!("m{i}.redb"))),
             heartbeat: Duration::from_millis(50),
             election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
@@ -286,6 +291,7 @@ fn members_wait_one_after_the_other_to_stand_for_election() {
         staggered(&RegistryConfig {
             id,
             members: members.clone(),
+            raft_addrs: BTreeMap::new(),
             path: None,
             heartbeat: Duration::from_millis(100),
             election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
