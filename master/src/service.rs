@@ -84,19 +84,23 @@ impl Gate {
             if let Some(tx) = owner.borrow_and_update().clone() {
                 return Ok(tx);
             }
-            let mut wake = deadline;
-            match &*leadership.borrow_and_update() {
+            // The guard is let go of before `elsewhere` reads the same channel: a second
+            // read lock taken while the registry waits to write would never be granted, and
+            // the master would hang with every worker blocked.
+            let (wait, elsewhere) = match &*leadership.borrow_and_update() {
                 Leadership::Follower { leader: Some(l) }
                     if lost.is_some_and(|x| x == agora_proto::leader::host_port(l))
                         && tokio::time::Instant::now() < doubt =>
                 {
-                    wake = doubt;
+                    (true, false)
                 }
-                Leadership::Follower { leader: Some(_) } | Leadership::Stopped(_) => {
-                    return Err(self.elsewhere());
-                }
-                _ => {}
+                Leadership::Follower { leader: Some(_) } | Leadership::Stopped(_) => (false, true),
+                _ => (false, false),
+            };
+            if elsewhere {
+                return Err(self.elsewhere());
             }
+            let wake = if wait { doubt } else { deadline };
             tokio::select! {
                 r = owner.changed() => if r.is_err() { return Err(self.elsewhere()) },
                 r = leadership.changed() => if r.is_err() { return Err(self.elsewhere()) },
@@ -600,6 +604,46 @@ mod tests {
         let status = g.serving(LEADER_WAIT, None).await.expect_err("no leader");
         assert_eq!(before.elapsed(), LEADER_WAIT);
         assert_eq!(agora_proto::leader::redirect(&status), Some(None));
+    }
+
+    /// The registry writes the leadership from a thread of its own while calls read it. A
+    /// read nested inside another read of the same channel waits for good once a writer is
+    /// queued between them, and the master hangs (seen at 10,000 agents).
+    #[test]
+    fn answers_never_hang_while_the_leadership_changes() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (g, _owner_tx, lead_tx) = gate();
+            let stop = Arc::new(AtomicBool::new(false));
+            let writer = {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    for port in (5000u16..5002).cycle() {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        lead_tx.send_replace(Leadership::Follower {
+                            leader: Some(format!("127.0.0.1:{port}")),
+                        });
+                    }
+                })
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                for _ in 0..300_000 {
+                    assert!(g.serving(LEADER_WAIT, None).await.is_err());
+                }
+            });
+            stop.store(true, Ordering::Relaxed);
+            writer.join().unwrap();
+            let _ = done_tx.send(());
+        });
+        done.recv_timeout(Duration::from_secs(30))
+            .expect("a call hung while the leadership changed");
     }
 
     #[tokio::test(start_paused = true)]
