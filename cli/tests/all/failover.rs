@@ -554,3 +554,61 @@ async fn a_leader_cut_off_from_its_majority_stops_serving() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
 }
+
+/// The lost-leader hint end to end: right after the leader dies, a follower still names it
+/// (it was heard less than three heartbeats ago). A caller that says it just lost that
+/// leader is not sent back to it: it waits for the election, and is then served or sent to
+/// the new leader. A caller that says nothing is sent to the dead leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_lost_the_leader_is_not_sent_back_to_it() {
+    let mut group = Group::start();
+    let first = group.leader(None).await;
+    let dead = format!("127.0.0.1:{}", group.ports[first]);
+    let follower = (first + 1) % 3;
+    // Connected before the kill, so that the calls below reach the follower at once.
+    let sched = v1::scheduler_client::SchedulerClient::connect(format!(
+        "http://127.0.0.1:{}",
+        group.ports[follower]
+    ))
+    .await
+    .unwrap();
+    let subscribe = |lost: Option<String>| {
+        let mut sched = sched.clone();
+        async move {
+            let mut request = tonic::Request::new(v1::SubscribeRequest {
+                framework_info: Some(v1::FrameworkInfo {
+                    name: "hint".into(),
+                    user: "nobody".into(),
+                    ..Default::default()
+                }),
+                stream_id: String::new(),
+            });
+            agora_proto::leader::tell_lost(&mut request, lost.as_deref());
+            sched.subscribe(request).await.err()
+        }
+    };
+
+    group.procs[first].kill();
+    let (hinted, plain) = tokio::join!(subscribe(Some(dead.clone())), subscribe(None));
+    let dead_url = Some(Some(format!("http://{dead}")));
+    // Without the hint: the follower answers at once with the leader it last heard from.
+    let plain = plain.expect("a follower does not serve a framework");
+    assert_eq!(
+        agora_proto::leader::redirect(&plain),
+        dead_url,
+        "a follower asked within three heartbeats of the kill names the dead leader: {plain:?}"
+    );
+    // With it: served by the follower if it was elected, or sent to whoever was.
+    if let Some(status) = hinted {
+        let to = agora_proto::leader::redirect(&status);
+        assert_ne!(to, dead_url, "sent back to the lost leader: {status:?}");
+        let others: Vec<_> = (0..3)
+            .filter(|i| *i != first && *i != follower)
+            .map(|i| Some(Some(format!("http://127.0.0.1:{}", group.ports[i]))))
+            .collect();
+        assert!(
+            others.contains(&to),
+            "told to go to {to:?}, not the new leader: {status:?}"
+        );
+    }
+}
