@@ -776,12 +776,11 @@ mod tests {
     use super::*;
     use crate::checkpoint::SavedTask;
 
-    /// An actor with no containerizers, registered, whose messages to the master land in
-    /// the returned receiver.
-    fn registered() -> (Actor, mpsc::Receiver<v1::AgentMessage>) {
+    /// An actor with no containerizers, not linked, working in `work_dir`.
+    fn bare(work_dir: PathBuf) -> Actor {
         let (events, _rx) = mpsc::channel(16);
-        let mut a = Actor::new(
-            std::env::temp_dir(),
+        Actor::new(
+            work_dir,
             v1::AgentInfo::default(),
             Vec::new(),
             Containers::default(),
@@ -791,7 +790,25 @@ mod tests {
                 max: Duration::from_secs(60),
             },
             events,
-        );
+        )
+    }
+
+    /// A task as a previous agent checkpointed it, in `state`, with nothing waiting.
+    fn saved(state: TaskState) -> SavedTask {
+        SavedTask {
+            info: v1::TaskInfo::default(),
+            state,
+            isolation: String::new(),
+            pending: Vec::new(),
+            attachment: None,
+            origins: Vec::new(),
+        }
+    }
+
+    /// An actor with no containerizers, registered, whose messages to the master land in
+    /// the returned receiver.
+    fn registered() -> (Actor, mpsc::Receiver<v1::AgentMessage>) {
+        let mut a = bare(std::env::temp_dir());
         let (tx, rx) = mpsc::channel(64);
         a.handle(Event::LinkUp { tx });
         a.handle(Event::FromMaster(Box::new(
@@ -824,18 +841,8 @@ mod tests {
     #[tokio::test]
     async fn a_task_whose_runner_panics_fails_instead_of_hanging() {
         let (mut a, mut rx) = registered();
-        a.state.restore(
-            key(),
-            SavedTask {
-                info: v1::TaskInfo::default(),
-                state: TaskState::Staging,
-                isolation: String::new(),
-                pending: Vec::new(),
-                attachment: None,
-                origins: Vec::new(),
-            },
-            Instant::now(),
-        );
+        a.state
+            .restore(key(), saved(TaskState::Staging), Instant::now());
         let (fw, t) = key();
         a.handle(Event::Task {
             framework: fw.clone(),
@@ -865,6 +872,54 @@ mod tests {
         let failed = sent(&mut rx);
         assert_eq!(failed[0].state(), v1::TaskState::TaskFailed);
         assert!(failed[0].message.contains("a bug"), "{}", failed[0].message);
+    }
+
+    /// What waits on a turn hears only once the turn's saves are committed: an executor's
+    /// update (the executor is told it was received only then, so an agent killed before the
+    /// commit has the executor send it again), and the registration the link sends (which
+    /// must not report a state a restart would take back).
+    #[test]
+    fn updates_and_the_registration_wait_for_the_turns_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cp, _) = Checkpoint::open(dir.path()).unwrap();
+        let mut a = bare(dir.path().to_path_buf()).with_checkpoint(Arc::new(cp), OnExit::Leave);
+        a.state
+            .restore(key(), saved(TaskState::Starting), Instant::now());
+        let (fw, t) = key();
+        let (durable, mut received) = oneshot::channel();
+        a.handle(Event::Task {
+            framework: fw,
+            task: t,
+            change: Termination::new(TaskState::Running, v1::Reason::Unspecified, ""),
+            durable: Some(durable),
+        });
+        let (reply, mut registration) = oneshot::channel();
+        a.handle(Event::Connecting { reply });
+        assert!(
+            received.try_recv().is_err(),
+            "acknowledged before the commit"
+        );
+        assert!(
+            registration.try_recv().is_err(),
+            "registered before the commit"
+        );
+
+        a.flush().unwrap();
+        received.try_recv().expect("acknowledged after the commit");
+        let Some(agent_message::Message::Register(r)) =
+            registration.try_recv().expect("registration").message
+        else {
+            panic!("not a registration");
+        };
+        assert_eq!(r.tasks[0].state(), v1::TaskState::TaskRunning);
+        drop(a);
+        let (_, saved) = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(saved.tasks[0].1.state, TaskState::Running);
+        assert_eq!(
+            saved.tasks[0].1.pending.len(),
+            1,
+            "the update, unacknowledged"
+        );
     }
 
     #[test]
