@@ -27,6 +27,8 @@ enum Role {
 struct State {
     role: Option<Role>,
     subscribes: Vec<v1::SubscribeRequest>,
+    /// The master each subscription attempt said it lost (`agora-lost-leader`), served or not.
+    lost: Vec<Option<String>>,
     /// The open subscriptions' senders; dropping them ends the streams.
     streams: Vec<mpsc::Sender<Result<v1::Event, Status>>>,
     calls: u32,
@@ -80,6 +82,10 @@ impl Fake {
     fn calls(&self) -> u32 {
         self.state.lock().unwrap().calls
     }
+
+    fn lost(&self) -> Vec<Option<String>> {
+        self.state.lock().unwrap().lost.clone()
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::Event, Status>> + Send>>;
@@ -92,6 +98,8 @@ impl v1::scheduler_server::Scheduler for Fake {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let lost = agora_proto::leader::lost(request.metadata());
+        self.state.lock().unwrap().lost.push(lost);
         if let Some(s) = self.refuse() {
             return Err(s);
         }
@@ -270,6 +278,18 @@ async fn next(events: &mut agora_sdk::Events) -> Event {
         .expect("the subscription goes on")
 }
 
+/// The next event, which must be SUBSCRIBED: the framework id and the master's.
+async fn subscribed_again(events: &mut agora_sdk::Events) -> (agora_core::FrameworkId, String) {
+    match next(events).await {
+        Event::Subscribed {
+            framework_id,
+            master_id,
+            ..
+        } => (framework_id, master_id),
+        other => panic!("SUBSCRIBED again, not {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn an_operator_given_a_follower_first_ends_at_the_leader() {
     let leader = master(Role::Leads).await;
@@ -375,15 +395,10 @@ async fn a_framework_subscribes_at_the_leader_and_follows_a_failover() {
         next(&mut events).await,
         Event::Disconnected { .. }
     ));
-    let Event::Subscribed {
-        framework_id: again,
-        master_id,
-        ..
-    } = next(&mut events).await
-    else {
-        panic!("SUBSCRIBED again")
-    };
-    assert_eq!((again, master_id), (framework_id.clone(), b.name.clone()));
+    assert_eq!(
+        subscribed_again(&mut events).await,
+        (framework_id.clone(), b.name.clone())
+    );
     assert_eq!(scheduler.master(), b.name);
     // Re-subscribed with its id, naming the stream it replaces (which `b` never saw).
     let req = &b.subscribes()[0];
@@ -491,4 +506,50 @@ async fn a_blob_upload_follows_the_redirect_and_sends_the_file_again() {
     assert_eq!(stored[0].0, format!("/blobs/{digest}"));
     assert!(stored[0].1 == bytes, "the whole file reached the leader");
     assert!(at_follower.lock().unwrap().is_empty());
+}
+
+/// The leader dies and no master leads for longer than one search for a leader: the driver
+/// keeps searching in the background, telling each master which one it lost, and
+/// re-subscribes with its id once one leads.
+#[tokio::test]
+async fn a_framework_keeps_looking_through_a_long_election_and_says_what_it_lost() {
+    let a = master(Role::Leads).await;
+    let b = master(Role::Follows(Some(a.addr()))).await;
+    let mut config = SchedulerConfig::new(list(&[&a.name, &b.name]), "patient");
+    config.auto_acknowledge = false;
+    config.discovery = quick();
+    let (_scheduler, mut events) = subscribe(config).await.unwrap();
+    let Event::Subscribed { framework_id, .. } = next(&mut events).await else {
+        panic!("SUBSCRIBED first")
+    };
+
+    // `a` is gone (its stream ends, it names no leader) and the election takes 2.5 s:
+    // more than two searches of 1 s.
+    a.set_role(Role::Follows(None));
+    b.set_role(Role::Follows(None));
+    a.state.lock().unwrap().streams.clear();
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Disconnected { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    b.set_role(Role::Leads);
+    a.set_role(Role::Follows(Some(b.addr())));
+    assert_eq!(
+        subscribed_again(&mut events).await,
+        (framework_id, b.name.clone())
+    );
+    // `b` first heard of the framework after the break: every attempt there, the served
+    // one included, names the master it lost.
+    let asked = b.lost();
+    assert!(
+        asked.len() >= 3,
+        "several attempts during the election: {asked:?}"
+    );
+    assert!(
+        asked
+            .iter()
+            .all(|l| l.as_deref() == Some(a.addr().as_str())),
+        "{asked:?}"
+    );
 }
