@@ -629,6 +629,20 @@ fn check(e: &Engine) -> Result<(), String> {
             return Err(format!("agent {id}: {out} given out of {}", a.total));
         }
     }
+    // Nothing stale in the indexes either: an entry per task and per offer, no empty sets.
+    let tasks_indexed: usize = e.tasks.by_agent.values().map(HashSet::len).sum();
+    let offers_indexed: usize = e.offers_by_agent.values().map(HashSet::len).sum();
+    if tasks_indexed != e.tasks.map.len()
+        || offers_indexed != e.offers.len()
+        || e.tasks.by_agent.values().any(HashSet::is_empty)
+        || e.offers_by_agent.values().any(HashSet::is_empty)
+    {
+        return Err(format!(
+            "indexes by agent: {tasks_indexed} tasks of {}, {offers_indexed} offers of {}, or an empty set",
+            e.tasks.map.len(),
+            e.offers.len()
+        ));
+    }
     for (id, f) in &e.frameworks {
         let offered = e
             .offers
