@@ -780,9 +780,12 @@ mod tests {
         let hard = dir.path().join("hard");
         std::fs::hard_link(&secret, &hard).unwrap();
         assert_eq!(read_within_5s(&hard), None);
-        // A symbolic link.
+        // A symbolic link, to a file of its own that is otherwise fine to read.
+        let alone = dir.path().join("alone");
+        std::fs::write(&alone, "4\n").unwrap();
+        assert_eq!(read_within_5s(&alone), Some(4));
         let sym = dir.path().join("sym");
-        std::os::unix::fs::symlink(&secret, &sym).unwrap();
+        std::os::unix::fs::symlink(&alone, &sym).unwrap();
         assert_eq!(read_within_5s(&sym), None);
         // A directory.
         let d = dir.path().join("d");
