@@ -2,7 +2,6 @@
 //! started again on the same work directory: its tasks were never interrupted, those that
 //! ended meanwhile are reported with their exit status, and it can still kill the others.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -12,6 +11,7 @@ use agora_proto::v1;
 use crate::native::command;
 use crate::ports::free_port;
 use crate::processes::Proc;
+use crate::seen::Seen;
 use crate::*;
 
 pub(crate) struct AgentProcess {
@@ -62,62 +62,6 @@ fn count(dir: &Path) -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// Every terminal update the framework saw, per task, by uuid.
-#[derive(Default)]
-pub(crate) struct Seen {
-    pub latest: HashMap<String, v1::TaskStatus>,
-    pub ends: HashMap<String, Vec<Vec<u8>>>,
-}
-
-impl Seen {
-    pub fn note(&mut self, st: v1::TaskStatus) {
-        let id = st.task_id.as_ref().unwrap().value.clone();
-        if state_of(&st).is_terminal() {
-            let ends = self.ends.entry(id.clone()).or_default();
-            if !ends.contains(&st.uuid) {
-                ends.push(st.uuid.clone());
-            }
-        }
-        self.latest.insert(id, st);
-    }
-
-    pub fn state(&self, task: &str) -> Option<TaskState> {
-        self.latest.get(task).map(state_of)
-    }
-
-    /// Reads events until `until` holds, declining offers.
-    pub async fn pump(
-        &mut self,
-        s: &Scheduler,
-        events: &mut Events,
-        what: &str,
-        until: impl Fn(&Seen) -> bool,
-    ) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while !until(self) {
-            let ev = tokio::time::timeout_at(deadline, events.next())
-                .await
-                .unwrap_or_else(|_| {
-                    let states: HashMap<_, _> = self
-                        .latest
-                        .iter()
-                        .map(|(k, v)| (k.clone(), (state_of(v), v.message.clone())))
-                        .collect();
-                    panic!("timed out waiting for {what}: {states:?}")
-                })
-                .expect("the event stream ended");
-            match ev {
-                Event::Update(st) => self.note(st),
-                Event::Offers(o) => {
-                    let ids: Vec<v1::OfferId> = o.iter().filter_map(|o| o.id.clone()).collect();
-                    let _ = s.decline(&ids, Some(0.0)).await;
-                }
-                _ => {}
-            }
-        }
-    }
 }
 
 /// The master waits long enough for an agent to come back (as Mesos's 75 s) that a restart

@@ -10,6 +10,7 @@ use agora_proto::{resources_from_proto, resources_to_proto, state_from_proto, v1
 use agora_sdk::Operator;
 
 use crate::native::command;
+use crate::seen::{Seen, decline_all};
 use crate::*;
 
 pub(crate) struct Group {
@@ -122,51 +123,6 @@ fn res(s: &str) -> Resources {
     parse_resources(s).unwrap()
 }
 
-/// Every terminal update the framework saw, per task: (state, uuid); reconciliation's
-/// answers have no uuid (they repeat the latest state, they are not updates).
-type Ends = HashMap<String, Vec<(TaskState, Vec<u8>)>>;
-
-fn note(st: &v1::TaskStatus, latest: &mut HashMap<String, TaskState>, ends: &mut Ends) {
-    let id = st.task_id.as_ref().unwrap().value.clone();
-    let state = state_of(st);
-    if state.is_terminal() {
-        ends.entry(id.clone())
-            .or_default()
-            .push((state, st.uuid.clone()));
-    }
-    latest.insert(id, state);
-}
-
-async fn decline_all(s: &Scheduler, offers: &[v1::Offer]) {
-    let ids: Vec<v1::OfferId> = offers.iter().filter_map(|o| o.id.clone()).collect();
-    // A refusal by a master that no longer leads is fine: its offers are gone anyway.
-    let _ = s.decline(&ids, Some(0.0)).await;
-}
-
-/// Reads events until `until` holds for the states seen, noting terminal updates.
-async fn pump(
-    s: &Scheduler,
-    events: &mut Events,
-    latest: &mut HashMap<String, TaskState>,
-    ends: &mut Ends,
-    what: &str,
-    until: impl Fn(&HashMap<String, TaskState>) -> bool,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !until(latest) {
-        let ev = tokio::time::timeout_at(deadline, events.next())
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}: {latest:?}"))
-            .expect("the event stream ended");
-        match ev {
-            Event::Update(st) => note(&st, latest, ends),
-            // Offers not needed now go back at once, so that later ones come.
-            Event::Offers(o) => decline_all(s, &o).await,
-            _ => {}
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_masters_survive_their_leader_killed_twice() {
     init_logs();
@@ -250,19 +206,11 @@ async fn three_masters_survive_their_leader_killed_twice() {
     op.set_quota("eng", &res("cpus:0.5"), None, false)
         .await
         .unwrap();
-    let mut latest = HashMap::new();
-    let mut ends = Ends::new();
-    pump(
-        &s,
-        &mut events,
-        &mut latest,
-        &mut ends,
-        "the long tasks to run",
-        |l| {
-            l.get("long-native") == Some(&TaskState::Running)
-                && l.get("long-wasm") == Some(&TaskState::Running)
-        },
-    )
+    let mut seen = Seen::default();
+    seen.pump(&s, &mut events, "the long tasks to run", |v| {
+        v.state("long-native") == Some(TaskState::Running)
+            && v.state("long-wasm") == Some(TaskState::Running)
+    })
     .await;
     let registry_view = |st: &v1::GetStateResponse, roles: &[v1::RoleState]| {
         let reserved: Resources = st.agents.iter().fold(Resources::new(), |acc, a| {
@@ -297,7 +245,7 @@ async fn three_masters_survive_their_leader_killed_twice() {
                 .expect("offers in time")
             {
                 Some(Event::Offers(o)) => break o,
-                Some(Event::Update(st)) => note(&st, &mut latest, &mut ends),
+                Some(Event::Update(st)) => seen.note(st),
                 Some(_) => {}
                 None => panic!("events ended"),
             }
@@ -330,35 +278,32 @@ async fn three_masters_survive_their_leader_killed_twice() {
         // reconciliation through the new leader says (asked again each second: no answer
         // is given for an agent not back yet).
         let short = launched.clone();
-        let done = |l: &HashMap<String, TaskState>| {
+        let done = |v: &Seen| {
             short
                 .iter()
-                .all(|t| l.get(t).is_some_and(|s| s.is_terminal()))
-                && l.get("long-native") == Some(&TaskState::Running)
-                && l.get("long-wasm") == Some(&TaskState::Running)
+                .all(|t| v.state(t).is_some_and(|s| s.is_terminal()))
+                && v.state("long-native") == Some(TaskState::Running)
+                && v.state("long-wasm") == Some(TaskState::Running)
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while !done(&latest) {
+        while !done(&seen) {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "not every task accounted for after the failover: {latest:?}"
+                "not every task accounted for after the failover: {:?}",
+                seen.latest
             );
             // Only tasks not yet seen to end: as in Mesos, a master does not remember tasks
             // that ended and were acknowledged before a failover, and answers TASK_GONE.
             let ids: Vec<(TaskId, Option<AgentId>)> = launched
                 .iter()
                 .chain(["long-native".to_owned(), "long-wasm".to_owned()].iter())
-                .filter(|t| !latest.get(*t).is_some_and(|s| s.is_terminal()))
+                .filter(|t| !seen.state(t).is_some_and(|s| s.is_terminal()))
                 .map(|t| (tid(t), placed.get(t).cloned()))
                 .collect();
             let _ = s.reconcile_on(&ids).await;
             let until = tokio::time::Instant::now() + Duration::from_secs(1);
             while let Ok(Some(ev)) = tokio::time::timeout_at(until, events.next()).await {
-                match ev {
-                    Event::Update(st) => note(&st, &mut latest, &mut ends),
-                    Event::Offers(o) => decline_all(&s, &o).await,
-                    _ => {}
-                }
+                seen.take(&s, ev).await;
             }
         }
         let op = Operator::connect(&masters).await.unwrap();
@@ -381,7 +326,10 @@ async fn three_masters_survive_their_leader_killed_twice() {
 
     // No task ended twice with different outcomes, none is missing an end.
     for t in &launched {
-        let e = ends.get(t).unwrap_or_else(|| panic!("{t} never ended"));
+        let e = seen
+            .ends
+            .get(t)
+            .unwrap_or_else(|| panic!("{t} never ended"));
         let updates: Vec<_> = e.iter().filter(|(_, u)| !u.is_empty()).collect();
         assert!(
             updates.iter().all(|x| *x == updates[0]),
@@ -393,7 +341,7 @@ async fn three_masters_survive_their_leader_killed_twice() {
         );
     }
     for t in ["long-native", "long-wasm"] {
-        assert!(!ends.contains_key(t), "{t} ended: {:?}", ends[t]);
+        assert!(!seen.ends.contains_key(t), "{t} ended: {:?}", seen.ends[t]);
     }
     let st = Operator::connect(&masters)
         .await

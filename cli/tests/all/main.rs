@@ -17,6 +17,7 @@ mod ports;
 mod processes;
 mod registry;
 mod roles;
+mod seen;
 mod takeover;
 mod wasm;
 
