@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 
-use agora_core::{AgentId, Resources, TaskState, parse_resources};
+use agora_core::{AgentId, Resources, TaskState};
 use agora_proto::{resources_from_proto, resources_to_proto, state_from_proto, v1};
 use agora_sdk::Operator;
 
@@ -44,32 +44,18 @@ impl Group {
     }
 
     fn spawn(&self, i: usize) -> Killed {
-        let child = Command::new(env!("CARGO_BIN_EXE_agora"))
-            .args([
-                "master",
-                "--listen",
-                &format!("{}:{}", self.host, self.ports[i]),
+        Killed::master(
+            &format!("{}:{}", self.host, self.ports[i]),
+            &self.dirs[i],
+            &[
                 "--id",
                 &(i + 1).to_string(),
                 "--peers",
                 &self.peers(),
-                "--work-dir",
-                self.dirs[i].to_str().unwrap(),
-                "--agent-heartbeat-interval",
-                "200ms",
-                "--allocation-interval",
-                "100ms",
-                "--framework-heartbeat-interval",
-                "1s",
                 "--agent-reregister-timeout",
                 "60s",
-            ])
-            .env("AGORA_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        Killed(Some(child))
+            ],
+        )
     }
 
     pub fn start() -> Group {
@@ -117,10 +103,6 @@ impl Group {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-fn res(s: &str) -> Resources {
-    parse_resources(s).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

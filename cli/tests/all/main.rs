@@ -214,6 +214,36 @@ impl Drop for Killed {
     }
 }
 
+impl Killed {
+    /// An `agora master` process on `listen` keeping its registry in `work_dir`, with the
+    /// tests' quick timing and `extra` flags; its logs (warnings) go to the test's stderr.
+    pub fn master(listen: &str, work_dir: &std::path::Path, extra: &[&str]) -> Killed {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_agora"))
+            .args(["master", "--listen", listen, "--work-dir"])
+            .arg(work_dir)
+            .args([
+                "--agent-heartbeat-interval",
+                "200ms",
+                "--allocation-interval",
+                "100ms",
+                "--framework-heartbeat-interval",
+                "1s",
+            ])
+            .args(extra)
+            .env("AGORA_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Killed(Some(child))
+    }
+}
+
+/// Resources from their text form, which the test knows to be valid.
+pub fn res(s: &str) -> agora_core::Resources {
+    agora_core::parse_resources(s).unwrap()
+}
+
 /// An operator client of the master at `master`, once that master says it leads.
 pub async fn leading_operator(master: &str) -> agora_sdk::Operator {
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -1,39 +1,16 @@
 //! The registry across master restarts, with the master a real process killed with SIGKILL:
 //! reservations, quotas, weights and frameworks come back; a damaged store is refused.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use agora_core::{Resources, parse_resources};
+use agora_core::Resources;
 use agora_proto::{resources_from_proto, resources_to_proto, v1};
 
 use crate::ports::free_port;
 use crate::*;
 
 fn start_master(port: u16, work: &std::path::Path) -> Killed {
-    let child = Command::new(env!("CARGO_BIN_EXE_agora"))
-        .args([
-            "master",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--work-dir",
-            work.to_str().unwrap(),
-            "--agent-heartbeat-interval",
-            "200ms",
-            "--allocation-interval",
-            "100ms",
-            "--framework-heartbeat-interval",
-            "1s",
-        ])
-        .env("AGORA_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Killed(Some(child))
-}
-
-fn res(s: &str) -> Resources {
-    parse_resources(s).unwrap()
+    Killed::master(&format!("127.0.0.1:{port}"), work, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,15 +1,11 @@
 //! Roles over gRPC: reservations (static and dynamic), quotas and weights through the
 //! operator API.
 
-use agora_core::{Resources, TaskState, parse_resources};
+use agora_core::{Resources, TaskState};
 use agora_proto::{resources_from_proto, resources_to_proto, v1};
 use agora_sdk::{Error, Operator};
 
 use crate::*;
-
-fn res(s: &str) -> Resources {
-    parse_resources(s).unwrap()
-}
 
 fn offered(offers: &[v1::Offer]) -> Resources {
     offers.iter().fold(Resources::new(), |acc, o| {
