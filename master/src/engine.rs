@@ -218,20 +218,24 @@ const RECENT_UUIDS: usize = 8;
 /// The tasks the master knows, indexed by agent too: a registration, an agent lost or an
 /// agent's message looks at that agent's tasks, so it costs what the agent runs, not what
 /// the cluster does. A task never moves between agents.
+///
+/// Tasks are boxed: a new leader takes a hundred thousand tasks in seconds, and each growth
+/// of the map then moves pointers, not whole tasks (unboxed, the moves were 7 % of its CPU
+/// in the failover bench).
 #[derive(Default)]
 struct Tasks {
-    map: HashMap<TaskKey, Task>,
+    map: HashMap<TaskKey, Box<Task>>,
     by_agent: HashMap<AgentId, HashSet<TaskKey>>,
 }
 
 impl Tasks {
     fn get(&self, key: &TaskKey) -> Option<&Task> {
-        self.map.get(key)
+        self.map.get(key).map(|t| &**t)
     }
 
     /// The task to change; its agent must stay what it is.
     fn get_mut(&mut self, key: &TaskKey) -> Option<&mut Task> {
-        self.map.get_mut(key)
+        self.map.get_mut(key).map(|t| &mut **t)
     }
 
     fn contains_key(&self, key: &TaskKey) -> bool {
@@ -240,7 +244,7 @@ impl Tasks {
 
     fn insert(&mut self, key: TaskKey, task: Task) -> Option<Task> {
         let agent = task.agent.clone();
-        let old = self.map.insert(key.clone(), task);
+        let old = self.map.insert(key.clone(), Box::new(task)).map(|t| *t);
         if let Some(o) = &old
             && o.agent != agent
         {
@@ -261,13 +265,13 @@ impl Tasks {
     }
 
     fn remove(&mut self, key: &TaskKey) -> Option<Task> {
-        let t = self.map.remove(key)?;
+        let t = *self.map.remove(key)?;
         self.unindex(&t.agent, key);
         Some(t)
     }
 
     fn iter(&self) -> impl Iterator<Item = (&TaskKey, &Task)> {
-        self.map.iter()
+        self.map.iter().map(|(k, t)| (k, &**t))
     }
 
     fn keys(&self) -> impl Iterator<Item = &TaskKey> {
@@ -276,7 +280,7 @@ impl Tasks {
 
     #[cfg(test)]
     fn values(&self) -> impl Iterator<Item = &Task> {
-        self.map.values()
+        self.map.values().map(|t| &**t)
     }
 
     /// The tasks on `agent`.
@@ -285,7 +289,7 @@ impl Tasks {
             .get(agent)
             .into_iter()
             .flatten()
-            .filter_map(|k| self.map.get(k).map(|t| (k, t)))
+            .filter_map(|k| self.map.get(k).map(|t| (k, &**t)))
     }
 }
 
