@@ -413,6 +413,7 @@ async fn serve(
         owner: owner_rx,
         leadership: registrar.leadership(),
         silence: registrar.silence(),
+        heard: registrar.heard(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
@@ -740,6 +741,7 @@ mod tests {
             owner,
             leadership,
             silence: Duration::from_millis(300),
+            heard: Arc::default(),
         };
         assert!(service::health(&rx, &gate).healthy);
         drop(tx);

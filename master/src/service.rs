@@ -43,6 +43,8 @@ pub struct Gate {
     /// How long a follower may go without hearing from a live leader (see
     /// [`crate::registry::Registrar::silence`]).
     pub silence: Duration,
+    /// When a leader was last heard from; fresher than `leadership`.
+    pub heard: Arc<crate::registry::network::Heard>,
 }
 
 impl Gate {
@@ -89,10 +91,16 @@ impl Gate {
             // the master would hang with every worker blocked.
             let (wait, elsewhere) = match &*leadership.borrow_and_update() {
                 Leadership::Follower { leader: Some(l) }
-                    if lost.is_some_and(|x| x == agora_proto::leader::host_port(l))
-                        && tokio::time::Instant::now() < doubt =>
+                    if lost.is_some_and(|x| x == agora_proto::leader::host_port(l)) =>
                 {
-                    (true, false)
+                    if tokio::time::Instant::now() < doubt {
+                        (true, false)
+                    } else {
+                        // The watch looks only every 50 ms: it may still name a leader that
+                        // fell silent. Sent back there only if it was heard since the call came.
+                        let alive = self.heard.since().is_some_and(|t| t < start.elapsed());
+                        (false, alive)
+                    }
                 }
                 Leadership::Follower { leader: Some(_) } | Leadership::Stopped(_) => (false, true),
                 _ => (false, false),
@@ -560,6 +568,7 @@ mod tests {
                 owner,
                 leadership,
                 silence: Duration::from_millis(300),
+                heard: Arc::default(),
             },
             owner_tx,
             lead_tx,
@@ -665,6 +674,7 @@ mod tests {
         // It is heard from all along: the caller goes back to it after the doubt.
         let (g, _owner_tx, lead_tx) = gate();
         lead_tx.send_replace(named());
+        g.heard.note();
         let before = tokio::time::Instant::now();
         let status = g
             .serving(LEADER_WAIT, Some("http://127.0.0.1:5051"))
@@ -675,6 +685,22 @@ mod tests {
             agora_proto::leader::redirect(&status),
             Some(Some("http://127.0.0.1:5051".into()))
         );
+
+        // Not heard since the call came, though the watch (which looks every 50 ms) still
+        // names it at the doubt's end: the caller is not sent back there.
+        let (g, owner_tx, lead_tx) = gate();
+        lead_tx.send_replace(named());
+        let call = tokio::spawn(async move {
+            g.serving(LEADER_WAIT, Some("http://127.0.0.1:5051"))
+                .await
+                .is_ok()
+        });
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(!call.is_finished(), "sent back to a silent leader");
+        lead_tx.send_replace(Leadership::Leader);
+        let (tx, _rx) = mpsc::channel(1);
+        owner_tx.send_replace(Some(tx));
+        assert!(call.await.unwrap(), "served once elected here");
 
         // It falls silent: the caller waits for the election here.
         let (g, owner_tx, lead_tx) = gate();

@@ -333,6 +333,12 @@ impl Registrar {
         Ok(())
     }
 
+    /// When this master last heard from a leader: the leadership watch lags it by up to a
+    /// look (50 ms).
+    pub fn heard(&self) -> Arc<network::Heard> {
+        Arc::clone(&self.heard)
+    }
+
     /// The gRPC service peers replicate through.
     pub fn peer_service(&self) -> v1::raft_peer_server::RaftPeerServer<network::PeerService> {
         v1::raft_peer_server::RaftPeerServer::new(network::PeerService {
