@@ -666,6 +666,21 @@ mod tests {
         assert_eq!(before.elapsed(), Duration::ZERO);
     }
 
+    /// Whether a call from a caller that lost `lost` is served here.
+    async fn served_after_losing(g: Gate, lost: &'static str) -> bool {
+        g.serving(LEADER_WAIT, Some(lost)).await.is_ok()
+    }
+
+    /// This master is elected and has recovered the registry.
+    fn elect_here(
+        lead_tx: &watch::Sender<Leadership>,
+        owner_tx: &watch::Sender<Option<mpsc::Sender<Command>>>,
+    ) {
+        lead_tx.send_replace(Leadership::Leader);
+        let (tx, _rx) = mpsc::channel(1);
+        owner_tx.send_replace(Some(tx));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_caller_that_lost_the_named_leader_waits_for_it_to_be_heard_or_given_up() {
         let named = || Leadership::Follower {
@@ -690,33 +705,21 @@ mod tests {
         // names it at the doubt's end: the caller is not sent back there.
         let (g, owner_tx, lead_tx) = gate();
         lead_tx.send_replace(named());
-        let call = tokio::spawn(async move {
-            g.serving(LEADER_WAIT, Some("http://127.0.0.1:5051"))
-                .await
-                .is_ok()
-        });
+        let call = tokio::spawn(served_after_losing(g, "http://127.0.0.1:5051"));
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert!(!call.is_finished(), "sent back to a silent leader");
-        lead_tx.send_replace(Leadership::Leader);
-        let (tx, _rx) = mpsc::channel(1);
-        owner_tx.send_replace(Some(tx));
+        elect_here(&lead_tx, &owner_tx);
         assert!(call.await.unwrap(), "served once elected here");
 
         // It falls silent: the caller waits for the election here.
         let (g, owner_tx, lead_tx) = gate();
         lead_tx.send_replace(named());
-        let call = tokio::spawn(async move {
-            g.serving(LEADER_WAIT, Some("http://127.0.0.1:5051"))
-                .await
-                .is_ok()
-        });
+        let call = tokio::spawn(served_after_losing(g, "http://127.0.0.1:5051"));
         tokio::time::sleep(Duration::from_millis(100)).await;
         lead_tx.send_replace(Leadership::Follower { leader: None });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!call.is_finished(), "gave up before the election ended");
-        lead_tx.send_replace(Leadership::Leader);
-        let (tx, _rx) = mpsc::channel(1);
-        owner_tx.send_replace(Some(tx));
+        elect_here(&lead_tx, &owner_tx);
         assert!(call.await.unwrap(), "served once elected here");
     }
 }
