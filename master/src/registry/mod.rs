@@ -325,10 +325,16 @@ impl Registrar {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let routes = tonic::transport::Server::builder().add_service(self.peer_service());
+        let raft = self.raft.clone();
         tokio::spawn(async move {
-            if let Err(e) = routes.serve_with_incoming(incoming).await {
-                tracing::error!(error = %e, "the raft listener stopped");
+            // It serves until the runtime stops, which cancels this task. Ending otherwise,
+            // the master could no longer replicate: raft is shut down, the leadership watch
+            // says stopped, and the master stops with an error rather than answer healthy.
+            match routes.serve_with_incoming(incoming).await {
+                Ok(()) => tracing::error!("the raft listener stopped"),
+                Err(e) => tracing::error!(error = %e, "the raft listener stopped"),
             }
+            let _ = raft.shutdown().await;
         });
         Ok(())
     }

@@ -304,3 +304,22 @@ fn members_wait_one_after_the_other_to_stand_for_election() {
         assert!(a.1 + a.1 < b.1 + b.0, "{a:?} then {b:?}");
     }
 }
+
+/// Raft stopped under a master (its peer listener ended, say): the leadership watch says
+/// stopped, which stops the master, rather than leave it answering as a follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_whose_raft_stops_says_so() {
+    let r = Registrar::start(RegistryConfig::single("127.0.0.1:1".into(), None))
+        .await
+        .unwrap();
+    wait_leader(&r).await;
+    r.raft.shutdown().await.unwrap();
+    let mut l = r.leadership();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        l.wait_for(|l| matches!(l, Leadership::Stopped(_))),
+    )
+    .await
+    .expect("stopped in time")
+    .expect("leadership watch alive");
+}
