@@ -174,9 +174,11 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
 
     let operator = async {
         for _ in 0..100 {
+            // The state, not the health: a follower answers health itself (with no agents),
+            // while the state is the leader's, wherever the search lands.
             if let Ok(op) = agora_sdk::Operator::connect(&master).await
-                && let Ok(h) = op.health().await
-                && h.active_agents as usize == args.agents
+                && let Ok(st) = op.state().await
+                && st.agents.iter().filter(|a| a.active).count() == args.agents
             {
                 return Ok(());
             }
@@ -184,46 +186,59 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         }
         bail!("the agents did not register within 5s")
     };
-    operator.await?;
-    for a in &addrs {
-        println!("master: http://{a} (gRPC; GET http://{a}/health)");
-    }
-    println!(
-        "ready: {} agent(s) registered. Run a task with:",
-        args.agents
-    );
-    println!("  agora run --master {master} path/to/task.wasm -- ARGS");
-    println!("Ctrl-C stops the cluster.");
-
-    // A master or agent that ends by itself (its state owner died) ends the cluster, with
-    // its error: a dev cluster that only looks alive is worse than none.
-    let first_agent_end = futures_first(&mut agent_tasks);
-    let first_master_end = futures_first(&mut master_tasks);
-    tokio::select! {
-        () = shutdown_signal() => {}
-        (i, r) = first_master_end => {
-            let _ = stop_tx.send(true);
-            r.context("master task")??;
-            bail!("master {} stopped by itself", i + 1);
+    let outcome = match operator.await {
+        Err(e) => Err(e),
+        Ok(()) => {
+            for a in &addrs {
+                println!("master: http://{a} (gRPC; GET http://{a}/health)");
+            }
+            println!(
+                "ready: {} agent(s) registered. Run a task with:",
+                args.agents
+            );
+            println!("  agora run --master {master} path/to/task.wasm -- ARGS");
+            println!("Ctrl-C stops the cluster.");
+            // A master or agent that ends by itself (its state owner died) ends the
+            // cluster, with its error: a dev cluster that only looks alive is worse than
+            // none. Its handle is done with; the others are stopped below.
+            let first_agent_end = futures_first(&mut agent_tasks);
+            let first_master_end = futures_first(&mut master_tasks);
+            tokio::select! {
+                () = shutdown_signal() => Ok(()),
+                (i, r) = first_master_end => {
+                    master_tasks.remove(i);
+                    match r.context("master task") {
+                        Ok(Ok(())) => Err(anyhow::anyhow!("master {} stopped by itself", i + 1)),
+                        Ok(Err(e)) => Err(e.into()),
+                        Err(e) => Err(e),
+                    }
+                }
+                (i, r) = first_agent_end => {
+                    agent_tasks.remove(i);
+                    match r.context("agent task") {
+                        Ok(Ok(())) => Err(anyhow::anyhow!("agent {} stopped by itself", i + 1)),
+                        Ok(Err(e)) => Err(e.into()),
+                        Err(e) => Err(e),
+                    }
+                }
+            }
         }
-        (i, r) = first_agent_end => {
-            let _ = stop_tx.send(true);
-            r.context("agent task")??;
-            bail!("agent {} stopped by itself", i + 1);
-        }
-    }
+    };
+    // Whatever ended the cluster, its agents stop and remove their cgroups and tasks.
     println!("stopping");
     let _ = stop_tx.send(true);
+    let mut ends: Vec<anyhow::Result<()>> = Vec::new();
     for t in agent_tasks {
-        t.await.context("agent task")??;
+        ends.push(t.await.context("agent task").and_then(|r| Ok(r?)));
     }
     for t in master_tasks {
-        t.await.context("master task")??;
+        ends.push(t.await.context("master task").and_then(|r| Ok(r?)));
     }
     if remove_after {
         let _ = std::fs::remove_dir_all(&work_dir);
     }
-    Ok(())
+    outcome?;
+    ends.into_iter().collect()
 }
 
 /// The first of `tasks` to end, with its index; pending for ever when there are none.

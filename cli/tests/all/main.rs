@@ -5,6 +5,7 @@
 mod agent_recovery;
 mod bounds;
 mod cluster;
+mod dev;
 mod disk;
 mod executors;
 mod failover;
