@@ -86,29 +86,28 @@ impl Gate {
             if let Some(tx) = owner.borrow_and_update().clone() {
                 return Ok(tx);
             }
-            // The guard is let go of before `elsewhere` reads the same channel: a second
-            // read lock taken while the registry waits to write would never be granted, and
+            // The answer is made from the value already read: a second read of the same
+            // channel, taken while the registry waits to write, would never be granted, and
             // the master would hang with every worker blocked.
-            let (wait, elsewhere) = match &*leadership.borrow_and_update() {
+            let wake = match &*leadership.borrow_and_update() {
                 Leadership::Follower { leader: Some(l) }
                     if lost.is_some_and(|x| x == agora_proto::leader::host_port(l)) =>
                 {
                     if tokio::time::Instant::now() < doubt {
-                        (true, false)
+                        doubt
+                    } else if self.heard.since().is_some_and(|t| t < start.elapsed()) {
+                        // Heard since the call came: alive after all. (The watch looks only
+                        // every 50 ms, so it may still name a leader that fell silent.)
+                        return Err(agora_proto::leader::not_leader(Some(l)));
                     } else {
-                        // The watch looks only every 50 ms: it may still name a leader that
-                        // fell silent. Sent back there only if it was heard since the call came.
-                        let alive = self.heard.since().is_some_and(|t| t < start.elapsed());
-                        (false, alive)
+                        deadline
                     }
                 }
-                Leadership::Follower { leader: Some(_) } | Leadership::Stopped(_) => (false, true),
-                _ => (false, false),
+                l @ (Leadership::Follower { leader: Some(_) } | Leadership::Stopped(_)) => {
+                    return Err(answer(l));
+                }
+                _ => deadline,
             };
-            if elsewhere {
-                return Err(self.elsewhere());
-            }
-            let wake = if wait { doubt } else { deadline };
             tokio::select! {
                 r = owner.changed() => if r.is_err() { return Err(self.elsewhere()) },
                 r = leadership.changed() => if r.is_err() { return Err(self.elsewhere()) },
@@ -121,14 +120,7 @@ impl Gate {
 
     /// The answer of a master that cannot serve: who leads, if anyone is known to.
     pub fn elsewhere(&self) -> Status {
-        match &*self.leadership.borrow() {
-            Leadership::Follower { leader } => agora_proto::leader::not_leader(leader.as_deref()),
-            // Elected, and recovering the registry: nobody else leads either.
-            Leadership::Leader => agora_proto::leader::not_leader(None),
-            Leadership::Stopped(why) => {
-                Status::unavailable(format!("the master is stopping: {why}"))
-            }
-        }
+        answer(&self.leadership.borrow())
     }
 
     /// The leader's address when another master is known to lead.
@@ -137,6 +129,16 @@ impl Gate {
             Leadership::Follower { leader } => leader.clone(),
             _ => None,
         }
+    }
+}
+
+/// What a master that cannot serve answers, leadership being `l`.
+fn answer(l: &Leadership) -> Status {
+    match l {
+        Leadership::Follower { leader } => agora_proto::leader::not_leader(leader.as_deref()),
+        // Elected, and recovering the registry: nobody else leads either.
+        Leadership::Leader => agora_proto::leader::not_leader(None),
+        Leadership::Stopped(why) => Status::unavailable(format!("the master is stopping: {why}")),
     }
 }
 
