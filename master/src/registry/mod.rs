@@ -161,13 +161,14 @@ impl Registrar {
                     }
                 };
                 rt.block_on(async move {
-                    let started = match Registrar::start(config).await {
-                        Ok(r) => match raft_listener.map(|l| r.serve_peers(l)).transpose() {
-                            Ok(_) => Ok(r),
-                            Err(e) => Err(e),
-                        },
-                        Err(e) => Err(e),
-                    };
+                    let started = async {
+                        let r = Registrar::start(config).await?;
+                        if let Some(l) = raft_listener {
+                            r.serve_peers(l)?;
+                        }
+                        Ok(r)
+                    }
+                    .await;
                     if started_tx.send(started).is_ok() {
                         // Until the registrar is dropped; the peer server goes with the
                         // runtime.
