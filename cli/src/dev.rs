@@ -207,19 +207,11 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
                 () = shutdown_signal() => Ok(()),
                 (i, r) = first_master_end => {
                     master_tasks.remove(i);
-                    match r.context("master task") {
-                        Ok(Ok(())) => Err(anyhow::anyhow!("master {} stopped by itself", i + 1)),
-                        Ok(Err(e)) => Err(e.into()),
-                        Err(e) => Err(e),
-                    }
+                    Err(ended_by_itself("master", i, r))
                 }
                 (i, r) = first_agent_end => {
                     agent_tasks.remove(i);
-                    match r.context("agent task") {
-                        Ok(Ok(())) => Err(anyhow::anyhow!("agent {} stopped by itself", i + 1)),
-                        Ok(Err(e)) => Err(e.into()),
-                        Err(e) => Err(e),
-                    }
+                    Err(ended_by_itself("agent", i, r))
                 }
             }
         }
@@ -239,6 +231,20 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     }
     outcome?;
     ends.into_iter().collect()
+}
+
+/// Why the `i`th `what` of the cluster ended before it was told to: its error, or that it
+/// ended at all.
+fn ended_by_itself<E: Into<anyhow::Error>>(
+    what: &str,
+    i: usize,
+    r: Result<Result<(), E>, tokio::task::JoinError>,
+) -> anyhow::Error {
+    match r {
+        Ok(Ok(())) => anyhow::anyhow!("{what} {} stopped by itself", i + 1),
+        Ok(Err(e)) => e.into(),
+        Err(e) => anyhow::Error::new(e).context(format!("{what} task")),
+    }
 }
 
 /// The first of `tasks` to end, with its index; pending for ever when there are none.
