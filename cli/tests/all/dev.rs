@@ -1,6 +1,5 @@
 //! `agora dev` as a user runs it: a process that says when its cluster is ready.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use crate::*;
@@ -27,16 +26,8 @@ async fn a_dev_cluster_of_three_masters_gets_ready() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let rx = lines_of(child.stdout.take().unwrap());
     let mut dev = Killed(Some(child));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
     let mut masters = Vec::new();
     loop {
         let line = rx

@@ -400,17 +400,7 @@ async fn agora_run_outlives_a_failover() {
         .spawn()
         .unwrap();
     // Kill the leader once the task runs.
-    let stderr = run.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(run.stderr.take().unwrap());
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + WAIT;
     while !seen.iter().any(|l: &String| l.contains("TASK_RUNNING")) {

@@ -240,6 +240,20 @@ impl Killed {
     }
 }
 
+/// The lines a child writes to `out` (its stdout or stderr), as they come, read on a thread
+/// of their own so that a test can wait for one with a deadline.
+pub fn lines_of(out: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Read to the end even once nobody listens, so the child never blocks on a full pipe.
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 /// Resources from their text form, which the test knows to be valid.
 pub fn res(s: &str) -> agora_core::Resources {
     agora_core::parse_resources(s).unwrap()
