@@ -25,6 +25,8 @@ use agora_agent::link;
 use agora_proto::v1::{self, agent_message, master_message};
 use agora_sdk::{Event as FrameworkEvent, SchedulerConfig, subscribe};
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 
 // Shared with the tests, whose one-port helper the bench does not use.
 #[allow(dead_code)]
@@ -210,6 +212,179 @@ async fn sim(
     }
 }
 
+/// The floor: a server of the agent link that answers every registration at once and does
+/// nothing else (no registry, no engine, no validation), run as a process of its own like a
+/// master.
+#[derive(Clone)]
+struct Floor {
+    name: String,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl v1::agent_link_server::AgentLink for Floor {
+    type SessionStream = ReceiverStream<Result<v1::MasterMessage, tonic::Status>>;
+
+    async fn session(
+        &self,
+        request: tonic::Request<tonic::Streaming<v1::AgentMessage>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| tonic::Status::invalid_argument("no registration"))?;
+        let Some(agent_message::Message::Register(r)) = first.message else {
+            return Err(tonic::Status::invalid_argument("not a registration"));
+        };
+        let id = r.agent_id.unwrap_or_else(|| v1::AgentId {
+            value: format!(
+                "F{}",
+                self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+        });
+        let (tx, rx) = mpsc::channel(4);
+        let _ = tx
+            .send(Ok(v1::MasterMessage {
+                message: Some(master_message::Message::Registered(
+                    master_message::Registered {
+                        agent_id: Some(id),
+                        heartbeat_interval_seconds: 5.0,
+                        master_id: self.name.clone(),
+                    },
+                )),
+            }))
+            .await;
+        tokio::spawn(async move {
+            while let Some(Ok(_)) = inbound.next().await {}
+            drop(tx);
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Serves the floor on `port` until killed (the bench runs itself with `--floor-server`).
+fn floor_server(name: String, port: u16) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let floor = Floor {
+            name,
+            next: std::sync::Arc::default(),
+        };
+        // The masters' listener settings: what differs is only the work behind them.
+        let listener = agora_proto::listen::bind(([127, 0, 0, 1], port).into()).unwrap();
+        tonic::transport::Server::builder()
+            .add_service(
+                v1::agent_link_server::AgentLinkServer::new(floor)
+                    .max_decoding_message_size(agora_proto::MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
+            .await
+            .unwrap();
+    });
+}
+
+/// Spawns `n` simulated agents linked to `urls`; their registrations arrive on the receiver.
+fn spawn_agents(
+    n: usize,
+    urls: &[String],
+    framework: &v1::FrameworkId,
+    tasks: usize,
+) -> (
+    Vec<tokio::task::JoinHandle<()>>,
+    mpsc::UnboundedReceiver<Registered>,
+) {
+    let (report, reports) = mpsc::unbounded_channel();
+    let mut handles = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        let (tx, rx) = mpsc::channel(64);
+        handles.push(tokio::spawn(link::maintain(
+            urls.to_vec(),
+            link::Backoff {
+                min: Duration::from_millis(100),
+                max: Duration::from_secs(2),
+            },
+            tx,
+        )));
+        handles.push(tokio::spawn(sim(
+            i,
+            framework.clone(),
+            tasks,
+            rx,
+            report.clone(),
+        )));
+    }
+    (handles, reports)
+}
+
+/// The floor in the same run: the same simulated agents register with one floor server,
+/// which is then killed, and they re-register with another. Returns (register, back).
+async fn floor(agents: usize, tasks: usize) -> (Duration, Duration) {
+    let ports = ports::free_ports("127.0.0.1", 2);
+    let mut servers: Vec<Option<Child>> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Some(
+                Command::new(std::env::current_exe().unwrap())
+                    .args(["--floor-server", &format!("floor-{i}"), &p.to_string()])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    // Both servers listen before any agent dials (else the list's order is not kept).
+    for p in &ports {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", *p))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the floor server did not listen");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let framework = v1::FrameworkId {
+        value: "floor".into(),
+    };
+    let started = Instant::now();
+    let (handles, mut reports) = spawn_agents(agents, &urls, &framework, tasks);
+    for _ in 0..agents {
+        let r = reports.recv().await.unwrap();
+        assert_eq!(r.master_id, "floor-0", "the agents dial the list in order");
+    }
+    let register = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed = Instant::now();
+    if let Some(mut c) = servers[0].take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let mut back = std::collections::HashSet::new();
+    let mut last = killed;
+    while back.len() < agents {
+        let r = reports.recv().await.unwrap();
+        if r.master_id == "floor-1" && back.insert(r.agent) {
+            last = last.max(r.at);
+        }
+    }
+    for h in handles {
+        h.abort();
+    }
+    for c in servers.iter_mut().flatten() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    (register, last.duration_since(killed))
+}
+
 /// Milliseconds of `N ms` or `N s`.
 fn humantime_ms(s: &str) -> u64 {
     if let Some(ms) = s.strip_suffix("ms") {
@@ -248,6 +423,15 @@ fn main() {
             "--election-timeout" => election = Some(it.next().expect("--election-timeout 300ms")),
             // What cargo bench passes.
             "--bench" => {}
+            "--floor-server" => {
+                let name = it.next().expect("--floor-server NAME PORT");
+                let port = it
+                    .next()
+                    .expect("--floor-server NAME PORT")
+                    .parse()
+                    .unwrap();
+                return floor_server(name, port);
+            }
             other => panic!(
                 "unknown argument {other:?} (--agents N, --tasks N per agent, --election-timeout 300ms)"
             ),
@@ -263,6 +447,12 @@ fn main() {
 }
 
 async fn run(agents: usize, tasks: usize, election: Option<&str>) {
+    let (floor_register, floor_back) = floor(agents, tasks).await;
+    println!(
+        "floor: {agents} simulated agents registered with a bare agent-link server in {floor_register:.2?}; \
+         with it killed, every agent was back at a second one after {floor_back:.2?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut masters = Masters::start(election);
     let first = masters.leader(None).await;
     let list = masters.list();
@@ -289,20 +479,8 @@ async fn run(agents: usize, tasks: usize, election: Option<&str>) {
         }
     });
 
-    let (report, mut reports) = mpsc::unbounded_channel();
     let started = Instant::now();
-    for n in 0..agents {
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(link::maintain(
-            urls.clone(),
-            link::Backoff {
-                min: Duration::from_millis(100),
-                max: Duration::from_secs(2),
-            },
-            tx,
-        ));
-        tokio::spawn(sim(n, framework.clone(), tasks, rx, report.clone()));
-    }
+    let (_agents, mut reports) = spawn_agents(agents, &urls, &framework, tasks);
     let mut first_master = None;
     for _ in 0..agents {
         let r = reports.recv().await.unwrap();
@@ -365,6 +543,13 @@ async fn run(agents: usize, tasks: usize, election: Option<&str>) {
     println!(
         "every agent re-registered with it after {all:.2?} ({:.2}x the cold registration of the same agents, {register:.2?})",
         all.as_secs_f64() / register.as_secs_f64()
+    );
+    let serving_to_back = all.saturating_sub(leader);
+    println!(
+        "against the floor: cold registration {:.2}x, serving to all back {serving_to_back:.2?} = {:.2}x the floor's re-registration ({floor_back:.2?}), all back {:.2}x",
+        register.as_secs_f64() / floor_register.as_secs_f64(),
+        serving_to_back.as_secs_f64() / floor_back.as_secs_f64(),
+        all.as_secs_f64() / floor_back.as_secs_f64(),
     );
     println!(
         "machine: {} cpus; target: <= 2 s",

@@ -556,8 +556,7 @@ pub async fn shutdown_signal() {
 }
 
 async fn master(args: MasterArgs) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let listener = agora_proto::listen::bind(args.listen)
         .with_context(|| format!("binding {}", args.listen))?;
     eprintln!(
         "agora master listening on http://{} (gRPC, GET /health)",
@@ -568,8 +567,7 @@ async fn master(args: MasterArgs) -> anyhow::Result<()> {
 }
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let listener = agora_proto::listen::bind(args.listen)
         .with_context(|| format!("binding {}", args.listen))?;
     let mut config = agora_agent::AgentConfig::new(master_url(&args.master), &args.work_dir);
     config.resources = args.resources;

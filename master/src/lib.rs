@@ -364,8 +364,7 @@ async fn serve(
         (Some(me), None) => {
             let at = std::net::SocketAddr::new(addr.ip(), me.raft_port()?);
             Some(
-                TcpListener::bind(at)
-                    .await
+                agora_proto::listen::bind(at)
                     .map_err(|e| MasterError::Config(format!("listening for raft on {at}: {e}")))?,
             )
         }

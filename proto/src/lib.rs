@@ -12,10 +12,12 @@
 //! - [`convert`]: wire ⇄ core conversions and [`ProtoError`].
 //! - [`leader`]: how followers name the leader, and how callers follow it.
 //! - [`dial`]: the search for the leader every client runs over a list of masters.
+//! - [`listen`]: the listeners Agora's servers take calls on.
 
 pub mod convert;
 pub mod dial;
 pub mod leader;
+pub mod listen;
 
 /// Generated code of the `agora.v1` package.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
