@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::checkpoint::{Checkpoint, CheckpointError, TaskWrite};
+use crate::checkpoint::{Checkpoint, CheckpointError, FrameworkWrite, TaskWrite};
 use crate::containerizer::{
     ContainerEntry, ContainerKey, Containerizer, Containers, LaunchSpec, Termination, Updates,
 };
@@ -121,6 +121,7 @@ pub struct Actor {
     on_exit: OnExit,
     /// This turn's tasks to checkpoint, whether the id is to be, and what waits for them.
     dirty: BTreeSet<TaskKey>,
+    frameworks_dirty: BTreeSet<FrameworkId>,
     id_dirty: bool,
     outbox: Vec<Deferred>,
     /// Registrations the link waits for.
@@ -154,6 +155,7 @@ impl Actor {
             gc: None,
             on_exit: OnExit::Kill,
             dirty: BTreeSet::new(),
+            frameworks_dirty: BTreeSet::new(),
             id_dirty: false,
             outbox: Vec::new(),
             replies: Vec::new(),
@@ -185,6 +187,9 @@ impl Actor {
             // The info may differ where recovery allows (a detected disk): save the new one.
             self.id_dirty = true;
         }
+        for (id, info) in saved.frameworks {
+            self.state.restore_framework(id, info);
+        }
         for (key, task) in saved.tasks {
             let attachment = task.attachment.clone();
             let over = task.state.is_terminal();
@@ -204,6 +209,9 @@ impl Actor {
                     ),
                 }),
             }
+        }
+        for c in self.state.forget_idle() {
+            self.apply_command(c);
         }
     }
 
@@ -410,37 +418,44 @@ impl Actor {
     /// the end of the turn.
     pub(crate) fn apply(&mut self, input: Input) {
         for c in self.state.step(Instant::now(), input) {
-            match c {
-                Command::Send(m) => self.outbox.push(Deferred::Send(m)),
-                Command::Launch {
+            self.apply_command(c);
+        }
+    }
+
+    fn apply_command(&mut self, c: Command) {
+        match c {
+            Command::Send(m) => self.outbox.push(Deferred::Send(m)),
+            Command::Launch {
+                key,
+                task,
+                resources,
+            } => {
+                // The token exists from now: a kill in this same turn reaches the task.
+                self.kills.entry(key.clone()).or_default();
+                self.outbox.push(Deferred::Launch {
                     key,
                     task,
                     resources,
-                } => {
-                    // The token exists from now: a kill in this same turn reaches the task.
-                    self.kills.entry(key.clone()).or_default();
-                    self.outbox.push(Deferred::Launch {
-                        key,
-                        task,
-                        resources,
-                    });
+                });
+            }
+            Command::Kill(key) => {
+                if let Some(k) = self.kills.get(&key) {
+                    k.cancel();
                 }
-                Command::Kill(key) => {
-                    if let Some(k) = self.kills.get(&key) {
-                        k.cancel();
-                    }
+            }
+            Command::ShutdownFramework(fw) => {
+                for c in self.containerizers.clone() {
+                    let fw = fw.clone();
+                    self.runners
+                        .spawn(async move { c.shutdown_framework(&fw).await });
                 }
-                Command::ShutdownFramework(fw) => {
-                    for c in self.containerizers.clone() {
-                        let fw = fw.clone();
-                        self.runners
-                            .spawn(async move { c.shutdown_framework(&fw).await });
-                    }
-                }
-                Command::Save(key) => {
-                    self.dirty.insert(key);
-                }
-                Command::SaveId => self.id_dirty = true,
+            }
+            Command::Save(key) => {
+                self.dirty.insert(key);
+            }
+            Command::SaveId => self.id_dirty = true,
+            Command::SaveFramework(fw) => {
+                self.frameworks_dirty.insert(fw);
             }
         }
     }
@@ -450,10 +465,19 @@ impl Actor {
     /// # Errors
     /// When the commit fails.
     fn flush(&mut self) -> Result<(), CheckpointError> {
-        while !self.dirty.is_empty() || self.id_dirty || !self.outbox.is_empty() {
+        while !self.dirty.is_empty()
+            || !self.frameworks_dirty.is_empty()
+            || self.id_dirty
+            || !self.outbox.is_empty()
+        {
             if let Some(cp) = &self.checkpoint
-                && (!self.dirty.is_empty() || self.id_dirty)
+                && (!self.dirty.is_empty() || !self.frameworks_dirty.is_empty() || self.id_dirty)
             {
+                let frameworks: Vec<FrameworkWrite<'_>> = self
+                    .frameworks_dirty
+                    .iter()
+                    .map(|f| (f, self.state.framework(f)))
+                    .collect();
                 let writes: Vec<TaskWrite<'_>> = self
                     .dirty
                     .iter()
@@ -468,9 +492,10 @@ impl Actor {
                     .as_ref()
                     .filter(|_| self.id_dirty)
                     .map(|id| (id, &self.state.info));
-                crate::checkpoint::off_the_runtime(|| cp.write(identity, &writes))?;
+                crate::checkpoint::off_the_runtime(|| cp.write(identity, &frameworks, &writes))?;
             }
             self.dirty.clear();
+            self.frameworks_dirty.clear();
             self.id_dirty = false;
             for d in std::mem::take(&mut self.outbox) {
                 match d {
@@ -558,6 +583,7 @@ impl Actor {
             fetcher: self.fetcher.clone(),
             agent_id: self.state.agent_id.clone(),
             work_dir: self.work_dir.clone(),
+            framework_info: self.state.framework(&fw).cloned().unwrap_or_default(),
             framework: fw,
             task_id: tid,
             task,
@@ -587,6 +613,7 @@ struct Runner {
     agent_id: Option<AgentId>,
     work_dir: PathBuf,
     framework: FrameworkId,
+    framework_info: v1::FrameworkInfo,
     task_id: TaskId,
     task: v1::TaskInfo,
     resources: agora_core::Resources,
@@ -614,6 +641,7 @@ impl Runner {
         LaunchSpec {
             agent_id: self.agent_id.clone(),
             framework_id: self.framework.clone(),
+            framework: self.framework_info.clone(),
             task_id: self.task_id.clone(),
             task: self.task.clone(),
             resources: self.resources.clone(),
@@ -920,6 +948,34 @@ mod tests {
             1,
             "the update, unacknowledged"
         );
+    }
+
+    /// A restarted agent takes its frameworks back from the checkpoint with their tasks; one
+    /// left there without tasks is dropped, from memory and from the checkpoint.
+    #[test]
+    fn frameworks_come_back_with_their_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cp, _) = Checkpoint::open(dir.path()).unwrap();
+        let (fw, idle) = (key().0, FrameworkId::new("idle").unwrap());
+        let info = |name: &str| v1::FrameworkInfo {
+            name: name.into(),
+            ..Default::default()
+        };
+        let (batch, gone) = (info("batch"), info("gone"));
+        cp.write(None, &[(&fw, Some(&batch)), (&idle, Some(&gone))], &[])
+            .unwrap();
+        drop(cp);
+        let (cp, mut found) = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(found.frameworks.len(), 2);
+        found.tasks.push((key(), saved(TaskState::Finished)));
+        let mut a = bare(dir.path().to_path_buf()).with_checkpoint(Arc::new(cp), OnExit::Leave);
+        a.recover(found);
+        a.flush().unwrap();
+        assert_eq!(a.state.framework(&fw), Some(&batch));
+        assert_eq!(a.state.framework(&idle), None);
+        drop(a);
+        let (_, found) = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(found.frameworks, vec![(fw, batch)]);
     }
 
     #[test]

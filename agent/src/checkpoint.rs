@@ -4,11 +4,12 @@
 //!
 //! ```text
 //!  meta       "agent_id" → the id the master gave     "info" → the AgentInfo it registered
+//!  frameworks "FW"       → its FrameworkInfo, while it has tasks here
 //!  tasks      "FW/TASK"  → info, state, isolation, unacknowledged updates, attachment
 //!  executors  "FW/EXEC"  → token, info, resources, how to find its process again
 //! ```
 //!
-//! The owner task writes a turn's task changes in one transaction before it sends or
+//! The owner task writes a turn's task and framework changes in one transaction before it sends or
 //! launches anything of that turn ([`crate::state`]); the executor containerizer writes an
 //! executor's record before its process starts and removes it once the process has ended.
 //! Ids never contain `/` ([`agora_core`] checks them), so the keys are unambiguous.
@@ -23,6 +24,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use crate::state::{Attachment, ProcessRecord, TaskKey};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const FRAMEWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("frameworks");
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 const EXECUTORS: TableDefinition<&str, &[u8]> = TableDefinition::new("executors");
 
@@ -81,6 +83,7 @@ pub struct SavedExecutor {
 pub struct Saved {
     pub agent_id: Option<AgentId>,
     pub info: Option<v1::AgentInfo>,
+    pub frameworks: Vec<(FrameworkId, v1::FrameworkInfo)>,
     pub tasks: Vec<(TaskKey, SavedTask)>,
     pub executors: Vec<((FrameworkId, ExecutorId), SavedExecutor)>,
 }
@@ -96,6 +99,9 @@ pub enum TaskWrite<'a> {
     Put(&'a TaskKey, &'a crate::state::Task),
     Remove(&'a TaskKey),
 }
+
+/// One change of a framework's record: its info, or `None` for its absence.
+pub type FrameworkWrite<'a> = (&'a FrameworkId, Option<&'a v1::FrameworkInfo>);
 
 /// The open checkpoint. Cheap to share (`Arc`); writes are serialized by redb.
 pub struct Checkpoint {
@@ -175,6 +181,24 @@ impl Checkpoint {
             Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(e) => return Err(e.to_string()),
         }
+        match txn.open_table(FRAMEWORKS) {
+            Ok(frameworks) => {
+                for row in frameworks.iter().map_err(|e| e.to_string())? {
+                    let (k, v) = row.map_err(|e| e.to_string())?;
+                    let k = k.value();
+                    let parsed = (|| {
+                        let fw = FrameworkId::new(k).map_err(|e| e.to_string())?;
+                        let info =
+                            v1::FrameworkInfo::decode(v.value()).map_err(|e| e.to_string())?;
+                        Ok::<_, String>((fw, info))
+                    })()
+                    .map_err(|e| format!("framework {k:?}: {e}"))?;
+                    saved.frameworks.push(parsed);
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
         match txn.open_table(TASKS) {
             Ok(tasks) => {
                 for row in tasks.iter().map_err(|e| e.to_string())? {
@@ -246,14 +270,15 @@ impl Checkpoint {
         }
     }
 
-    /// Writes the agent's id and info (when given) and the task changes in one durable
-    /// transaction.
+    /// Writes the agent's id and info (when given), the framework and the task changes in
+    /// one durable transaction.
     ///
     /// # Errors
     /// When the transaction cannot be committed (the disk is full, the file is gone).
     pub fn write(
         &self,
         identity: Option<(&AgentId, &v1::AgentInfo)>,
+        frameworks: &[FrameworkWrite<'_>],
         tasks: &[TaskWrite<'_>],
     ) -> Result<(), CheckpointError> {
         let txn = self.db.begin_write().map_err(|e| self.write_err(e))?;
@@ -264,6 +289,18 @@ impl Checkpoint {
                     .map_err(|e| self.write_err(e))?;
                 meta.insert("info", info.encode_to_vec().as_slice())
                     .map_err(|e| self.write_err(e))?;
+            }
+            if !frameworks.is_empty() {
+                let mut table = txn.open_table(FRAMEWORKS).map_err(|e| self.write_err(e))?;
+                for (fw, info) in frameworks {
+                    match info {
+                        Some(info) => table
+                            .insert(fw.as_str(), info.encode_to_vec().as_slice())
+                            .map(drop),
+                        None => table.remove(fw.as_str()).map(drop),
+                    }
+                    .map_err(|e| self.write_err(e))?;
+                }
             }
             let mut table = txn.open_table(TASKS).map_err(|e| self.write_err(e))?;
             for w in tasks {
@@ -328,7 +365,7 @@ impl Checkpoint {
     /// When the transaction cannot be committed.
     pub fn wipe(&self) -> Result<(), CheckpointError> {
         let txn = self.db.begin_write().map_err(|e| self.write_err(e))?;
-        for t in [META, TASKS, EXECUTORS] {
+        for t in [META, FRAMEWORKS, TASKS, EXECUTORS] {
             match txn.delete_table(t) {
                 Ok(_) => {}
                 Err(e) => return Err(self.write_err(e)),
@@ -454,12 +491,20 @@ mod tests {
             hostname: "h".into(),
             ..Default::default()
         };
+        let (fw, other) = (k1.0.clone(), FrameworkId::new("other").unwrap());
+        let fw_info = v1::FrameworkInfo {
+            name: "batch".into(),
+            user: "nobody".into(),
+            ..Default::default()
+        };
         cp.write(
             Some((&id, &info)),
+            &[(&fw, Some(&fw_info)), (&other, Some(&fw_info))],
             &[TaskWrite::Put(&k1, &task), TaskWrite::Put(&k2, &task)],
         )
         .unwrap();
-        cp.write(None, &[TaskWrite::Remove(&k2)]).unwrap();
+        cp.write(None, &[(&other, None)], &[TaskWrite::Remove(&k2)])
+            .unwrap();
         let exec = SavedExecutor {
             token: "secret".into(),
             info: vec![1, 2],
@@ -475,6 +520,7 @@ mod tests {
         let (cp, saved) = Checkpoint::open(dir.path()).unwrap();
         assert_eq!(saved.agent_id, Some(id));
         assert_eq!(saved.info, Some(info));
+        assert_eq!(saved.frameworks, vec![(fw, fw_info)]);
         assert_eq!(saved.tasks.len(), 1);
         let (k, t) = &saved.tasks[0];
         assert_eq!(k, &k1);

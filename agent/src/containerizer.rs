@@ -22,6 +22,8 @@ pub struct LaunchSpec {
     /// The agent's id, once it has registered.
     pub agent_id: Option<AgentId>,
     pub framework_id: FrameworkId,
+    /// The framework as the master last described it (empty if it never did).
+    pub framework: v1::FrameworkInfo,
     pub task_id: TaskId,
     pub task: v1::TaskInfo,
     pub resources: Resources,

@@ -136,6 +136,9 @@ struct ExecState {
     /// The receiving ends of re-attached tasks' slots, made when the executor was (so that
     /// an update it sends again at once has a slot), until their runners take them.
     parked: HashMap<TaskId, mpsc::UnboundedReceiver<(v1::TaskStatus, oneshot::Sender<()>)>>,
+    /// Its framework, as the agent last heard of it (the executor is told when it
+    /// subscribes).
+    framework: v1::FrameworkInfo,
 }
 
 /// One executor process and what the agent knows of it.
@@ -400,6 +403,7 @@ impl ExecutorContainerizer {
         saved: Vec<((FrameworkId, ExecutorId), SavedExecutor)>,
         agent_id: Option<&AgentId>,
         tasks: &HashMap<Key, Vec<(TaskId, Resources)>>,
+        frameworks: &HashMap<FrameworkId, v1::FrameworkInfo>,
     ) {
         use prost::Message;
         for (key, rec) in saved {
@@ -423,6 +427,7 @@ impl ExecutorContainerizer {
             );
             {
                 let mut st = exec.lock();
+                st.framework = frameworks.get(&key.0).cloned().unwrap_or_default();
                 for (task, resources) in tasks.get(&key).into_iter().flatten() {
                     let (tx, rx) = mpsc::unbounded_channel();
                     st.tasks.insert(
@@ -536,6 +541,7 @@ impl ExecutorContainerizer {
                     ),
                 ));
             }
+            e.lock().framework = spec.framework.clone();
             return Ok(e);
         }
         let failed = |reason, msg: String| Termination::new(TaskState::Failed, reason, msg);
@@ -632,6 +638,7 @@ impl ExecutorContainerizer {
             opts.overhead_mem_mib,
             false,
         );
+        exec.lock().framework = spec.framework.clone();
         tracing::info!(framework_id = %spec.framework_id, executor_id = %id, sandbox = %sandbox.display(), "starting executor");
         use prost::Message;
         let record = SavedExecutor {
@@ -1278,12 +1285,13 @@ impl v1::executor_server::Executor for ExecutorService {
             .filter_map(|t| TaskId::try_from(t).ok())
             .collect();
         let (tx, rx) = mpsc::unbounded_channel();
+        let framework = exec.lock().framework.clone();
         let subscribed = v1::ExecutorEvent {
             event: Some(executor_event::Event::Subscribed(
                 executor_event::Subscribed {
                     agent_id: exec.agent_id.as_ref().map(Into::into),
                     executor_info: Some(exec.info.clone()),
-                    framework_name: String::new(),
+                    framework_info: Some(framework),
                 },
             )),
         };

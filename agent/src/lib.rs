@@ -481,10 +481,12 @@ async fn serve(
         }
         m
     };
+    let frameworks: std::collections::HashMap<_, _> = saved.frameworks.iter().cloned().collect();
     executors.recover(
         std::mem::take(&mut saved.executors),
         saved.agent_id.as_ref(),
         &in_executors,
+        &frameworks,
     );
     actor.recover(saved);
     let mut link = tokio::spawn(link::maintain(

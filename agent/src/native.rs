@@ -1239,6 +1239,7 @@ mod tests {
         LaunchSpec {
             agent_id: None,
             framework_id: FrameworkId::new("fw").unwrap(),
+            framework: v1::FrameworkInfo::default(),
             task_id: TaskId::new("t").unwrap(),
             resources: parse_resources(resources).unwrap(),
             task,

@@ -11,9 +11,13 @@
 //!  Tick                 ──> heartbeat when due; heads whose retry is due Sent again
 //! ```
 //!
-//! The state is exactly what the agent checkpoints ([`crate::checkpoint`]): its id and, per
-//! task, its info, state, isolation, unacknowledged updates and how to re-attach to its
-//! container. Time comes in; nothing here sends, spawns or writes — the owner task
+//! A framework is known from its first task here until its last one is forgotten: a
+//! RunTask whose framework info is new or changed saves it (`SaveFramework`), and so does
+//! the framework's forgetting.
+//!
+//! The state is exactly what the agent checkpoints ([`crate::checkpoint`]): its id, per
+//! framework its info, and per task its info, state, isolation, unacknowledged updates and
+//! how to re-attach to its container. Time comes in; nothing here sends, spawns or writes — the owner task
 //! ([`crate::actor`]) carries the commands out, and writes every `Save` of a turn in one
 //! durable commit before it sends or launches anything of that turn, so an update is on
 //! disk before it is sent and a task before it starts.
@@ -136,6 +140,17 @@ pub enum Command {
     Save(TaskKey),
     /// Checkpoint the agent's id.
     SaveId,
+    /// Checkpoint the framework's info as it is now, or its absence.
+    SaveFramework(FrameworkId),
+}
+
+/// A framework with tasks on this agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Framework {
+    /// As the master last sent it.
+    pub info: v1::FrameworkInfo,
+    /// Its tasks in [`AgentState::tasks`]: it is forgotten with the last.
+    tasks: usize,
 }
 
 /// The agent's state. See the module documentation.
@@ -143,7 +158,10 @@ pub enum Command {
 pub struct AgentState {
     pub info: v1::AgentInfo,
     pub agent_id: Option<AgentId>,
+    /// Insert and remove tasks only through [`AgentState::add_task`] and
+    /// [`AgentState::forget_task`], which keep [`AgentState::frameworks`].
     pub tasks: HashMap<TaskKey, Task>,
+    frameworks: HashMap<FrameworkId, Framework>,
     pub retry: RetryPolicy,
     linked: bool,
     registered: bool,
@@ -175,6 +193,7 @@ impl AgentState {
             info,
             agent_id: None,
             tasks: HashMap::new(),
+            frameworks: HashMap::new(),
             retry,
             linked: false,
             registered: false,
@@ -185,6 +204,67 @@ impl AgentState {
 
     pub fn registered(&self) -> bool {
         self.registered
+    }
+
+    /// The frameworks with tasks here, as the master last described them.
+    pub fn frameworks(&self) -> impl Iterator<Item = (&FrameworkId, &v1::FrameworkInfo)> {
+        self.frameworks.iter().map(|(id, f)| (id, &f.info))
+    }
+
+    /// The framework's info, when it has tasks here.
+    pub fn framework(&self, id: &FrameworkId) -> Option<&v1::FrameworkInfo> {
+        self.frameworks.get(id).map(|f| &f.info)
+    }
+
+    /// Restores a framework's info from the checkpoint; tasks restored after it count
+    /// towards it. One left without tasks is forgotten by [`AgentState::forget_idle`].
+    pub fn restore_framework(&mut self, id: FrameworkId, info: v1::FrameworkInfo) {
+        self.frameworks
+            .entry(id)
+            .and_modify(|f| f.info = info.clone())
+            .or_insert(Framework { info, tasks: 0 });
+    }
+
+    /// Forgets the frameworks that have no tasks left (a checkpoint can hold one only if
+    /// its last task's record was lost), each with its `SaveFramework`.
+    pub fn forget_idle(&mut self) -> Vec<Command> {
+        let idle: Vec<FrameworkId> = self
+            .frameworks
+            .iter()
+            .filter(|(_, f)| f.tasks == 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        idle.into_iter()
+            .map(|id| {
+                self.frameworks.remove(&id);
+                Command::SaveFramework(id)
+            })
+            .collect()
+    }
+
+    fn add_task(&mut self, key: TaskKey, task: Task) {
+        if self.tasks.insert(key.clone(), task).is_none() {
+            self.frameworks
+                .entry(key.0)
+                .or_insert_with(|| Framework {
+                    info: v1::FrameworkInfo::default(),
+                    tasks: 0,
+                })
+                .tasks += 1;
+        }
+    }
+
+    fn forget_task(&mut self, key: &TaskKey, out: &mut Vec<Command>) {
+        if self.tasks.remove(key).is_none() {
+            return;
+        }
+        if let Some(f) = self.frameworks.get_mut(&key.0) {
+            f.tasks = f.tasks.saturating_sub(1);
+            if f.tasks == 0 {
+                self.frameworks.remove(&key.0);
+                out.push(Command::SaveFramework(key.0.clone()));
+            }
+        }
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
@@ -296,7 +376,7 @@ impl AgentState {
                 match t.pending.acknowledge(&ack.uuid, now, &self.retry) {
                     Acked::Head(next) => {
                         if t.state.is_terminal() && next.is_none() {
-                            self.tasks.remove(&key);
+                            self.forget_task(&key, out);
                         }
                         out.push(Command::Save(key.clone()));
                         if let Some(next) = next
@@ -342,7 +422,7 @@ impl AgentState {
             tracing::warn!(framework_id = %key.0, task_id = %key.1, "the task is already on this agent; duplicate launch ignored");
             return;
         }
-        self.tasks.insert(
+        self.add_task(
             key.clone(),
             Task {
                 info: strip_module(&task),
@@ -354,6 +434,15 @@ impl AgentState {
             },
         );
         out.push(Command::Save(key.clone()));
+        // The master describes the framework with each task: a changed description (the
+        // framework updated its info) replaces the one kept.
+        if let Some(info) = run.framework_info
+            && let Some(f) = self.frameworks.get_mut(&key.0)
+            && f.info != info
+        {
+            f.info = info;
+            out.push(Command::SaveFramework(key.0.clone()));
+        }
         // The agent does not trust the master to have checked: out-of-range numbers end the
         // task here, before anything is made for it.
         if let Err(t) = crate::containerizer::task_times(&task) {
@@ -491,7 +580,7 @@ impl AgentState {
         for s in saved.pending {
             pending.push(s, now, &self.retry);
         }
-        self.tasks.insert(
+        self.add_task(
             key,
             Task {
                 info: saved.info,

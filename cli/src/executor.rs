@@ -180,7 +180,13 @@ pub async fn executor() -> anyhow::Result<()> {
                 break grace;
             }
             ExecutorEvent::Error(e) => eprintln!("agora executor {id}: the agent says: {e}"),
-            ExecutorEvent::Subscribed { .. } | ExecutorEvent::Acknowledged { .. } => {}
+            ExecutorEvent::Subscribed { framework, .. } => {
+                eprintln!(
+                    "agora executor {id}: subscribed, framework {:?}",
+                    framework.name
+                );
+            }
+            ExecutorEvent::Acknowledged { .. } => {}
         }
         kills.retain(|_, k| !k.is_closed());
     };

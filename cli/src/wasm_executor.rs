@@ -96,7 +96,10 @@ pub async fn wasm_executor() -> anyhow::Result<()> {
             }
             ExecutorEvent::Shutdown { grace } => break grace,
             ExecutorEvent::Error(e) => tracing::warn!(error = %e, "the agent reports an error"),
-            ExecutorEvent::Subscribed { .. } | ExecutorEvent::Acknowledged { .. } => {}
+            ExecutorEvent::Subscribed { framework, .. } => {
+                tracing::info!(framework = %framework.name, "subscribed");
+            }
+            ExecutorEvent::Acknowledged { .. } => {}
         }
         while tasks.try_join_next().is_some() {}
     };

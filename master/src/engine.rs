@@ -1258,11 +1258,7 @@ impl Engine {
         if let Some(f) = self.frameworks.get_mut(fw) {
             f.used += &resources;
         }
-        let framework_name = self
-            .frameworks
-            .get(fw)
-            .map(|f| f.info.name.clone())
-            .unwrap_or_default();
+        let framework_info = self.frameworks.get(fw).map(|f| f.info.clone());
         tracing::info!(framework_id = %fw, agent_id = %agent, task_id = %task_id, "launching task");
         self.tasks.insert(
             (fw.clone(), task_id),
@@ -1282,8 +1278,8 @@ impl Engine {
             agent,
             v1::master_message::Message::RunTask(v1::master_message::RunTask {
                 framework_id: Some(fw.into()),
-                framework_name,
                 task: Some(task),
+                framework_info,
             }),
         );
         self.changed = true;

@@ -363,6 +363,8 @@ pub enum ExecutorEvent {
     Subscribed {
         agent_id: Option<agora_core::AgentId>,
         info: Box<v1::ExecutorInfo>,
+        /// The executor's framework, as its agent last heard of it from the master.
+        framework: Box<v1::FrameworkInfo>,
     },
     /// Run this task; its sandbox directory exists.
     Launch {
@@ -474,6 +476,7 @@ impl ExecutorEvents {
                         .as_ref()
                         .and_then(|a| agora_core::AgentId::try_from(a).ok()),
                     info: Box::new(s.executor_info.unwrap_or_default()),
+                    framework: Box::new(s.framework_info.unwrap_or_default()),
                 }),
                 executor_event::Event::Launch(l) => match l.task {
                     Some(task) => Ok(ExecutorEvent::Launch {

@@ -26,10 +26,25 @@ fn key(t: &str) -> TaskKey {
     (FrameworkId::new("fw").unwrap(), TaskId::new(t).unwrap())
 }
 
+/// The framework the tasks of [`run_task`] belong to, as the master describes it.
+fn framework_info(name: &str) -> v1::FrameworkInfo {
+    v1::FrameworkInfo {
+        id: Some(v1::FrameworkId { value: "fw".into() }),
+        name: name.into(),
+        user: "nobody".into(),
+        ..Default::default()
+    }
+}
+
 fn run_task(t: &str) -> Input {
+    run_task_of(t, framework_info("batch"))
+}
+
+fn run_task_of(t: &str, framework: v1::FrameworkInfo) -> Input {
     Input::Master(Box::new(master_message::Message::RunTask(
         master_message::RunTask {
             framework_id: Some(v1::FrameworkId { value: "fw".into() }),
+            framework_info: Some(framework),
             task: Some(v1::TaskInfo {
                 task_id: Some(v1::TaskId { value: t.into() }),
                 name: t.into(),
@@ -42,7 +57,6 @@ fn run_task(t: &str) -> Input {
                 })),
                 ..Default::default()
             }),
-            ..Default::default()
         },
     )))
 }
@@ -200,6 +214,17 @@ fn carry_out(cp: &Checkpoint, s: &AgentState, cmds: Vec<Command>, m: &mut Master
             _ => None,
         })
         .collect();
+    let framework_saves: Vec<FrameworkId> = cmds
+        .iter()
+        .filter_map(|c| match c {
+            Command::SaveFramework(f) => Some(f.clone()),
+            _ => None,
+        })
+        .collect();
+    let frameworks: Vec<_> = framework_saves
+        .iter()
+        .map(|f| (f, s.framework(f)))
+        .collect();
     let writes: Vec<TaskWrite<'_>> = saves
         .iter()
         .map(|k| match s.tasks.get(k) {
@@ -208,7 +233,7 @@ fn carry_out(cp: &Checkpoint, s: &AgentState, cmds: Vec<Command>, m: &mut Master
         })
         .collect();
     let id = s.agent_id.as_ref().map(|id| (id, &s.info));
-    cp.write(id, &writes).unwrap();
+    cp.write(id, &frameworks, &writes).unwrap();
     if !linked {
         return;
     }
@@ -300,9 +325,13 @@ proptest! {
                     cp = reopened;
                     let mut fresh = AgentState::new(v1::AgentInfo::default(), policy(), now);
                     fresh.agent_id = saved.agent_id;
+                    for (f, info) in saved.frameworks {
+                        fresh.restore_framework(f, info);
+                    }
                     for (k, t) in saved.tasks {
                         fresh.restore(k, t, now);
                     }
+                    prop_assert!(fresh.forget_idle().is_empty(), "no framework without tasks is saved");
                     s = fresh;
                     // Not linked until the next reconnect.
                     linked = false;
@@ -330,9 +359,50 @@ proptest! {
         drop(cp);
         let (_cp, saved) = Checkpoint::open(dir.path()).unwrap();
         prop_assert_eq!(saved.tasks.len(), s.tasks.len());
+        // The framework is kept, in memory and on disk, exactly while it has tasks.
+        let kept: Vec<_> = s.frameworks().map(|(f, i)| (f.clone(), i.clone())).collect();
+        prop_assert_eq!(&saved.frameworks, &kept);
+        prop_assert_eq!(kept.is_empty(), s.tasks.is_empty());
     }
 }
 
 fn proto(st: TaskState) -> v1::TaskState {
     agora_proto::state_to_proto(st)
+}
+
+#[test]
+fn a_framework_is_kept_while_it_has_tasks_here() {
+    let now = Instant::now();
+    let mut s = registered(now);
+    let fw = FrameworkId::new("fw").unwrap();
+    let saves = |cmds: &[Command]| {
+        cmds.iter()
+            .filter(|c| matches!(c, Command::SaveFramework(f) if *f == fw))
+            .count()
+    };
+    let cmds = s.step(now, run_task("a"));
+    assert_eq!(
+        saves(&cmds),
+        1,
+        "the first task saves its framework: {cmds:?}"
+    );
+    assert_eq!(s.framework(&fw).map(|f| f.name.as_str()), Some("batch"));
+    let cmds = s.step(now, run_task("b"));
+    assert_eq!(saves(&cmds), 0, "an unchanged framework is not saved again");
+    let cmds = s.step(now, run_task_of("c", framework_info("batch-2")));
+    assert_eq!(saves(&cmds), 1, "a changed one is");
+    assert_eq!(s.framework(&fw).map(|f| f.name.as_str()), Some("batch-2"));
+
+    // Each task ends; once the last one's end is acknowledged, the framework goes too.
+    for (i, t) in ["a", "b", "c"].into_iter().enumerate() {
+        let k = key(t);
+        let cmds = s.step(now, change(&k, TaskState::Failed));
+        let u = updates(&cmds).pop().expect("the end is sent");
+        let cmds = s.step(now, ack(&k, &u.uuid));
+        assert!(!s.tasks.contains_key(&k));
+        let last = i == 2;
+        assert_eq!(saves(&cmds), usize::from(last), "after {t}: {cmds:?}");
+        assert_eq!(s.framework(&fw).is_some(), !last);
+    }
+    assert_eq!(s.frameworks().count(), 0);
 }

@@ -1,5 +1,5 @@
-//! An `agora agent` process killed with SIGKILL while it runs native and Wasm tasks, then
-//! started again on the same work directory: its tasks were never interrupted, those that
+//! An `agora agent` process killed with SIGKILL while it runs native, Wasm and custom
+//! executor tasks, then started again on the same work directory: its tasks were never interrupted, those that
 //! ended meanwhile are reported with their exit status, and it can still kill the others.
 
 use std::path::{Path, PathBuf};
@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use agora_core::{FrameworkId, TaskState};
 use agora_proto::v1;
 
+use crate::executors::{agora_executor, in_executor, subscriptions};
 use crate::native::command;
 use crate::ports::free_port;
 use crate::processes::Proc;
@@ -86,6 +87,7 @@ async fn an_agent_killed_and_restarted_keeps_its_tasks_running() {
     let fw = s.framework_id().unwrap();
     let offers = next_offers(&mut events).await;
     let offer = &offers[0];
+    let custom = agora_executor("runner");
     let tasks = vec![
         command(
             "long-native",
@@ -104,6 +106,7 @@ async fn an_agent_killed_and_restarted_keeps_its_tasks_running() {
         wasm_task("short-wasm", "sleeper", "cpus:0.2;mem:64")
             .args(["2"])
             .build_for(offer),
+        in_executor("long-custom", &custom, "exec sleep 600").build_for(offer),
     ];
     s.accept(&[offer.id.clone().unwrap()], tasks, Some(0.0))
         .await
@@ -115,6 +118,7 @@ async fn an_agent_killed_and_restarted_keeps_its_tasks_running() {
         "limited-native",
         "long-wasm",
         "short-wasm",
+        "long-custom",
     ];
     seen.pump(&s, &mut events, "every task to run", |v| {
         names.iter().all(|t| v.state(t) == Some(TaskState::Running))
@@ -151,6 +155,19 @@ async fn an_agent_killed_and_restarted_keeps_its_tasks_running() {
     // through the restart.
     assert_eq!(seen.state("long-native"), Some(TaskState::Running));
     assert_eq!(seen.state("long-wasm"), Some(TaskState::Running));
+    assert_eq!(seen.state("long-custom"), Some(TaskState::Running));
+    // The custom executor subscribed again, and the new agent, which the master never told,
+    // described its framework from the checkpoint.
+    wait_until("the custom executor to subscribe again", || async {
+        subscriptions(&agent.work_dir, &fw, "runner").len() == 2
+    })
+    .await;
+    let told = subscriptions(&agent.work_dir, &fw, "runner");
+    assert!(
+        told.iter()
+            .all(|l| l.ends_with(r#"framework "recovering""#)),
+        "{told:?}"
+    );
     wait_until("the long native task to count on", || async {
         count(&long) > while_away + 5
     })
@@ -170,12 +187,13 @@ async fn an_agent_killed_and_restarted_keeps_its_tasks_running() {
 
     // The new agent holds them: it can kill them.
     let agent_id = agora_core::AgentId::new(agent_id.unwrap().value).unwrap();
-    for t in ["long-native", "long-wasm"] {
+    for t in ["long-native", "long-wasm", "long-custom"] {
         s.kill(&tid(t), Some(&agent_id)).await.unwrap();
     }
     seen.pump(&s, &mut events, "the long tasks to be killed", |v| {
         v.state("long-native") == Some(TaskState::Killed)
             && v.state("long-wasm") == Some(TaskState::Killed)
+            && v.state("long-custom") == Some(TaskState::Killed)
     })
     .await;
     for t in names {

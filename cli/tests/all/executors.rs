@@ -3,14 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use agora_core::{ExecutorId, TaskState};
+use agora_core::{ExecutorId, FrameworkId, TaskState};
 use agora_proto::v1;
 use agora_sdk::{agent_containers, agent_metrics, read_sandbox_file, task::executor};
 
 use crate::native::{endpoint, start_with, wait_no_cgroups};
 use crate::*;
 
-fn agora_executor(id: &str) -> v1::ExecutorInfo {
+pub(crate) fn agora_executor(id: &str) -> v1::ExecutorInfo {
     executor(
         &ExecutorId::new(id).unwrap(),
         format!("exec {} executor", env!("CARGO_BIN_EXE_agora")),
@@ -18,7 +18,7 @@ fn agora_executor(id: &str) -> v1::ExecutorInfo {
 }
 
 /// A task for `executor` whose data is the shell command it runs.
-fn in_executor(id: &str, executor: &v1::ExecutorInfo, script: &str) -> TaskBuilder {
+pub(crate) fn in_executor(id: &str, executor: &v1::ExecutorInfo, script: &str) -> TaskBuilder {
     TaskBuilder::from_info(v1::TaskInfo {
         name: id.into(),
         task_id: Some((&tid(id)).into()),
@@ -27,6 +27,30 @@ fn in_executor(id: &str, executor: &v1::ExecutorInfo, script: &str) -> TaskBuild
     .resources(agora_core::parse_resources("cpus:0.2;mem:64").unwrap())
     .executor(executor.clone())
     .data(script)
+}
+
+/// The lines of `agora executor`'s stderr (in its latest run's sandbox under `work_dir`)
+/// that say it subscribed, each naming the framework the agent told it of.
+pub(crate) fn subscriptions(work_dir: &std::path::Path, fw: &FrameworkId, id: &str) -> Vec<String> {
+    let runs = work_dir
+        .join("frameworks")
+        .join(fw.as_str())
+        .join("executors")
+        .join(id)
+        .join("runs");
+    let latest = std::fs::read_dir(&runs)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .max();
+    latest
+        .and_then(|run| std::fs::read_to_string(run.join("stderr")).ok())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(": subscribed, framework"))
+        .map(str::to_owned)
+        .collect()
 }
 
 async fn executors(cluster: &Cluster) -> Vec<v1::ContainerStatus> {
@@ -106,6 +130,12 @@ async fn a_custom_executor_runs_a_frameworks_tasks_and_its_death_is_reported() {
         cgroups.push(lines[1].to_owned());
     }
     assert_eq!(cgroups[0], cgroups[1], "one executor ran both tasks");
+    // The agent told the executor its framework, as the master described it.
+    let told = subscriptions(&cluster.dir.path().join("agent-1"), &fw, "runner");
+    assert_eq!(
+        told,
+        [r#"agora executor runner: subscribed, framework "executors""#]
+    );
     assert!(cgroups[0].contains("executor-runner"), "{}", cgroups[0]);
     let running = executors(&cluster).await;
     assert_eq!(running.len(), 1, "{running:?}");
