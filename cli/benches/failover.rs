@@ -1,7 +1,9 @@
 //! Failover: three `agora master` processes, thousands of simulated agents with their
 //! tasks; the leader is killed with SIGKILL, and the time until a new leader serves and
 //! every agent has re-registered with it is measured, beside the time the same agents took
-//! to register with a leader that was already up (the baseline, in the same run).
+//! to register with a leader that was already up, and beside the floor: the same agents
+//! registering with a server that does nothing but answer, which is then killed so that
+//! they re-register with a second one (all in the same run).
 //!
 //! ```text
 //! cargo bench -p agora-cli --bench failover                       # 10,000 agents, 10 tasks each
