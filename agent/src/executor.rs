@@ -63,6 +63,10 @@ pub struct ExecutorConfig {
     /// How long an executor waits for its agent to come back after losing it
     /// (`AGORA_RECOVERY_TIMEOUT`) before it gives up and ends its tasks. Default 15 min.
     pub recovery_timeout: Duration,
+    /// The cluster CA (PEM) executors verify the agent's TLS with: written into each
+    /// executor's sandbox as `ca.pem`, named by `AGORA_CA`. The agent sets it when it serves
+    /// TLS.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 impl ExecutorConfig {
@@ -86,6 +90,7 @@ impl Default for ExecutorConfig {
             shutdown_grace: Duration::from_secs(3),
             overhead_mem_mib: 32.0,
             recovery_timeout: Duration::from_secs(15 * 60),
+            tls_ca: None,
         }
     }
 }
@@ -588,6 +593,20 @@ impl ExecutorContainerizer {
             ("MESOS_EXECUTOR_ID".to_owned(), id.to_string()),
             ("MESOS_AGENT_ENDPOINT".to_owned(), host_port),
         ];
+        if let Some(ca) = &self.inner.config.tls_ca {
+            // In the sandbox: an executor may not see the agent's files.
+            let path = sandbox.join("ca.pem");
+            std::fs::write(&path, ca).map_err(|e| {
+                failed(
+                    v1::Reason::ContainerLaunchFailed,
+                    format!("writing the cluster CA into executor {id}'s sandbox: {e}"),
+                )
+            })?;
+            env.push((
+                agora_proto::tls::ENV_CA.to_owned(),
+                path.display().to_string(),
+            ));
+        }
         if self.inner.checkpoint.get().is_some() {
             // As Mesos's MESOS_RECOVERY_TIMEOUT: how long to wait for a restarted agent.
             let secs = self.inner.config.recovery_timeout.as_secs_f64().to_string();

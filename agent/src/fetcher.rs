@@ -39,6 +39,9 @@ pub struct FetcherConfig {
     /// task could otherwise have any file of the host copied into its sandbox). Default:
     /// none, and `file://` is refused.
     pub file_roots: Vec<PathBuf>,
+    /// Fetch from the masters over TLS: trust the cluster CA and present the agent's
+    /// certificate. The agent sets it from its own TLS. Default none.
+    pub masters_tls: Option<agora_proto::tls::Credentials>,
 }
 
 impl Default for FetcherConfig {
@@ -48,6 +51,7 @@ impl Default for FetcherConfig {
             timeout: Duration::from_secs(300),
             max_task_bytes: 16 << 30,
             file_roots: Vec::new(),
+            masters_tls: None,
         }
     }
 }
@@ -150,6 +154,9 @@ struct Inner {
     /// The masters, tried in turn for a blob: each serves its own store.
     masters: Vec<String>,
     http: reqwest::Client,
+    /// For the masters' blob stores: over TLS, trusting only the cluster CA and presenting
+    /// the agent's certificate (never to other servers).
+    masters_http: reqwest::Client,
     cache: Mutex<Cache>,
     /// One lock per URI being fetched into the cache, so it is downloaded once.
     flights: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
@@ -295,20 +302,40 @@ impl Fetcher {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
-        let http = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(Duration::from_secs(10).min(config.timeout))
-            .build()
-            .map_err(io::Error::other)?;
+        let builder = || {
+            reqwest::Client::builder()
+                .timeout(config.timeout)
+                .connect_timeout(Duration::from_secs(10).min(config.timeout))
+        };
+        let http = builder().build().map_err(io::Error::other)?;
+        let mut masters_http = builder();
+        if let Some(tls) = &config.masters_tls {
+            let ca = reqwest::Certificate::from_pem(&tls.ca).map_err(io::Error::other)?;
+            masters_http = masters_http.tls_certs_only([ca]);
+            if let Some(id) = &tls.identity {
+                let pem = [id.cert.as_slice(), id.key.as_slice()].concat();
+                masters_http = masters_http
+                    .identity(reqwest::Identity::from_pem(&pem).map_err(io::Error::other)?);
+            }
+        }
+        let masters_http = masters_http.build().map_err(io::Error::other)?;
+        let tls = config.masters_tls.is_some();
         Ok(Fetcher {
             inner: Arc::new(Inner {
                 config,
                 dir,
                 masters: masters
                     .into_iter()
-                    .map(|m| m.trim_end_matches('/').to_owned())
+                    .map(|m| {
+                        let m = m.trim_end_matches('/');
+                        match m.strip_prefix("http://") {
+                            Some(rest) if tls => format!("https://{rest}"),
+                            _ => m.to_owned(),
+                        }
+                    })
                     .collect(),
                 http,
+                masters_http,
                 cache: Mutex::new(Cache::default()),
                 flights: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
@@ -754,7 +781,10 @@ impl Fetcher {
             let mut missed = Vec::new();
             for master in &self.inner.masters {
                 let url = format!("{master}/blobs/sha256:{digest}");
-                match self.get(&url, value, target, budget).await {
+                match self
+                    .get(&self.inner.masters_http, &url, value, target, budget)
+                    .await
+                {
                     Ok(got) => return Ok(got),
                     Err(Get::Failed(e)) => return Err(e),
                     Err(Get::Missed { status, why }) => {
@@ -789,7 +819,7 @@ impl Fetcher {
                 "unsupported URI scheme (use http://, https://, file:// or sha256:)",
             ));
         }
-        self.get(value, value, target, budget)
+        self.get(&self.inner.http, value, value, target, budget)
             .await
             .map_err(|e| match e {
                 Get::Failed(e) => e,
@@ -800,15 +830,14 @@ impl Fetcher {
     /// GETs `url` (for the URI `value`) into `target`.
     async fn get(
         &self,
+        client: &reqwest::Client,
         url: &str,
         value: &str,
         target: &Path,
         budget: u64,
     ) -> Result<(u64, String), Get> {
         let missed = |why: String| Get::Missed { status: None, why };
-        let mut response = self
-            .inner
-            .http
+        let mut response = client
             .get(url)
             .send()
             .await

@@ -89,6 +89,10 @@ pub struct AgentConfig {
     pub fetcher: fetcher::FetcherConfig,
     /// Timing of custom executors.
     pub executors: executor::ExecutorConfig,
+    /// TLS: the agent's certificate (an agent certificate of the cluster CA), its key and
+    /// the CA. It links to the masters over mutual TLS with it, and serves its own API over
+    /// TLS. Default none.
+    pub tls: Option<agora_proto::tls::ServerTls>,
     /// First retry of an unacknowledged status update. Default 10 s (doubling to 10 min).
     pub status_retry: Duration,
     /// First wait after a failed connection to the master. Default 100 ms (doubling to 10 s).
@@ -142,6 +146,7 @@ impl AgentConfig {
             native: native::NativeConfig::default(),
             fetcher: fetcher::FetcherConfig::default(),
             executors: executor::ExecutorConfig::default(),
+            tls: None,
             status_retry: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(100),
             gc: gc::GcConfig::default(),
@@ -334,29 +339,42 @@ async fn serve(
         None => detected,
     };
     let masters = link::masters(&config.master)?;
+    let mut fetcher_config = config.fetcher.clone();
+    fetcher_config.masters_tls = config
+        .tls
+        .as_ref()
+        .map(agora_proto::tls::ServerTls::as_client);
     let fetcher = Fetcher::with_masters(
         work_dir.join("fetch-cache"),
         masters.clone(),
-        config.fetcher.clone(),
+        fetcher_config,
     )
     .map_err(AgentError::Fetcher)?;
     let addr = listener.local_addr().map_err(AgentError::Listener)?;
-    let endpoint = config
-        .advertise
-        .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+    let endpoint = config.advertise.clone().unwrap_or_else(|| {
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{addr}")
+    });
     let containers = containerizer::Containers::default();
     let (events_tx, events_rx) = mpsc::channel(16 * 1024);
     if let Some(tap) = tap {
         let _ = tap.send(events_tx.clone());
     }
     let native = Arc::new(native::NativeContainerizer::new(config.native.clone()));
+    let mut executors_config = config.executors.clone();
+    if let Some(tls) = &config.tls {
+        executors_config.tls_ca = Some(tls.ca.clone());
+    }
     let executors = ExecutorContainerizer::new(
         native.clone(),
         Some(fetcher.clone()),
         work_dir.clone(),
         endpoint.clone(),
-        config.executors.clone(),
+        executors_config,
         containers.clone(),
         events_tx.clone(),
     );
@@ -495,13 +513,21 @@ async fn serve(
             min: config.reconnect_min,
             max: Duration::from_secs(10).max(config.reconnect_min),
         },
+        config
+            .tls
+            .as_ref()
+            .map(agora_proto::tls::ServerTls::as_client),
         events_tx,
     ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = {
         let mut stop = stop_rx.clone();
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            builder = builder.tls_config(tls.server_config(false))?;
+        }
+        builder
             .add_service(v1::sandbox_server::SandboxServer::new(
                 sandbox::SandboxService {
                     work_dir,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use agora_proto::MAX_MESSAGE_BYTES;
 use agora_proto::dial::{self, DialPolicy, Failure};
+use agora_proto::tls::Credentials;
 use agora_proto::v1::{self, agent_link_client::AgentLinkClient};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,12 +20,8 @@ use crate::actor::Event;
 pub enum LinkError {
     #[error("invalid master list {list:?}: {reason}")]
     List { list: String, reason: String },
-    #[error("invalid master address {master:?}: {source}")]
-    Address {
-        master: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    #[error("invalid master address {master:?}: {reason}")]
+    Address { master: String, reason: String },
 }
 
 /// The masters of `list` (one address, or `a:5050,b:5050,c:5050`), each with a scheme.
@@ -37,17 +34,17 @@ pub fn masters(list: &str) -> Result<Vec<String>, LinkError> {
         reason,
     })?;
     for m in &masters {
-        endpoint(m)?;
+        endpoint(m, None)?;
     }
     Ok(masters)
 }
 
-/// The endpoint of `master`, with the link's keep-alive settings.
+/// The endpoint of `master`, with the link's keep-alive settings; over TLS with `tls`.
 ///
 /// # Errors
 /// When `master` is not a URL tonic can dial.
-pub fn endpoint(master: &str) -> Result<Endpoint, LinkError> {
-    Endpoint::from_shared(master.to_owned())
+pub fn endpoint(master: &str, tls: Option<&Credentials>) -> Result<Endpoint, LinkError> {
+    agora_proto::tls::endpoint(master, tls)
         .map(|e| {
             e.connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
@@ -55,9 +52,9 @@ pub fn endpoint(master: &str) -> Result<Endpoint, LinkError> {
                 .keep_alive_timeout(Duration::from_secs(20))
                 .keep_alive_while_idle(true)
         })
-        .map_err(|source| LinkError::Address {
+        .map_err(|reason| LinkError::Address {
             master: master.to_owned(),
-            source,
+            reason,
         })
 }
 
@@ -79,9 +76,10 @@ struct Opened {
 async fn open(
     master: String,
     lost: Option<&str>,
+    tls: Option<&Credentials>,
     events: &mpsc::Sender<Event>,
 ) -> Result<Opened, Failure<String>> {
-    let channel = endpoint(&master)
+    let channel = endpoint(&master, tls)
         .map_err(|e| Failure::Unreachable(e.to_string()))?
         .connect()
         .await
@@ -126,6 +124,7 @@ async fn session(
     order: &[String],
     lost: Option<&str>,
     policy: &DialPolicy,
+    tls: Option<&Credentials>,
     events: &mpsc::Sender<Event>,
 ) -> Outcome {
     let mut outcome = Outcome {
@@ -135,7 +134,7 @@ async fn session(
         result: Ok(()),
     };
     let (master, Opened { tx, mut inbound }) =
-        match dial::find_leader(order, policy, |m| open(m, lost, events)).await {
+        match dial::find_leader(order, policy, |m| open(m, lost, tls, events)).await {
             Ok(found) => found,
             Err(e) => {
                 outcome.result = Err(e.to_string());
@@ -166,8 +165,14 @@ async fn session(
     outcome
 }
 
-/// Keeps a link to the leader among `masters` (see [`masters`]) until `events` closes.
-pub async fn maintain(masters: Vec<String>, backoff: Backoff, events: mpsc::Sender<Event>) {
+/// Keeps a link to the leader among `masters` (see [`masters`]) until `events` closes;
+/// over TLS, presenting the agent's certificate, with `tls`.
+pub async fn maintain(
+    masters: Vec<String>,
+    backoff: Backoff,
+    tls: Option<Credentials>,
+    events: mpsc::Sender<Event>,
+) {
     let policy = DialPolicy::default();
     let mut delay = backoff.min;
     let (mut last, mut named) = (None, None);
@@ -180,7 +185,7 @@ pub async fn maintain(masters: Vec<String>, backoff: Backoff, events: mpsc::Send
         } else {
             None
         };
-        let outcome = session(&order, lost, &policy, &events).await;
+        let outcome = session(&order, lost, &policy, tls.as_ref(), &events).await;
         let _ = events.send(Event::LinkDown).await;
         if events.is_closed() {
             return;
@@ -324,7 +329,7 @@ mod tests {
             max: Duration::from_millis(100),
         };
         // Neither of the first two leads: the follower's redirect leads to `a`.
-        let link = tokio::spawn(maintain(vec![dead, b.url()], backoff, tx));
+        let link = tokio::spawn(maintain(vec![dead, b.url()], backoff, None, tx));
         until_link_up(&mut events).await;
         assert_eq!((a.registrations(), b.sessions()), (1, 1));
 

@@ -308,6 +308,7 @@ fn spawn_agents(
                 min: Duration::from_millis(100),
                 max: Duration::from_secs(2),
             },
+            None,
             tx,
         )));
         handles.push(tokio::spawn(sim(

@@ -2,6 +2,7 @@
 //! tasks and roles; manage quotas, blobs and bundles; and, started by an agent, be a custom
 //! executor (`executor`), a Wasm executor (`__wasm-executor`) or a task's init (`__init`).
 
+mod cert;
 mod dev;
 mod executor;
 mod roles;
@@ -69,6 +70,11 @@ enum Command {
     Bundle {
         #[command(subcommand)]
         action: BundleAction,
+    },
+    /// The cluster's CA and certificates (TLS between masters, agents and clients).
+    Cert {
+        #[command(subcommand)]
+        action: cert::CertAction,
     },
 }
 
@@ -153,6 +159,31 @@ pub struct MasterArgs {
     /// Registry entries between snapshots (the log is compacted behind each).
     #[arg(long, default_value_t = 5000, hide = true)]
     registry_snapshot_every: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// A server's TLS (`agora cert` makes the files).
+#[derive(Args)]
+struct TlsArgs {
+    /// Serve (and call other masters or agents) over TLS with this certificate (PEM).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The cluster CA: callers' certificates are verified against it.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn load(&self) -> anyhow::Result<Option<agora_proto::tls::ServerTls>> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(c), Some(k), Some(ca)) => Ok(Some(agora_proto::tls::ServerTls::load(c, k, ca)?)),
+            _ => Ok(None),
+        }
+    }
 }
 
 /// Parses `1=HOST:PORT,2=HOST:PORT[/RAFT_PORT]`.
@@ -209,6 +240,10 @@ struct AgentArgs {
     /// (the leader among them is found, and followed when it changes).
     #[arg(long, env = "AGORA_MASTER", default_value = "127.0.0.1:5050")]
     master: String,
+    /// TLS: an agent certificate of the cluster CA, presented to the masters (mutual TLS)
+    /// and served to the agent's own callers.
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Address to serve the agent's Sandbox and Executor APIs on. Keep it across restarts:
     /// the executors a restarted agent re-attaches to dial it.
     #[arg(long, default_value = "127.0.0.1:5051")]
@@ -556,13 +591,20 @@ pub async fn shutdown_signal() {
 }
 
 async fn master(args: MasterArgs) -> anyhow::Result<()> {
+    let mut config = args.config();
+    config.tls = args.tls.load()?;
     let listener = agora_proto::listen::bind(args.listen)
         .with_context(|| format!("binding {}", args.listen))?;
     eprintln!(
-        "agora master listening on http://{} (gRPC, GET /health)",
+        "agora master listening on {}://{} (gRPC, GET /health)",
+        if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         listener.local_addr()?
     );
-    agora_master::run(listener, args.config(), shutdown_signal()).await?;
+    agora_master::run(listener, config, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -570,6 +612,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let listener = agora_proto::listen::bind(args.listen)
         .with_context(|| format!("binding {}", args.listen))?;
     let mut config = agora_agent::AgentConfig::new(master_url(&args.master), &args.work_dir);
+    config.tls = args.tls.load()?;
     config.resources = args.resources;
     config.attributes = args.attributes.unwrap_or_default();
     config.hostname = args.hostname;
@@ -663,6 +706,7 @@ async fn async_main() -> std::process::ExitCode {
             | Command::WasmExecutor
             | Command::Blob { .. }
             | Command::Bundle { .. }
+            | Command::Cert { .. }
     );
     init_tracing(if quiet { "warn" } else { "info" });
     let result = match cli.command {
@@ -683,6 +727,7 @@ async fn async_main() -> std::process::ExitCode {
             .await
             .map(|d| println!("{d}")),
         Command::Bundle { action } => bundle(action),
+        Command::Cert { action } => cert::cert(action),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -98,6 +98,10 @@ pub struct MasterConfig {
     /// (tests of other things), where nothing need survive and a disk busy with other work
     /// must not slow registrations down. Refused for a group. Default false.
     pub registry_in_memory: bool,
+    /// TLS on the master's listeners: its certificate and key, and the cluster CA whose
+    /// certificates it accepts. With it, agents must present an agent certificate, and raft
+    /// is mutual TLS between masters. Default none (plain gRPC).
+    pub tls: Option<agora_proto::tls::ServerTls>,
 }
 
 impl Default for MasterConfig {
@@ -125,6 +129,7 @@ impl Default for MasterConfig {
             raft_election_timeout: Duration::from_millis(500),
             registry_snapshot_every: 5000,
             registry_in_memory: false,
+            tls: None,
         }
     }
 }
@@ -395,6 +400,7 @@ async fn serve(
                 config.raft_election_timeout * 2,
             ),
             snapshot_every: config.registry_snapshot_every,
+            tls: config.tls.clone(),
         },
         raft_listener,
     )
@@ -465,6 +471,7 @@ async fn serve(
             v1::agent_link_server::AgentLinkServer::new(AgentLinkService {
                 gate: gate.clone(),
                 link_buffer: config.link_buffer,
+                agents_by_certificate: config.tls.is_some(),
             })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -490,7 +497,13 @@ async fn serve(
 
     // Subscriptions and agent links are endless streams, so a graceful shutdown must first
     // stop the owner: dropping its senders ends every stream and lets connections drain.
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.server_config(false))
+            .map_err(|e| MasterError::Config(format!("the master's TLS: {e}")))?;
+    }
+    let server = builder
         .accept_http1(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -549,7 +562,8 @@ async fn uploads_to_the_leader(
                 axum::http::StatusCode::TEMPORARY_REDIRECT,
                 [(
                     axum::http::header::LOCATION,
-                    format!("http://{leader}{path}"),
+                    // Scheme-relative, as Mesos's: the caller keeps TLS or plain HTTP.
+                    format!("//{leader}{path}"),
                 )],
                 format!("this master is not the leader; the leader is {leader}\n"),
             )

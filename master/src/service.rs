@@ -351,6 +351,8 @@ impl Scheduler for SchedulerService {
 pub struct AgentLinkService {
     pub gate: Gate,
     pub link_buffer: usize,
+    /// Over TLS, an agent must present an agent certificate of the cluster CA.
+    pub agents_by_certificate: bool,
 }
 
 #[tonic::async_trait]
@@ -362,6 +364,21 @@ impl AgentLink for AgentLinkService {
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.remote_addr();
+        if self.agents_by_certificate {
+            match agora_proto::tls::principal(&request) {
+                Some(p) if p.kind == agora_proto::tls::Kind::Agent => {}
+                Some(p) => {
+                    return Err(Status::permission_denied(format!(
+                        "only agents may register; this certificate is of {p}"
+                    )));
+                }
+                None => {
+                    return Err(Status::unauthenticated(
+                        "an agent registers with an agent certificate of the cluster CA (agora cert issue agent NAME)",
+                    ));
+                }
+            }
+        }
         let lost = agora_proto::leader::lost(request.metadata());
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {

@@ -13,11 +13,13 @@
 //! - [`leader`]: how followers name the leader, and how callers follow it.
 //! - [`dial`]: the search for the leader every client runs over a list of masters.
 //! - [`listen`]: the listeners Agora's servers take calls on.
+//! - [`tls`]: TLS between Agora's processes, and the principals certificates name.
 
 pub mod convert;
 pub mod dial;
 pub mod leader;
 pub mod listen;
+pub mod tls;
 
 /// Generated code of the `agora.v1` package.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -62,10 +62,26 @@ pub async fn upload_file(
         .map_err(|e| Error::Invalid(format!("reading {}: {e}", path.display())))?
         .len();
     // Redirects are followed here, where the body can be sent again.
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| Error::Invalid(format!("building an HTTP client: {e}")))?;
+    let mut builder = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+    let tls = masters::env_credentials()?;
+    let invalid = |e: reqwest::Error| Error::Invalid(format!("building an HTTP client: {e}"));
+    if let Some(tls) = &tls {
+        builder =
+            builder.tls_certs_only([reqwest::Certificate::from_pem(&tls.ca).map_err(invalid)?]);
+        if let Some(id) = &tls.identity {
+            let pem = [id.cert.as_slice(), id.key.as_slice()].concat();
+            builder = builder.identity(reqwest::Identity::from_pem(&pem).map_err(invalid)?);
+        }
+    }
+    let client = builder.build().map_err(invalid)?;
+    // With TLS every master is dialled over it, the followers' hints too.
+    let list: Vec<String> = list
+        .into_iter()
+        .map(|m| match m.strip_prefix("http://") {
+            Some(rest) if tls.is_some() => format!("https://{rest}"),
+            _ => m,
+        })
+        .collect();
     let progress = Arc::new(progress);
     let blob = Blob {
         client: &client,

@@ -38,7 +38,7 @@ use std::time::Duration;
 use agora_core::{ExecutorId, FrameworkId, TaskId, TaskState};
 use agora_proto::v1::{self, executor_client::ExecutorClient, executor_event};
 use agora_proto::{MAX_MESSAGE_BYTES, now_timestamp, state_to_proto};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::Error;
 
@@ -98,7 +98,9 @@ impl ExecutorEnv {
     /// [`Error::Connection`] when the agent cannot be reached, [`Error::Refused`] when it
     /// does not know this executor or its token.
     pub async fn subscribe(self) -> Result<(Executor, ExecutorEvents), Error> {
-        let channel = Endpoint::from_shared(self.endpoint.clone())
+        // An agent that serves TLS gives its executors the cluster CA (`AGORA_CA`).
+        let tls = crate::masters::env_credentials()?;
+        let channel = agora_proto::tls::endpoint(&self.endpoint, tls.as_ref())
             .map_err(|e| Error::Invalid(format!("agent address {:?}: {e}", self.endpoint)))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)

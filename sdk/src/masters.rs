@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use agora_proto::dial::{DialError, Failure};
+use agora_proto::tls::Credentials;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::Error;
@@ -23,9 +24,27 @@ pub fn parse(list: &str) -> Result<Vec<String>, Error> {
     Ok(masters)
 }
 
-/// A connection to `url`; with `keep_alive`, HTTP/2 pings notice a dead master.
-pub(crate) async fn channel(url: &str, keep_alive: bool) -> Result<Channel, Failure<Error>> {
-    let mut endpoint = Endpoint::from_shared(url.to_owned())
+/// The credentials named by the environment (`AGORA_CA`, `AGORA_CERT`, `AGORA_KEY`), read
+/// once per process; clients that are given none use these.
+///
+/// # Errors
+/// [`Error::Invalid`] when a file they name cannot be read.
+pub fn env_credentials() -> Result<Option<Credentials>, Error> {
+    static ENV: std::sync::OnceLock<Result<Option<Credentials>, String>> =
+        std::sync::OnceLock::new();
+    ENV.get_or_init(|| Credentials::from_env().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(Error::Invalid)
+}
+
+/// A connection to `url` (over TLS with `tls`); with `keep_alive`, HTTP/2 pings notice a
+/// dead master.
+pub(crate) async fn channel(
+    url: &str,
+    keep_alive: bool,
+    tls: Option<&Credentials>,
+) -> Result<Channel, Failure<Error>> {
+    let mut endpoint = agora_proto::tls::endpoint(url, tls)
         .map_err(|e| Failure::Unreachable(format!("invalid address: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);

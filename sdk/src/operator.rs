@@ -7,14 +7,18 @@ use std::time::Duration;
 use agora_core::{FrameworkId, Resources, TaskId};
 use agora_proto::dial::{self, Failure};
 use agora_proto::resources_to_proto;
+use agora_proto::tls::Credentials;
 use agora_proto::v1::{self, operator_client::OperatorClient, sandbox_client::SandboxClient};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::Error;
 use crate::masters::{self, DialPolicy};
 
+/// A connection to an agent, over TLS with the environment's credentials
+/// ([`masters::env_credentials`]).
 async fn channel(addr: &str) -> Result<Channel, Error> {
-    Endpoint::from_shared(addr.to_owned())
+    let tls = masters::env_credentials()?;
+    agora_proto::tls::endpoint(addr, tls.as_ref())
         .map_err(|e| Error::Invalid(format!("address {addr:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -29,6 +33,7 @@ async fn channel(addr: &str) -> Result<Channel, Error> {
 pub struct Operator {
     masters: Vec<String>,
     policy: DialPolicy,
+    tls: Option<Arc<Credentials>>,
     /// The master calls go to first, and its client.
     current: Arc<Mutex<(String, OperatorClient<Channel>)>>,
 }
@@ -49,14 +54,28 @@ impl Operator {
     /// # Errors
     /// As [`Operator::connect`].
     pub async fn connect_with(master: &str, policy: DialPolicy) -> Result<Self, Error> {
+        Self::connect_as(master, policy, masters::env_credentials()?).await
+    }
+
+    /// [`Operator::connect_with`] over TLS with `tls` (none: in the clear).
+    ///
+    /// # Errors
+    /// As [`Operator::connect`].
+    pub async fn connect_as(
+        master: &str,
+        policy: DialPolicy,
+        tls: Option<Credentials>,
+    ) -> Result<Self, Error> {
         let list = masters::parse(master)?;
-        let (url, (client, _)) = search(&list, &policy, |mut c| async move {
+        let tls = tls.map(Arc::new);
+        let (url, (client, _)) = search(&list, &policy, tls.as_deref(), |mut c| async move {
             c.get_health(v1::GetHealthRequest {}).await
         })
         .await?;
         Ok(Operator {
             masters: list,
             policy,
+            tls,
             current: Arc::new(Mutex::new((url, client))),
         })
     }
@@ -93,7 +112,8 @@ impl Operator {
             }
         };
         let order = dial::order(&self.masters, named.as_deref(), Some(&at));
-        let (url, (client, answer)) = search(&order, &self.policy, call).await?;
+        let (url, (client, answer)) =
+            search(&order, &self.policy, self.tls.as_deref(), call).await?;
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = (url, client);
         Ok(answer.into_inner())
     }
@@ -174,6 +194,7 @@ impl Operator {
 async fn search<T, F, Fut>(
     order: &[String],
     policy: &DialPolicy,
+    tls: Option<&Credentials>,
     call: F,
 ) -> Result<(String, (OperatorClient<Channel>, tonic::Response<T>)), Error>
 where
@@ -182,7 +203,7 @@ where
 {
     let call = &call;
     Ok(dial::find_leader(order, policy, |url| async move {
-        let client = OperatorClient::new(masters::channel(&url, false).await?);
+        let client = OperatorClient::new(masters::channel(&url, false, tls).await?);
         let answer = call(client.clone())
             .await
             .map_err(masters::status_failure)?;

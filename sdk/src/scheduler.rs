@@ -31,6 +31,9 @@ pub struct SchedulerConfig {
     /// a failed re-subscription search is retried with backoff). Default
     /// [`DialPolicy::default`].
     pub discovery: DialPolicy,
+    /// TLS: the cluster CA, and the framework's client certificate if it has one. Default:
+    /// those the environment names ([`crate::masters::env_credentials`]), else none.
+    pub tls: Option<agora_proto::tls::Credentials>,
 }
 
 impl SchedulerConfig {
@@ -48,6 +51,7 @@ impl SchedulerConfig {
             reconnect: true,
             event_buffer: 1024,
             discovery: DialPolicy::default(),
+            tls: None,
         }
     }
 }
@@ -223,8 +227,9 @@ async fn open(
     info: v1::FrameworkInfo,
     replaces: Option<String>,
     lost: Option<&str>,
+    tls: Option<&agora_proto::tls::Credentials>,
 ) -> Result<Opened, Failure<Error>> {
-    let mut client = SchedulerClient::new(masters::channel(&master, true).await?)
+    let mut client = SchedulerClient::new(masters::channel(&master, true, tls).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let mut request = tonic::Request::new(v1::SubscribeRequest {
@@ -268,9 +273,10 @@ async fn open_at_leader(
     info: &v1::FrameworkInfo,
     replaces: Option<&str>,
     lost: Option<&str>,
+    tls: Option<&agora_proto::tls::Credentials>,
 ) -> Result<Opened, Error> {
     let (_, opened) = dial::find_leader(order, policy, |master| {
-        open(master, info.clone(), replaces.map(str::to_owned), lost)
+        open(master, info.clone(), replaces.map(str::to_owned), lost, tls)
     })
     .await?;
     Ok(opened)
@@ -302,14 +308,25 @@ async fn open_at_leader(
 /// [`Error::Connection`] when no master leads (it names each master tried and why),
 /// [`Error::Refused`] when the leader refuses the subscription (e.g. an invalid framework
 /// info), [`Error::Invalid`] for a bad master list.
-pub async fn subscribe(config: SchedulerConfig) -> Result<(Scheduler, Events), Error> {
+pub async fn subscribe(mut config: SchedulerConfig) -> Result<(Scheduler, Events), Error> {
     let list = masters::parse(&config.master)?;
+    if config.tls.is_none() {
+        config.tls = masters::env_credentials()?;
+    }
     let Opened {
         link,
         stream,
         session,
         first,
-    } = open_at_leader(&list, &config.discovery, &config.framework, None, None).await?;
+    } = open_at_leader(
+        &list,
+        &config.discovery,
+        &config.framework,
+        None,
+        None,
+        config.tls.as_ref(),
+    )
+    .await?;
     let inner = Arc::new(Inner {
         link: RwLock::new(link),
         session: RwLock::new(Some(session.clone())),
@@ -410,6 +427,7 @@ async fn drive(
                 &info,
                 Some(&session.stream_id),
                 lost,
+                config.tls.as_ref(),
             )
             .await
             {

@@ -20,6 +20,7 @@ mod registry;
 mod roles;
 mod seen;
 mod takeover;
+mod tls;
 mod wasm;
 
 use std::time::Duration;
@@ -187,13 +188,18 @@ impl Cluster {
     }
 
     pub async fn framework_with(&self, config: SchedulerConfig) -> (Scheduler, Events) {
-        let (s, mut events) = subscribe(config).await.unwrap();
-        assert!(matches!(
-            events.next().await,
-            Some(Event::Subscribed { .. })
-        ));
-        (s, events)
+        subscribed(config).await
     }
+}
+
+/// A framework subscribed with `config`, its SUBSCRIBED event taken.
+pub async fn subscribed(config: SchedulerConfig) -> (Scheduler, Events) {
+    let (s, mut events) = subscribe(config).await.unwrap();
+    assert!(matches!(
+        events.next().await,
+        Some(Event::Subscribed { .. })
+    ));
+    (s, events)
 }
 
 /// A child process (an `agora master`, say) killed with SIGKILL by [`Killed::kill`] or when

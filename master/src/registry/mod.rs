@@ -70,6 +70,8 @@ pub struct RegistryConfig {
     pub election_timeout: (Duration, Duration),
     /// Entries applied since the last snapshot before another is taken and the log compacted.
     pub snapshot_every: u64,
+    /// Raft over mutual TLS, masters only: this master's certificate and the cluster CA.
+    pub tls: Option<agora_proto::tls::ServerTls>,
 }
 
 impl RegistryConfig {
@@ -83,6 +85,7 @@ impl RegistryConfig {
             heartbeat: Duration::from_millis(150),
             election_timeout: (Duration::from_millis(750), Duration::from_millis(1500)),
             snapshot_every: 5000,
+            tls: None,
         }
     }
 }
@@ -235,7 +238,13 @@ impl Registrar {
                     .last_log_id
                     .is_none()
         };
-        let network = network::Network::new(config.raft_addrs.clone());
+        let network = network::Network::new(
+            config.raft_addrs.clone(),
+            config
+                .tls
+                .as_ref()
+                .map(agora_proto::tls::ServerTls::as_client),
+        );
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| RegistryError::Fatal(e.to_string()))?;
@@ -325,7 +334,13 @@ impl Registrar {
             .map_err(|e| RegistryError::Config(format!("the raft listener: {e}")))?;
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let routes = tonic::transport::Server::builder().add_service(self.peer_service());
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &self.config.tls {
+            server = server
+                .tls_config(tls.server_config(true))
+                .map_err(|e| RegistryError::Config(format!("raft's TLS: {e}")))?;
+        }
+        let routes = server.add_service(self.peer_service());
         let raft = self.raft.clone();
         tokio::spawn(async move {
             // It serves until the runtime stops, which cancels this task. Ending otherwise,
@@ -351,6 +366,7 @@ impl Registrar {
         v1::raft_peer_server::RaftPeerServer::new(network::PeerService {
             raft: self.raft.clone(),
             heard: Arc::clone(&self.heard),
+            tls: self.config.tls.is_some(),
         })
         .max_decoding_message_size(agora_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(agora_proto::MAX_MESSAGE_BYTES)

@@ -26,13 +26,19 @@ use super::{NodeId, Raft, TypeConfig};
 /// Makes a connection per peer, to its raft address.
 pub struct Network {
     raft_addrs: Arc<BTreeMap<NodeId, String>>,
+    /// This master's certificate and the cluster CA: peers are dialled over mutual TLS.
+    tls: Option<Arc<agora_proto::tls::Credentials>>,
 }
 
 impl Network {
     /// `raft_addrs`: where members take raft when not at their address in the membership.
-    pub fn new(raft_addrs: BTreeMap<NodeId, String>) -> Self {
+    pub fn new(
+        raft_addrs: BTreeMap<NodeId, String>,
+        tls: Option<agora_proto::tls::Credentials>,
+    ) -> Self {
         Network {
             raft_addrs: Arc::new(raft_addrs),
+            tls: tls.map(Arc::new),
         }
     }
 }
@@ -48,6 +54,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .get(&target)
                 .cloned()
                 .unwrap_or_else(|| node.addr.clone()),
+            tls: self.tls.clone(),
             client: None,
         }
     }
@@ -57,6 +64,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct Peer {
     target: NodeId,
     addr: String,
+    tls: Option<Arc<agora_proto::tls::Credentials>>,
     client: Option<v1::raft_peer_client::RaftPeerClient<Channel>>,
 }
 
@@ -72,11 +80,12 @@ impl Peer {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|e| format!("peer address {}: {e}", self.addr))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel =
+            agora_proto::tls::endpoint(&format!("http://{}", self.addr), self.tls.as_deref())
+                .map_err(|e| format!("peer address {}: {e}", self.addr))?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .connect_lazy();
         let c = v1::raft_peer_client::RaftPeerClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -166,6 +175,25 @@ pub struct PeerService {
     pub raft: Raft,
     /// Noted at each message of the leader this node follows.
     pub heard: Arc<Heard>,
+    /// Over TLS, only masters (by their certificates) may speak raft.
+    pub tls: bool,
+}
+
+impl PeerService {
+    fn authorise(&self, req: &tonic::Request<v1::RaftPayload>) -> Result<(), tonic::Status> {
+        if !self.tls {
+            return Ok(());
+        }
+        match agora_proto::tls::principal(req) {
+            Some(p) if p.kind == agora_proto::tls::Kind::Master => Ok(()),
+            Some(p) => Err(tonic::Status::permission_denied(format!(
+                "raft is for masters; this certificate is of {p}"
+            ))),
+            None => Err(tonic::Status::unauthenticated(
+                "raft needs a master's certificate from the cluster CA",
+            )),
+        }
+    }
 }
 
 /// When this node last heard from the leader it follows. openraft keeps this to itself in
@@ -223,6 +251,7 @@ impl v1::raft_peer_server::RaftPeer for PeerService {
         &self,
         req: tonic::Request<v1::RaftPayload>,
     ) -> Result<tonic::Response<v1::RaftPayload>, tonic::Status> {
+        self.authorise(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
         let answer = self.raft.append_entries(rpc).await;
         // Any answer but "my vote is higher" means the sender is the leader this node follows.
@@ -236,6 +265,7 @@ impl v1::raft_peer_server::RaftPeer for PeerService {
         &self,
         req: tonic::Request<v1::RaftPayload>,
     ) -> Result<tonic::Response<v1::RaftPayload>, tonic::Status> {
+        self.authorise(&req)?;
         let rpc: VoteRequest<NodeId> = decode(req)?;
         encode(&self.raft.vote(rpc).await)
     }
@@ -244,6 +274,7 @@ impl v1::raft_peer_server::RaftPeer for PeerService {
         &self,
         req: tonic::Request<v1::RaftPayload>,
     ) -> Result<tonic::Response<v1::RaftPayload>, tonic::Status> {
+        self.authorise(&req)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
         let answer = self.raft.install_snapshot(rpc).await;
         if answer.is_ok() {

@@ -31,6 +31,7 @@ async fn a_lone_master_keeps_its_registry_across_restarts_and_compaction() {
     let path = dir.path().join("registry.redb");
     let config = RegistryConfig {
         snapshot_every: 10,
+        tls: None,
         ..RegistryConfig::single("127.0.0.1:1".into(), Some(path.clone()))
     };
     let before = {
@@ -191,6 +192,7 @@ async fn start_group(
             heartbeat: Duration::from_millis(50),
             election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
             snapshot_every: 20,
+            tls: None,
         };
         let registrar = Registrar::start(config).await.unwrap();
         let svc = registrar.peer_service();
@@ -296,6 +298,7 @@ fn members_wait_one_after_the_other_to_stand_for_election() {
             heartbeat: Duration::from_millis(100),
             election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
             snapshot_every: 10,
+            tls: None,
         })
     };
     assert_eq!([of(1), of(2), of(3)], [(500, 550), (700, 750), (900, 950)]);

@@ -1,0 +1,279 @@
+//! TLS between Agora's processes, and the principal a certificate names.
+//!
+//! A cluster has one CA (`agora cert init`). Every certificate it issues
+//! (`agora cert issue master|agent|client NAME`) names its principal in the subject's common
+//! name and its kind in the organizational unit (`agora-master`, `agora-agent`,
+//! `agora-client`), and is good for both ends of a connection, so that masters and agents
+//! present the same certificate when they serve and when they call.
+//!
+//! Servers verify a client certificate whenever one is presented (and refuse the handshake
+//! if the cluster CA did not sign it, or it has expired); whether a call needs one is the
+//! service's decision, from [`principal`]. A client with [`Credentials`] always dials TLS,
+//! whatever scheme the address came with, so that a follower's `host:port` hint is followed
+//! over TLS too.
+
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+
+/// The kind of principal a certificate was issued to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Master,
+    Agent,
+    Client,
+}
+
+impl Kind {
+    /// The organizational unit that marks the kind in a certificate.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Kind::Master => "agora-master",
+            Kind::Agent => "agora-agent",
+            Kind::Client => "agora-client",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Master => "master",
+            Kind::Agent => "agent",
+            Kind::Client => "client",
+        }
+    }
+
+    fn from_unit(unit: &str) -> Option<Kind> {
+        [Kind::Master, Kind::Agent, Kind::Client]
+            .into_iter()
+            .find(|k| k.unit() == unit)
+    }
+}
+
+/// Who a verified certificate says the caller is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub kind: Kind,
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind.name(), self.name)
+    }
+}
+
+/// What could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A certificate and its key, in PEM.
+#[derive(Clone)]
+pub struct KeyPair {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for KeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyPair").finish_non_exhaustive()
+    }
+}
+
+impl KeyPair {
+    /// Reads `cert` and `key` (PEM files).
+    ///
+    /// # Errors
+    /// When either cannot be read.
+    pub fn load(cert: &Path, key: &Path) -> Result<KeyPair, TlsError> {
+        Ok(KeyPair {
+            cert: read("the certificate", cert)?,
+            key: read("the key", key)?,
+        })
+    }
+}
+
+/// What a client trusts (the cluster CA) and, if it has one, the certificate it presents.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The cluster CA's certificate, PEM.
+    pub ca: Vec<u8>,
+    pub identity: Option<KeyPair>,
+}
+
+/// Environment variables a client's credentials are read from when not given.
+pub const ENV_CA: &str = "AGORA_CA";
+pub const ENV_CERT: &str = "AGORA_CERT";
+pub const ENV_KEY: &str = "AGORA_KEY";
+
+impl Credentials {
+    /// Reads the CA's certificate and, when both are given, the client's certificate and key.
+    ///
+    /// # Errors
+    /// When a file cannot be read, or only one of `cert` and `key` is given.
+    pub fn load(ca: &Path, cert: Option<&Path>, key: Option<&Path>) -> Result<Self, TlsError> {
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Some(KeyPair::load(c, k)?),
+            (None, None) => None,
+            _ => {
+                return Err(TlsError::Config(
+                    "a client certificate needs its key, and a key its certificate".into(),
+                ));
+            }
+        };
+        Ok(Credentials {
+            ca: read("the CA certificate", ca)?,
+            identity,
+        })
+    }
+
+    /// The credentials named by `AGORA_CA`, `AGORA_CERT` and `AGORA_KEY`; `None` when
+    /// `AGORA_CA` is not set.
+    ///
+    /// # Errors
+    /// When a named file cannot be read.
+    pub fn from_env() -> Result<Option<Self>, TlsError> {
+        let var = |k| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        let Some(ca) = var(ENV_CA) else {
+            return Ok(None);
+        };
+        Credentials::load(&ca, var(ENV_CERT).as_deref(), var(ENV_KEY).as_deref()).map(Some)
+    }
+
+    fn client_config(&self) -> ClientTlsConfig {
+        let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca));
+        if let Some(id) = &self.identity {
+            c = c.identity(Identity::from_pem(&id.cert, &id.key));
+        }
+        c
+    }
+}
+
+/// The endpoint of `url`: over TLS with `credentials` (an `http://` address is dialled as
+/// `https://`), in the clear without. An `https://` address without credentials is refused,
+/// naming what it needs.
+///
+/// # Errors
+/// When `url` is not an address tonic can dial, or needs credentials it was not given.
+pub fn endpoint(url: &str, credentials: Option<&Credentials>) -> Result<Endpoint, String> {
+    match credentials {
+        Some(c) => {
+            let url = match url.strip_prefix("http://") {
+                Some(rest) => format!("https://{rest}"),
+                None => url.to_owned(),
+            };
+            Endpoint::from_shared(url)
+                .and_then(|e| e.tls_config(c.client_config()))
+                .map_err(|e| e.to_string())
+        }
+        None if url.starts_with("https://") => Err(format!(
+            "{url} is served over TLS: give the cluster CA (--ca, or {ENV_CA})"
+        )),
+        None => Endpoint::from_shared(url.to_owned()).map_err(|e| e.to_string()),
+    }
+}
+
+/// A server's TLS: its certificate and key, and the CA whose client certificates it accepts.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub identity: KeyPair,
+    pub ca: Vec<u8>,
+}
+
+impl ServerTls {
+    /// Reads the server's certificate, key and the cluster CA.
+    ///
+    /// # Errors
+    /// When a file cannot be read.
+    pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Self, TlsError> {
+        Ok(ServerTls {
+            identity: KeyPair::load(cert, key)?,
+            ca: read("the CA certificate", ca)?,
+        })
+    }
+
+    /// tonic's configuration: client certificates are verified when presented (a call that
+    /// needs one checks [`principal`]); with `require_client`, the handshake needs one.
+    pub fn server_config(&self, require_client: bool) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.identity.cert, &self.identity.key))
+            .client_ca_root(Certificate::from_pem(&self.ca))
+            .client_auth_optional(!require_client)
+    }
+
+    /// What this server presents to the servers it calls (masters to their peers, agents to
+    /// their masters).
+    pub fn as_client(&self) -> Credentials {
+        Credentials {
+            ca: self.ca.clone(),
+            identity: Some(self.identity.clone()),
+        }
+    }
+}
+
+/// The principal of the certificate a caller presented on this connection (the handshake
+/// verified it against the cluster CA); `None` without TLS, without a certificate, or with
+/// one that names no Agora principal.
+pub fn principal<T>(request: &tonic::Request<T>) -> Option<Principal> {
+    let certs = request.peer_certs()?;
+    principal_of(certs.first()?.as_ref())
+}
+
+/// The principal a DER certificate names: its common name and the kind in its
+/// organizational unit.
+pub fn principal_of(der: &[u8]) -> Option<Principal> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    let name = subject.iter_common_name().next()?.as_str().ok()?.to_owned();
+    let kind = subject
+        .iter_organizational_unit()
+        .find_map(|u| u.as_str().ok().and_then(Kind::from_unit))?;
+    Some(Principal { name, kind })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_make_every_address_tls_and_tls_needs_credentials() {
+        let creds = Credentials {
+            ca: Vec::new(),
+            identity: None,
+        };
+        let e = endpoint("http://127.0.0.1:5050", Some(&creds)).unwrap();
+        assert_eq!(e.uri().scheme_str(), Some("https"));
+        let e = endpoint("http://127.0.0.1:5050", None).unwrap();
+        assert_eq!(e.uri().scheme_str(), Some("http"));
+        let err = endpoint("https://127.0.0.1:5050", None).unwrap_err();
+        assert!(err.contains("--ca"), "{err}");
+    }
+
+    #[test]
+    fn half_an_identity_is_refused() {
+        let dir = std::env::temp_dir();
+        let e = Credentials::load(&dir.join("ca.pem"), Some(&dir.join("c.pem")), None);
+        assert!(matches!(e, Err(TlsError::Config(_))), "{e:?}");
+    }
+}
