@@ -49,6 +49,58 @@ pub enum CertAction {
     },
 }
 
+#[derive(Subcommand)]
+pub enum TokenAction {
+    /// Make a token for PRINCIPAL: prints it (the only time it is shown) and adds its hash
+    /// to FILE, the master's `--tokens` file. Callers give it as AGORA_TOKEN.
+    Create {
+        principal: String,
+        #[arg(long, default_value = "agora-tokens")]
+        file: PathBuf,
+    },
+}
+
+pub fn token(action: TokenAction) -> anyhow::Result<()> {
+    let TokenAction::Create { principal, file } = action;
+    check_name(&principal)?;
+    let token = format!(
+        "agt_{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let line = agora_master::auth::Tokens::line(&principal, &token);
+    // The file must still parse with the new line: no principal gets two tokens that collide.
+    let before = std::fs::read_to_string(&file).unwrap_or_default();
+    agora_master::auth::Tokens::parse(&format!("{before}\n{line}\n"))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(&file)
+        .with_context(|| format!("opening {}", file.display()))?;
+    writeln!(f, "{line}")
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", file.display()))?;
+    println!("{token}");
+    Ok(())
+}
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > MAX_NAME
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        bail!(
+            "{name:?} is not a principal's name: 1 to {MAX_NAME} letters, digits, '-', '_' or '.'"
+        );
+    }
+    Ok(())
+}
+
 #[derive(Args)]
 pub struct CertDir {
     /// Where the CA and the certificates are.
@@ -162,16 +214,7 @@ pub fn issue(
     hosts: &[String],
     days: u32,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
-    if name.is_empty()
-        || name.len() > MAX_NAME
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        bail!(
-            "{name:?} is not a principal's name: 1 to {MAX_NAME} letters, digits, '-', '_' or '.'"
-        );
-    }
+    check_name(name)?;
     let stem = format!("{}-{name}", kind.name());
     let (cert_path, key_path) = (
         dir.join(format!("{stem}.pem")),

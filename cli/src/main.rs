@@ -76,6 +76,11 @@ enum Command {
         #[command(subcommand)]
         action: cert::CertAction,
     },
+    /// Bearer tokens of frameworks and operators.
+    Token {
+        #[command(subcommand)]
+        action: cert::TokenAction,
+    },
 }
 
 #[derive(Subcommand)]
@@ -135,6 +140,11 @@ pub struct MasterArgs {
     /// Largest blob the store takes, in MiB.
     #[arg(long, default_value_t = 1024)]
     max_blob_size: u64,
+    /// Bearer tokens of frameworks and operators: a file of `PRINCIPAL sha256:HEX` lines
+    /// (`agora token create` writes them). With tokens or TLS, every framework and operator
+    /// call needs a principal.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
     /// This master's id in its group (see --peers).
     #[arg(long, default_value_t = 1)]
     id: u64,
@@ -175,9 +185,27 @@ struct TlsArgs {
     /// The cluster CA: callers' certificates are verified against it.
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     tls_ca: Option<PathBuf>,
+    /// Listen beyond loopback without TLS: anyone who reaches the port is served in the
+    /// clear, unauthenticated (a warning at every start).
+    #[arg(long)]
+    insecure: bool,
 }
 
 impl TlsArgs {
+    /// Refuses to serve `listen` beyond loopback in the clear unless told `--insecure`.
+    fn check_exposure(&self, what: &str, listen: SocketAddr) -> anyhow::Result<()> {
+        if listen.ip().is_loopback() || self.tls_cert.is_some() {
+            return Ok(());
+        }
+        if self.insecure {
+            tracing::warn!(%listen, "the {what} serves a non-loopback address without TLS or authentication (--insecure): anyone who reaches it can use it");
+            return Ok(());
+        }
+        anyhow::bail!(
+            "refusing to serve {listen} without TLS: beyond loopback the {what} needs --tls-cert, --tls-key and --tls-ca (see `agora cert`), or --insecure to serve it in the clear anyway"
+        )
+    }
+
     fn load(&self) -> anyhow::Result<Option<agora_proto::tls::ServerTls>> {
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
             (Some(c), Some(k), Some(ca)) => Ok(Some(agora_proto::tls::ServerTls::load(c, k, ca)?)),
@@ -591,8 +619,12 @@ pub async fn shutdown_signal() {
 }
 
 async fn master(args: MasterArgs) -> anyhow::Result<()> {
+    args.tls.check_exposure("master", args.listen)?;
     let mut config = args.config();
     config.tls = args.tls.load()?;
+    if let Some(path) = &args.tokens {
+        config.tokens = agora_master::auth::Tokens::load(path).map_err(anyhow::Error::msg)?;
+    }
     let listener = agora_proto::listen::bind(args.listen)
         .with_context(|| format!("binding {}", args.listen))?;
     eprintln!(
@@ -611,6 +643,7 @@ async fn master(args: MasterArgs) -> anyhow::Result<()> {
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let listener = agora_proto::listen::bind(args.listen)
         .with_context(|| format!("binding {}", args.listen))?;
+    args.tls.check_exposure("agent", args.listen)?;
     let mut config = agora_agent::AgentConfig::new(master_url(&args.master), &args.work_dir);
     config.tls = args.tls.load()?;
     config.resources = args.resources;
@@ -707,6 +740,7 @@ async fn async_main() -> std::process::ExitCode {
             | Command::Blob { .. }
             | Command::Bundle { .. }
             | Command::Cert { .. }
+            | Command::Token { .. }
     );
     init_tracing(if quiet { "warn" } else { "info" });
     let result = match cli.command {
@@ -728,6 +762,7 @@ async fn async_main() -> std::process::ExitCode {
             .map(|d| println!("{d}")),
         Command::Bundle { action } => bundle(action),
         Command::Cert { action } => cert::cert(action),
+        Command::Token { action } => cert::token(action),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -20,6 +20,7 @@
 //! - [`validate`]: bounds on every call, checked before it reaches the owner task.
 
 pub mod allocator;
+pub mod auth;
 pub mod blobs;
 pub mod engine;
 pub mod registry;
@@ -102,6 +103,9 @@ pub struct MasterConfig {
     /// certificates it accepts. With it, agents must present an agent certificate, and raft
     /// is mutual TLS between masters. Default none (plain gRPC).
     pub tls: Option<agora_proto::tls::ServerTls>,
+    /// Bearer tokens of frameworks and operators (their hashes). With tokens or TLS, every
+    /// framework and operator call needs a principal ([`auth`]). Default none.
+    pub tokens: auth::Tokens,
 }
 
 impl Default for MasterConfig {
@@ -130,6 +134,7 @@ impl Default for MasterConfig {
             registry_snapshot_every: 5000,
             registry_in_memory: false,
             tls: None,
+            tokens: auth::Tokens::default(),
         }
     }
 }
@@ -460,13 +465,18 @@ async fn serve(
         }
     });
 
+    let authn = Arc::new(auth::Authn {
+        certificates: config.tls.is_some(),
+        tokens: config.tokens.clone(),
+    });
     let mut routes = tonic::service::Routes::builder();
     routes
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             v1::scheduler_server::SchedulerServer::new(SchedulerService { gate: gate.clone() })
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            auth::Authenticate(Arc::clone(&authn)),
+        ))
         .add_service(
             v1::agent_link_server::AgentLinkServer::new(AgentLinkService {
                 gate: gate.clone(),
@@ -479,6 +489,7 @@ async fn serve(
         .add_service(v1::operator_server::OperatorServer::new(OperatorService {
             snapshot: snap_rx.clone(),
             gate: gate.clone(),
+            authn: Arc::clone(&authn),
         }));
     let blob_routes = match &config.work_dir {
         Some(dir) => blobs::BlobStore::open(dir.join("blobs"), config.max_blob_bytes)?.router(),
@@ -486,10 +497,15 @@ async fn serve(
     };
     // Blobs are content-addressed: any master serves those it has, and uploads go to the
     // leader.
-    let blob_routes = blob_routes.layer(axum::middleware::from_fn_with_state(
-        gate.clone(),
-        uploads_to_the_leader,
-    ));
+    let blob_routes = blob_routes
+        .layer(axum::middleware::from_fn_with_state(
+            gate.clone(),
+            uploads_to_the_leader,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&authn),
+            auth::blobs,
+        ));
     let mut routes = routes.routes();
     *routes.axum_router_mut() = std::mem::take(routes.axum_router_mut())
         .merge(health_router(snap_rx, gate))

@@ -210,9 +210,21 @@ impl Scheduler for SchedulerService {
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let lost = agora_proto::leader::lost(request.metadata());
+        let caller = request.extensions().get::<crate::auth::Caller>().cloned();
         let r = request.into_inner();
-        let info = required(r.framework_info, "framework_info")?;
+        let mut info = required(r.framework_info, "framework_info")?;
         validate::framework_info(&info).map_err(bad)?;
+        // An authenticated framework's principal is the one it proved, never one it names.
+        if let Some(crate::auth::Caller(principal)) = caller {
+            if info.principal.is_empty() {
+                info.principal = principal;
+            } else if info.principal != principal {
+                return Err(Status::permission_denied(format!(
+                    "the framework names principal {:?} but authenticated as {principal:?}",
+                    info.principal
+                )));
+            }
+        }
         agora_core::limits::text("stream_id", &r.stream_id, agora_core::limits::MAX_TEXT)
             .map_err(bad)?;
         let replaces = (!r.stream_id.is_empty()).then_some(r.stream_id);
@@ -440,14 +452,18 @@ impl AgentLink for AgentLinkService {
 pub struct OperatorService {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub gate: Gate,
+    /// Every call but the health needs a principal when authentication is on (health
+    /// stays open, for load balancers and probes, as Mesos's).
+    pub authn: Arc<crate::auth::Authn>,
 }
 
 #[tonic::async_trait]
 impl Operator for OperatorService {
     async fn get_state(
         &self,
-        _request: Request<v1::GetStateRequest>,
+        request: Request<v1::GetStateRequest>,
     ) -> Result<Response<v1::GetStateResponse>, Status> {
+        self.authn.check(&request)?;
         self.gate.commands()?;
         let snap = Arc::clone(&self.snapshot.borrow());
         Ok(Response::new(snap.state.clone()))
@@ -462,8 +478,9 @@ impl Operator for OperatorService {
 
     async fn get_roles(
         &self,
-        _request: Request<v1::GetRolesRequest>,
+        request: Request<v1::GetRolesRequest>,
     ) -> Result<Response<v1::GetRolesResponse>, Status> {
+        self.authn.check(&request)?;
         self.gate.commands()?;
         let snap = Arc::clone(&self.snapshot.borrow());
         Ok(Response::new(v1::GetRolesResponse {
@@ -475,6 +492,7 @@ impl Operator for OperatorService {
         &self,
         request: Request<v1::UpdateWeightRequest>,
     ) -> Result<Response<v1::UpdateResponse>, Status> {
+        self.authn.check(&request)?;
         let r = request.into_inner();
         agora_core::resources::validate_role(&r.role)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -492,6 +510,7 @@ impl Operator for OperatorService {
         &self,
         request: Request<v1::UpdateQuotaRequest>,
     ) -> Result<Response<v1::UpdateResponse>, Status> {
+        self.authn.check(&request)?;
         let r = request.into_inner();
         agora_core::resources::validate_role(&r.role)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;

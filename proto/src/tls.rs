@@ -240,6 +240,16 @@ pub fn principal<T>(request: &tonic::Request<T>) -> Option<Principal> {
     principal_of(certs.first()?.as_ref())
 }
 
+/// The principal of the certificate presented on the connection of a plain HTTP request
+/// served beside gRPC (the master's `/blobs`), from its extensions.
+pub fn principal_in(extensions: &tonic::codegen::http::Extensions) -> Option<Principal> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let certs = extensions
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
+    principal_of(certs.first()?.as_ref())
+}
+
 /// The principal a DER certificate names: its common name and the kind in its
 /// organizational unit.
 pub fn principal_of(der: &[u8]) -> Option<Principal> {

@@ -63,7 +63,16 @@ pub async fn upload_file(
         .len();
     // Redirects are followed here, where the body can be sent again.
     let mut builder = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
-    let tls = masters::env_credentials()?;
+    let auth = masters::Auth::from_env()?;
+    if let Some(token) = &auth.token {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Error::Invalid("the token is not printable ASCII".into()))?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        builder = builder.default_headers(headers);
+    }
+    let tls = auth.tls;
     let invalid = |e: reqwest::Error| Error::Invalid(format!("building an HTTP client: {e}"));
     if let Some(tls) = &tls {
         builder =

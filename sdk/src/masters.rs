@@ -37,14 +37,76 @@ pub fn env_credentials() -> Result<Option<Credentials>, Error> {
         .map_err(Error::Invalid)
 }
 
-/// A connection to `url` (over TLS with `tls`); with `keep_alive`, HTTP/2 pings notice a
-/// dead master.
+/// The environment variable of a client's bearer token.
+pub const ENV_TOKEN: &str = "AGORA_TOKEN";
+
+/// How a client proves who it is to the masters: a client certificate (with the cluster
+/// CA, in `tls`), a bearer token, or both (the token decides).
+#[derive(Clone, Default)]
+pub struct Auth {
+    pub tls: Option<Credentials>,
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
+impl Auth {
+    /// What the environment names: [`env_credentials`] and `AGORA_TOKEN`.
+    ///
+    /// # Errors
+    /// As [`env_credentials`].
+    pub fn from_env() -> Result<Auth, Error> {
+        Ok(Auth {
+            tls: env_credentials()?,
+            token: std::env::var(ENV_TOKEN).ok().filter(|t| !t.is_empty()),
+        })
+    }
+
+    pub(crate) fn bearer(&self) -> Result<Bearer, Error> {
+        self.token
+            .as_deref()
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| Error::Invalid("the token is not printable ASCII".into()))
+            })
+            .transpose()
+            .map(Bearer)
+    }
+}
+
+/// Puts the bearer token, if any, on every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// A connection to a master that authenticates as its [`Auth`] says.
+pub type Chan = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// A connection to `url` (over TLS with `auth`'s credentials, its token on every call);
+/// with `keep_alive`, HTTP/2 pings notice a dead master.
 pub(crate) async fn channel(
     url: &str,
     keep_alive: bool,
-    tls: Option<&Credentials>,
-) -> Result<Channel, Failure<Error>> {
-    let mut endpoint = agora_proto::tls::endpoint(url, tls)
+    auth: &Auth,
+) -> Result<Chan, Failure<Error>> {
+    let bearer = auth.bearer().map_err(Failure::Refused)?;
+    let mut endpoint = agora_proto::tls::endpoint(url, auth.tls.as_ref())
         .map_err(|e| Failure::Unreachable(format!("invalid address: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
@@ -53,10 +115,13 @@ pub(crate) async fn channel(
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20));
     }
-    endpoint
+    let channel = endpoint
         .connect()
         .await
-        .map_err(|e| Failure::Unreachable(format!("connecting: {}", error_chain(&e))))
+        .map_err(|e| Failure::Unreachable(format!("connecting: {}", error_chain(&e))))?;
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel, bearer,
+    ))
 }
 
 /// What a status means to the search, with refusals as SDK errors.

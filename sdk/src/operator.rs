@@ -7,7 +7,6 @@ use std::time::Duration;
 use agora_core::{FrameworkId, Resources, TaskId};
 use agora_proto::dial::{self, Failure};
 use agora_proto::resources_to_proto;
-use agora_proto::tls::Credentials;
 use agora_proto::v1::{self, operator_client::OperatorClient, sandbox_client::SandboxClient};
 use tonic::transport::Channel;
 
@@ -33,9 +32,9 @@ async fn channel(addr: &str) -> Result<Channel, Error> {
 pub struct Operator {
     masters: Vec<String>,
     policy: DialPolicy,
-    tls: Option<Arc<Credentials>>,
+    auth: Arc<masters::Auth>,
     /// The master calls go to first, and its client.
-    current: Arc<Mutex<(String, OperatorClient<Channel>)>>,
+    current: Arc<Mutex<(String, OperatorClient<masters::Chan>)>>,
 }
 
 impl Operator {
@@ -54,28 +53,29 @@ impl Operator {
     /// # Errors
     /// As [`Operator::connect`].
     pub async fn connect_with(master: &str, policy: DialPolicy) -> Result<Self, Error> {
-        Self::connect_as(master, policy, masters::env_credentials()?).await
+        Self::connect_as(master, policy, masters::Auth::from_env()?).await
     }
 
-    /// [`Operator::connect_with`] over TLS with `tls` (none: in the clear).
+    /// [`Operator::connect_with`], authenticating as `auth` says (its default: in the
+    /// clear, as no one).
     ///
     /// # Errors
     /// As [`Operator::connect`].
     pub async fn connect_as(
         master: &str,
         policy: DialPolicy,
-        tls: Option<Credentials>,
+        auth: masters::Auth,
     ) -> Result<Self, Error> {
         let list = masters::parse(master)?;
-        let tls = tls.map(Arc::new);
-        let (url, (client, _)) = search(&list, &policy, tls.as_deref(), |mut c| async move {
+        let auth = Arc::new(auth);
+        let (url, (client, _)) = search(&list, &policy, &auth, |mut c| async move {
             c.get_health(v1::GetHealthRequest {}).await
         })
         .await?;
         Ok(Operator {
             masters: list,
             policy,
-            tls,
+            auth,
             current: Arc::new(Mutex::new((url, client))),
         })
     }
@@ -85,7 +85,7 @@ impl Operator {
         self.current().0
     }
 
-    fn current(&self) -> (String, OperatorClient<Channel>) {
+    fn current(&self) -> (String, OperatorClient<masters::Chan>) {
         self.current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -96,7 +96,7 @@ impl Operator {
     /// reached, searches for the leader (named one first) and makes it there.
     async fn call<T, F, Fut>(&self, call: F) -> Result<T, Error>
     where
-        F: Fn(OperatorClient<Channel>) -> Fut,
+        F: Fn(OperatorClient<masters::Chan>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let (at, client) = self.current();
@@ -112,8 +112,7 @@ impl Operator {
             }
         };
         let order = dial::order(&self.masters, named.as_deref(), Some(&at));
-        let (url, (client, answer)) =
-            search(&order, &self.policy, self.tls.as_deref(), call).await?;
+        let (url, (client, answer)) = search(&order, &self.policy, &self.auth, call).await?;
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = (url, client);
         Ok(answer.into_inner())
     }
@@ -194,16 +193,16 @@ impl Operator {
 async fn search<T, F, Fut>(
     order: &[String],
     policy: &DialPolicy,
-    tls: Option<&Credentials>,
+    auth: &masters::Auth,
     call: F,
-) -> Result<(String, (OperatorClient<Channel>, tonic::Response<T>)), Error>
+) -> Result<(String, (OperatorClient<masters::Chan>, tonic::Response<T>)), Error>
 where
-    F: Fn(OperatorClient<Channel>) -> Fut,
+    F: Fn(OperatorClient<masters::Chan>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let call = &call;
     Ok(dial::find_leader(order, policy, |url| async move {
-        let client = OperatorClient::new(masters::channel(&url, false, tls).await?);
+        let client = OperatorClient::new(masters::channel(&url, false, auth).await?);
         let answer = call(client.clone())
             .await
             .map_err(masters::status_failure)?;

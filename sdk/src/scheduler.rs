@@ -8,7 +8,6 @@ use agora_proto::MAX_MESSAGE_BYTES;
 use agora_proto::dial::{self, Failure};
 use agora_proto::v1::{self, scheduler_client::SchedulerClient};
 use tokio::sync::{Notify, mpsc};
-use tonic::transport::Channel;
 
 use crate::Error;
 use crate::masters::{self, DialPolicy};
@@ -31,9 +30,10 @@ pub struct SchedulerConfig {
     /// a failed re-subscription search is retried with backoff). Default
     /// [`DialPolicy::default`].
     pub discovery: DialPolicy,
-    /// TLS: the cluster CA, and the framework's client certificate if it has one. Default:
-    /// those the environment names ([`crate::masters::env_credentials`]), else none.
-    pub tls: Option<agora_proto::tls::Credentials>,
+    /// How the framework authenticates: TLS (the cluster CA, and its client certificate if
+    /// it has one) and a bearer token. Default: what the environment names
+    /// ([`crate::masters::Auth::from_env`]).
+    pub auth: Option<crate::masters::Auth>,
 }
 
 impl SchedulerConfig {
@@ -51,7 +51,7 @@ impl SchedulerConfig {
             reconnect: true,
             event_buffer: 1024,
             discovery: DialPolicy::default(),
-            tls: None,
+            auth: None,
         }
     }
 }
@@ -101,7 +101,7 @@ struct Session {
 #[derive(Clone)]
 struct Link {
     master: String,
-    client: SchedulerClient<Channel>,
+    client: SchedulerClient<masters::Chan>,
 }
 
 struct Inner {
@@ -227,9 +227,9 @@ async fn open(
     info: v1::FrameworkInfo,
     replaces: Option<String>,
     lost: Option<&str>,
-    tls: Option<&agora_proto::tls::Credentials>,
+    auth: &masters::Auth,
 ) -> Result<Opened, Failure<Error>> {
-    let mut client = SchedulerClient::new(masters::channel(&master, true, tls).await?)
+    let mut client = SchedulerClient::new(masters::channel(&master, true, auth).await?)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let mut request = tonic::Request::new(v1::SubscribeRequest {
@@ -273,10 +273,16 @@ async fn open_at_leader(
     info: &v1::FrameworkInfo,
     replaces: Option<&str>,
     lost: Option<&str>,
-    tls: Option<&agora_proto::tls::Credentials>,
+    auth: &masters::Auth,
 ) -> Result<Opened, Error> {
     let (_, opened) = dial::find_leader(order, policy, |master| {
-        open(master, info.clone(), replaces.map(str::to_owned), lost, tls)
+        open(
+            master,
+            info.clone(),
+            replaces.map(str::to_owned),
+            lost,
+            auth,
+        )
     })
     .await?;
     Ok(opened)
@@ -310,9 +316,10 @@ async fn open_at_leader(
 /// info), [`Error::Invalid`] for a bad master list.
 pub async fn subscribe(mut config: SchedulerConfig) -> Result<(Scheduler, Events), Error> {
     let list = masters::parse(&config.master)?;
-    if config.tls.is_none() {
-        config.tls = masters::env_credentials()?;
+    if config.auth.is_none() {
+        config.auth = Some(masters::Auth::from_env()?);
     }
+    let auth = config.auth.clone().unwrap_or_default();
     let Opened {
         link,
         stream,
@@ -324,7 +331,7 @@ pub async fn subscribe(mut config: SchedulerConfig) -> Result<(Scheduler, Events
         &config.framework,
         None,
         None,
-        config.tls.as_ref(),
+        &auth,
     )
     .await?;
     let inner = Arc::new(Inner {
@@ -427,7 +434,7 @@ async fn drive(
                 &info,
                 Some(&session.stream_id),
                 lost,
-                config.tls.as_ref(),
+                config.auth.as_ref().unwrap_or(&masters::Auth::default()),
             )
             .await
             {

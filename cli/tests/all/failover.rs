@@ -54,6 +54,8 @@ impl Group {
                 &self.peers(),
                 "--agent-reregister-timeout",
                 "60s",
+                // The partition tests' masters listen on a veth address.
+                "--insecure",
             ],
         )
     }

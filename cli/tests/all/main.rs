@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod agent_recovery;
+mod auth;
 mod bounds;
 mod cluster;
 mod dev;

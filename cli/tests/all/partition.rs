@@ -131,6 +131,8 @@ async fn a_partitioned_agent_is_reported_and_healed_without_duplicates() {
                 "agent",
             ])
             .args(["--master", &master, "--listen", &format!("{}:0", ns.ns_ip)])
+            // A veth address, not loopback: in the clear only when told.
+            .arg("--insecure")
             .args(["--resources", "cpus:2;mem:1024"])
             .args([
                 "--cgroup-parent",

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use agora_core::TaskState;
 use agora_proto::tls::{Credentials, ServerTls};
 use agora_proto::v1::{self, agent_link_client::AgentLinkClient};
+use agora_sdk::masters::Auth;
 use agora_sdk::{DialPolicy, Operator, SchedulerConfig};
 use tokio::net::TcpListener;
 
@@ -50,6 +51,13 @@ fn client(dir: &Path, stem: Option<&str>) -> Credentials {
         files.as_ref().map(|f| f.1.as_path()),
     )
     .unwrap()
+}
+
+fn with_cert(tls: &Credentials) -> Auth {
+    Auth {
+        tls: Some(tls.clone()),
+        token: None,
+    }
 }
 
 /// Opens an agent link session with `tls`, as an agent would (its registration first).
@@ -97,7 +105,7 @@ async fn a_tls_cluster_admits_only_agents_of_its_ca_and_runs_tasks() {
     };
 
     // A caller in the clear gets nowhere.
-    let plain = Operator::connect_as(&master, quick.clone(), None).await;
+    let plain = Operator::connect_as(&master, quick.clone(), Auth::default()).await;
     assert!(plain.is_err(), "an operator in the clear was served");
 
     let mut agent_config = agent_config_for(
@@ -110,7 +118,7 @@ async fn a_tls_cluster_admits_only_agents_of_its_ca_and_runs_tasks() {
     let agent_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut agent =
         Stoppable::spawn(move |stop| agora_agent::run(agent_listener, agent_config, stop));
-    let operator = Operator::connect_as(&master, DialPolicy::default(), Some(ops.clone()))
+    let operator = Operator::connect_as(&master, DialPolicy::default(), with_cert(&ops))
         .await
         .unwrap();
     wait_until("the agent to register over TLS", || async {
@@ -141,7 +149,7 @@ async fn a_tls_cluster_admits_only_agents_of_its_ca_and_runs_tasks() {
     // A framework over TLS runs a native task, and a Wasm task through the Wasm executor,
     // which reaches its agent over TLS with the CA the agent gave it.
     let mut fc = SchedulerConfig::new(master.clone(), "secure");
-    fc.tls = Some(ops);
+    fc.auth = Some(with_cert(&ops));
     let (s, mut events) = subscribed(fc).await;
     launch(
         &s,
@@ -157,6 +165,15 @@ async fn a_tls_cluster_admits_only_agents_of_its_ca_and_runs_tasks() {
     )
     .await;
     wait_state(&mut events, &tid("wasm"), TaskState::Finished).await;
+    // Its principal is its certificate's.
+    wait_until("the framework in the state, as ops", || async {
+        let st = operator.state().await.unwrap();
+        st.frameworks
+            .first()
+            .and_then(|f| f.info.as_ref())
+            .is_some_and(|i| i.principal == "ops")
+    })
+    .await;
 
     drop(s);
     agent.stop().await.unwrap();
@@ -220,7 +237,7 @@ async fn masters_replicate_over_mutual_tls_and_only_with_each_other() {
     // Any master answers health; only the leader serves the state, so the client is left
     // at the leader.
     let leading = || async {
-        let op = Operator::connect_as(&list, DialPolicy::default(), Some(ops.clone()))
+        let op = Operator::connect_as(&list, DialPolicy::default(), with_cert(&ops))
             .await
             .ok()?;
         op.state().await.ok()?;
