@@ -60,6 +60,41 @@ pub enum TokenAction {
     },
 }
 
+#[derive(Subcommand)]
+pub enum AclAction {
+    /// Say whether PRINCIPAL may do ACTION to OBJECT under the ACL file, and which rule
+    /// decides ("-" as the principal: an unauthenticated caller). Exits 1 when denied.
+    Check {
+        principal: String,
+        action: String,
+        object: String,
+        #[arg(long)]
+        acls: PathBuf,
+    },
+}
+
+pub fn acl(action: AclAction) -> anyhow::Result<()> {
+    use agora_master::acl::{Acls, Action};
+    let AclAction::Check {
+        principal,
+        action,
+        object,
+        acls,
+    } = action;
+    let acls = Acls::load(&acls).map_err(anyhow::Error::msg)?;
+    let Some(action) = Action::parse(&action) else {
+        let all: Vec<&str> = Action::ALL.iter().map(|a| a.name()).collect();
+        bail!("no action {action:?}; the actions are {}", all.join(", "));
+    };
+    let principal = (principal != "-").then_some(principal);
+    let d = acls.decide(principal.as_deref(), action, &object);
+    println!("{}", d.explain(principal.as_deref(), action, &object));
+    if !d.allowed {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 pub fn token(action: TokenAction) -> anyhow::Result<()> {
     let TokenAction::Create { principal, file } = action;
     check_name(&principal)?;

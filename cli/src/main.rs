@@ -81,6 +81,11 @@ enum Command {
         #[command(subcommand)]
         action: cert::TokenAction,
     },
+    /// Access control lists.
+    Acl {
+        #[command(subcommand)]
+        action: cert::AclAction,
+    },
 }
 
 #[derive(Subcommand)]
@@ -145,6 +150,10 @@ pub struct MasterArgs {
     /// call needs a principal.
     #[arg(long)]
     tokens: Option<PathBuf>,
+    /// What each principal may do: an ACL file (TOML; see `agora acl check`). Once given,
+    /// what no rule allows is denied.
+    #[arg(long)]
+    acls: Option<PathBuf>,
     /// This master's id in its group (see --peers).
     #[arg(long, default_value_t = 1)]
     id: u64,
@@ -625,6 +634,11 @@ async fn master(args: MasterArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.tokens {
         config.tokens = agora_master::auth::Tokens::load(path).map_err(anyhow::Error::msg)?;
     }
+    if let Some(path) = &args.acls {
+        config.acls = Some(std::sync::Arc::new(
+            agora_master::acl::Acls::load(path).map_err(anyhow::Error::msg)?,
+        ));
+    }
     let listener = agora_proto::listen::bind(args.listen)
         .with_context(|| format!("binding {}", args.listen))?;
     eprintln!(
@@ -741,6 +755,7 @@ async fn async_main() -> std::process::ExitCode {
             | Command::Bundle { .. }
             | Command::Cert { .. }
             | Command::Token { .. }
+            | Command::Acl { .. }
     );
     init_tracing(if quiet { "warn" } else { "info" });
     let result = match cli.command {
@@ -763,6 +778,7 @@ async fn async_main() -> std::process::ExitCode {
         Command::Bundle { action } => bundle(action),
         Command::Cert { action } => cert::cert(action),
         Command::Token { action } => cert::token(action),
+        Command::Acl { action } => cert::acl(action),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

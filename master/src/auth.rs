@@ -168,16 +168,22 @@ impl Authn {
 /// principal; a read also takes an agent's or a master's certificate (agents fetch blobs
 /// for their tasks, masters from each other). 401 or 403 otherwise.
 pub async fn blobs(
-    axum::extract::State(authn): axum::extract::State<Arc<Authn>>,
+    axum::extract::State((authn, acls)): axum::extract::State<(
+        Arc<Authn>,
+        Option<Arc<crate::acl::Acls>>,
+    )>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::http::{Method, StatusCode};
     use axum::response::IntoResponse;
-    if !authn.enabled() {
-        return next.run(request).await;
-    }
     let read = matches!(*request.method(), Method::GET | Method::HEAD);
+    if !authn.enabled() {
+        return match crate::acl::check(acls.as_deref(), None, blob_action(read), "*") {
+            Ok(()) => next.run(request).await,
+            Err(why) => (StatusCode::FORBIDDEN, format!("{why}\n")).into_response(),
+        };
+    }
     let authorization = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -187,8 +193,11 @@ pub async fn blobs(
         .as_ref()
         .is_some_and(|p| matches!(p.kind, Kind::Agent | Kind::Master));
     let refused = match authn.principal(authorization, certificate) {
-        Ok(Some(_)) => None,
+        Ok(Some(p)) => crate::acl::check(acls.as_deref(), Some(&p), blob_action(read), "*")
+            .err()
+            .map(Status::permission_denied),
         Ok(None) => Some(unauthenticated()),
+        // Agents fetch their tasks' blobs: no ACL stands between them.
         Err(_) if read && peer && authorization.is_none() => None,
         Err(s) => Some(s),
     };
@@ -209,6 +218,14 @@ pub async fn blobs(
             }
             r
         }
+    }
+}
+
+fn blob_action(read: bool) -> crate::acl::Action {
+    if read {
+        crate::acl::Action::ReadBlob
+    } else {
+        crate::acl::Action::UploadBlob
     }
 }
 

@@ -60,6 +60,8 @@ pub struct EngineConfig {
     pub max_completed_tasks: usize,
     /// After a failover, how long the agents the registry knows have to register again.
     pub agent_reregister_timeout: Duration,
+    /// What each principal may do ([`crate::acl`]); none: everything.
+    pub acls: Option<std::sync::Arc<crate::acl::Acls>>,
 }
 
 /// What the runtime must do after a call.
@@ -507,6 +509,13 @@ impl Engine {
             return Err(EngineError::Invalid("framework name is empty".into()));
         }
         let (roles, partition_aware) = roles_and_awareness(&info)?;
+        if let Some(acls) = self.config.acls.as_deref() {
+            let principal = Some(info.principal.as_str()).filter(|p| !p.is_empty());
+            for role in &roles {
+                acls.check(principal, crate::acl::Action::RegisterFramework, role)
+                    .map_err(EngineError::Forbidden)?;
+            }
+        }
         let failover_timeout = agora_core::limits::seconds(
             "framework_info.failover_timeout",
             info.failover_timeout,
@@ -1001,6 +1010,19 @@ impl Engine {
                 "dynamic reservations need a framework principal; subscribe with one".into(),
             ));
         }
+        if let Some(acls) = self.config.acls.as_deref() {
+            if reserve {
+                acls.check(Some(principal), crate::acl::Action::Reserve, role)
+                    .map_err(EngineError::Forbidden)?;
+            } else {
+                for r in wanted.iter() {
+                    if let agora_core::Reservation::Dynamic { principal: rp, .. } = &r.reservation {
+                        acls.check(Some(principal), crate::acl::Action::Unreserve, rp)
+                            .map_err(EngineError::Forbidden)?;
+                    }
+                }
+            }
+        }
         if let Some(allowed) = self.config.reservers.get(role)
             && !allowed.iter().any(|p| p == principal || p == "*")
         {
@@ -1220,6 +1242,58 @@ impl Engine {
         Ok((task_id, resources))
     }
 
+    /// What the ACLs say of the framework's principal launching `task`: its kind, the user
+    /// a native task runs as (the task's, else the framework's), and each capability a Wasm
+    /// task is granted.
+    fn authorize_task(&self, fw: &FrameworkId, task: &v1::TaskInfo) -> Result<(), String> {
+        use crate::acl::Action;
+        let Some(acls) = self.config.acls.as_deref() else {
+            return Ok(());
+        };
+        let info = self.frameworks.get(fw).map(|f| &f.info);
+        let principal = info.map(|i| i.principal.as_str()).filter(|p| !p.is_empty());
+        let check = |action, object: &str| acls.check(principal, action, object);
+        match &task.payload {
+            Some(v1::task_info::Payload::Wasm(w)) => {
+                check(Action::LaunchTask, "wasm")?;
+                if let Some(c) = &w.capabilities {
+                    let mut granted: Vec<String> = Vec::new();
+                    for (on, name) in [
+                        (c.sandbox, "sandbox"),
+                        (c.wall_clock, "wall_clock"),
+                        (c.random, "random"),
+                    ] {
+                        if on {
+                            granted.push(name.to_owned());
+                        }
+                    }
+                    granted.extend(c.volumes.iter().map(|v| format!("volume:{}", v.name)));
+                    granted.extend(c.host_env.iter().map(|e| format!("host_env:{e}")));
+                    granted.extend(c.connect.iter().map(|p| format!("connect:{p}")));
+                    for g in &granted {
+                        check(Action::GrantCapability, g)?;
+                    }
+                }
+            }
+            payload => {
+                check(Action::LaunchTask, "native")?;
+                let user = match payload {
+                    Some(v1::task_info::Payload::Command(c)) if !c.user.is_empty() => Some(&c.user),
+                    _ => task
+                        .executor
+                        .as_ref()
+                        .and_then(|e| e.command.as_ref())
+                        .map(|c| &c.user)
+                        .filter(|u| !u.is_empty()),
+                };
+                if let Some(user) = user.or(info.map(|i| &i.user).filter(|u| !u.is_empty())) {
+                    check(Action::RunTaskAs, user)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn launch(
         &mut self,
         fw: &FrameworkId,
@@ -1243,6 +1317,17 @@ impl Engine {
                 return;
             }
         };
+        if let Err(msg) = self.authorize_task(fw, &task) {
+            self.task_error(
+                fw,
+                task.task_id.clone(),
+                agent,
+                v1::Reason::TaskUnauthorized,
+                msg,
+                now,
+            );
+            return;
+        }
         let Some(rest) = pool.checked_sub(&resources) else {
             let msg =
                 format!("task {task_id} asks for {resources} but the offers hold only {pool}");

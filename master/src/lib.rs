@@ -19,6 +19,7 @@
 //! - [`blobs`]: the content-addressed blob store.
 //! - [`validate`]: bounds on every call, checked before it reaches the owner task.
 
+pub mod acl;
 pub mod allocator;
 pub mod auth;
 pub mod blobs;
@@ -106,6 +107,9 @@ pub struct MasterConfig {
     /// Bearer tokens of frameworks and operators (their hashes). With tokens or TLS, every
     /// framework and operator call needs a principal ([`auth`]). Default none.
     pub tokens: auth::Tokens,
+    /// What each principal may do ([`acl`]): once given, what no rule allows is denied.
+    /// Default none (everything allowed).
+    pub acls: Option<Arc<acl::Acls>>,
 }
 
 impl Default for MasterConfig {
@@ -135,6 +139,7 @@ impl Default for MasterConfig {
             registry_in_memory: false,
             tls: None,
             tokens: auth::Tokens::default(),
+            acls: None,
         }
     }
 }
@@ -490,6 +495,7 @@ async fn serve(
             snapshot: snap_rx.clone(),
             gate: gate.clone(),
             authn: Arc::clone(&authn),
+            acls: config.acls.clone(),
         }));
     let blob_routes = match &config.work_dir {
         Some(dir) => blobs::BlobStore::open(dir.join("blobs"), config.max_blob_bytes)?.router(),
@@ -503,7 +509,7 @@ async fn serve(
             uploads_to_the_leader,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&authn),
+            (Arc::clone(&authn), config.acls.clone()),
             auth::blobs,
         ));
     let mut routes = routes.routes();
@@ -637,6 +643,7 @@ async fn lead(
                 reservers: config.reservers.clone(),
                 max_completed_tasks: config.max_completed_tasks,
                 agent_reregister_timeout: config.agent_reregister_timeout,
+                acls: config.acls.clone(),
             },
             Box::new(allocator::HierarchicalDrf::new(
                 config.min_allocatable.clone(),

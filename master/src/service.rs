@@ -455,6 +455,26 @@ pub struct OperatorService {
     /// Every call but the health needs a principal when authentication is on (health
     /// stays open, for load balancers and probes, as Mesos's).
     pub authn: Arc<crate::auth::Authn>,
+    pub acls: Option<Arc<crate::acl::Acls>>,
+}
+
+impl OperatorService {
+    /// Authenticates the call and asks the ACLs about `action` on `object`.
+    fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        action: crate::acl::Action,
+        object: &str,
+    ) -> Result<(), Status> {
+        let caller = self.authn.check(request)?;
+        crate::acl::check(
+            self.acls.as_deref(),
+            caller.as_ref().map(|c| c.0.as_str()),
+            action,
+            object,
+        )
+        .map_err(Status::permission_denied)
+    }
 }
 
 #[tonic::async_trait]
@@ -463,7 +483,7 @@ impl Operator for OperatorService {
         &self,
         request: Request<v1::GetStateRequest>,
     ) -> Result<Response<v1::GetStateResponse>, Status> {
-        self.authn.check(&request)?;
+        self.authorize(&request, crate::acl::Action::ViewState, "*")?;
         self.gate.commands()?;
         let snap = Arc::clone(&self.snapshot.borrow());
         Ok(Response::new(snap.state.clone()))
@@ -480,7 +500,7 @@ impl Operator for OperatorService {
         &self,
         request: Request<v1::GetRolesRequest>,
     ) -> Result<Response<v1::GetRolesResponse>, Status> {
-        self.authn.check(&request)?;
+        self.authorize(&request, crate::acl::Action::ViewState, "*")?;
         self.gate.commands()?;
         let snap = Arc::clone(&self.snapshot.borrow());
         Ok(Response::new(v1::GetRolesResponse {
@@ -493,9 +513,14 @@ impl Operator for OperatorService {
         request: Request<v1::UpdateWeightRequest>,
     ) -> Result<Response<v1::UpdateResponse>, Status> {
         self.authn.check(&request)?;
-        let r = request.into_inner();
-        agora_core::resources::validate_role(&r.role)
+        agora_core::resources::validate_role(&request.get_ref().role)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.authorize(
+            &request,
+            crate::acl::Action::UpdateWeight,
+            &request.get_ref().role,
+        )?;
+        let r = request.into_inner();
         validate::weight(r.weight).map_err(bad)?;
         ask(&self.gate, |reply| Command::SetWeight {
             role: r.role,
@@ -511,9 +536,14 @@ impl Operator for OperatorService {
         request: Request<v1::UpdateQuotaRequest>,
     ) -> Result<Response<v1::UpdateResponse>, Status> {
         self.authn.check(&request)?;
-        let r = request.into_inner();
-        agora_core::resources::validate_role(&r.role)
+        agora_core::resources::validate_role(&request.get_ref().role)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.authorize(
+            &request,
+            crate::acl::Action::UpdateQuota,
+            &request.get_ref().role,
+        )?;
+        let r = request.into_inner();
         validate::resources("guarantee", &r.guarantee).map_err(bad)?;
         validate::resources("limit", &r.limit).map_err(bad)?;
         let guarantee = agora_proto::resources_from_proto(&r.guarantee)?;

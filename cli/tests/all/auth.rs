@@ -162,3 +162,217 @@ fn serving_beyond_loopback_in_the_clear_needs_insecure() {
         );
     }
 }
+
+/// Each action of the ACLs over the wire, for two principals: alice is allowed what bob is
+/// denied (and denied what no rule names).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acl_matrix_over_the_wire() {
+    use agora_proto::resources_to_proto;
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    let (alice, bob) = (token_for(&file, "alice"), token_for(&file, "bob"));
+    let acls = r#"
+        [[rule]]
+        action = "register_framework"
+        principals = ["alice"]
+        objects = ["a/*"]
+        [[rule]]
+        action = "register_framework"
+        principals = ["bob"]
+        objects = ["b"]
+        [[rule]]
+        action = "run_task_as"
+        principals = ["*"]
+        objects = ["root"]
+        allow = false
+        [[rule]]
+        action = "run_task_as"
+        principals = ["alice"]
+        objects = ["*"]
+        [[rule]]
+        action = "grant_capability"
+        principals = ["alice"]
+        objects = ["random"]
+        [[rule]]
+        action = "launch_task"
+        principals = ["alice"]
+        objects = ["*"]
+        [[rule]]
+        action = "reserve"
+        principals = ["alice"]
+        objects = ["a/*"]
+        [[rule]]
+        action = "update_quota"
+        principals = ["alice"]
+        objects = ["*"]
+        [[rule]]
+        action = "update_weight"
+        principals = ["alice"]
+        objects = ["*"]
+        [[rule]]
+        action = "upload_blob"
+        principals = ["alice"]
+        objects = ["*"]
+        [[rule]]
+        action = "view_state"
+        principals = ["alice"]
+        objects = ["*"]
+    "#;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let master = format!("http://{addr}");
+    let mut config = fast_master();
+    config.work_dir = Some(dir.path().join("master"));
+    config.tokens = Tokens::load(&file).unwrap();
+    config.acls = Some(std::sync::Arc::new(
+        agora_master::acl::Acls::parse(acls).unwrap(),
+    ));
+    let mut handle = Stoppable::spawn(move |stop| agora_master::run(listener, config, stop));
+    let agent_config = agent_config_for(&master, &dir.path().join("agent"), 1, "cpus:4;mem:2048");
+    let agent_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut agent =
+        Stoppable::spawn(move |stop| agora_agent::run(agent_listener, agent_config, stop));
+
+    let op = |token: &str| Operator::connect_as(&master, DialPolicy::default(), with_token(token));
+    let (op_alice, op_bob) = (op(&alice).await.unwrap(), op(&bob).await.unwrap());
+    wait_until("the agent", || async {
+        op_alice.state().await.is_ok_and(|s| s.agents.len() == 1)
+    })
+    .await;
+
+    // view_state, update_quota, update_weight.
+    let denied = |r: Result<(), Error>| refused(&r.unwrap_err()) == tonic::Code::PermissionDenied;
+    assert!(denied(op_bob.state().await.map(drop)));
+    let cpus = agora_core::parse_resources("cpus:0.5").unwrap();
+    op_alice.set_quota("a", &cpus, None, false).await.unwrap();
+    assert!(denied(op_bob.set_quota("a", &cpus, None, false).await));
+    op_alice.set_weight("a", 2.0).await.unwrap();
+    assert!(denied(op_bob.set_weight("a", 2.0).await));
+
+    // upload_blob.
+    assert!(
+        put_blob(addr, Some(&format!("Bearer {alice}")))
+            .await
+            .contains(" 20")
+    );
+    assert!(
+        put_blob(addr, Some(&format!("Bearer {bob}")))
+            .await
+            .contains(" 403 ")
+    );
+
+    // register_framework, in the roles each may.
+    let framework = |token: &str, role: &str| {
+        let mut c = SchedulerConfig::new(master.clone(), "acl");
+        c.auth = Some(with_token(token));
+        c.framework.roles = vec![role.to_owned()];
+        c.reconnect = false;
+        agora_sdk::subscribe(c)
+    };
+    let e = framework(&bob, "a").await.err().unwrap();
+    assert_eq!(refused(&e), tonic::Code::PermissionDenied, "{e}");
+    let (sa, mut ea) = framework(&alice, "a").await.unwrap();
+    let (sb, mut eb) = framework(&bob, "b").await.unwrap();
+    for events in [&mut ea, &mut eb] {
+        assert!(matches!(
+            events.next().await,
+            Some(agora_sdk::Event::Subscribed { .. })
+        ));
+    }
+
+    // reserve: alice for her role; bob may not for his.
+    let reserve = |role: &str, principal: &str| {
+        vec![v1::Operation {
+            operation: Some(v1::operation::Operation::Reserve(v1::operation::Reserve {
+                resources: resources_to_proto(
+                    &agora_core::parse_resources(&format!("cpus({role},{principal}):0.1")).unwrap(),
+                ),
+            })),
+        }]
+    };
+    let offer = next_offers(&mut ea).await.remove(0);
+    sa.accept_operations(&[offer.id.unwrap()], reserve("a", "alice"), Some(0.0))
+        .await
+        .unwrap();
+    let offer = next_offers(&mut eb).await.remove(0);
+    let e = sb
+        .accept_operations(&[offer.id.unwrap()], reserve("b", "bob"), Some(0.0))
+        .await
+        .unwrap_err();
+    assert_eq!(refused(&e), tonic::Code::PermissionDenied, "{e}");
+
+    // launch_task, run_task_as and grant_capability: refused tasks end TASK_ERROR with
+    // REASON_TASK_UNAUTHORIZED.
+    let unauthorized = |s: &v1::TaskStatus| s.reason() == v1::Reason::TaskUnauthorized;
+    let cmd = |id: &str| crate::native::command(id, "exit 0", "cpus:0.1;mem:32");
+    launch(&sa, &mut ea, cmd("alice-native")).await;
+    let s = wait_terminal(&mut ea, &tid("alice-native")).await;
+    assert_eq!(s.state(), v1::TaskState::TaskFinished, "{s:?}");
+    launch(&sb, &mut eb, cmd("bob-native")).await;
+    let s = wait_terminal(&mut eb, &tid("bob-native")).await;
+    assert!(unauthorized(&s), "{s:?}");
+    launch(&sa, &mut ea, cmd("as-root").user("root")).await;
+    let s = wait_terminal(&mut ea, &tid("as-root")).await;
+    assert!(
+        unauthorized(&s) && s.message.contains("ACL rule 3"),
+        "{s:?}"
+    );
+    let wasm = |id: &str, caps: v1::WasmCapabilities| {
+        let mut t = wasm_task(id, "hello", "cpus:0.1;mem:32").build_for(&v1::Offer::default());
+        if let Some(v1::task_info::Payload::Wasm(w)) = &mut t.payload {
+            w.capabilities = Some(caps);
+        }
+        TaskBuilder::from_info(t)
+    };
+    let random = v1::WasmCapabilities {
+        random: true,
+        ..Default::default()
+    };
+    launch(&sa, &mut ea, wasm("random", random)).await;
+    let s = wait_terminal(&mut ea, &tid("random")).await;
+    assert_eq!(s.state(), v1::TaskState::TaskFinished, "{s:?}");
+    let clock = v1::WasmCapabilities {
+        wall_clock: true,
+        ..Default::default()
+    };
+    launch(&sa, &mut ea, wasm("clock", clock)).await;
+    let s = wait_terminal(&mut ea, &tid("clock")).await;
+    assert!(
+        unauthorized(&s) && s.message.contains("no ACL rule"),
+        "{s:?}"
+    );
+
+    drop((sa, sb));
+    agent.stop().await.unwrap();
+    handle.stop().await.unwrap();
+}
+
+/// `agora acl check` explains a decision, and exits 1 on a denial.
+#[test]
+fn acl_check_explains_a_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("acls.toml");
+    std::fs::write(
+        &file,
+        "[[rule]]\naction = \"update_quota\"\nprincipals = [\"ops\"]\nobjects = [\"eng/*\"]\n",
+    )
+    .unwrap();
+    let check = |principal: &str, object: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_agora"))
+            .args(["acl", "check", principal, "update_quota", object, "--acls"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, said) = check("ops", "eng/web");
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("ACL rule 1"), "{said}");
+    let (code, said) = check("dev", "eng/web");
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("no ACL rule allows it"), "{said}");
+}

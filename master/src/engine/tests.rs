@@ -27,6 +27,7 @@ fn config() -> EngineConfig {
         reservers: HashMap::new(),
         max_completed_tasks: 100,
         agent_reregister_timeout: Duration::from_secs(60),
+        acls: None,
     }
 }
 
