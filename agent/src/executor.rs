@@ -644,6 +644,9 @@ impl ExecutorContainerizer {
             visible,
             run_as: if opts.as_agent {
                 RunAs::Agent
+            } else if command.user.is_empty() {
+                // As a task: its framework's user, else the agent's default.
+                RunAs::Named(&spec.framework.user)
             } else {
                 RunAs::Named(&command.user)
             },

@@ -371,7 +371,12 @@ impl Containerizer for NativeContainerizer {
             kill_grace: times.kill_grace,
             required_isolation: &spec.task.required_isolation,
             visible: vec![spec.sandbox.clone()],
-            run_as: RunAs::Named(&c.user),
+            // A task that names no user runs as its framework's, else the agent's default.
+            run_as: RunAs::Named(if c.user.is_empty() {
+                &spec.framework.user
+            } else {
+                &c.user
+            }),
         })?;
         container.disk = crate::disk::Quota::of(
             &spec.sandbox,

@@ -231,6 +231,46 @@ async fn a_task_runs_as_its_user_and_unknown_users_are_refused() {
     assert!(cgroups_left(test).is_empty());
 }
 
+/// A task that names no user runs as its framework's user; with neither, as the agent's
+/// default (nobody).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_without_a_user_runs_as_its_frameworks() {
+    let test = "a_task_without_a_user_runs_as_its_frameworks";
+    let cluster = start(test, None).await;
+    let mut config = SchedulerConfig::new(cluster.master.clone(), "daemons");
+    config.framework.user = "daemon".into();
+    let (s, mut events) = cluster.framework_with(config).await;
+    launch(
+        &s,
+        &mut events,
+        command("theirs", "id -u", "cpus:0.1;mem:32"),
+    )
+    .await;
+    let end = wait_terminal(&mut events, &tid("theirs")).await;
+    assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+    assert_eq!(stdout_of(&s, &cluster, "theirs").await, "1", "daemon's uid");
+
+    let (s, mut events) = cluster.framework("anyone").await;
+    launch(
+        &s,
+        &mut events,
+        command("default", "id -u", "cpus:0.1;mem:32"),
+    )
+    .await;
+    let end = wait_terminal(&mut events, &tid("default")).await;
+    assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+    assert_eq!(stdout_of(&s, &cluster, "default").await, "65534", "nobody");
+}
+
+/// The trimmed stdout of task `t` of `s`'s framework.
+async fn stdout_of(s: &Scheduler, cluster: &Cluster, t: &str) -> String {
+    let fw = s.framework_id().unwrap();
+    let out = read_sandbox_file(&endpoint(cluster).await, &fw, &tid(t), "stdout")
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out).trim().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_user_off_runs_tasks_as_the_agent() {
     let test = "switch_user_off_runs_tasks_as_the_agent";
