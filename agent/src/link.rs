@@ -33,8 +33,12 @@ pub fn masters(list: &str) -> Result<Vec<String>, LinkError> {
         list: list.to_owned(),
         reason,
     })?;
+    // Only the address is checked here: whether TLS is given is the link's business.
     for m in &masters {
-        endpoint(m, None)?;
+        Endpoint::from_shared(m.clone()).map_err(|e| LinkError::Address {
+            master: m.clone(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(masters)
 }

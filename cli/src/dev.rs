@@ -29,6 +29,66 @@ pub struct DevArgs {
     /// dir, removed on exit).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Serve in the clear: no TLS, no authentication (by default the cluster makes its own
+    /// CA and certificates, and leaves the client's where the CLI and SDK find them).
+    #[arg(long)]
+    no_tls: bool,
+}
+
+/// The dev cluster's TLS: the certificates its masters and agents serve with, and the
+/// directories it left the client's credentials in (removed when it stops).
+struct DevTls {
+    master: agora_proto::tls::ServerTls,
+    agent: agora_proto::tls::ServerTls,
+    left: Vec<PathBuf>,
+}
+
+impl DevTls {
+    /// A CA and certificates in `work_dir/certs` (made afresh), the client's left for each
+    /// of `addrs` under the dev root with this process's pid.
+    fn make(work_dir: &std::path::Path, addrs: &[String]) -> anyhow::Result<DevTls> {
+        use agora_proto::tls::{Kind, ServerTls};
+        let root = agora_proto::tls::dev_root()
+            .context("neither AGORA_HOME nor HOME is set: nowhere to leave the dev cluster's credentials (or run with --no-tls)")?;
+        let certs = work_dir.join("certs");
+        let _ = std::fs::remove_dir_all(&certs);
+        crate::cert::init(&certs, 1)?;
+        let hosts = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let load = |kind: Kind, name: &str| -> anyhow::Result<ServerTls> {
+            let (c, k) = crate::cert::issue(&certs, kind, name, &hosts, 30)?;
+            Ok(ServerTls::load(&c, &k, &certs.join("ca.pem"))?)
+        };
+        let master = load(Kind::Master, "dev-master")?;
+        let agent = load(Kind::Agent, "dev-agent")?;
+        let (client_cert, client_key) =
+            crate::cert::issue(&certs, Kind::Client, "dev", &hosts, 30)?;
+        let mut left = Vec::new();
+        for addr in addrs {
+            let dir = agora_proto::tls::dev_dir(&root, addr);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            left.push(dir.clone());
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+            std::fs::copy(certs.join("ca.pem"), dir.join("ca.pem"))?;
+            std::fs::copy(&client_cert, dir.join("client.pem"))?;
+            std::fs::copy(&client_key, dir.join("client.key"))?;
+            std::fs::write(dir.join("pid"), std::process::id().to_string())?;
+        }
+        Ok(DevTls {
+            master,
+            agent,
+            left,
+        })
+    }
+}
+
+impl Drop for DevTls {
+    fn drop(&mut self) {
+        for d in &self.left {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
 
 /// This machine's resources split evenly among `n` agents; agent `i` gets its own slice of the
@@ -97,11 +157,26 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         .iter()
         .map(|l| l.local_addr().map(|a| a.to_string()))
         .collect::<Result<_, _>>()?;
+    let scheme = if args.no_tls { "http" } else { "https" };
     let master = addrs
         .iter()
-        .map(|a| format!("http://{a}"))
+        .map(|a| format!("{scheme}://{a}"))
         .collect::<Vec<_>>()
         .join(",");
+    // The agents' addresses are known now too: their clients find the credentials by them.
+    let mut agent_listeners = Vec::new();
+    for _ in 0..args.agents {
+        agent_listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await?);
+    }
+    let tls = if args.no_tls {
+        None
+    } else {
+        let mut all = addrs.clone();
+        for l in &agent_listeners {
+            all.push(l.local_addr()?.to_string());
+        }
+        Some(DevTls::make(&work_dir, &all)?)
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -132,6 +207,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
             }),
             group_id: i,
             peers: peers.clone(),
+            tls: tls.as_ref().map(|t| t.master.clone()),
             ..Default::default()
         };
         let stop = stopped(stop_rx.clone());
@@ -146,10 +222,10 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
 
     let detected = agora_agent::resources::detect(&work_dir);
     let mut agent_tasks = Vec::new();
-    for i in 0..args.agents {
+    for (i, listener) in agent_listeners.into_iter().enumerate() {
         let dir = work_dir.join(format!("agent-{}", i + 1));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let mut config = agora_agent::AgentConfig::new(master.clone(), &dir);
+        config.tls = tls.as_ref().map(|t| t.agent.clone());
         config.resources = Some(share(&detected, args.agents, i));
         config.hostname = Some(format!("dev-agent-{}", i + 1));
         // A dev cluster kills its tasks when it stops; a new one starts afresh.
@@ -160,7 +236,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         config.native.cgroup_parent = format!("agora-dev-{}/agent-{}", std::process::id(), i + 1);
         let endpoint = listener.local_addr()?;
         println!(
-            "agent {}: sandboxes on http://{endpoint}, work dir {}, {}",
+            "agent {}: sandboxes on {scheme}://{endpoint}, work dir {}, {}",
             i + 1,
             dir.display(),
             share(&detected, args.agents, i)
@@ -174,13 +250,21 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
 
     let operator = async {
         for _ in 0..100 {
+            // One that ended already says why the cluster cannot get ready.
+            if agent_tasks.iter().any(tokio::task::JoinHandle::is_finished)
+                || master_tasks
+                    .iter()
+                    .any(tokio::task::JoinHandle::is_finished)
+            {
+                return Ok(false);
+            }
             // The state, not the health: a follower answers health itself (with no agents),
             // while the state is the leader's, wherever the search lands.
             if let Ok(op) = agora_sdk::Operator::connect(&master).await
                 && let Ok(st) = op.state().await
                 && st.agents.iter().filter(|a| a.active).count() == args.agents
             {
-                return Ok(());
+                return Ok(true);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -188,9 +272,29 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let outcome = match operator.await {
         Err(e) => Err(e),
-        Ok(()) => {
+        Ok(false) => {
+            let first_agent_end = futures_first(&mut agent_tasks);
+            let first_master_end = futures_first(&mut master_tasks);
+            tokio::select! {
+                (i, r) = first_master_end => {
+                    master_tasks.remove(i);
+                    Err(ended_by_itself("master", i, r))
+                }
+                (i, r) = first_agent_end => {
+                    agent_tasks.remove(i);
+                    Err(ended_by_itself("agent", i, r))
+                }
+            }
+        }
+        Ok(true) => {
             for a in &addrs {
-                println!("master: http://{a} (gRPC; GET http://{a}/health)");
+                println!("master: {scheme}://{a} (gRPC; GET {scheme}://{a}/health)");
+            }
+            if let Some(t) = &tls {
+                println!(
+                    "TLS on; the CLI and SDK find this cluster's client certificate by themselves (in {})",
+                    t.left[0].display()
+                );
             }
             println!(
                 "ready: {} agent(s) registered. Run a task with:",

@@ -170,6 +170,46 @@ impl Credentials {
     }
 }
 
+/// Where `agora dev` leaves the credentials of its clusters, one directory per master
+/// address (`127.0.0.1-5050`): `$AGORA_HOME/dev`, else `$HOME/.agora/dev`.
+pub fn dev_root() -> Option<PathBuf> {
+    let var = |k| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("AGORA_HOME")
+        .map(|h| h.join("dev"))
+        .or_else(|| var("HOME").map(|h| h.join(".agora").join("dev")))
+}
+
+/// The directory of a dev cluster's master at `addr` (any scheme) under `root`.
+pub fn dev_dir(root: &Path, addr: &str) -> PathBuf {
+    root.join(crate::leader::host_port(addr).replace([':', '/'], "-"))
+}
+
+/// The client credentials `agora dev` left for the master at `addr` under `root`, if a dev
+/// cluster that is still running left them (its `pid` file names a live process).
+///
+/// # Errors
+/// When they are there but cannot be read.
+pub fn dev_credentials(root: &Path, addr: &str) -> Result<Option<Credentials>, TlsError> {
+    let dir = dev_dir(root, addr);
+    let alive = std::fs::read_to_string(dir.join("pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+    if !alive {
+        return Ok(None);
+    }
+    Credentials::load(
+        &dir.join("ca.pem"),
+        Some(&dir.join("client.pem")),
+        Some(&dir.join("client.key")),
+    )
+    .map(Some)
+}
+
 /// The endpoint of `url`: over TLS with `credentials` (an `http://` address is dialled as
 /// `https://`), in the clear without. An `https://` address without credentials is refused,
 /// naming what it needs.

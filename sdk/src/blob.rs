@@ -63,7 +63,7 @@ pub async fn upload_file(
         .len();
     // Redirects are followed here, where the body can be sent again.
     let mut builder = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
-    let auth = masters::Auth::from_env()?;
+    let auth = masters::Auth::for_masters(&list)?;
     if let Some(token) = &auth.token {
         let mut headers = reqwest::header::HeaderMap::new();
         let value = format!("Bearer {token}")

@@ -69,6 +69,29 @@ impl Auth {
         })
     }
 
+    /// What the environment names, else the credentials a running `agora dev` left for
+    /// one of `masters` ([`agora_proto::tls::dev_credentials`]): a dev cluster is found
+    /// without any setup.
+    ///
+    /// # Errors
+    /// When named or left credentials cannot be read.
+    pub fn for_masters(masters: &[String]) -> Result<Auth, Error> {
+        let mut auth = Auth::from_env()?;
+        if auth.tls.is_none()
+            && let Some(root) = agora_proto::tls::dev_root()
+        {
+            for m in masters {
+                if let Some(c) = agora_proto::tls::dev_credentials(&root, m)
+                    .map_err(|e| Error::Invalid(e.to_string()))?
+                {
+                    auth.tls = Some(c);
+                    break;
+                }
+            }
+        }
+        Ok(auth)
+    }
+
     pub(crate) fn bearer(&self) -> Result<Bearer, Error> {
         self.token
             .as_deref()

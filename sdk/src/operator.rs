@@ -13,10 +13,10 @@ use tonic::transport::Channel;
 use crate::Error;
 use crate::masters::{self, DialPolicy};
 
-/// A connection to an agent, over TLS with the environment's credentials
-/// ([`masters::env_credentials`]).
+/// A connection to an agent, over TLS with the environment's credentials, or a dev
+/// cluster's ([`masters::Auth::for_masters`]).
 async fn channel(addr: &str) -> Result<Channel, Error> {
-    let tls = masters::env_credentials()?;
+    let tls = masters::Auth::for_masters(&[addr.to_owned()])?.tls;
     agora_proto::tls::endpoint(addr, tls.as_ref())
         .map_err(|e| Error::Invalid(format!("address {addr:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
@@ -53,7 +53,8 @@ impl Operator {
     /// # Errors
     /// As [`Operator::connect`].
     pub async fn connect_with(master: &str, policy: DialPolicy) -> Result<Self, Error> {
-        Self::connect_as(master, policy, masters::Auth::from_env()?).await
+        let auth = masters::Auth::for_masters(&masters::parse(master)?)?;
+        Self::connect_as(master, policy, auth).await
     }
 
     /// [`Operator::connect_with`], authenticating as `auth` says (its default: in the

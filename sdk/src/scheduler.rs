@@ -317,7 +317,7 @@ async fn open_at_leader(
 pub async fn subscribe(mut config: SchedulerConfig) -> Result<(Scheduler, Events), Error> {
     let list = masters::parse(&config.master)?;
     if config.auth.is_none() {
-        config.auth = Some(masters::Auth::from_env()?);
+        config.auth = Some(masters::Auth::for_masters(&list)?);
     }
     let auth = config.auth.clone().unwrap_or_default();
     let Opened {

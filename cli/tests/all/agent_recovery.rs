@@ -134,7 +134,15 @@ async fn an_agent_killed_and_restarted_keeps_its_tasks_running() {
     .await;
     let long = agent.sandbox(&fw, "long-native").unwrap();
     let while_away = count(&long);
-    let _second = Proc(agent.command().spawn().unwrap());
+    // On a machine busy with the rest of the suite, executors may take longer than the
+    // default 5 s to find the new agent; being killed for it is another test's subject.
+    let _second = Proc(
+        agent
+            .command()
+            .args(["--executor-reregistration-timeout", "30s"])
+            .spawn()
+            .unwrap(),
+    );
 
     // The same agent, its tasks as they are: the ended ones with their exit status.
     seen.pump(&s, &mut events, "the short tasks' ends", |v| {

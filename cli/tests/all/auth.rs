@@ -270,18 +270,12 @@ async fn the_acl_matrix_over_the_wire() {
         c.reconnect = false;
         agora_sdk::subscribe(c)
     };
-    let e = framework(&bob, "a").await.err().unwrap();
-    assert_eq!(refused(&e), tonic::Code::PermissionDenied, "{e}");
+    // Alice first, alone (two frameworks would split the agent's offers between them).
     let (sa, mut ea) = framework(&alice, "a").await.unwrap();
-    let (sb, mut eb) = framework(&bob, "b").await.unwrap();
-    for events in [&mut ea, &mut eb] {
-        assert!(matches!(
-            events.next().await,
-            Some(agora_sdk::Event::Subscribed { .. })
-        ));
-    }
-
-    // reserve: alice for her role; bob may not for his.
+    assert!(matches!(
+        ea.next().await,
+        Some(agora_sdk::Event::Subscribed { .. })
+    ));
     let reserve = |role: &str, principal: &str| {
         vec![v1::Operation {
             operation: Some(v1::operation::Operation::Reserve(v1::operation::Reserve {
@@ -291,16 +285,11 @@ async fn the_acl_matrix_over_the_wire() {
             })),
         }]
     };
+    // reserve: alice for her role.
     let offer = next_offers(&mut ea).await.remove(0);
     sa.accept_operations(&[offer.id.unwrap()], reserve("a", "alice"), Some(0.0))
         .await
         .unwrap();
-    let offer = next_offers(&mut eb).await.remove(0);
-    let e = sb
-        .accept_operations(&[offer.id.unwrap()], reserve("b", "bob"), Some(0.0))
-        .await
-        .unwrap_err();
-    assert_eq!(refused(&e), tonic::Code::PermissionDenied, "{e}");
 
     // launch_task, run_task_as and grant_capability: refused tasks end TASK_ERROR with
     // REASON_TASK_UNAUTHORIZED.
@@ -309,9 +298,6 @@ async fn the_acl_matrix_over_the_wire() {
     launch(&sa, &mut ea, cmd("alice-native")).await;
     let s = wait_terminal(&mut ea, &tid("alice-native")).await;
     assert_eq!(s.state(), v1::TaskState::TaskFinished, "{s:?}");
-    launch(&sb, &mut eb, cmd("bob-native")).await;
-    let s = wait_terminal(&mut eb, &tid("bob-native")).await;
-    assert!(unauthorized(&s), "{s:?}");
     launch(&sa, &mut ea, cmd("as-root").user("root")).await;
     let s = wait_terminal(&mut ea, &tid("as-root")).await;
     assert!(
@@ -342,6 +328,25 @@ async fn the_acl_matrix_over_the_wire() {
         unauthorized(&s) && s.message.contains("no ACL rule"),
         "{s:?}"
     );
+    sa.teardown().await.unwrap();
+
+    // Bob: only in his role; no reservation, no task.
+    let e = framework(&bob, "a").await.err().unwrap();
+    assert_eq!(refused(&e), tonic::Code::PermissionDenied, "{e}");
+    let (sb, mut eb) = framework(&bob, "b").await.unwrap();
+    assert!(matches!(
+        eb.next().await,
+        Some(agora_sdk::Event::Subscribed { .. })
+    ));
+    let offer = next_offers(&mut eb).await.remove(0);
+    let e = sb
+        .accept_operations(&[offer.id.unwrap()], reserve("b", "bob"), Some(0.0))
+        .await
+        .unwrap_err();
+    assert_eq!(refused(&e), tonic::Code::PermissionDenied, "{e}");
+    launch(&sb, &mut eb, cmd("bob-native")).await;
+    let s = wait_terminal(&mut eb, &tid("bob-native")).await;
+    assert!(unauthorized(&s), "{s:?}");
 
     drop((sa, sb));
     agent.stop().await.unwrap();

@@ -41,6 +41,25 @@ async fn a_dev_cluster_of_three_masters_gets_ready() {
         }
     }
     assert_eq!(masters.len(), 3, "{masters:?}");
+    // TLS and authentication are on; this client finds the dev cluster's credentials by
+    // itself, and one without them is refused.
+    assert!(
+        masters.iter().all(|m| m.starts_with("https://")),
+        "{masters:?}"
+    );
+    let root = agora_proto::tls::dev_root().unwrap();
+    let left = agora_proto::tls::dev_dir(&root, &masters[0]);
+    assert!(left.join("client.pem").exists(), "{}", left.display());
+    let bare = agora_sdk::Operator::connect_as(
+        &masters.join(","),
+        agora_sdk::DialPolicy {
+            deadline: Duration::from_secs(2),
+            ..Default::default()
+        },
+        agora_sdk::masters::Auth::default(),
+    )
+    .await;
+    assert!(bare.is_err(), "a client in the clear was served");
     let op = agora_sdk::Operator::connect(&masters.join(","))
         .await
         .unwrap();
@@ -69,4 +88,10 @@ async fn a_dev_cluster_of_three_masters_gets_ready() {
         .filter(|p| p.exists())
         .collect();
     assert!(left.is_empty(), "cgroups left behind: {left:?}");
+    let creds = agora_proto::tls::dev_dir(&agora_proto::tls::dev_root().unwrap(), &masters[0]);
+    assert!(
+        !creds.exists(),
+        "credentials left behind: {}",
+        creds.display()
+    );
 }

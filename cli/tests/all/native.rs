@@ -249,6 +249,8 @@ async fn a_task_without_a_user_runs_as_its_frameworks() {
     let end = wait_terminal(&mut events, &tid("theirs")).await;
     assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
     assert_eq!(stdout_of(&s, &cluster, "theirs").await, "1", "daemon's uid");
+    // Its offers go back: the next framework is offered the agent.
+    s.teardown().await.unwrap();
 
     let (s, mut events) = cluster.framework("anyone").await;
     launch(
