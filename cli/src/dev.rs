@@ -272,20 +272,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let outcome = match operator.await {
         Err(e) => Err(e),
-        Ok(false) => {
-            let first_agent_end = futures_first(&mut agent_tasks);
-            let first_master_end = futures_first(&mut master_tasks);
-            tokio::select! {
-                (i, r) = first_master_end => {
-                    master_tasks.remove(i);
-                    Err(ended_by_itself("master", i, r))
-                }
-                (i, r) = first_agent_end => {
-                    agent_tasks.remove(i);
-                    Err(ended_by_itself("agent", i, r))
-                }
-            }
-        }
+        Ok(false) => Err(first_end(&mut master_tasks, &mut agent_tasks).await),
         Ok(true) => {
             for a in &addrs {
                 println!("master: {scheme}://{a} (gRPC; GET {scheme}://{a}/health)");
@@ -305,18 +292,9 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
             // A master or agent that ends by itself (its state owner died) ends the
             // cluster, with its error: a dev cluster that only looks alive is worse than
             // none. Its handle is done with; the others are stopped below.
-            let first_agent_end = futures_first(&mut agent_tasks);
-            let first_master_end = futures_first(&mut master_tasks);
             tokio::select! {
                 () = shutdown_signal() => Ok(()),
-                (i, r) = first_master_end => {
-                    master_tasks.remove(i);
-                    Err(ended_by_itself("master", i, r))
-                }
-                (i, r) = first_agent_end => {
-                    agent_tasks.remove(i);
-                    Err(ended_by_itself("agent", i, r))
-                }
+                e = first_end(&mut master_tasks, &mut agent_tasks) => Err(e),
             }
         }
     };
@@ -335,6 +313,24 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     }
     outcome?;
     ends.into_iter().collect()
+}
+
+/// The error of the first master or agent to end by itself; its handle is removed (the
+/// others are stopped by the caller).
+async fn first_end<E: Into<anyhow::Error>, F: Into<anyhow::Error>>(
+    masters: &mut Vec<tokio::task::JoinHandle<Result<(), E>>>,
+    agents: &mut Vec<tokio::task::JoinHandle<Result<(), F>>>,
+) -> anyhow::Error {
+    tokio::select! {
+        (i, r) = futures_first(masters) => {
+            masters.remove(i);
+            ended_by_itself("master", i, r)
+        }
+        (i, r) = futures_first(agents) => {
+            agents.remove(i);
+            ended_by_itself("agent", i, r)
+        }
+    }
 }
 
 /// Why the `i`th `what` of the cluster ended before it was told to: its error, or that it
