@@ -8,7 +8,12 @@
 //! cargo bench -p agora-cli --bench launch                      # 1,000 launches, 32 in flight
 //! cargo bench -p agora-cli --bench launch -- --launches 200 --throughput-tasks 2000
 //! cargo bench -p agora-cli --bench launch -- --native          # /bin/true as a native task
+//! cargo bench -p agora-cli --bench launch -- --secure [--rounds 3]   # TLS + auth + ACLs, on and off
 //! ```
+//!
+//! `--secure` runs the Wasm-executor cluster twice, interleaved, in the clear and with TLS
+//! everywhere (certificates from `agora cert`), the framework authenticated by its client
+//! certificate and an ACL file whose rules allow each action (so every check is evaluated).
 //!
 //! Latencies are measured at the framework: from just before the ACCEPT call to the arrival
 //! of the TASK_RUNNING and TASK_FINISHED updates. The first launch sends the module's bytes
@@ -32,6 +37,8 @@ const TASK: &str = "cpus:0.1;mem:32";
 
 struct Args {
     native: bool,
+    secure: bool,
+    rounds: usize,
     launches: usize,
     throughput_tasks: usize,
     in_flight: usize,
@@ -40,6 +47,8 @@ struct Args {
 fn args() -> Args {
     let mut a = Args {
         native: false,
+        secure: false,
+        rounds: 3,
         launches: 1000,
         throughput_tasks: 5000,
         in_flight: 32,
@@ -56,6 +65,8 @@ fn args() -> Args {
             "--throughput-tasks" => a.throughput_tasks = value(),
             "--in-flight" => a.in_flight = value(),
             "--native" => a.native = true,
+            "--secure" => a.secure = true,
+            "--rounds" => a.rounds = value(),
             // cargo bench passes --bench; libtest-style filters are ignored.
             _ => {}
         }
@@ -75,6 +86,10 @@ fn main() {
         return;
     }
     let hello = task_bytes("hello", Target::P1);
+    if args.secure {
+        secure(&args, &hello);
+        return;
+    }
     println!(
         "# launch benchmark: hello ({} bytes, wasm32-wasip1)",
         hello.len()
@@ -150,6 +165,75 @@ fn main() {
             base_tput / r.throughput
         );
     }
+}
+
+/// The same cluster in the clear and secured, `--rounds` times each, interleaved: warm latency and
+/// throughput, and the secured ÷ clear ratios of each pair.
+fn secure(args: &Args, hello: &[u8]) {
+    println!("# launch benchmark, secured against in the clear: hello in a Wasm executor");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let kind = || Kind::Wasm {
+        hello,
+        in_process: false,
+    };
+    for round in 1..=args.rounds {
+        let plain = rt.block_on(cluster_with(kind(), args, false));
+        let tls = rt.block_on(cluster_with(kind(), args, true));
+        for (what, r) in [("clear", &plain), ("secured", &tls)] {
+            report(
+                &format!("round {round} {what}: warm ACCEPT → TASK_FINISHED"),
+                &r.finished,
+            );
+            println!(
+                "round {round} {what}: throughput ({} in flight): {:.0} tasks/s",
+                args.in_flight, r.throughput
+            );
+        }
+        println!(
+            "round {round} ratios secured ÷ clear: FINISHED p50 {:.2}×, throughput {:.2}×",
+            pct(&tls.finished, 50.0).as_secs_f64() / pct(&plain.finished, 50.0).as_secs_f64(),
+            tls.throughput / plain.throughput
+        );
+    }
+}
+
+/// Certificates for a master, an agent and a client in `dir`, made by `agora cert`.
+fn certs(dir: &std::path::Path) {
+    for args in [
+        vec!["init"],
+        vec!["issue", "master", "m"],
+        vec!["issue", "agent", "a"],
+        vec!["issue", "client", "bench"],
+    ] {
+        let ok = std::process::Command::new(env!("CARGO_BIN_EXE_agora"))
+            .arg("cert")
+            .args(&args)
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "agora cert {args:?}");
+    }
+}
+
+/// ACLs whose rules allow every action to anyone: each check is made, none refuses.
+fn allow_all() -> agora_master::acl::Acls {
+    let rules: String = agora_master::acl::Action::ALL
+        .iter()
+        .map(|a| {
+            format!(
+                "[[rule]]\naction = \"{}\"\nprincipals = [\"*\"]\nobjects = [\"*\"]\n",
+                a.name()
+            )
+        })
+        .collect();
+    agora_master::acl::Acls::parse(&rules).unwrap()
 }
 
 /// What one cluster run measured.
@@ -258,6 +342,11 @@ fn native(args: &Args) {
 }
 
 async fn cluster(kind: Kind<'_>, args: &Args) -> Measured {
+    cluster_with(kind, args, false).await
+}
+
+/// [`cluster`], with TLS, authentication and ACLs on when `secure`.
+async fn cluster_with(kind: Kind<'_>, args: &Args, secure: bool) -> Measured {
     let dir = tempfile::tempdir().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let master = format!("http://{}", listener.local_addr().unwrap());
@@ -265,12 +354,39 @@ async fn cluster(kind: Kind<'_>, args: &Args) -> Measured {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let certs_dir = dir.path().join("certs");
+    let server = |stem: &str| {
+        agora_proto::tls::ServerTls::load(
+            &certs_dir.join(format!("{stem}.pem")),
+            &certs_dir.join(format!("{stem}.key")),
+            &certs_dir.join("ca.pem"),
+        )
+        .unwrap()
+    };
+    let mut master_config = MasterConfig::default();
+    let mut auth = agora_sdk::masters::Auth::default();
+    if secure {
+        certs(&certs_dir);
+        master_config.tls = Some(server("master-m"));
+        master_config.acls = Some(std::sync::Arc::new(allow_all()));
+        auth.tls = Some(
+            agora_proto::tls::Credentials::load(
+                &certs_dir.join("ca.pem"),
+                Some(&certs_dir.join("client-bench.pem")),
+                Some(&certs_dir.join("client-bench.key")),
+            )
+            .unwrap(),
+        );
+    }
     let m = tokio::spawn(agora_master::run(
         listener,
-        MasterConfig::default(),
+        master_config,
         stopped(stop_rx.clone()),
     ));
     let mut config = AgentConfig::new(master.clone(), dir.path().join("agent"));
+    if secure {
+        config.tls = Some(server("agent-a"));
+    }
     config.resources = Some(parse_resources("cpus:8;mem:16384").unwrap());
     config.native.cgroup_parent = format!("agora-bench-{}", std::process::id());
     config.native.init = Some(vec![
@@ -294,9 +410,9 @@ async fn cluster(kind: Kind<'_>, args: &Args) -> Measured {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = tokio::spawn(agora_agent::run(listener, config, stopped(stop_rx.clone())));
 
-    let (s, mut events) = subscribe(SchedulerConfig::new(master, "launch-bench"))
-        .await
-        .unwrap();
+    let mut fc = SchedulerConfig::new(master, "launch-bench");
+    fc.auth = Some(auth);
+    let (s, mut events) = subscribe(fc).await.unwrap();
     let mut f = Framework {
         s,
         offers: HashMap::new(),
