@@ -1264,7 +1264,11 @@ pub struct ExecutorService {
 
 impl ExecutorService {
     fn authorise(&self, header: Option<v1::ExecutorHeader>) -> Result<Arc<Exec>, Status> {
-        let h = required(header, "header")?;
+        let h = header.filter(|h| !h.token.is_empty()).ok_or_else(|| {
+            Status::unauthenticated(
+                "an executor call carries its header: framework, executor id and token (AGORA_EXECUTOR_TOKEN)",
+            )
+        })?;
         let framework = FrameworkId::try_from(required(h.framework_id.as_ref(), "framework_id")?)?;
         let executor = ExecutorId::try_from(required(h.executor_id.as_ref(), "executor_id")?)?;
         let exec = self

@@ -533,6 +533,7 @@ async fn serve(
                     work_dir,
                     containers,
                     metrics,
+                    authenticate: config.tls.is_some(),
                 },
             ))
             .add_service(v1::executor_server::ExecutorServer::new(

@@ -171,14 +171,36 @@ pub struct SandboxService {
     pub containers: crate::containerizer::Containers,
     /// Reads the agent's metrics now.
     pub metrics: std::sync::Arc<dyn Fn() -> Vec<(String, f64)> + Send + Sync>,
+    /// Over TLS, callers present a client (operator) or master certificate of the cluster
+    /// CA: sandboxes hold tasks' output.
+    pub authenticate: bool,
+}
+
+impl SandboxService {
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        use agora_proto::tls::Kind;
+        if !self.authenticate {
+            return Ok(());
+        }
+        match agora_proto::tls::principal(request) {
+            Some(p) if matches!(p.kind, Kind::Client | Kind::Master) => Ok(()),
+            Some(p) => Err(Status::permission_denied(format!(
+                "this certificate is of {p}; the sandbox API takes client certificates"
+            ))),
+            None => Err(Status::unauthenticated(
+                "this agent authenticates its callers: present a client certificate of the cluster CA (AGORA_CERT, AGORA_KEY)",
+            )),
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl Sandbox for SandboxService {
     async fn get_metrics(
         &self,
-        _request: Request<v1::GetMetricsRequest>,
+        request: Request<v1::GetMetricsRequest>,
     ) -> Result<Response<v1::GetMetricsResponse>, Status> {
+        self.authenticate(&request)?;
         Ok(Response::new(v1::GetMetricsResponse {
             metrics: (self.metrics)().into_iter().collect(),
         }))
@@ -186,8 +208,9 @@ impl Sandbox for SandboxService {
 
     async fn get_containers(
         &self,
-        _request: Request<v1::GetContainersRequest>,
+        request: Request<v1::GetContainersRequest>,
     ) -> Result<Response<v1::GetContainersResponse>, Status> {
+        self.authenticate(&request)?;
         let entries: Vec<_> = self
             .containers
             .lock()
@@ -218,6 +241,7 @@ impl Sandbox for SandboxService {
         &self,
         request: Request<v1::ReadFileRequest>,
     ) -> Result<Response<v1::ReadFileResponse>, Status> {
+        self.authenticate(&request)?;
         let r = request.into_inner();
         let framework = FrameworkId::try_from(required(r.framework_id, "framework_id")?)?;
         let task = TaskId::try_from(required(r.task_id, "task_id")?)?;

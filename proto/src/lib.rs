@@ -32,5 +32,10 @@ pub use convert::{
     resources_from_proto, resources_to_proto, state_from_proto, state_to_proto,
 };
 
+/// The encoded `FileDescriptorSet` of `agora.v1`: every service and method, for tools and
+/// tests that must cover them all.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/agora_descriptor.bin"));
+
 /// Largest message the services accept: inline Wasm modules travel in launch calls.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
