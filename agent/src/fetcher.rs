@@ -964,6 +964,39 @@ fn set_executable(path: &Path, executable: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Entry points for the fuzz targets (`fuzz/`): the archive extraction untrusted bytes reach.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    /// Unpacks `bytes` as a tar (gzipped with `gz`), or a zip with `zip`, into `dest`,
+    /// writing at most `budget` bytes.
+    ///
+    /// # Errors
+    /// What the extraction refuses.
+    pub fn extract(
+        bytes: &[u8],
+        gz: bool,
+        zip: bool,
+        dest: &Path,
+        budget: u64,
+    ) -> Result<u64, String> {
+        if zip {
+            let file = dest.with_extension("zip");
+            std::fs::write(&file, bytes).map_err(|e| e.to_string())?;
+            let f = std::fs::File::open(&file).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(dest).map_err(|e| e.to_string())?;
+            return super::extract_zip(f, dest, budget);
+        }
+        std::fs::create_dir_all(dest).map_err(|e| e.to_string())?;
+        if gz {
+            super::extract_tar(flate2::read::GzDecoder::new(bytes), dest, budget)
+        } else {
+            super::extract_tar(bytes, dest, budget)
+        }
+    }
+}
+
 /// Unpacks `archive` into `dest`; returns the bytes written.
 fn extract(kind: ArchiveKind, archive: &Path, dest: &Path, budget: u64) -> Result<u64, String> {
     std::fs::create_dir_all(dest).map_err(|e| e.to_string())?;
