@@ -149,12 +149,38 @@ async fn a_master_with_tokens_serves_only_principals_and_binds_frameworks_to_the
 fn serving_beyond_loopback_in_the_clear_needs_insecure() {
     let dir = tempfile::tempdir().unwrap();
     for what in ["master", "agent"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_agora"))
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_agora"))
             .args([what, "--listen", "0.0.0.0:0", "--work-dir"])
             .arg(dir.path().join(what))
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
-        assert!(!out.status.success(), "{what} served in the clear");
+        let mut child = Killed(Some(child));
+        // It must refuse at once; one that serves instead is killed at the deadline.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.0.as_mut().unwrap().try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} served in the clear"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "{what} served in the clear");
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(
+            child.0.as_mut().unwrap().stderr.as_mut().unwrap(),
+            &mut stderr,
+        )
+        .unwrap();
+        let out = std::process::Output {
+            status,
+            stdout: Vec::new(),
+            stderr: stderr.into_bytes(),
+        };
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             err.contains("--tls-cert") && err.contains("--insecure"),
