@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Runs every fuzz target (fuzz/fuzz_targets) for a bounded time each, with cargo fuzz on
-# the nightly toolchain; fails on the first crash. The corpus grows in fuzz/corpus/TARGET;
-# a crash leaves its input in fuzz/artifacts/TARGET.
+# the nightly toolchain (scripts/setup.sh installs both); fails on the first crash.
+# The checked-in seeds are fuzz/corpus/TARGET; what a run discovers goes to
+# fuzz/target/corpus/TARGET (not checked in), and a crash leaves its input in
+# fuzz/artifacts/TARGET: once the bug is fixed, copy that input into fuzz/corpus/TARGET.
 #   AGORA_FUZZ_SECONDS=60 scripts/fuzz.sh          # default 30 s per target
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds=${AGORA_FUZZ_SECONDS:-30}
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 cargo +nightly fuzz build -O
 for t in $(cargo +nightly fuzz list); do
     echo "==> fuzz $t (${seconds}s)" >&2
-    mkdir -p "corpus/$t"
-    cargo +nightly fuzz run -O "$t" "corpus/$t" -- -max_total_time="$seconds" -rss_limit_mb=2048
+    mkdir -p "target/corpus/$t" "corpus/$t"
+    if ! cargo +nightly fuzz run -O "$t" "target/corpus/$t" "corpus/$t" -- \
+        -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=0; then
+        echo "fuzz: target $t crashed; its input is in fuzz/artifacts/$t" >&2
+        exit 1
+    fi
 done

@@ -22,3 +22,13 @@ if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2 >&2 \
         || { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2 >&2; }
 fi
+
+# The fuzz targets (scripts/fuzz.sh) build with cargo fuzz, which needs a nightly toolchain.
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    echo "setup: rustup toolchain install nightly" >&2
+    rustup toolchain install nightly --profile minimal >&2
+fi
+if ! command -v cargo-fuzz >/dev/null; then
+    echo "setup: cargo install cargo-fuzz" >&2
+    cargo install cargo-fuzz --version 0.13.2 --locked >&2
+fi

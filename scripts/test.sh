@@ -14,3 +14,6 @@ echo "==> cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test" >&2
 cargo test --workspace --locked
+# Every decoder of untrusted input, fuzzed for a bounded time (AGORA_FUZZ_SECONDS each).
+echo "==> fuzz" >&2
+scripts/fuzz.sh

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use agora_archive::{Kind, create_nofollow, extract};
 use agora_proto::v1;
 use sha2::{Digest, Sha256};
 
@@ -250,26 +251,6 @@ fn output_name(uri: &v1::Uri) -> Result<String, FetchError> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ArchiveKind {
-    Tar,
-    TarGz,
-    Zip,
-}
-
-fn archive_kind(name: &str) -> Option<ArchiveKind> {
-    let n = name.to_ascii_lowercase();
-    if n.ends_with(".tar.gz") || n.ends_with(".tgz") {
-        Some(ArchiveKind::TarGz)
-    } else if n.ends_with(".tar") {
-        Some(ArchiveKind::Tar)
-    } else if n.ends_with(".zip") {
-        Some(ArchiveKind::Zip)
-    } else {
-        None
-    }
-}
-
 impl Fetcher {
     /// A fetcher whose cache lives in `dir` (emptied now: the cache does not outlive the
     /// agent) and which fetches `sha256:` URIs from the blob stores of `master` (one
@@ -459,11 +440,7 @@ impl Fetcher {
     ) -> Result<u64, FetchError> {
         let expected = self.expected(uri)?;
         let name = output_name(uri)?;
-        let kind = if uri.extract {
-            archive_kind(&name)
-        } else {
-            None
-        };
+        let kind = if uri.extract { Kind::of(&name) } else { None };
         if uri.extract && kind.is_none() {
             return Err(fail(
                 &uri.value,
@@ -925,18 +902,6 @@ fn copy_hashing(from: &Path, to: &Path, budget: u64) -> Result<(u64, String), St
     Ok((size, hex::encode(hasher.finalize())))
 }
 
-/// Creates (or truncates) `path` without following a symlink planted there: the fetcher
-/// writes as the agent's user into directories a task may have shaped.
-pub(crate) fn create_nofollow(path: &Path) -> io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-}
-
 /// reqwest's top-level messages ("error sending request") hide the cause.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -962,166 +927,6 @@ fn set_executable(path: &Path, executable: bool) -> io::Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
     }
     Ok(())
-}
-
-/// Entry points for the fuzz targets (`fuzz/`): the archive extraction untrusted bytes reach.
-#[doc(hidden)]
-pub mod fuzzing {
-    use std::path::Path;
-
-    /// Unpacks `bytes` as a tar (gzipped with `gz`), or a zip with `zip`, into `dest`,
-    /// writing at most `budget` bytes.
-    ///
-    /// # Errors
-    /// What the extraction refuses.
-    pub fn extract(
-        bytes: &[u8],
-        gz: bool,
-        zip: bool,
-        dest: &Path,
-        budget: u64,
-    ) -> Result<u64, String> {
-        if zip {
-            let file = dest.with_extension("zip");
-            std::fs::write(&file, bytes).map_err(|e| e.to_string())?;
-            let f = std::fs::File::open(&file).map_err(|e| e.to_string())?;
-            std::fs::create_dir_all(dest).map_err(|e| e.to_string())?;
-            return super::extract_zip(f, dest, budget);
-        }
-        std::fs::create_dir_all(dest).map_err(|e| e.to_string())?;
-        if gz {
-            super::extract_tar(flate2::read::GzDecoder::new(bytes), dest, budget)
-        } else {
-            super::extract_tar(bytes, dest, budget)
-        }
-    }
-}
-
-/// Unpacks `archive` into `dest`; returns the bytes written.
-fn extract(kind: ArchiveKind, archive: &Path, dest: &Path, budget: u64) -> Result<u64, String> {
-    std::fs::create_dir_all(dest).map_err(|e| e.to_string())?;
-    let file = std::fs::File::open(archive).map_err(|e| e.to_string())?;
-    match kind {
-        ArchiveKind::Tar => extract_tar(file, dest, budget),
-        ArchiveKind::TarGz => extract_tar(flate2::read::GzDecoder::new(file), dest, budget),
-        ArchiveKind::Zip => extract_zip(file, dest, budget),
-    }
-}
-
-fn extract_tar(from: impl Read, dest: &Path, budget: u64) -> Result<u64, String> {
-    use tar::EntryType;
-    let mut archive = tar::Archive::new(from);
-    // Mode bits, not setuid/setgid/sticky: files are unpacked by the agent's user (root).
-    archive.set_preserve_permissions(false);
-    archive.set_unpack_xattrs(false);
-    archive.set_overwrite(true);
-    let mut written = 0u64;
-    for entry in archive
-        .entries()
-        .map_err(|e| format!("reading the archive: {e}"))?
-    {
-        let mut entry = entry.map_err(|e| format!("reading the archive: {e}"))?;
-        let path = entry
-            .path()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "?".into());
-        let kind = entry.header().entry_type();
-        if !matches!(
-            kind,
-            EntryType::Regular
-                | EntryType::Continuous
-                | EntryType::Directory
-                | EntryType::Symlink
-                | EntryType::Link
-                | EntryType::GNULongName
-                | EntryType::GNULongLink
-                | EntryType::XHeader
-                | EntryType::XGlobalHeader
-        ) {
-            return Err(format!(
-                "archive entry {path:?} is a {kind:?}, which a sandbox may not hold"
-            ));
-        }
-        if matches!(kind, EntryType::Symlink | EntryType::Link) {
-            // Only links that go down: a target may not be absolute or climb with `..`
-            // (judging a climb by the entry's own path is not enough — an earlier link, say
-            // `a -> .`, makes the real directory shallower than the path says).
-            let target = entry.link_name().ok().flatten();
-            if target.as_ref().is_none_or(|t| {
-                t.components()
-                    .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-            }) {
-                return Err(format!("archive entry {path:?} links outside the sandbox"));
-            }
-        }
-        written = written.saturating_add(entry.size());
-        if written > budget {
-            return Err(format!(
-                "unpacks to more than the {budget} bytes this task may fetch"
-            ));
-        }
-        match entry.unpack_in(dest) {
-            Ok(true) => {}
-            Ok(false) => return Err(format!("archive entry {path:?} leaves the sandbox")),
-            Err(e) => return Err(format!("unpacking {path:?}: {e}")),
-        }
-    }
-    Ok(written)
-}
-
-fn extract_zip(file: std::fs::File, dest: &Path, budget: u64) -> Result<u64, String> {
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("reading the archive: {e}"))?;
-    let mut written = 0u64;
-    for i in 0..zip.len() {
-        let mut f = zip
-            .by_index(i)
-            .map_err(|e| format!("reading the archive: {e}"))?;
-        let name = f
-            .name()
-            .map(|n| n.into_owned())
-            .unwrap_or_else(|_| "?".into());
-        let mode = f.unix_mode();
-        let Some(rel) = f.enclosed_name() else {
-            return Err(format!("archive entry {name:?} leaves the sandbox"));
-        };
-        if f.is_symlink() {
-            return Err(format!(
-                "archive entry {name:?} is a symlink, which zip archives may not carry here"
-            ));
-        }
-        let target = dest.join(&rel);
-        if f.is_dir() {
-            std::fs::create_dir_all(&target).map_err(|e| format!("unpacking {name:?}: {e}"))?;
-            continue;
-        }
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("unpacking {name:?}: {e}"))?;
-        }
-        // Refuse to write through a symlink an earlier entry (or the task) put in the way.
-        if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(format!(
-                "archive entry {name:?} would write through a symlink"
-            ));
-        }
-        // Opened without following a link, so one planted after the check is refused too.
-        let mut out = create_nofollow(&target).map_err(|e| format!("unpacking {name:?}: {e}"))?;
-        // The declared size can lie; count what actually comes out.
-        let left = budget.saturating_sub(written);
-        let n = io::copy(&mut (&mut f).take(left.saturating_add(1)), &mut out)
-            .map_err(|e| format!("unpacking {name:?}: {e}"))?;
-        written += n;
-        if n > left {
-            return Err(format!(
-                "unpacks to more than the {budget} bytes this task may fetch"
-            ));
-        }
-        if let Some(mode) = mode {
-            use std::os::unix::fs::PermissionsExt;
-            // On the open file, not the path, which a link could have replaced meanwhile.
-            let _ = out.set_permissions(std::fs::Permissions::from_mode(mode & 0o777));
-        }
-    }
-    Ok(written)
 }
 
 #[cfg(test)]
