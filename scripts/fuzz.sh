@@ -12,9 +12,12 @@ cargo +nightly fuzz build -O
 for t in $(cargo +nightly fuzz list); do
     echo "==> fuzz $t (${seconds}s)" >&2
     mkdir -p "target/corpus/$t" "corpus/$t"
+    log="target/fuzz-$t.log"
     if ! cargo +nightly fuzz run -O "$t" "target/corpus/$t" "corpus/$t" -- \
-        -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=0; then
-        echo "fuzz: target $t crashed; its input is in fuzz/artifacts/$t" >&2
+        -max_total_time="$seconds" -rss_limit_mb=2048 >"$log" 2>&1; then
+        tail -n 60 "$log" >&2
+        echo "fuzz: target $t crashed; its input is in fuzz/artifacts/$t (the whole log: fuzz/$log)" >&2
         exit 1
     fi
+    grep -E '^Done [0-9]+ runs' "$log" >&2 || true
 done

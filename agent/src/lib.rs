@@ -50,7 +50,6 @@ use agora_executor_wasm::{WasmConfig, WasmRuntime};
 use agora_proto::{attributes_to_proto, resources_to_proto, v1};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tonic::transport::server::TcpIncoming;
 
 pub use containerizer::{Container, Containerizer, LaunchSpec, Termination};
 pub use executor::{ExecutorConfig, ExecutorContainerizer};
@@ -540,9 +539,10 @@ async fn serve(
                 executors.service(),
             ))
             .serve_with_incoming_shutdown(
-                // Given a listener, tonic leaves socket options to us; without nodelay a lone
-                // message waits ~40 ms for a delayed ACK.
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                agora_proto::listen::Incoming::new(
+                    listener,
+                    agora_proto::listen::FIRST_BYTES_WITHIN,
+                ),
                 async move {
                     let _ = stop.wait_for(|s| *s).await;
                 },

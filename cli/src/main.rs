@@ -179,7 +179,46 @@ pub struct MasterArgs {
     #[arg(long, default_value_t = 5000, hide = true)]
     registry_snapshot_every: u64,
     #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
     tls: TlsArgs,
+}
+
+/// Bounds per caller (its principal, or its address without authentication); 0 turns one
+/// off. Calls past one are refused with RESOURCE_EXHAUSTED (HTTP 429 or 413) naming it.
+#[derive(Args)]
+struct LimitArgs {
+    /// Calls a second a caller may make, sustained.
+    #[arg(long, default_value_t = agora_master::limits::Limits::default().call_rate)]
+    max_call_rate: u32,
+    /// Calls a caller may make at once before --max-call-rate applies.
+    #[arg(long, default_value_t = agora_master::limits::Limits::default().call_burst)]
+    max_call_burst: u32,
+    /// Framework subscriptions a caller may hold at once.
+    #[arg(long, default_value_t = agora_master::limits::Limits::default().subscriptions)]
+    max_subscriptions_per_principal: usize,
+    /// Tasks the master holds for one principal's frameworks together.
+    #[arg(long, default_value_t = agora_master::limits::Limits::default().tasks)]
+    max_tasks_per_principal: usize,
+    /// Blob-store bytes one principal's uploads may hold, in MiB.
+    #[arg(long, default_value_t = agora_master::limits::Limits::default().blob_bytes >> 20)]
+    max_blob_mib_per_principal: u64,
+    /// How long a new connection may stay silent before it is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    header_timeout: Duration,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> agora_master::limits::Limits {
+        agora_master::limits::Limits {
+            call_rate: self.max_call_rate,
+            call_burst: self.max_call_burst,
+            subscriptions: self.max_subscriptions_per_principal,
+            tasks: self.max_tasks_per_principal,
+            blob_bytes: self.max_blob_mib_per_principal << 20,
+            header_timeout: self.header_timeout,
+        }
+    }
 }
 
 /// A server's TLS (`agora cert` makes the files).
@@ -266,6 +305,7 @@ impl MasterArgs {
             raft_heartbeat: self.raft_heartbeat,
             raft_election_timeout: self.raft_election_timeout,
             registry_snapshot_every: self.registry_snapshot_every,
+            limits: self.limits.limits(),
             ..Default::default()
         }
     }

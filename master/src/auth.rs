@@ -167,18 +167,24 @@ impl Authn {
 /// Authentication of the HTTP blob store: an upload needs a framework's or an operator's
 /// principal; a read also takes an agent's or a master's certificate (agents fetch blobs
 /// for their tasks, masters from each other). 401 or 403 otherwise.
+///
+/// Uploads carry their [`Caller`] on to the store (which bounds each principal's bytes), and
+/// every request counts against its caller's rate (429 past it).
 pub async fn blobs(
-    axum::extract::State((authn, acls)): axum::extract::State<(
-        Arc<Authn>,
-        Option<Arc<crate::acl::Acls>>,
-    )>,
-    request: axum::extract::Request,
+    axum::extract::State((authn, acls, guard)): axum::extract::State<BlobGate>,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::http::{Method, StatusCode};
     use axum::response::IntoResponse;
     let read = matches!(*request.method(), Method::GET | Method::HEAD);
+    let address = crate::limits::peer_in(request.extensions());
+    let too_fast =
+        |s: Status| (StatusCode::TOO_MANY_REQUESTS, format!("{}\n", s.message())).into_response();
     if !authn.enabled() {
+        if let Err(s) = guard.call(&address) {
+            return too_fast(s);
+        }
         return match crate::acl::check(acls.as_deref(), None, blob_action(read), "*") {
             Ok(()) => next.run(request).await,
             Err(why) => (StatusCode::FORBIDDEN, format!("{why}\n")).into_response(),
@@ -192,17 +198,32 @@ pub async fn blobs(
     let peer = certificate
         .as_ref()
         .is_some_and(|p| matches!(p.kind, Kind::Agent | Kind::Master));
+    let mut caller = None;
     let refused = match authn.principal(authorization, certificate) {
-        Ok(Some(p)) => crate::acl::check(acls.as_deref(), Some(&p), blob_action(read), "*")
-            .err()
-            .map(Status::permission_denied),
+        Ok(Some(p)) => {
+            let refused = crate::acl::check(acls.as_deref(), Some(&p), blob_action(read), "*")
+                .err()
+                .map(Status::permission_denied);
+            caller = Some(p);
+            refused
+        }
         Ok(None) => Some(unauthenticated()),
         // Agents fetch their tasks' blobs: no ACL stands between them.
         Err(_) if read && peer && authorization.is_none() => None,
         Err(s) => Some(s),
     };
+    if refused.is_none()
+        && let Err(s) = guard.call(caller.as_deref().unwrap_or(&address))
+    {
+        return too_fast(s);
+    }
     match refused {
-        None => next.run(request).await,
+        None => {
+            if let Some(p) = caller {
+                request.extensions_mut().insert(Caller(p));
+            }
+            next.run(request).await
+        }
         Some(s) => {
             let code = if s.code() == tonic::Code::PermissionDenied {
                 StatusCode::FORBIDDEN
@@ -220,6 +241,13 @@ pub async fn blobs(
         }
     }
 }
+
+/// What the blob store's middleware checks with: authentication, ACLs, the callers' rates.
+pub type BlobGate = (
+    Arc<Authn>,
+    Option<Arc<crate::acl::Acls>>,
+    Arc<crate::limits::Guard>,
+);
 
 fn blob_action(read: bool) -> crate::acl::Action {
     if read {
@@ -253,14 +281,16 @@ fn basic(b64: &str) -> Result<(String, String), Status> {
 
 /// A tonic interceptor: refuses calls without a principal when authentication is on, and
 /// puts the [`Caller`] in the request's extensions.
+/// Then counts the call against its caller's rate ([`crate::limits`]).
 #[derive(Clone)]
-pub struct Authenticate(pub Arc<Authn>);
+pub struct Authenticate(pub Arc<Authn>, pub Arc<crate::limits::Guard>);
 
 impl tonic::service::Interceptor for Authenticate {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
         if let Some(caller) = self.0.check(&request)? {
             request.extensions_mut().insert(caller);
         }
+        self.1.call(&crate::limits::caller_of(&request))?;
         Ok(request)
     }
 }

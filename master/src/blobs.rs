@@ -12,12 +12,16 @@
 //!
 //! Agents' fetchers download `sha256:` URIs from here into their caches. Writes are atomic
 //! (temporary file, fsync, rename), so a reader never sees half a blob. Anyone who reaches
-//! the master's port may upload: put the master behind the network boundary that already
-//! guards its other APIs (authentication comes with the operability work).
+//! the master's port may upload unless authentication is on ([`crate::auth::blobs`]).
+//!
+//! Each principal's uploads may hold at most `--max-blob-mib-per-principal` bytes: a blob
+//! counts against the principal that first stored it (recorded beside it as `<hex>.owner`,
+//! so the count survives a restart); an upload past the bound is refused with 413.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
@@ -37,6 +41,10 @@ pub struct BlobStore {
 struct Inner {
     dir: PathBuf,
     max_bytes: u64,
+    /// Bytes one principal's blobs may hold together; 0: no bound.
+    per_principal: u64,
+    /// Bytes each principal's blobs hold.
+    used: Mutex<HashMap<String, u64>>,
     seq: AtomicU64,
 }
 
@@ -62,26 +70,40 @@ fn text(status: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 impl BlobStore {
-    /// A store in `dir` (created if missing) that refuses blobs over `max_bytes`.
+    /// A store in `dir` (created if missing) that refuses blobs over `max_bytes`, and a
+    /// principal's uploads past `per_principal` bytes in all (0: no bound).
     ///
     /// # Errors
     /// When the directory cannot be created.
-    pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<BlobStore, BlobError> {
+    pub fn open(
+        dir: impl Into<PathBuf>,
+        max_bytes: u64,
+        per_principal: u64,
+    ) -> Result<BlobStore, BlobError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|source| BlobError::Dir {
             path: dir.clone(),
             source,
         })?;
-        // Leftovers of uploads cut off by a crash.
+        // Leftovers of uploads cut off by a crash; what each owner's blobs hold.
+        let mut used: HashMap<String, u64> = HashMap::new();
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with(".upload-") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".upload-") {
                 let _ = std::fs::remove_file(e.path());
+            } else if let Some(hex) = name.strip_suffix(".owner")
+                && let Ok(owner) = std::fs::read_to_string(e.path())
+                && let Ok(meta) = std::fs::metadata(dir.join(hex))
+            {
+                *used.entry(owner).or_default() += meta.len();
             }
         }
         Ok(BlobStore {
             inner: Arc::new(Inner {
                 dir,
                 max_bytes,
+                per_principal,
+                used: Mutex::new(used),
                 seq: AtomicU64::new(0),
             }),
         })
@@ -116,10 +138,43 @@ impl BlobStore {
             .with_state(None)
     }
 
-    async fn store(&self, hex: &str, body: Body) -> Response {
+    /// The bytes `principal`'s blobs hold now.
+    pub fn used_by(&self, principal: &str) -> u64 {
+        self.used().get(principal).copied().unwrap_or(0)
+    }
+
+    fn used(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.inner
+            .used
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn over_quota(&self, principal: &str) -> Response {
+        let bound = self.inner.per_principal;
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "principal {principal:?} would hold more than the {bound} blob bytes it may (it holds {}; --max-blob-mib-per-principal)",
+                self.used_by(principal)
+            ),
+        )
+    }
+
+    async fn store(&self, hex: &str, body: Body, owner: Option<&str>) -> Response {
         let target = self.path(hex);
         if target.is_file() {
             return text(StatusCode::OK, format!("sha256:{hex} is already stored"));
+        }
+        let bound = self.inner.per_principal;
+        let owner = owner.filter(|_| bound > 0);
+        let mut limit = self.inner.max_bytes;
+        if let Some(p) = owner {
+            let left = bound.saturating_sub(self.used_by(p));
+            if left == 0 {
+                return self.over_quota(p);
+            }
+            limit = limit.min(left);
         }
         let n = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self
@@ -128,21 +183,21 @@ impl BlobStore {
             .join(format!(".upload-{}-{n}", std::process::id()));
         // Removed however this ends, a client hanging up mid-upload included.
         let _cleanup = Cleanup(tmp.clone());
-        let result = self.receive(&tmp, body).await;
+        let result = self.receive(&tmp, body, limit, owner).await;
         let response = match result {
-            Ok((size, actual)) if actual == hex => match tokio::fs::rename(&tmp, &target).await {
-                Ok(()) => {
-                    tracing::info!(digest = %format!("sha256:{hex}"), size, "blob stored");
-                    return text(
-                        StatusCode::CREATED,
-                        format!("sha256:{hex} stored ({size} bytes)"),
-                    );
+            Ok((size, actual)) if actual == hex => {
+                if let Some(p) = owner {
+                    // Counted before it is kept, so uploads side by side cannot both fit.
+                    let mut used = self.used();
+                    let held = used.entry(p.to_owned()).or_default();
+                    if held.saturating_add(size) > bound {
+                        drop(used);
+                        return self.over_quota(p);
+                    }
+                    *held += size;
                 }
-                Err(e) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("storing the blob: {e}"),
-                ),
-            },
+                self.keep(&tmp, &target, hex, size, owner).await
+            }
             Ok((_, actual)) => text(
                 StatusCode::BAD_REQUEST,
                 format!("the body hashes to sha256:{actual}, not sha256:{hex}"),
@@ -153,13 +208,63 @@ impl BlobStore {
         response
     }
 
-    async fn receive(&self, tmp: &Path, body: Body) -> Result<(u64, String), Response> {
+    /// Renames the received upload into place, its owner recorded beside it first.
+    async fn keep(
+        &self,
+        tmp: &Path,
+        target: &Path,
+        hex: &str,
+        size: u64,
+        owner: Option<&str>,
+    ) -> Response {
+        let owner_file = self.inner.dir.join(format!("{hex}.owner"));
+        let recorded = match owner {
+            Some(p) => tokio::fs::write(&owner_file, p).await,
+            None => Ok(()),
+        };
+        let kept = match recorded {
+            Ok(()) => tokio::fs::rename(tmp, target).await,
+            Err(e) => Err(e),
+        };
+        match kept {
+            Ok(()) => {
+                tracing::info!(digest = %format!("sha256:{hex}"), size, "blob stored");
+                text(
+                    StatusCode::CREATED,
+                    format!("sha256:{hex} stored ({size} bytes)"),
+                )
+            }
+            Err(e) => {
+                if let Some(p) = owner
+                    && let Some(held) = self.used().get_mut(p)
+                {
+                    *held = held.saturating_sub(size);
+                }
+                let _ = tokio::fs::remove_file(&owner_file).await;
+                text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("storing the blob: {e}"),
+                )
+            }
+        }
+    }
+
+    /// Streams `body` into `tmp`, hashing it; refused past `limit` bytes (the blob bound,
+    /// or what is left of `owner`'s).
+    async fn receive(
+        &self,
+        tmp: &Path,
+        body: Body,
+        limit: u64,
+        owner: Option<&str>,
+    ) -> Result<(u64, String), Response> {
         let max = self.inner.max_bytes;
-        let too_big = || {
-            text(
+        let too_big = || match owner {
+            Some(p) if limit < max => self.over_quota(p),
+            _ => text(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("a blob may hold at most {max} bytes"),
-            )
+            ),
         };
         let mut file = tokio::fs::File::create(tmp).await.map_err(|e| {
             text(
@@ -174,7 +279,7 @@ impl BlobStore {
             let chunk = chunk
                 .map_err(|e| text(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?;
             size += chunk.len() as u64;
-            if size > max {
+            if size > limit {
                 return Err(too_big());
             }
             hasher.update(&chunk);
@@ -253,10 +358,12 @@ async fn get_blob(
 async fn put_blob(
     State(store): State<Option<BlobStore>>,
     UrlPath(digest): UrlPath<String>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
     body: Body,
 ) -> Response {
+    let owner = caller.map(|axum::Extension(crate::auth::Caller(p))| p);
     match locate(store, &digest) {
-        Ok((store, hex)) => store.store(&hex, body).await,
+        Ok((store, hex)) => store.store(&hex, body, owner.as_deref()).await,
         Err(r) => *r,
     }
 }
@@ -276,24 +383,26 @@ mod tests {
     #[tokio::test]
     async fn blobs_are_kept_only_when_they_match_and_fit() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path().join("blobs"), 16).unwrap();
+        let store = BlobStore::open(dir.path().join("blobs"), 16, 0).unwrap();
         let data = b"hello blob";
         let hex = hex::encode(sha2::Sha256::digest(data));
-        let r = store.store(&hex, Body::from(&data[..])).await;
+        let r = store.store(&hex, Body::from(&data[..]), None).await;
         assert_eq!(r.status(), StatusCode::CREATED);
         assert!(store.contains(&format!("sha256:{hex}")));
         assert_eq!(std::fs::read(store.path(&hex)).unwrap(), data);
-        let r = store.store(&hex, Body::from(&data[..])).await;
+        let r = store.store(&hex, Body::from(&data[..]), None).await;
         assert_eq!(r.status(), StatusCode::OK);
 
         let other = "ab".repeat(32);
-        let r = store.store(&other, Body::from(&b"not that"[..])).await;
+        let r = store
+            .store(&other, Body::from(&b"not that"[..]), None)
+            .await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         assert!(!store.contains(&other));
 
         let big = vec![1u8; 17];
         let hex = hex::encode(sha2::Sha256::digest(&big));
-        let r = store.store(&hex, Body::from(big)).await;
+        let r = store.store(&hex, Body::from(big), None).await;
         assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
         // Nothing half-written is left.
         let names: Vec<String> = std::fs::read_dir(dir.path().join("blobs"))
@@ -301,5 +410,47 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[tokio::test]
+    async fn a_principal_stores_no_more_than_its_bound_even_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blobs");
+        let store = BlobStore::open(&path, 1 << 20, 20).unwrap();
+        let put = |store: BlobStore, data: &'static [u8], who: &'static str| async move {
+            let hex = hex::encode(sha2::Sha256::digest(data));
+            store.store(&hex, Body::from(data), Some(who)).await
+        };
+        assert_eq!(
+            put(store.clone(), b"0123456789", "a").await.status(),
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            put(store.clone(), b"abcdefghij", "a").await.status(),
+            StatusCode::CREATED
+        );
+        let r = put(store.clone(), b"one more byte", "a").await;
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let body = axum::body::to_bytes(r.into_body(), 1 << 10).await.unwrap();
+        let msg = String::from_utf8_lossy(&body);
+        assert!(
+            msg.contains("--max-blob-mib-per-principal") && msg.contains("\"a\""),
+            "{msg}"
+        );
+        // Another principal has a bound of its own; a blob already there costs nothing.
+        assert_eq!(
+            put(store.clone(), b"one more byte", "b").await.status(),
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            put(store.clone(), b"0123456789", "b").await.status(),
+            StatusCode::OK
+        );
+        assert_eq!(store.used_by("b"), 13);
+        // Reopened, the store still knows what each holds.
+        let again = BlobStore::open(&path, 1 << 20, 20).unwrap();
+        assert_eq!((again.used_by("a"), again.used_by("b")), (20, 13));
+        let r = put(again.clone(), b"xyzxyzxyz", "b").await;
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 }

@@ -62,6 +62,8 @@ pub struct EngineConfig {
     pub agent_reregister_timeout: Duration,
     /// What each principal may do ([`crate::acl`]); none: everything.
     pub acls: Option<std::sync::Arc<crate::acl::Acls>>,
+    /// Most tasks held for one principal's frameworks together; 0: no bound.
+    pub max_tasks_per_principal: usize,
 }
 
 /// What the runtime must do after a call.
@@ -228,6 +230,8 @@ const RECENT_UUIDS: usize = 8;
 struct Tasks {
     map: HashMap<TaskKey, Box<Task>>,
     by_agent: HashMap<AgentId, HashSet<TaskKey>>,
+    /// How many of the tasks each framework has (the bound per principal sums them).
+    per_framework: HashMap<FrameworkId, usize>,
 }
 
 impl Tasks {
@@ -247,6 +251,9 @@ impl Tasks {
     fn insert(&mut self, key: TaskKey, task: Task) -> Option<Task> {
         let agent = task.agent.clone();
         let old = self.map.insert(key.clone(), Box::new(task)).map(|t| *t);
+        if old.is_none() {
+            *self.per_framework.entry(key.0.clone()).or_default() += 1;
+        }
         if let Some(o) = &old
             && o.agent != agent
         {
@@ -269,7 +276,18 @@ impl Tasks {
     fn remove(&mut self, key: &TaskKey) -> Option<Task> {
         let t = *self.map.remove(key)?;
         self.unindex(&t.agent, key);
+        if let Some(n) = self.per_framework.get_mut(&key.0) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_framework.remove(&key.0);
+            }
+        }
         Some(t)
+    }
+
+    /// How many tasks `framework` has.
+    fn of_framework(&self, framework: &FrameworkId) -> usize {
+        self.per_framework.get(framework).copied().unwrap_or(0)
     }
 
     fn iter(&self) -> impl Iterator<Item = (&TaskKey, &Task)> {
@@ -1242,6 +1260,39 @@ impl Engine {
         Ok((task_id, resources))
     }
 
+    /// Whether the framework's principal may hold one more task: the bound sums every
+    /// framework of that principal (a principal cannot escape it by registering more).
+    fn within_principal_bound(&self, fw: &FrameworkId) -> Result<(), String> {
+        let max = self.config.max_tasks_per_principal;
+        if max == 0 {
+            return Ok(());
+        }
+        let principal = self
+            .frameworks
+            .get(fw)
+            .map_or("", |f| f.info.principal.as_str());
+        let held: usize = if principal.is_empty() {
+            self.tasks.of_framework(fw)
+        } else {
+            self.frameworks
+                .iter()
+                .filter(|(_, f)| f.info.principal == principal)
+                .map(|(id, _)| self.tasks.of_framework(id))
+                .sum()
+        };
+        if held < max {
+            return Ok(());
+        }
+        let whose = if principal.is_empty() {
+            "this framework (it has no principal)".to_owned()
+        } else {
+            format!("principal {principal:?}")
+        };
+        Err(format!(
+            "{whose} already holds {held} tasks, as many as it may (--max-tasks-per-principal {max}); wait for some to finish"
+        ))
+    }
+
     /// What the ACLs say of the framework's principal launching `task`: its kind, the user
     /// a native task runs as (the task's, else the framework's), and each capability a Wasm
     /// task is granted.
@@ -1317,6 +1368,10 @@ impl Engine {
                 return;
             }
         };
+        if let Err(msg) = self.within_principal_bound(fw) {
+            self.task_error(fw, task.task_id, agent, v1::Reason::TaskInvalid, msg, now);
+            return;
+        }
         if let Err(msg) = self.authorize_task(fw, &task) {
             self.task_error(
                 fw,

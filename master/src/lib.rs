@@ -24,6 +24,7 @@ pub mod allocator;
 pub mod auth;
 pub mod blobs;
 pub mod engine;
+pub mod limits;
 pub mod registry;
 pub mod runtime;
 pub mod service;
@@ -37,7 +38,6 @@ use agora_core::Resources;
 use agora_proto::{MAX_MESSAGE_BYTES, v1};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::server::TcpIncoming;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::registry::{Leadership, Registrar, RegistryConfig};
@@ -110,6 +110,8 @@ pub struct MasterConfig {
     /// What each principal may do ([`acl`]): once given, what no rule allows is denied.
     /// Default none (everything allowed).
     pub acls: Option<Arc<acl::Acls>>,
+    /// Bounds per caller ([`limits`]).
+    pub limits: limits::Limits,
 }
 
 impl Default for MasterConfig {
@@ -140,6 +142,7 @@ impl Default for MasterConfig {
             tls: None,
             tokens: auth::Tokens::default(),
             acls: None,
+            limits: limits::Limits::default(),
         }
     }
 }
@@ -470,6 +473,7 @@ async fn serve(
         }
     });
 
+    let guard = limits::Guard::new(config.limits.clone());
     let authn = Arc::new(auth::Authn {
         certificates: config.tls.is_some(),
         tokens: config.tokens.clone(),
@@ -477,10 +481,13 @@ async fn serve(
     let mut routes = tonic::service::Routes::builder();
     routes
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            v1::scheduler_server::SchedulerServer::new(SchedulerService { gate: gate.clone() })
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            auth::Authenticate(Arc::clone(&authn)),
+            v1::scheduler_server::SchedulerServer::new(SchedulerService {
+                gate: gate.clone(),
+                guard: Arc::clone(&guard),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            auth::Authenticate(Arc::clone(&authn), Arc::clone(&guard)),
         ))
         .add_service(
             v1::agent_link_server::AgentLinkServer::new(AgentLinkService {
@@ -496,9 +503,15 @@ async fn serve(
             gate: gate.clone(),
             authn: Arc::clone(&authn),
             acls: config.acls.clone(),
+            guard: Arc::clone(&guard),
         }));
     let blob_routes = match &config.work_dir {
-        Some(dir) => blobs::BlobStore::open(dir.join("blobs"), config.max_blob_bytes)?.router(),
+        Some(dir) => blobs::BlobStore::open(
+            dir.join("blobs"),
+            config.max_blob_bytes,
+            config.limits.blob_bytes,
+        )?
+        .router(),
         None => blobs::BlobStore::disabled_router(),
     };
     // Blobs are content-addressed: any master serves those it has, and uploads go to the
@@ -509,7 +522,7 @@ async fn serve(
             uploads_to_the_leader,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            (Arc::clone(&authn), config.acls.clone()),
+            (Arc::clone(&authn), config.acls.clone(), Arc::clone(&guard)),
             auth::blobs,
         ));
     let mut routes = routes.routes();
@@ -531,9 +544,7 @@ async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_routes(routes)
         .serve_with_incoming_shutdown(
-            // Given a listener, tonic leaves socket options to us; without nodelay a lone
-            // message waits ~40 ms for a delayed ACK.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            agora_proto::listen::Incoming::new(listener, config.limits.header_timeout),
             {
                 let stop_tx = stop_tx.clone();
                 async move {
@@ -644,6 +655,7 @@ async fn lead(
                 max_completed_tasks: config.max_completed_tasks,
                 agent_reregister_timeout: config.agent_reregister_timeout,
                 acls: config.acls.clone(),
+                max_tasks_per_principal: config.limits.tasks,
             },
             Box::new(allocator::HierarchicalDrf::new(
                 config.min_allocatable.clone(),

@@ -122,6 +122,17 @@ pub struct EventStream {
     kicked: Arc<AtomicBool>,
     done: bool,
     on_drop: Option<(mpsc::Sender<Command>, FrameworkId, String)>,
+    /// The caller's subscription, counted until the stream is dropped.
+    slot: Option<crate::limits::Slot>,
+}
+
+impl EventStream {
+    /// Counts the stream as `slot` for as long as it lives.
+    #[must_use]
+    pub fn holding(mut self, slot: crate::limits::Slot) -> Self {
+        self.slot = Some(slot);
+        self
+    }
 }
 
 impl Stream for EventStream {
@@ -460,6 +471,7 @@ impl Actor {
                             kicked,
                             done: false,
                             on_drop: Some((self.commands.clone(), framework, stream)),
+                            slot: None,
                         };
                         self.respond(move || {
                             let _ = reply.send(Ok(events));

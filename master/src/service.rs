@@ -165,6 +165,8 @@ async fn ask_after<T>(
 #[derive(Clone)]
 pub struct SchedulerService {
     pub gate: Gate,
+    /// Subscriptions held per caller ([`crate::limits`]).
+    pub guard: Arc<crate::limits::Guard>,
 }
 
 fn header(h: Option<v1::CallHeader>) -> Result<(FrameworkId, String), Status> {
@@ -210,6 +212,7 @@ impl Scheduler for SchedulerService {
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let lost = agora_proto::leader::lost(request.metadata());
+        let slot = self.guard.subscribe(&crate::limits::caller_of(&request))?;
         let caller = request.extensions().get::<crate::auth::Caller>().cloned();
         let r = request.into_inner();
         let mut info = required(r.framework_info, "framework_info")?;
@@ -234,7 +237,7 @@ impl Scheduler for SchedulerService {
             reply,
         })
         .await?;
-        Ok(Response::new(stream))
+        Ok(Response::new(stream.holding(slot)))
     }
 
     async fn accept(
@@ -456,6 +459,8 @@ pub struct OperatorService {
     /// stays open, for load balancers and probes, as Mesos's).
     pub authn: Arc<crate::auth::Authn>,
     pub acls: Option<Arc<crate::acl::Acls>>,
+    /// Every call but the health counts against its caller's rate.
+    pub guard: Arc<crate::limits::Guard>,
 }
 
 impl OperatorService {
@@ -467,6 +472,10 @@ impl OperatorService {
         object: &str,
     ) -> Result<(), Status> {
         let caller = self.authn.check(request)?;
+        self.guard.call(&caller.as_ref().map_or_else(
+            || crate::limits::peer_in(request.extensions()),
+            |c| c.0.clone(),
+        ))?;
         crate::acl::check(
             self.acls.as_deref(),
             caller.as_ref().map(|c| c.0.as_str()),

@@ -260,6 +260,8 @@ impl ServerTls {
             .identity(Identity::from_pem(&self.identity.cert, &self.identity.key))
             .client_ca_root(Certificate::from_pem(&self.ca))
             .client_auth_optional(!require_client)
+            // A caller that stalls its handshake gives up its connection.
+            .timeout(HANDSHAKE_TIMEOUT)
     }
 
     /// What this server presents to the servers it calls (masters to their peers, agents to
@@ -271,6 +273,9 @@ impl ServerTls {
         }
     }
 }
+
+/// How long a server waits for a caller to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The principal of the certificate a caller presented on this connection (the handshake
 /// verified it against the cluster CA); `None` without TLS, without a certificate, or with

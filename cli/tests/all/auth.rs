@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::*;
 
-fn token_for(file: &std::path::Path, principal: &str) -> String {
+pub fn token_for(file: &std::path::Path, principal: &str) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_agora"))
         .args(["token", "create", principal, "--file"])
         .arg(file)
@@ -24,7 +24,7 @@ fn token_for(file: &std::path::Path, principal: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-fn with_token(token: &str) -> Auth {
+pub fn with_token(token: &str) -> Auth {
     Auth {
         tls: None,
         token: Some(token.to_owned()),

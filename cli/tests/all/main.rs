@@ -13,6 +13,7 @@ mod failover;
 mod faults;
 mod fetch;
 mod hardening_agent;
+mod limits;
 mod native;
 mod partition;
 mod ports;

@@ -18,6 +18,7 @@ fn fresh_stream() -> String {
 
 fn config() -> EngineConfig {
     EngineConfig {
+        max_tasks_per_principal: 0,
         master_id: "m1".into(),
         agent_heartbeat_interval: Duration::from_secs(1),
         max_missed_heartbeats: 3,

@@ -333,7 +333,7 @@ impl Registrar {
             .and_then(|()| tokio::net::TcpListener::from_std(listener))
             .map_err(|e| RegistryError::Config(format!("the raft listener: {e}")))?;
         let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            agora_proto::listen::Incoming::new(listener, agora_proto::listen::FIRST_BYTES_WITHIN);
         let mut server = tonic::transport::Server::builder();
         if let Some(tls) = &self.config.tls {
             server = server
