@@ -71,6 +71,9 @@ pub struct NativeConfig {
     /// task ends in TASK_ERROR.
     pub allow_root: bool,
     pub rlimits: Rlimits,
+    /// Start tasks and custom executors under the default seccomp filters and
+    /// `no_new_privs` ([`agora_executor_native::seccomp`]). Default on.
+    pub seccomp: bool,
 }
 
 impl Default for NativeConfig {
@@ -93,6 +96,7 @@ impl Default for NativeConfig {
             default_user: "nobody".into(),
             allow_root: false,
             rlimits: Rlimits::default(),
+            seccomp: true,
         }
     }
 }
@@ -106,6 +110,8 @@ pub struct NativeContainerizer {
     namespaces: bool,
     /// The agent runs as root, so it can switch users.
     root: bool,
+    /// The seccomp filters processes start under; `None` when off or unavailable.
+    filters: Option<agora_executor_native::seccomp::Filters>,
 }
 
 impl NativeContainerizer {
@@ -128,13 +134,21 @@ impl NativeContainerizer {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         let namespaces = config.namespaces && root;
-        tracing::info!(isolation = %cgroups.describe(), namespaces, "native containerizer ready");
+        let filters = config
+            .seccomp
+            .then(agora_executor_native::seccomp::Filters::new)
+            .and_then(|f| {
+                f.inspect_err(|e| tracing::warn!(error = %e, "native tasks run without seccomp"))
+                    .ok()
+            });
+        tracing::info!(isolation = %cgroups.describe(), namespaces, seccomp = filters.is_some(), "native containerizer ready");
         NativeContainerizer {
             init: config.init.clone(),
             config,
             cgroups,
             namespaces,
             root,
+            filters,
         }
     }
 }
@@ -463,6 +477,9 @@ impl NativeContainerizer {
                 parts.push("net-ns".into());
             }
         }
+        if self.filters.is_some() {
+            parts.push(agora_executor_native::seccomp::ISOLATION.into());
+        }
         if parts.is_empty() {
             "none".into()
         } else {
@@ -579,6 +596,7 @@ impl NativeContainerizer {
                     max: max.max(1),
                     keep: self.config.log_keep,
                 }),
+            seccomp: pid_ns && self.filters.is_some(),
         };
         let argv: Vec<std::ffi::OsString> = match self.init.as_ref().filter(|_| pid_ns) {
             Some(init) => {
@@ -722,6 +740,7 @@ impl NativeContainerizer {
             &self.config.rlimits,
             &ns,
             user.filter(|_| !pid_ns),
+            self.filters.as_ref().filter(|_| !pid_ns),
         )
         .map_err(|e| launch_failed(e.to_string()))?;
         Ok(NativeContainer {

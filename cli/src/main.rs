@@ -395,6 +395,11 @@ struct AgentArgs {
     /// such tasks end in TASK_ERROR.
     #[arg(long)]
     allow_root_tasks: bool,
+    /// Start native tasks and custom executors without the default seccomp filter and
+    /// `no_new_privs` (they deny module loading, kexec, keyrings, ptrace, mounts,
+    /// namespaces and the like; see the README).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Most MiB the fetch cache keeps (least recently used artifacts go first).
     #[arg(long, default_value_t = 2048)]
     fetcher_cache_size: u64,
@@ -722,6 +727,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     config.native.switch_user = args.switch_user;
     config.native.default_user = args.default_user;
     config.native.allow_root = args.allow_root_tasks;
+    config.native.seccomp = !args.no_seccomp;
     config.fetcher.cache_max_bytes = args.fetcher_cache_size << 20;
     config.fetcher.timeout = args.fetcher_timeout;
     config.fetcher.file_roots = args

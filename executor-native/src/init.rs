@@ -23,6 +23,10 @@
 //! holds the read ends of the task's stdout and stderr: it appends them to `DIR/stdout` and
 //! `DIR/stderr`, rotating each at `MAX` bytes into `NAME.1` … `NAME.KEEP`, so no pipe breaks
 //! when the agent goes away.
+//!
+//! With `--seccomp` the task starts under [`crate::seccomp`]'s filters and `no_new_privs`,
+//! installed after the user switch, just before exec (the init itself keeps the calls it
+//! needs, `mount` among them).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -95,6 +99,8 @@ pub struct Supervise {
     pub exit_file: Option<std::path::PathBuf>,
     /// The task's stdout and stderr pumped into rotating files.
     pub logs: Option<Logs>,
+    /// The task starts under the default seccomp filters ([`crate::seccomp`]).
+    pub seccomp: bool,
 }
 
 /// Rotating logs: `dir/stdout` and `dir/stderr`, each rotated at `max` bytes, `keep` kept.
@@ -129,6 +135,9 @@ pub fn args(
         v.push(l.dir.clone().into_os_string());
         v.push(l.max.to_string().into());
         v.push(l.keep.to_string().into());
+    }
+    if supervise.seccomp {
+        v.push("--seccomp".into());
     }
     v.push("--".into());
     v
@@ -414,6 +423,10 @@ fn parse(args: &[std::ffi::OsString]) -> Result<Parsed, String> {
                 p.env_stdin = true;
                 i += 1;
             }
+            Some("--seccomp") => {
+                p.supervise.seccomp = true;
+                i += 1;
+            }
             Some("--exit-file") => {
                 p.supervise.exit_file = Some(arg(i + 1, "--exit-file")?.into());
                 i += 2;
@@ -533,6 +546,13 @@ pub fn run(
         }
         (out, err)
     });
+    // Built here, before any fork: compiling the filters allocates.
+    let filters = supervise.seccomp.then(|| {
+        crate::seccomp::Filters::new().unwrap_or_else(|e| {
+            eprintln!("agora init: {e}");
+            std::process::exit(127);
+        })
+    });
     mask_forwarded(libc::SIG_BLOCK);
     // SAFETY: fork in a single-threaded process started only to run this.
     let pid1 = unsafe { libc::fork() };
@@ -600,6 +620,13 @@ pub fn run(
         {
             eprintln!("agora init: cannot become {uid}:{gid}: {e}");
             // SAFETY: leave the forked child without running the parent's exit handlers.
+            unsafe { libc::_exit(127) };
+        }
+        if let Some(f) = &filters
+            && let Err(e) = f.apply()
+        {
+            eprintln!("agora init: cannot install the seccomp filters: {e}");
+            // SAFETY: as above.
             unsafe { libc::_exit(127) };
         }
         match (&path, envp.as_deref()) {
@@ -730,6 +757,7 @@ mod tests {
                 max: 1024,
                 keep: 2,
             }),
+            seccomp: true,
         };
         let mut a = args(Some((65534, 65534)), true, &sup);
         a.extend(["/bin/sh".into(), "-c".into(), "true".into()]);

@@ -97,7 +97,7 @@ pub fn spawn(
     cgroup: Option<&TaskCgroup>,
     rlimits: &Rlimits,
 ) -> io::Result<Child> {
-    confine(cmd, cgroup, rlimits, &Namespaces::default(), None)?;
+    confine(cmd, cgroup, rlimits, &Namespaces::default(), None, None)?;
     cmd.spawn()
 }
 
@@ -109,6 +109,10 @@ pub fn spawn(
 ///
 /// Do not set the uid with `CommandExt::uid`: std switches before this runs.
 ///
+/// With `filters`, the process execs under them (and `no_new_privs`), installed last. Not
+/// with a PID namespace: the init needs `mount`; it installs them for the task itself
+/// ([`crate::init::Supervise::seccomp`]).
+///
 /// # Errors
 /// When a cgroup path cannot be passed to the child.
 pub fn confine(
@@ -117,7 +121,9 @@ pub fn confine(
     rlimits: &Rlimits,
     ns: &Namespaces,
     user: Option<(u32, u32)>,
+    filters: Option<&crate::seccomp::Filters>,
 ) -> io::Result<()> {
+    let filters = filters.cloned();
     let hostname = ns.hostname.clone().unwrap_or_default().into_bytes();
     let keep = keeps(&ns.keep)?;
     let ns = ns.clone();
@@ -177,6 +183,9 @@ pub fn confine(
             }
             if let Some((uid, gid)) = user {
                 crate::init::switch_user(uid, gid)?;
+            }
+            if let Some(f) = &filters {
+                f.apply()?;
             }
             Ok(())
         });

@@ -18,6 +18,7 @@
 pub mod cgroups;
 pub mod init;
 pub mod launch;
+pub mod seccomp;
 
 pub use cgroups::{CgroupError, Cgroups, Limiter, Limits, TaskCgroup, Usage, UsageReader};
 pub use launch::{Namespaces, Rlimits, confine, spawn};

@@ -295,9 +295,31 @@ pub fn principal_in(extensions: &tonic::codegen::http::Extensions) -> Option<Pri
     principal_of(certs.first()?.as_ref())
 }
 
+/// Certificates whose principals are remembered: callers present the same few on every
+/// call, and parsing one each time was a measurable part of a secured call.
+const REMEMBERED: usize = 4096;
+
 /// The principal a DER certificate names: its common name and the kind in its
-/// organizational unit.
+/// organizational unit. Remembered by the certificate's bytes (at most [`REMEMBERED`];
+/// past that the memory starts over).
 pub fn principal_of(der: &[u8]) -> Option<Principal> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock, PoisonError};
+    static SEEN: OnceLock<Mutex<HashMap<Vec<u8>, Option<Principal>>>> = OnceLock::new();
+    let seen = SEEN.get_or_init(Mutex::default);
+    if let Some(p) = seen.lock().unwrap_or_else(PoisonError::into_inner).get(der) {
+        return p.clone();
+    }
+    let p = parse_principal(der);
+    let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
+    if seen.len() >= REMEMBERED {
+        seen.clear();
+    }
+    seen.insert(der.to_vec(), p.clone());
+    p
+}
+
+fn parse_principal(der: &[u8]) -> Option<Principal> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = cert.subject();
     let name = subject.iter_common_name().next()?.as_str().ok()?.to_owned();

@@ -264,6 +264,48 @@ async fn a_task_without_a_user_runs_as_its_frameworks() {
     assert_eq!(stdout_of(&s, &cluster, "default").await, "65534", "nobody");
 }
 
+/// A native task starts under the default seccomp filter and no_new_privs, and says so in
+/// its isolation: creating a user namespace (which `nobody` may do here) is refused. An
+/// agent started without them (`--no-seccomp`) lets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_start_under_seccomp_unless_the_agent_opts_out() {
+    let probe = "grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status | tr -s '\\t ' ' '; \
+                 if unshare --user true 2>/dev/null; then echo unshare=ok; else echo unshare=refused; fi";
+    for (seccomp, test) in [
+        (true, "tasks_start_under_seccomp"),
+        (false, "tasks_start_without_seccomp"),
+    ] {
+        let cluster = start_with(test, None, |c| c.native.seccomp = seccomp).await;
+        let (s, mut events) = cluster.framework("native").await;
+        launch(&s, &mut events, command("probe", probe, "cpus:0.1;mem:32")).await;
+        let end = wait_terminal(&mut events, &tid("probe")).await;
+        assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
+        let out = stdout_of(&s, &cluster, "probe").await;
+        let expected = if seccomp {
+            ["NoNewPrivs: 1", "Seccomp: 2", "unshare=refused"]
+        } else {
+            ["NoNewPrivs: 0", "Seccomp: 0", "unshare=ok"]
+        };
+        for line in expected {
+            assert!(
+                out.contains(line),
+                "{line:?} not in {out:?} (seccomp {seccomp})"
+            );
+        }
+        assert_eq!(
+            end.isolation.contains("seccomp+no-new-privs"),
+            seccomp,
+            "{}",
+            end.isolation
+        );
+        assert_eq!(
+            isolation(&cluster.state().await).contains("seccomp"),
+            seccomp
+        );
+        s.teardown().await.unwrap();
+    }
+}
+
 /// The trimmed stdout of task `t` of `s`'s framework.
 async fn stdout_of(s: &Scheduler, cluster: &Cluster, t: &str) -> String {
     let fw = s.framework_id().unwrap();
@@ -481,9 +523,10 @@ async fn without_cgroups_tasks_run_and_the_agent_says_so() {
         Some(empty.path()),
     )
     .await;
-    assert_eq!(
-        isolation(&cluster.state().await).split('+').next_back(),
-        Some("none")
+    assert!(
+        isolation(&cluster.state().await).ends_with("seccomp+no-new-privs+process-group+rlimits"),
+        "{}",
+        isolation(&cluster.state().await)
     );
     let (s, mut events) = cluster.framework("native").await;
     launch(
@@ -494,7 +537,8 @@ async fn without_cgroups_tasks_run_and_the_agent_says_so() {
     .await;
     let end = wait_terminal(&mut events, &tid("plain")).await;
     assert_eq!(state_of(&end), TaskState::Finished, "{}", end.message);
-    assert_eq!(end.isolation, "none");
+    // Without root, seccomp and no_new_privs are still there (they need no privilege).
+    assert_eq!(end.isolation, "seccomp+no-new-privs+process-group+rlimits");
     // Isolation it cannot give is refused.
     launch(
         &s,
@@ -509,7 +553,11 @@ async fn without_cgroups_tasks_run_and_the_agent_says_so() {
         "{}",
         end.message
     );
-    assert!(end.message.contains("it would get none"), "{}", end.message);
+    assert!(
+        end.message.contains("it would get seccomp+no-new-privs"),
+        "{}",
+        end.message
+    );
     launch(
         &s,
         &mut events,
