@@ -200,6 +200,10 @@ struct LimitArgs {
     /// Tasks the master holds for one principal's frameworks together.
     #[arg(long, default_value_t = agora_master::limits::Limits::default().tasks)]
     max_tasks_per_principal: usize,
+    /// Outstanding offers one principal's frameworks may hold together; the rest go to
+    /// other frameworks.
+    #[arg(long, default_value_t = agora_master::limits::Limits::default().offers)]
+    max_offers_per_principal: usize,
     /// Blob-store bytes one principal's uploads may hold, in MiB.
     #[arg(long, default_value_t = agora_master::limits::Limits::default().blob_bytes >> 20)]
     max_blob_mib_per_principal: u64,
@@ -215,6 +219,7 @@ impl LimitArgs {
             call_burst: self.max_call_burst,
             subscriptions: self.max_subscriptions_per_principal,
             tasks: self.max_tasks_per_principal,
+            offers: self.max_offers_per_principal,
             blob_bytes: self.max_blob_mib_per_principal << 20,
             header_timeout: self.header_timeout,
         }

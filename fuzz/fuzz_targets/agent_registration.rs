@@ -30,6 +30,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         agent_reregister_timeout: Duration::from_secs(60),
         acls: None,
         max_tasks_per_principal: 0,
+        max_offers_per_principal: 0,
     };
     let allocator = agora_master::allocator::HierarchicalDrf::new(
         agora_core::parse_resources("cpus:0.01;mem:32").unwrap(),

@@ -64,6 +64,8 @@ pub struct EngineConfig {
     pub acls: Option<std::sync::Arc<crate::acl::Acls>>,
     /// Most tasks held for one principal's frameworks together; 0: no bound.
     pub max_tasks_per_principal: usize,
+    /// Most outstanding offers for one principal's frameworks together; 0: no bound.
+    pub max_offers_per_principal: usize,
 }
 
 /// What the runtime must do after a call.
@@ -362,6 +364,8 @@ pub struct Engine {
     written_off: HashSet<TaskKey>,
     agents: HashMap<AgentId, Agent>,
     offers: HashMap<OfferId, Offer>,
+    /// How many of the offers each framework holds.
+    offers_of: HashMap<FrameworkId, usize>,
     /// The offers on each agent: an agent's registration or loss withdraws its own without
     /// looking at every offer.
     offers_by_agent: HashMap<AgentId, HashSet<OfferId>>,
@@ -434,6 +438,7 @@ impl Engine {
             written_off: HashSet::new(),
             agents: HashMap::new(),
             offers: HashMap::new(),
+            offers_of: HashMap::new(),
             offers_by_agent: HashMap::new(),
             tasks: Tasks::default(),
             completed: VecDeque::new(),
@@ -732,6 +737,12 @@ impl Engine {
     /// resources); tells the framework when `rescind`.
     fn remove_offer(&mut self, id: &OfferId, rescind: bool) -> Option<Offer> {
         let offer = self.offers.remove(id)?;
+        if let Some(n) = self.offers_of.get_mut(&offer.framework) {
+            *n -= 1;
+            if *n == 0 {
+                self.offers_of.remove(&offer.framework);
+            }
+        }
         if let Some(set) = self.offers_by_agent.get_mut(&offer.agent) {
             set.remove(id);
             if set.is_empty() {
@@ -1258,6 +1269,35 @@ impl Engine {
             );
         }
         Ok((task_id, resources))
+    }
+
+    /// Who a framework's offers and tasks count against: its principal, or the framework
+    /// itself when it has none.
+    fn principal_key(&self, fw: &FrameworkId) -> String {
+        match self.frameworks.get(fw).map(|f| f.info.principal.as_str()) {
+            Some(p) if !p.is_empty() => format!("principal {p}"),
+            _ => format!("framework {fw}"),
+        }
+    }
+
+    /// The offers held by the frameworks of `fw`'s principal (by `fw` alone without one).
+    fn offers_held(&self, fw: &FrameworkId) -> usize {
+        let principal = self
+            .frameworks
+            .get(fw)
+            .map_or("", |f| f.info.principal.as_str());
+        if principal.is_empty() {
+            return self.offers_of.get(fw).copied().unwrap_or(0);
+        }
+        self.offers_of
+            .iter()
+            .filter(|(id, _)| {
+                self.frameworks
+                    .get(*id)
+                    .is_some_and(|f| f.info.principal == principal)
+            })
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Whether the framework's principal may hold one more task: the bound sums every
@@ -2499,6 +2539,9 @@ impl Engine {
         self.allocation_pending = false;
         let allocations = self.allocator.allocate(now.mono, cycle);
         let mut by_framework: HashMap<FrameworkId, Vec<v1::Offer>> = HashMap::new();
+        // Offers each principal holds, counted once per cycle for those allocated to.
+        let mut held: HashMap<String, usize> = HashMap::new();
+        let max = self.config.max_offers_per_principal;
         for Allocation {
             framework,
             agent,
@@ -2506,6 +2549,25 @@ impl Engine {
             resources,
         } in allocations
         {
+            if max > 0 {
+                let principal = self.principal_key(&framework);
+                let n = match held.get(&principal) {
+                    Some(n) => *n,
+                    None => self.offers_held(&framework),
+                };
+                if n >= max {
+                    // Not offered: back to the allocator, refused by this framework for a
+                    // while so that the others are offered it.
+                    tracing::debug!(framework_id = %framework, agent_id = %agent, held = n, "the framework's principal holds as many offers as it may (--max-offers-per-principal)");
+                    let until = now.mono + self.config.default_refuse;
+                    self.allocator
+                        .recover(&agent, &framework, &role, &resources, Some(until));
+                    self.allocation_pending = true;
+                    held.insert(principal, n);
+                    continue;
+                }
+                held.insert(principal, n + 1);
+            }
             let offer_id = self.next("O", OfferId::new);
             let Some(a) = self.agents.get_mut(&agent) else {
                 continue;
@@ -2528,6 +2590,7 @@ impl Engine {
                 .entry(agent.clone())
                 .or_default()
                 .insert(offer_id.clone());
+            *self.offers_of.entry(framework.clone()).or_default() += 1;
             self.offers.insert(
                 offer_id,
                 Offer {

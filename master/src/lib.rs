@@ -656,6 +656,7 @@ async fn lead(
                 agent_reregister_timeout: config.agent_reregister_timeout,
                 acls: config.acls.clone(),
                 max_tasks_per_principal: config.limits.tasks,
+                max_offers_per_principal: config.limits.offers,
             },
             Box::new(allocator::HierarchicalDrf::new(
                 config.min_allocatable.clone(),

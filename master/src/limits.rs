@@ -26,6 +26,9 @@ pub struct Limits {
     /// Tasks the master holds for one principal's frameworks, across all of them
     /// (`--max-tasks-per-principal`).
     pub tasks: usize,
+    /// Outstanding offers one principal's frameworks may hold together; past it the rest
+    /// go to other frameworks (`--max-offers-per-principal`).
+    pub offers: usize,
     /// Blob-store bytes one principal's uploads may hold (`--max-blob-mib-per-principal`).
     pub blob_bytes: u64,
     /// How long a new connection may stay silent (`--header-timeout`).
@@ -40,6 +43,7 @@ impl Default for Limits {
             call_burst: 40_000,
             subscriptions: 64,
             tasks: 200_000,
+            offers: 100_000,
             blob_bytes: 16 << 30,
             header_timeout: agora_proto::listen::FIRST_BYTES_WITHIN,
         }

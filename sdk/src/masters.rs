@@ -156,8 +156,31 @@ impl From<DialError<Error>> for Error {
     fn from(e: DialError<Error>) -> Self {
         match e {
             DialError::Refused { error, .. } => error,
-            DialError::NoLeader(n) => Error::Connection(n.to_string()),
+            DialError::NoLeader(n) => {
+                let mut message = n.to_string();
+                if let Some(hint) = tls_hint(&message) {
+                    message.push_str("; ");
+                    message.push_str(hint);
+                }
+                Error::Connection(message)
+            }
         }
+    }
+}
+
+/// What to say when the failures look like a client and a master that disagree about TLS:
+/// a TLS master answers a plaintext HTTP/2 client with an alert, which the client reads as
+/// a broken HTTP/2 frame; a plaintext master answers a TLS client with bytes that are no
+/// TLS record.
+fn tls_hint(failures: &str) -> Option<&'static str> {
+    if failures.contains("h2 protocol error") || failures.contains("http2 error") {
+        Some(
+            "a master that serves TLS answers a client in the clear this way: give the client the cluster CA (AGORA_CA, with AGORA_CERT and AGORA_KEY or AGORA_TOKEN)",
+        )
+    } else if failures.contains("InvalidContentType") || failures.contains("corrupt message") {
+        Some("the master does not seem to serve TLS: dial it without a CA (unset AGORA_CA)")
+    } else {
+        None
     }
 }
 
@@ -171,4 +194,24 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         source = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The messages tonic and rustls give when client and master disagree about TLS (as
+    /// measured: a plaintext CLI against a TLS master, and the other way round).
+    #[test]
+    fn disagreements_about_tls_get_a_hint() {
+        let plain_to_tls = "http://127.0.0.1:5050: h2 protocol error: http2 error";
+        assert!(tls_hint(plain_to_tls).unwrap().contains("AGORA_CA"));
+        let tls_to_plain = "http://127.0.0.1:5050: connecting: transport error: received corrupt message of type InvalidContentType";
+        assert!(
+            tls_hint(tls_to_plain)
+                .unwrap()
+                .contains("does not seem to serve TLS")
+        );
+        assert_eq!(tls_hint("connection refused"), None);
+    }
 }

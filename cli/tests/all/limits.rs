@@ -65,6 +65,7 @@ async fn one_principal_cannot_exhaust_the_master_for_another() {
         call_burst: 100,
         subscriptions: 2,
         tasks: 3,
+        offers: 0,
         blob_bytes: 1000,
         header_timeout: Duration::from_secs(1),
     };
@@ -163,7 +164,19 @@ async fn one_principal_cannot_exhaust_the_master_for_another() {
 
     // Tasks: a principal's fourth task at once is refused, naming the bound.
     let (fs, mut fe) = framework(&flood, "flood-tasks").await.unwrap();
-    let offer = next_offers(&mut fe).await.remove(0);
+    // An offer that holds all four (a sliver left over from another framework would not).
+    let offer = loop {
+        let offer = next_offers(&mut fe).await.remove(0);
+        let cpus: f64 = offer
+            .resources
+            .iter()
+            .filter(|r| r.name == "cpus")
+            .filter_map(|r| r.scalar.as_ref().map(|s| s.value))
+            .sum();
+        if cpus >= 1.0 {
+            break offer;
+        }
+    };
     let tasks: Vec<_> = (0..4)
         .map(|i| {
             wasm_task(&format!("flood-{i}"), "sleeper", "cpus:0.1;mem:32")

@@ -106,7 +106,13 @@ async fn a_tls_cluster_admits_only_agents_of_its_ca_and_runs_tasks() {
 
     // A caller in the clear gets nowhere.
     let plain = Operator::connect_as(&master, quick.clone(), Auth::default()).await;
-    assert!(plain.is_err(), "an operator in the clear was served");
+    let Err(e) = plain else {
+        panic!("an operator in the clear was served")
+    };
+    assert!(
+        e.to_string().contains("AGORA_CA"),
+        "no hint at the CA in {e}"
+    );
 
     let mut agent_config = agent_config_for(
         &master,

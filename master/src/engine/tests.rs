@@ -19,6 +19,7 @@ fn fresh_stream() -> String {
 fn config() -> EngineConfig {
     EngineConfig {
         max_tasks_per_principal: 0,
+        max_offers_per_principal: 0,
         master_id: "m1".into(),
         agent_heartbeat_interval: Duration::from_secs(1),
         max_missed_heartbeats: 3,
@@ -113,11 +114,16 @@ impl World {
     }
 
     fn framework(&mut self, name: &str) -> FrameworkId {
+        self.framework_of(name, "")
+    }
+
+    fn framework_of(&mut self, name: &str, principal: &str) -> FrameworkId {
         let (id, stream) = self
             .e
             .subscribe(
                 v1::FrameworkInfo {
                     name: name.into(),
+                    principal: principal.into(),
                     failover_timeout: 60.0,
                     ..Default::default()
                 },
@@ -293,6 +299,65 @@ fn offered(offers: &[v1::Offer]) -> Resources {
     offers.iter().fold(Resources::new(), |acc, o| {
         acc + resources_from_proto(&o.resources).unwrap()
     })
+}
+
+/// A principal whose frameworks hold as many offers as it may is offered no more: the
+/// other agents go to another principal's framework, and once an offer comes back the
+/// principal may be offered again.
+#[test]
+fn a_principal_holds_no_more_offers_than_its_bound() {
+    let mut w = World::new();
+    w.e = Engine::new(
+        EngineConfig {
+            max_offers_per_principal: 2,
+            ..config()
+        },
+        Box::new(HierarchicalDrf::new(
+            parse_resources("cpus:0.01;mem:32").unwrap(),
+        )),
+    );
+    let (f1, f2, f3) = (
+        w.framework_of("a", "flood"),
+        w.framework_of("b", "flood"),
+        w.framework_of("c", "flood"),
+    );
+    for _ in 0..4 {
+        w.agent("cpus:2;mem:1024");
+    }
+    w.allocate();
+    let good = w.framework_of("g", "good");
+    // Each refusal filters that agent for that framework a while; the periodic full
+    // cycles offer it to the others.
+    for _ in 0..3 {
+        let now = w.now();
+        w.e.allocate(now, Cycle::Full);
+        w.drain();
+    }
+    let flood = |w: &World| {
+        [&f1, &f2, &f3]
+            .iter()
+            .map(|f| w.offers.get(*f).map_or(0, Vec::len))
+            .sum::<usize>()
+    };
+    assert_eq!(flood(&w), 2, "{:?}", w.offers);
+    assert_eq!(
+        w.offers.get(&good).map_or(0, Vec::len),
+        2,
+        "the rest went to good"
+    );
+    // Declined, the flood's offer goes back, and the bound no longer holds it off.
+    let holder = [&f1, &f2, &f3]
+        .into_iter()
+        .find(|f| w.offers.get(*f).is_some_and(|o| !o.is_empty()))
+        .unwrap()
+        .clone();
+    let held = w.take_offers(&holder);
+    w.decline(&holder, &held, 0.0);
+    assert_eq!(flood(&w), 1);
+    let now = w.now();
+    w.e.allocate(now, Cycle::Full);
+    w.drain();
+    assert_eq!(flood(&w), 2, "{:?}", w.offers);
 }
 
 #[test]
