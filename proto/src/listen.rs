@@ -99,7 +99,23 @@ impl tokio_stream::Stream for Incoming {
                     self.paused = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
                 }
                 // A connection reset before it was accepted, and the like: the next one.
-                Err(e) => tracing::debug!(error = %e, "accept failed"),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::Interrupted
+                            | std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    tracing::debug!(error = %e, "accept failed");
+                }
+                // Anything else (ENOBUFS, ENOMEM, …) may well repeat: pause rather than spin.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting failed; accepting again in 100 ms");
+                    self.paused = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
+                }
             }
         }
     }
