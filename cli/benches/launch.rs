@@ -167,8 +167,9 @@ fn main() {
     }
 }
 
-/// The same cluster in the clear and secured, `--rounds` times each, interleaved: warm latency and
-/// throughput, and the secured ÷ clear ratios of each pair.
+/// The same cluster in the clear and secured, `--rounds` times each, interleaved (clear first
+/// in odd rounds, secured first in even ones): warm latency and throughput, and the
+/// secured ÷ clear ratios of each pair.
 fn secure(args: &Args, hello: &[u8]) {
     println!("# launch benchmark, secured against in the clear: hello in a Wasm executor");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -181,8 +182,15 @@ fn secure(args: &Args, hello: &[u8]) {
         in_process: false,
     };
     for round in 1..=args.rounds {
-        let plain = rt.block_on(cluster_with(kind(), args, false));
-        let tls = rt.block_on(cluster_with(kind(), args, true));
+        // Which goes first alternates: whatever slows the machine over a run (it did, by
+        // 2× from the first round to the last) must not count against one side only.
+        let (plain, tls) = if round % 2 == 1 {
+            let plain = rt.block_on(cluster_with(kind(), args, false));
+            (plain, rt.block_on(cluster_with(kind(), args, true)))
+        } else {
+            let tls = rt.block_on(cluster_with(kind(), args, true));
+            (rt.block_on(cluster_with(kind(), args, false)), tls)
+        };
         for (what, r) in [("clear", &plain), ("secured", &tls)] {
             report(
                 &format!("round {round} {what}: warm ACCEPT → TASK_FINISHED"),
