@@ -178,11 +178,11 @@ pub async fn blobs(
     use axum::http::{Method, StatusCode};
     use axum::response::IntoResponse;
     let read = matches!(*request.method(), Method::GET | Method::HEAD);
-    let address = crate::limits::peer_in(request.extensions());
+    let peer = crate::limits::peer_in(request.extensions());
     let too_fast =
         |s: Status| (StatusCode::TOO_MANY_REQUESTS, format!("{}\n", s.message())).into_response();
     if !authn.enabled() {
-        if let Err(s) = guard.call(&address) {
+        if let Err(s) = guard.call(&crate::limits::caller(None, peer)) {
             return too_fast(s);
         }
         return match crate::acl::check(acls.as_deref(), None, blob_action(read), "*") {
@@ -195,7 +195,7 @@ pub async fn blobs(
         .get(axum::http::header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or_default());
     let certificate = tls::principal_in(request.extensions());
-    let peer = certificate
+    let server = certificate
         .as_ref()
         .is_some_and(|p| matches!(p.kind, Kind::Agent | Kind::Master));
     let mut caller = None;
@@ -209,11 +209,11 @@ pub async fn blobs(
         }
         Ok(None) => Some(unauthenticated()),
         // Agents fetch their tasks' blobs: no ACL stands between them.
-        Err(_) if read && peer && authorization.is_none() => None,
+        Err(_) if read && server && authorization.is_none() => None,
         Err(s) => Some(s),
     };
     if refused.is_none()
-        && let Err(s) = guard.call(caller.as_deref().unwrap_or(&address))
+        && let Err(s) = guard.call(&crate::limits::caller(caller.as_deref(), peer))
     {
         return too_fast(s);
     }

@@ -38,7 +38,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            // The launch benchmark's busiest framework makes about 6,000 calls a second.
+            // Far above a busy framework's calls (an ACCEPT per offer, an ACKNOWLEDGE per
+            // update: a few thousand a second at the launch benchmark's rates, by estimate,
+            // not measured).
             call_rate: 20_000,
             call_burst: 40_000,
             subscriptions: 64,
@@ -111,10 +113,7 @@ impl Guard {
     /// `RESOURCE_EXHAUSTED` when the caller already holds as many as it may.
     pub fn subscribe(self: &Arc<Self>, caller: &str) -> Result<Slot, Status> {
         let max = self.limits.subscriptions;
-        let mut held = self
-            .subscriptions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = self.held();
         let n = held.entry(caller.to_owned()).or_default();
         if max > 0 && *n >= max {
             return Err(Status::resource_exhausted(format!(
@@ -128,14 +127,15 @@ impl Guard {
         })
     }
 
-    /// The subscriptions `caller` holds now.
-    pub fn subscriptions_of(&self, caller: &str) -> usize {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
         self.subscriptions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(caller)
-            .copied()
-            .unwrap_or(0)
+    }
+
+    /// The subscriptions `caller` holds now.
+    pub fn subscriptions_of(&self, caller: &str) -> usize {
+        self.held().get(caller).copied().unwrap_or(0)
     }
 }
 
@@ -147,11 +147,7 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut held = self
-            .guard
-            .subscriptions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = self.guard.held();
         if let Some(n) = held.get_mut(&self.caller) {
             *n -= 1;
             if *n == 0 {
@@ -162,19 +158,24 @@ impl Drop for Slot {
 }
 
 /// Who a call counts against: its principal, else its peer's address.
-pub fn caller_of<T>(request: &tonic::Request<T>) -> String {
-    if let Some(crate::auth::Caller(p)) = request.extensions().get::<crate::auth::Caller>() {
-        return p.clone();
-    }
-    match request.remote_addr() {
-        Some(a) => format!("address {}", a.ip()),
-        None => "an unknown address".to_owned(),
+pub fn caller(principal: Option<&str>, peer: Option<std::net::SocketAddr>) -> String {
+    match (principal, peer) {
+        (Some(p), _) => p.to_owned(),
+        (None, Some(a)) => format!("address {}", a.ip()),
+        (None, None) => "an unknown address".to_owned(),
     }
 }
 
-/// Who an HTTP request without a principal counts against: its peer's address, from the
-/// connection information tonic's server puts in every request.
-pub fn peer_in(extensions: &axum::http::Extensions) -> String {
+/// [`caller`] of a gRPC call, its principal from the [`crate::auth::Caller`] that
+/// authentication left in its extensions.
+pub fn caller_of<T>(request: &tonic::Request<T>) -> String {
+    let principal = request.extensions().get::<crate::auth::Caller>();
+    caller(principal.map(|c| c.0.as_str()), request.remote_addr())
+}
+
+/// The peer of an HTTP request, from the connection information tonic's server puts in
+/// every request.
+pub fn peer_in(extensions: &axum::http::Extensions) -> Option<std::net::SocketAddr> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     extensions
         .get::<TcpConnectInfo>()
@@ -184,10 +185,6 @@ pub fn peer_in(extensions: &axum::http::Extensions) -> String {
                 .get::<TlsConnectInfo<TcpConnectInfo>>()
                 .and_then(|c| c.get_ref().remote_addr)
         })
-        .map_or_else(
-            || "an unknown address".to_owned(),
-            |a| format!("address {}", a.ip()),
-        )
 }
 
 #[cfg(test)]

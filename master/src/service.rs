@@ -472,9 +472,9 @@ impl OperatorService {
         object: &str,
     ) -> Result<(), Status> {
         let caller = self.authn.check(request)?;
-        self.guard.call(&caller.as_ref().map_or_else(
-            || crate::limits::peer_in(request.extensions()),
-            |c| c.0.clone(),
+        self.guard.call(&crate::limits::caller(
+            caller.as_ref().map(|c| c.0.as_str()),
+            request.remote_addr(),
         ))?;
         crate::acl::check(
             self.acls.as_deref(),
