@@ -226,8 +226,10 @@ mod tests {
 
     #[test]
     fn zero_turns_a_bound_off() {
+        // A burst of 1 would refuse the second call, were the rate on.
         let g = Guard::new(Limits {
             call_rate: 0,
+            call_burst: 1,
             subscriptions: 0,
             ..Limits::default()
         });
