@@ -366,7 +366,7 @@ async fn serve(
     let native = Arc::new(native::NativeContainerizer::new(config.native.clone()));
     let mut executors_config = config.executors.clone();
     if let Some(tls) = &config.tls {
-        executors_config.tls_ca = Some(tls.ca.clone());
+        executors_config.tls_ca = Some(tls.as_client().ca);
     }
     let executors = ExecutorContainerizer::new(
         native.clone(),
@@ -512,21 +512,14 @@ async fn serve(
             min: config.reconnect_min,
             max: Duration::from_secs(10).max(config.reconnect_min),
         },
-        config
-            .tls
-            .as_ref()
-            .map(agora_proto::tls::ServerTls::as_client),
+        config.tls.clone(),
         events_tx,
     ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = {
         let mut stop = stop_rx.clone();
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &config.tls {
-            builder = builder.tls_config(tls.server_config(false))?;
-        }
-        builder
+        tonic::transport::Server::builder()
             .add_service(v1::sandbox_server::SandboxServer::new(
                 sandbox::SandboxService {
                     work_dir,
@@ -539,9 +532,11 @@ async fn serve(
                 executors.service(),
             ))
             .serve_with_incoming_shutdown(
-                agora_proto::listen::Incoming::new(
+                agora_proto::listen::Incoming::maybe_tls(
                     listener,
                     agora_proto::listen::FIRST_BYTES_WITHIN,
+                    config.tls.as_ref(),
+                    false,
                 ),
                 async move {
                     let _ = stop.wait_for(|s| *s).await;

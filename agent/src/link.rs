@@ -170,11 +170,12 @@ async fn session(
 }
 
 /// Keeps a link to the leader among `masters` (see [`masters`]) until `events` closes;
-/// over TLS, presenting the agent's certificate, with `tls`.
+/// over TLS, presenting the agent's certificate, with `tls` (as its files are at each
+/// dial, so that a reloaded certificate is presented from the next link on).
 pub async fn maintain(
     masters: Vec<String>,
     backoff: Backoff,
-    tls: Option<Credentials>,
+    tls: Option<agora_proto::tls::ServerTls>,
     events: mpsc::Sender<Event>,
 ) {
     let policy = DialPolicy::default();
@@ -189,7 +190,8 @@ pub async fn maintain(
         } else {
             None
         };
-        let outcome = session(&order, lost, &policy, tls.as_ref(), &events).await;
+        let credentials = tls.as_ref().map(agora_proto::tls::ServerTls::as_client);
+        let outcome = session(&order, lost, &policy, credentials.as_ref(), &events).await;
         let _ = events.send(Event::LinkDown).await;
         if events.is_closed() {
             return;

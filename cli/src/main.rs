@@ -207,7 +207,8 @@ struct LimitArgs {
     /// Blob-store bytes one principal's uploads may hold, in MiB.
     #[arg(long, default_value_t = agora_master::limits::Limits::default().blob_bytes >> 20)]
     max_blob_mib_per_principal: u64,
-    /// How long a new connection may stay silent before it is closed.
+    /// How long a new connection has to finish its TLS handshake (with TLS) and send its
+    /// first bytes before it is closed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     header_timeout: Duration,
 }
@@ -677,10 +678,33 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Reads `tls`'s files again on every SIGHUP (a renewed certificate, a rotated CA): new
+/// connections are served and dialled with them; a reading that does not make a
+/// configuration is reported and changes nothing.
+fn reload_on_hangup(tls: &agora_proto::tls::ServerTls, what: &'static str) -> anyhow::Result<()> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    let tls = tls.clone();
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("{what}: TLS certificate, key and CA read again"),
+                Err(e) => {
+                    tracing::error!(error = %e, "{what}: TLS not reloaded; going on with what it had");
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
 async fn master(args: MasterArgs) -> anyhow::Result<()> {
     args.tls.check_exposure("master", args.listen)?;
     let mut config = args.config();
     config.tls = args.tls.load()?;
+    if let Some(tls) = &config.tls {
+        reload_on_hangup(tls, "master")?;
+    }
     if let Some(path) = &args.tokens {
         config.tokens = agora_master::auth::Tokens::load(path).map_err(anyhow::Error::msg)?;
     }
@@ -710,6 +734,9 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     args.tls.check_exposure("agent", args.listen)?;
     let mut config = agora_agent::AgentConfig::new(master_url(&args.master), &args.work_dir);
     config.tls = args.tls.load()?;
+    if let Some(tls) = &config.tls {
+        reload_on_hangup(tls, "agent")?;
+    }
     config.resources = args.resources;
     config.attributes = args.attributes.unwrap_or_default();
     config.hostname = args.hostname;

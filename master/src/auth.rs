@@ -178,7 +178,7 @@ pub async fn blobs(
     use axum::http::{Method, StatusCode};
     use axum::response::IntoResponse;
     let read = matches!(*request.method(), Method::GET | Method::HEAD);
-    let peer = crate::limits::peer_in(request.extensions());
+    let peer = agora_proto::listen::remote_addr(request.extensions());
     let too_fast =
         |s: Status| (StatusCode::TOO_MANY_REQUESTS, format!("{}\n", s.message())).into_response();
     if !authn.enabled() {

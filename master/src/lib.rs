@@ -532,19 +532,18 @@ async fn serve(
 
     // Subscriptions and agent links are endless streams, so a graceful shutdown must first
     // stop the owner: dropping its senders ends every stream and lets connections drain.
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &config.tls {
-        builder = builder
-            .tls_config(tls.server_config(false))
-            .map_err(|e| MasterError::Config(format!("the master's TLS: {e}")))?;
-    }
-    let server = builder
+    let server = tonic::transport::Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_routes(routes)
         .serve_with_incoming_shutdown(
-            agora_proto::listen::Incoming::new(listener, config.limits.header_timeout),
+            agora_proto::listen::Incoming::maybe_tls(
+                listener,
+                config.limits.header_timeout,
+                config.tls.as_ref(),
+                false,
+            ),
             {
                 let stop_tx = stop_tx.clone();
                 async move {

@@ -31,7 +31,7 @@ pub struct Limits {
     pub offers: usize,
     /// Blob-store bytes one principal's uploads may hold (`--max-blob-mib-per-principal`).
     pub blob_bytes: u64,
-    /// How long a new connection may stay silent (`--header-timeout`).
+    /// How long a new connection has for its TLS handshake and first bytes (`--header-timeout`).
     pub header_timeout: Duration,
 }
 
@@ -170,21 +170,10 @@ pub fn caller(principal: Option<&str>, peer: Option<std::net::SocketAddr>) -> St
 /// authentication left in its extensions.
 pub fn caller_of<T>(request: &tonic::Request<T>) -> String {
     let principal = request.extensions().get::<crate::auth::Caller>();
-    caller(principal.map(|c| c.0.as_str()), request.remote_addr())
-}
-
-/// The peer of an HTTP request, from the connection information tonic's server puts in
-/// every request.
-pub fn peer_in(extensions: &axum::http::Extensions) -> Option<std::net::SocketAddr> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    extensions
-        .get::<TcpConnectInfo>()
-        .and_then(|c| c.remote_addr)
-        .or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|c| c.get_ref().remote_addr)
-        })
+    caller(
+        principal.map(|c| c.0.as_str()),
+        agora_proto::listen::remote_addr(request.extensions()),
+    )
 }
 
 #[cfg(test)]

@@ -378,7 +378,7 @@ impl AgentLink for AgentLinkService {
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let peer = request.remote_addr();
+        let peer = agora_proto::listen::remote_addr(request.extensions());
         if self.agents_by_certificate {
             match agora_proto::tls::principal(&request) {
                 Some(p) if p.kind == agora_proto::tls::Kind::Agent => {}
@@ -474,7 +474,7 @@ impl OperatorService {
         let caller = self.authn.check(request)?;
         self.guard.call(&crate::limits::caller(
             caller.as_ref().map(|c| c.0.as_str()),
-            request.remote_addr(),
+            agora_proto::listen::remote_addr(request.extensions()),
         ))?;
         crate::acl::check(
             self.acls.as_deref(),

@@ -14,7 +14,10 @@
 
 use std::path::{Path, PathBuf};
 
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use tokio_rustls::rustls::ServerConfig;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// The kind of principal a certificate was issued to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,65 +237,191 @@ pub fn endpoint(url: &str, credentials: Option<&Credentials>) -> Result<Endpoint
     }
 }
 
-/// A server's TLS: its certificate and key, and the CA whose client certificates it accepts.
-#[derive(Debug, Clone)]
+/// A server's TLS: its certificate and key, and the CA whose client certificates it
+/// accepts. Clones share one state, which [`ServerTls::reload`] replaces: new connections
+/// (served, and dialled with [`ServerTls::as_client`]) use the files as they are then, and
+/// connections already open keep what they were made with.
+#[derive(Clone)]
 pub struct ServerTls {
-    pub identity: KeyPair,
-    pub ca: Vec<u8>,
+    files: Option<Arc<Files>>,
+    current: Arc<RwLock<Arc<Loaded>>>,
+}
+
+/// Where a server's TLS was read from, to read again.
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+/// One reading of a server's files, made into rustls's configurations.
+struct Loaded {
+    identity: KeyPair,
+    ca: Vec<u8>,
+    /// Verifies a client certificate when one is presented.
+    optional: Arc<ServerConfig>,
+    /// Needs one in the handshake.
+    required: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").finish_non_exhaustive()
+    }
+}
+
+/// The cryptography every TLS configuration here uses (tonic's and reqwest's too): naming it
+/// keeps rustls from having to pick one when more than one is built in.
+fn provider() -> Arc<tokio_rustls::rustls::crypto::CryptoProvider> {
+    Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// HTTP/2 first, as gRPC clients insist on; HTTP/1.1 for the plain HTTP endpoints.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+impl Loaded {
+    fn new(identity: KeyPair, ca: Vec<u8>) -> Result<Loaded, TlsError> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Config(format!("{what}: {e}"));
+        let chain = CertificateDer::pem_slice_iter(&identity.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("the certificate is not PEM", &e))?;
+        if chain.is_empty() {
+            return Err(TlsError::Config(
+                "the certificate file holds no certificate".into(),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&identity.key)
+            .map_err(|e| bad("the key is not a PEM private key", &e))?;
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&ca) {
+            let c = c.map_err(|e| bad("the CA certificate is not PEM", &e))?;
+            roots.add(c).map_err(|e| bad("the CA certificate", &e))?;
+        }
+        if roots.is_empty() {
+            return Err(TlsError::Config("the CA file holds no certificate".into()));
+        }
+        let roots = Arc::new(roots);
+        let config = |required: bool| -> Result<Arc<ServerConfig>, TlsError> {
+            use tokio_rustls::rustls::server::WebPkiClientVerifier;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), provider());
+            let verifier = if required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            }
+            .build()
+            .map_err(|e| bad("the CA certificate", &e))?;
+            let mut c = ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| bad("TLS versions", &e))?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain.clone(), key.clone_key())
+                .map_err(|e| bad("the certificate and key", &e))?;
+            c.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+            Ok(Arc::new(c))
+        };
+        Ok(Loaded {
+            optional: config(false)?,
+            required: config(true)?,
+            identity,
+            ca,
+        })
+    }
 }
 
 impl ServerTls {
-    /// Reads the server's certificate, key and the cluster CA.
+    /// Reads the server's certificate, key and the cluster CA, and checks that they make a
+    /// TLS configuration; [`ServerTls::reload`] reads the same files again.
     ///
     /// # Errors
-    /// When a file cannot be read.
+    /// When a file cannot be read, or they do not make a configuration (not PEM, a key that
+    /// is not the certificate's).
     pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Self, TlsError> {
+        let files = Files {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            ca: ca.to_owned(),
+        };
+        let loaded = files.read()?;
         Ok(ServerTls {
-            identity: KeyPair::load(cert, key)?,
-            ca: read("the CA certificate", ca)?,
+            files: Some(Arc::new(files)),
+            current: Arc::new(RwLock::new(Arc::new(loaded))),
         })
     }
 
-    /// tonic's configuration: client certificates are verified when presented (a call that
-    /// needs one checks [`principal`]); with `require_client`, the handshake needs one.
-    pub fn server_config(&self, require_client: bool) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.identity.cert, &self.identity.key))
-            .client_ca_root(Certificate::from_pem(&self.ca))
-            .client_auth_optional(!require_client)
-            // A caller that stalls its handshake gives up its connection.
-            .timeout(HANDSHAKE_TIMEOUT)
+    /// Reads the files again and, if they make a configuration, uses them from now on.
+    /// On an error nothing changes: the server goes on with what it had.
+    ///
+    /// # Errors
+    /// When a file cannot be read or they do not make a configuration.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let Some(files) = &self.files else {
+            return Ok(());
+        };
+        let loaded = Arc::new(files.read()?);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = loaded;
+        Ok(())
+    }
+
+    fn loaded(&self) -> Arc<Loaded> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The configuration new connections are accepted with: client certificates are
+    /// verified when presented (a call that needs one checks [`principal`]); with
+    /// `require_client`, the handshake needs one.
+    pub fn server_config(&self, require_client: bool) -> Arc<ServerConfig> {
+        let l = self.loaded();
+        Arc::clone(if require_client {
+            &l.required
+        } else {
+            &l.optional
+        })
     }
 
     /// What this server presents to the servers it calls (masters to their peers, agents to
-    /// their masters).
+    /// their masters), as its files are now.
     pub fn as_client(&self) -> Credentials {
+        let l = self.loaded();
         Credentials {
-            ca: self.ca.clone(),
-            identity: Some(self.identity.clone()),
+            ca: l.ca.clone(),
+            identity: Some(l.identity.clone()),
         }
     }
 }
 
-/// How long a server waits for a caller to finish its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+impl Files {
+    fn read(&self) -> Result<Loaded, TlsError> {
+        Loaded::new(
+            KeyPair::load(&self.cert, &self.key)?,
+            read("the CA certificate", &self.ca)?,
+        )
+        .map_err(|e| {
+            TlsError::Config(format!(
+                "{e} (read from {}, {} and {})",
+                self.cert.display(),
+                self.key.display(),
+                self.ca.display()
+            ))
+        })
+    }
+}
 
 /// The principal of the certificate a caller presented on this connection (the handshake
 /// verified it against the cluster CA); `None` without TLS, without a certificate, or with
 /// one that names no Agora principal.
 pub fn principal<T>(request: &tonic::Request<T>) -> Option<Principal> {
-    let certs = request.peer_certs()?;
-    principal_of(certs.first()?.as_ref())
+    principal_in(request.extensions())
 }
 
-/// The principal of the certificate presented on the connection of a plain HTTP request
-/// served beside gRPC (the master's `/blobs`), from its extensions.
+/// The principal of the certificate presented on the connection a request (gRPC or plain
+/// HTTP) came on, from the request's extensions.
 pub fn principal_in(extensions: &tonic::codegen::http::Extensions) -> Option<Principal> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    let certs = extensions
-        .get::<TlsConnectInfo<TcpConnectInfo>>()?
-        .peer_certs()?;
-    principal_of(certs.first()?.as_ref())
+    let peer = crate::listen::peer(extensions)?;
+    principal_of(peer.certificates.as_ref()?.first()?.as_ref())
 }
 
 /// Certificates whose principals are remembered: callers present the same few on every
@@ -304,7 +433,7 @@ const REMEMBERED: usize = 4096;
 /// past that the memory starts over).
 pub fn principal_of(der: &[u8]) -> Option<Principal> {
     use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock, PoisonError};
+    use std::sync::{Mutex, OnceLock};
     static SEEN: OnceLock<Mutex<HashMap<Vec<u8>, Option<Principal>>>> = OnceLock::new();
     let seen = SEEN.get_or_init(Mutex::default);
     if let Some(p) = seen.lock().unwrap_or_else(PoisonError::into_inner).get(der) {

@@ -120,8 +120,15 @@ async fn an_agent_killed_and_restarted_keeps_its_tasks_running() {
         "short-wasm",
         "long-custom",
     ];
+    // Each has run (the short ones may have ended already on a machine busy with the rest
+    // of the suite: all six at once can take longer than the shortest lives).
     seen.pump(&s, &mut events, "every task to run", |v| {
-        names.iter().all(|t| v.state(t) == Some(TaskState::Running))
+        names.iter().all(|t| {
+            v.state(t)
+                .is_some_and(|s| s == TaskState::Running || s.is_terminal())
+        }) && v.state("long-native") == Some(TaskState::Running)
+            && v.state("long-wasm") == Some(TaskState::Running)
+            && v.state("long-custom") == Some(TaskState::Running)
     })
     .await;
 

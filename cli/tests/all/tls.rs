@@ -478,3 +478,113 @@ async fn every_method_refuses_callers_without_the_right_credentials() {
     agent.stop().await.unwrap();
     master_handle.stop().await.unwrap();
 }
+
+/// The certificate the server at `addr` presents in a TLS handshake (trusting the CA in
+/// `dir`), or why there is none yet.
+async fn served(addr: std::net::SocketAddr, dir: &Path) -> Result<Vec<u8>, String> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
+}
+
+/// An `agora master` reads its certificate, key and CA again on SIGHUP: a renewed
+/// certificate is served to the next connection without a restart; files that do not make
+/// a configuration leave it serving what it had.
+#[tokio::test]
+async fn a_master_serves_a_renewed_certificate_after_sighup() {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    cert(&certs, &["init"]);
+    cert(&certs, &["issue", "master", "old"]);
+    cert(&certs, &["issue", "master", "new"]);
+    let der = |stem: &str| {
+        CertificateDer::from_pem_file(certs.join(format!("{stem}.pem")))
+            .unwrap()
+            .to_vec()
+    };
+    let install = |stem: &str| {
+        let (c, k) = issued(&certs, stem);
+        std::fs::copy(c, certs.join("served.pem")).unwrap();
+        std::fs::copy(k, certs.join("served.key")).unwrap();
+    };
+    install("master-old");
+    let port = crate::ports::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let served_pem = certs.join("served.pem");
+    let served_key = certs.join("served.key");
+    let ca = certs.join("ca.pem");
+    let master = Killed::master(
+        &addr.to_string(),
+        &dir.path().join("master"),
+        &[
+            "--tls-cert",
+            served_pem.to_str().unwrap(),
+            "--tls-key",
+            served_key.to_str().unwrap(),
+            "--tls-ca",
+            ca.to_str().unwrap(),
+        ],
+    );
+    let pid = master.0.as_ref().unwrap().id();
+    let hangup = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP {pid}");
+    };
+    // Waits (with a deadline) until the master serves `want`.
+    let serves = |want: Vec<u8>, why: &'static str| {
+        let certs = certs.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let got = served(addr, &certs).await;
+                if got.as_ref().is_ok_and(|g| *g == want) {
+                    return;
+                }
+                let got = got.map(|_| "another certificate");
+                assert!(tokio::time::Instant::now() < deadline, "{why}: {got:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    serves(der("master-old"), "the master serves its certificate").await;
+
+    install("master-new");
+    hangup();
+    serves(der("master-new"), "after SIGHUP the renewed certificate").await;
+
+    // A key that is not the certificate's: refused, the renewed one still served (and the
+    // master still up after another SIGHUP).
+    std::fs::copy(issued(&certs, "master-old").1, &served_key).unwrap();
+    hangup();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        assert_eq!(served(addr, &certs).await, Ok(der("master-new")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(master);
+}

@@ -238,13 +238,7 @@ impl Registrar {
                     .last_log_id
                     .is_none()
         };
-        let network = network::Network::new(
-            config.raft_addrs.clone(),
-            config
-                .tls
-                .as_ref()
-                .map(agora_proto::tls::ServerTls::as_client),
-        );
+        let network = network::Network::new(config.raft_addrs.clone(), config.tls.clone());
         let raft = Raft::new(config.id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| RegistryError::Fatal(e.to_string()))?;
@@ -332,15 +326,14 @@ impl Registrar {
             .set_nonblocking(true)
             .and_then(|()| tokio::net::TcpListener::from_std(listener))
             .map_err(|e| RegistryError::Config(format!("the raft listener: {e}")))?;
-        let incoming =
-            agora_proto::listen::Incoming::new(listener, agora_proto::listen::FIRST_BYTES_WITHIN);
-        let mut server = tonic::transport::Server::builder();
-        if let Some(tls) = &self.config.tls {
-            server = server
-                .tls_config(tls.server_config(true))
-                .map_err(|e| RegistryError::Config(format!("raft's TLS: {e}")))?;
-        }
-        let routes = server.add_service(self.peer_service());
+        // Only masters call here: over TLS the handshake needs a certificate.
+        let incoming = agora_proto::listen::Incoming::maybe_tls(
+            listener,
+            agora_proto::listen::FIRST_BYTES_WITHIN,
+            self.config.tls.as_ref(),
+            true,
+        );
+        let routes = tonic::transport::Server::builder().add_service(self.peer_service());
         let raft = self.raft.clone();
         tokio::spawn(async move {
             // It serves until the runtime stops, which cancels this task. Ending otherwise,

@@ -27,18 +27,18 @@ use super::{NodeId, Raft, TypeConfig};
 pub struct Network {
     raft_addrs: Arc<BTreeMap<NodeId, String>>,
     /// This master's certificate and the cluster CA: peers are dialled over mutual TLS.
-    tls: Option<Arc<agora_proto::tls::Credentials>>,
+    tls: Option<agora_proto::tls::ServerTls>,
 }
 
 impl Network {
     /// `raft_addrs`: where members take raft when not at their address in the membership.
     pub fn new(
         raft_addrs: BTreeMap<NodeId, String>,
-        tls: Option<agora_proto::tls::Credentials>,
+        tls: Option<agora_proto::tls::ServerTls>,
     ) -> Self {
         Network {
             raft_addrs: Arc::new(raft_addrs),
-            tls: tls.map(Arc::new),
+            tls,
         }
     }
 }
@@ -64,7 +64,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct Peer {
     target: NodeId,
     addr: String,
-    tls: Option<Arc<agora_proto::tls::Credentials>>,
+    /// Read at each dial: a reloaded certificate is presented from the next connection on.
+    tls: Option<agora_proto::tls::ServerTls>,
     client: Option<v1::raft_peer_client::RaftPeerClient<Channel>>,
 }
 
@@ -80,12 +81,17 @@ impl Peer {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let channel =
-            agora_proto::tls::endpoint(&format!("http://{}", self.addr), self.tls.as_deref())
-                .map_err(|e| format!("peer address {}: {e}", self.addr))?
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .connect_lazy();
+        let channel = agora_proto::tls::endpoint(
+            &format!("http://{}", self.addr),
+            self.tls
+                .as_ref()
+                .map(agora_proto::tls::ServerTls::as_client)
+                .as_ref(),
+        )
+        .map_err(|e| format!("peer address {}: {e}", self.addr))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect_lazy();
         let c = v1::raft_peer_client::RaftPeerClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
