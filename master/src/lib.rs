@@ -25,6 +25,7 @@ pub mod auth;
 pub mod blobs;
 pub mod engine;
 pub mod limits;
+pub mod mesos;
 pub mod registry;
 pub mod runtime;
 pub mod service;
@@ -240,6 +241,9 @@ pub enum MasterError {
 /// How long a stopping master waits for its connections to drain.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// The Mesos version Agora's Mesos APIs speak, as it reports it to Mesos clients.
+pub const MESOS_VERSION: &str = "1.11.0";
+
 /// Serves a master on `listener` until `shutdown` resolves.
 ///
 /// # Errors
@@ -374,6 +378,11 @@ async fn serve(
             .map(|(id, p)| (*id, p.addr.clone()))
             .collect()
     };
+    // Where Mesos frameworks are told this master is (its address in the group).
+    let members_addr = members
+        .get(&config.group_id)
+        .cloned()
+        .unwrap_or_else(|| addr.to_string());
     // A member of a group takes raft on a listener of its own: this one's raft port, on the
     // address it serves clients on.
     let raft_listener = match (config.peers.get(&config.group_id), raft_listener) {
@@ -525,10 +534,20 @@ async fn serve(
             (Arc::clone(&authn), config.acls.clone(), Arc::clone(&guard)),
             auth::blobs,
         ));
+    let mesos_routes = mesos::router(mesos::Front::new(
+        SchedulerService {
+            gate: gate.clone(),
+            guard: Arc::clone(&guard),
+        },
+        Arc::clone(&authn),
+        Arc::clone(&guard),
+        mesos::master_info(&members_addr),
+    ));
     let mut routes = routes.routes();
     *routes.axum_router_mut() = std::mem::take(routes.axum_router_mut())
         .merge(health_router(snap_rx, gate))
-        .merge(blob_routes);
+        .merge(blob_routes)
+        .merge(mesos_routes);
 
     // Subscriptions and agent links are endless streams, so a graceful shutdown must first
     // stop the owner: dropping its senders ends every stream and lets connections drain.

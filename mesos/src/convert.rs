@@ -480,9 +480,7 @@ pub type Accepted = (Vec<agora::Operation>, Vec<(mesos::TaskId, Refused)>);
 /// # Errors
 /// For an operation Agora does not serve at all (volumes, disks, task groups), or a
 /// reservation it cannot read.
-pub fn operations(
-    ops: &[mesos::offer::Operation],
-) -> Result<Accepted, Refused> {
+pub fn operations(ops: &[mesos::offer::Operation]) -> Result<Accepted, Refused> {
     use agora::operation::Operation as A;
     use mesos::offer::operation::Type as T;
     let mut out = Vec::new();

@@ -14,6 +14,7 @@ mod faults;
 mod fetch;
 mod hardening_agent;
 mod limits;
+mod mesos;
 mod native;
 mod partition;
 mod ports;
