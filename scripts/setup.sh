@@ -32,3 +32,28 @@ if ! command -v cargo-fuzz >/dev/null; then
     echo "setup: cargo install cargo-fuzz" >&2
     cargo install cargo-fuzz --version 0.13.2 --locked >&2
 fi
+
+# The Mesos client-library tests (cli/tests/all/mesos_clients.rs) run frameworks written with
+# real Mesos libraries: mesoshttp from PyPI and mesos-framework from npm, installed (pinned)
+# into target/mesos-clients.
+clients="$(cd "$(dirname "$0")/.." && pwd)/target/mesos-clients"
+apt_install() {
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: apt-get install $*" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >&2 \
+            || { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >&2; }
+    fi
+}
+if ! "$clients/venv/bin/python" -c "import mesoshttp" 2>/dev/null; then
+    python3 -m venv --help >/dev/null 2>&1 || apt_install python3 python3-venv
+    echo "setup: pip install mesoshttp into $clients/venv" >&2
+    rm -rf "$clients/venv"
+    python3 -m venv "$clients/venv" >&2
+    "$clients/venv/bin/pip" install --quiet --disable-pip-version-check mesoshttp==0.4.2 >&2
+fi
+if [ ! -f "$clients/node/node_modules/mesos-framework/package.json" ]; then
+    command -v npm >/dev/null || apt_install nodejs npm
+    echo "setup: npm install mesos-framework into $clients/node" >&2
+    mkdir -p "$clients/node"
+    npm install --prefix "$clients/node" --silent --no-audit --no-fund mesos-framework@0.5.3 >&2
+fi

@@ -726,7 +726,7 @@ impl NativeContainerizer {
         let ns = Namespaces {
             enabled: self.namespaces,
             hostname: Some(if c.hostname.is_empty() {
-                p.name.to_owned()
+                default_hostname(p.name)
             } else {
                 c.hostname.clone()
             }),
@@ -1238,6 +1238,16 @@ impl Rotation {
     }
 }
 
+/// The host name of a task that names none: its id, cut to the 64 bytes a host name may
+/// have (task ids may be longer; frameworks such as Mesos's often make them so).
+fn default_hostname(task: &str) -> String {
+    let mut end = task.len().min(64);
+    while !task.is_char_boundary(end) {
+        end -= 1;
+    }
+    task[..end].to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1466,5 +1476,18 @@ mod tests {
             open_log(&log, user).is_err(),
             "a planted link is not followed"
         );
+    }
+
+    #[test]
+    fn a_long_task_id_makes_a_host_name_the_kernel_takes() {
+        let id = format!("{}é{}", "a".repeat(63), "b".repeat(100));
+        let h = default_hostname(&id);
+        assert!(h.len() <= 64 && id.starts_with(&h), "{h}");
+        assert_eq!(
+            h.len(),
+            63,
+            "cut before the two-byte character that would cross 64"
+        );
+        assert_eq!(default_hostname("short"), "short");
     }
 }

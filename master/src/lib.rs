@@ -542,6 +542,7 @@ async fn serve(
         Arc::clone(&authn),
         Arc::clone(&guard),
         mesos::master_info(&members_addr),
+        snap_rx.clone(),
     ));
     let mut routes = routes.routes();
     *routes.axum_router_mut() = std::mem::take(routes.axum_router_mut())

@@ -47,6 +47,8 @@ pub struct Front {
     pub guard: Arc<crate::limits::Guard>,
     /// This master, as SUBSCRIBED describes it (its id is filled in from the leader's).
     pub master: mesos::MasterInfo,
+    /// The published state: where each agent serves, for the URLs of offers.
+    pub snapshot: tokio::sync::watch::Receiver<Arc<crate::runtime::Snapshot>>,
     subscriptions: Mutex<HashMap<String, Subscription>>,
 }
 
@@ -64,14 +66,43 @@ impl Front {
         authn: Arc<crate::auth::Authn>,
         guard: Arc<crate::limits::Guard>,
         master: mesos::MasterInfo,
+        snapshot: tokio::sync::watch::Receiver<Arc<crate::runtime::Snapshot>>,
     ) -> Arc<Front> {
         Arc::new(Front {
             service,
             authn,
             guard,
             master,
+            snapshot,
             subscriptions: Mutex::default(),
         })
+    }
+
+    /// The URLs of the agents of `event`'s offers, as far as the published state knows them
+    /// (an agent it does not know yet is given its hostname and Mesos's agent port).
+    fn agent_urls(&self, event: &v1::Event) -> HashMap<String, mesos::Url> {
+        let Some(v1::event::Event::Offers(offers)) = &event.event else {
+            return HashMap::new();
+        };
+        let snapshot = Arc::clone(&self.snapshot.borrow());
+        let endpoints: HashMap<&str, &v1::AgentInfo> = snapshot
+            .state
+            .agents
+            .iter()
+            .filter_map(|a| Some((a.id.as_ref()?.value.as_str(), a.info.as_ref()?)))
+            .collect();
+        offers
+            .offers
+            .iter()
+            .filter_map(|o| {
+                let id = o.agent_id.as_ref()?.value.as_str();
+                let url = match endpoints.get(id) {
+                    Some(info) => convert::agent_url(&info.endpoint, &info.hostname),
+                    None => convert::agent_url("", &o.hostname),
+                };
+                Some((id.to_owned(), url))
+            })
+            .collect()
     }
 
     fn subscriptions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Subscription>> {
@@ -638,9 +669,13 @@ async fn subscribe(
         .chain(events)
         .merge(tokio_stream::wrappers::ReceiverStream::new(injected).map(Ok))
         .map_while(move |e| {
-            let _held = &forgets;
             let event = match e {
-                Ok(e) => convert::event_out(&e, &master)?,
+                Ok(e) => {
+                    let urls = forgets.front.agent_urls(&e);
+                    convert::event_out(&e, &master, &|o| {
+                        urls.get(o.agent_id.as_ref()?.value.as_str()).cloned()
+                    })?
+                }
                 // The engine ended the subscription: say why, then end the stream.
                 Err(s) => scheduler::Event {
                     r#type: Some(scheduler::event::Type::Error as i32),

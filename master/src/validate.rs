@@ -147,12 +147,16 @@ pub fn filters(field: &str, filters: Option<&v1::Filters>) -> R {
     Ok(())
 }
 
+/// Longest host name a task may ask for in its UTS namespace (Linux's HOST_NAME_MAX).
+pub const MAX_HOSTNAME: usize = 64;
+
 fn command(field: &str, c: &v1::CommandTask) -> R {
     text(|| format!("{field}.value"), &c.value, MAX_ARG)?;
     strings(&format!("{field}.arguments"), &c.arguments, MAX_ARG)?;
     env(&format!("{field}.env"), &c.env)?;
     text(|| format!("{field}.user"), &c.user, MAX_TEXT)?;
-    text(|| format!("{field}.hostname"), &c.hostname, MAX_TEXT)?;
+    // The kernel's limit on a host name (HOST_NAME_MAX): a longer one cannot be set.
+    text(|| format!("{field}.hostname"), &c.hostname, MAX_HOSTNAME)?;
     if let Some(p) = c.pids_max
         && !(1..=MAX_PIDS).contains(&p)
     {

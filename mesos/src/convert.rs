@@ -244,23 +244,27 @@ pub fn resources(m: &[mesos::Resource]) -> Result<Vec<agora::Resource>, Refused>
 }
 
 /// An Agora Resource as Mesos's, allocated to `allocation_role` when given (as in offers).
+///
+/// It is written in Mesos's format for frameworks without RESERVATION_REFINEMENT (which
+/// Agora does not serve): the role in `role` (`*` when unreserved) and a dynamic
+/// reservation's principal in `reservation`, as Mesos writes resources for such frameworks.
 pub fn resource_out(a: &agora::Resource, allocation_role: Option<&str>) -> mesos::Resource {
-    let reservations = a
-        .reservation
-        .as_ref()
-        .map(|r| mesos::resource::ReservationInfo {
-            r#type: Some(match agora::reservation::Kind::try_from(r.kind) {
-                Ok(agora::reservation::Kind::Dynamic) => {
-                    mesos::resource::reservation_info::Type::Dynamic as i32
-                }
-                _ => mesos::resource::reservation_info::Type::Static as i32,
-            }),
-            role: Some(r.role.clone()),
-            principal: (!r.principal.is_empty()).then(|| r.principal.clone()),
-            labels: None,
-        })
-        .into_iter()
-        .collect();
+    let (role, reservation) = match &a.reservation {
+        None => ("*".to_owned(), None),
+        Some(r) => {
+            let dynamic =
+                agora::reservation::Kind::try_from(r.kind) == Ok(agora::reservation::Kind::Dynamic);
+            (
+                r.role.clone(),
+                dynamic.then(|| mesos::resource::ReservationInfo {
+                    principal: (!r.principal.is_empty()).then(|| r.principal.clone()),
+                    ..Default::default()
+                }),
+            )
+        }
+    };
+    // Mesos still fills the deprecated field in for these frameworks.
+    #[allow(deprecated)]
     mesos::Resource {
         name: a.name.clone(),
         r#type: value_type_out(a.r#type) as i32,
@@ -269,10 +273,41 @@ pub fn resource_out(a: &agora::Resource, allocation_role: Option<&str>) -> mesos
         set: a.set.as_ref().map(|s| mesos::value::Set {
             item: s.item.clone(),
         }),
+        role: Some(role),
         allocation_info: allocation_role.map(|r| mesos::resource::AllocationInfo {
             role: Some(r.to_owned()),
         }),
-        reservations,
+        reservation,
+        ..Default::default()
+    }
+}
+
+/// The URL Mesos gives an agent in offers: its address, and the path of Mesos's agent.
+pub fn agent_url(endpoint: &str, hostname: &str) -> mesos::Url {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    let host_port = rest.split('/').next().unwrap_or_default();
+    let (host, port) = host_port
+        .rsplit_once(':')
+        .map_or((host_port, 5051_u16), |(h, p)| {
+            (h, p.parse().unwrap_or(5051))
+        });
+    let host = host.trim_matches(['[', ']']);
+    let ip = host
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| ip.to_string());
+    mesos::Url {
+        scheme: "http".into(),
+        address: mesos::Address {
+            hostname: Some(if hostname.is_empty() {
+                host.to_owned()
+            } else {
+                hostname.to_owned()
+            }),
+            ip,
+            port: i32::from(port),
+        },
+        path: Some("/slave(1)".into()),
         ..Default::default()
     }
 }
@@ -292,14 +327,15 @@ fn attribute_out(a: &agora::Attribute) -> mesos::Attribute {
     }
 }
 
-/// An Agora offer as Mesos's.
-pub fn offer_out(o: &agora::Offer) -> mesos::Offer {
+/// An Agora offer as Mesos's, with its agent's URL when it is known.
+pub fn offer_out(o: &agora::Offer, url: Option<mesos::Url>) -> mesos::Offer {
     let role = (!o.allocation_role.is_empty()).then_some(o.allocation_role.as_str());
     mesos::Offer {
         id: o.id.as_ref().map(Into::into).unwrap_or_default(),
         framework_id: o.framework_id.as_ref().map(Into::into).unwrap_or_default(),
         agent_id: o.agent_id.as_ref().map(Into::into).unwrap_or_default(),
         hostname: o.hostname.clone(),
+        url,
         resources: o.resources.iter().map(|r| resource_out(r, role)).collect(),
         attributes: o.attributes.iter().map(attribute_out).collect(),
         allocation_info: role.map(|r| mesos::resource::AllocationInfo {
@@ -644,8 +680,13 @@ pub fn task_error(
 // Events.
 // ---------------------------------------------------------------------------------------
 
-/// An Agora scheduler event as Mesos's; `master` describes the master for SUBSCRIBED.
-pub fn event_out(e: &agora::Event, master: &mesos::MasterInfo) -> Option<scheduler::Event> {
+/// An Agora scheduler event as Mesos's; `master` describes the master for SUBSCRIBED, and
+/// `url` gives an offer's agent URL.
+pub fn event_out(
+    e: &agora::Event,
+    master: &mesos::MasterInfo,
+    url: &dyn Fn(&agora::Offer) -> Option<mesos::Url>,
+) -> Option<scheduler::Event> {
     use agora::event::Event as A;
     use scheduler::event::Type as T;
     let mut out = scheduler::Event::default();
@@ -661,7 +702,7 @@ pub fn event_out(e: &agora::Event, master: &mesos::MasterInfo) -> Option<schedul
         A::Offers(o) => {
             out.r#type = Some(T::Offers as i32);
             out.offers = Some(scheduler::event::Offers {
-                offers: o.offers.iter().map(offer_out).collect(),
+                offers: o.offers.iter().map(|o| offer_out(o, url(o))).collect(),
             });
         }
         A::Rescind(r) => {
@@ -764,6 +805,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(deprecated)]
     fn reservations_come_in_and_go_out() {
         let mut r = scalar("cpus", 1.0);
         r.reservations.push(mesos::resource::ReservationInfo {
@@ -778,9 +820,22 @@ mod tests {
             (res.kind, res.role.as_str(), res.principal.as_str()),
             (agora::reservation::Kind::Dynamic as i32, "batch", "ops")
         );
+        // Out, in the format of frameworks without RESERVATION_REFINEMENT.
         let back = resource_out(&a, Some("batch"));
-        assert_eq!(back.reservations, r.reservations);
-        assert_eq!(back.allocation_info.unwrap().role.as_deref(), Some("batch"));
+        assert!(back.reservations.is_empty());
+        assert_eq!(back.role.as_deref(), Some("batch"));
+        assert_eq!(
+            back.reservation.as_ref().unwrap().principal.as_deref(),
+            Some("ops")
+        );
+        assert_eq!(back.allocation_info.as_ref().unwrap().role.as_deref(), Some("batch"));
+        // And in again, the same.
+        assert_eq!(resource(&back).unwrap(), a);
+        let unreserved = resource_out(&resource(&scalar("mem", 1.0)).unwrap(), None);
+        assert_eq!(
+            (unreserved.role.as_deref(), unreserved.reservation),
+            (Some("*"), None)
+        );
         r.reservations.push(r.reservations[0].clone());
         assert!(resource(&r).unwrap_err().0.contains("refined"));
         let mut disk = scalar("disk", 10.0);

@@ -15,6 +15,7 @@ mod fetch;
 mod hardening_agent;
 mod limits;
 mod mesos;
+mod mesos_clients;
 mod native;
 mod partition;
 mod ports;

@@ -37,7 +37,7 @@ const scheduler = new Scheduler({
         UPDATE: function (update) {
             this.acknowledge(update);
             const status = update.status;
-            updates.push([status.task_id.value, status.state]);
+            updates.push([status.task_id.value, status.state, status.message || ""]);
             if (TERMINAL.has(status.state)) {
                 ends[status.task_id.value] = status.state;
                 if (Object.keys(ends).length === 2) {
