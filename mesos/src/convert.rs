@@ -828,7 +828,10 @@ mod tests {
             back.reservation.as_ref().unwrap().principal.as_deref(),
             Some("ops")
         );
-        assert_eq!(back.allocation_info.as_ref().unwrap().role.as_deref(), Some("batch"));
+        assert_eq!(
+            back.allocation_info.as_ref().unwrap().role.as_deref(),
+            Some("batch")
+        );
         // And in again, the same.
         assert_eq!(resource(&back).unwrap(), a);
         let unreserved = resource_out(&resource(&scalar("mem", 1.0)).unwrap(), None);

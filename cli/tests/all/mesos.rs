@@ -342,3 +342,252 @@ async fn a_mesos_json_framework_runs_command_tasks() {
     })
     .await;
 }
+
+/// Posts `body` to the master's scheduler endpoint with the given `Content-Type` and
+/// `Accept` (and headers); the status, the headers and the body.
+async fn raw(
+    master: &str,
+    content_type: Option<&str>,
+    accept: Option<&str>,
+    extra: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, String) {
+    // Redirects are the answer under test, not followed.
+    let mut r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(format!("{master}/api/v1/scheduler"))
+        .body(body);
+    if let Some(c) = content_type {
+        r = r.header("content-type", c);
+    }
+    if let Some(a) = accept {
+        r = r.header("accept", a);
+    }
+    for (k, v) in extra {
+        r = r.header(*k, *v);
+    }
+    let r = r.send().await.unwrap();
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    (status, headers, r.text().await.unwrap_or_default())
+}
+
+/// The wire as Mesos clients meet it: protobuf both ways, the content-type and accept
+/// checks, malformed bodies, calls without or with an unknown type, a stream id where none
+/// belongs, the wrong method; the master serves on after each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_endpoint_speaks_mesos_s_wire() {
+    use agora_mesos::v1::scheduler;
+    use prost::Message as _;
+    let cluster = Cluster::start(&["cpus:1;mem:256"]).await;
+    let master = cluster.master.as_str();
+    let json = Some("application/json");
+    let subscribe =
+        br#"{"type":"SUBSCRIBE","subscribe":{"framework_info":{"user":"","name":"x"}}}"#;
+
+    let r = reqwest::Client::new()
+        .get(format!("{master}/api/v1/scheduler"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    for (content_type, accept, extra, body, code, says) in [
+        (None, json, &[][..], subscribe.to_vec(), 400, "Content-Type"),
+        (
+            Some("text/plain"),
+            json,
+            &[],
+            subscribe.to_vec(),
+            415,
+            "Content-Type",
+        ),
+        (
+            json,
+            Some("text/html"),
+            &[],
+            subscribe.to_vec(),
+            406,
+            "Accept",
+        ),
+        (
+            json,
+            json,
+            &[],
+            b"{".to_vec(),
+            400,
+            "mesos.v1.scheduler.Call",
+        ),
+        (
+            json,
+            json,
+            &[],
+            br#"{"type": 3} trailing"#.to_vec(),
+            400,
+            "mesos.v1.scheduler.Call",
+        ),
+        (
+            Some("application/x-protobuf"),
+            json,
+            &[],
+            b"\xff\xff\xff".to_vec(),
+            400,
+            "mesos.v1.scheduler.Call",
+        ),
+        (json, json, &[], b"{}".to_vec(), 400, "'type'"),
+        (
+            json,
+            json,
+            &[],
+            br#"{"type":"NO_SUCH_CALL"}"#.to_vec(),
+            400,
+            "'type'",
+        ),
+        (
+            json,
+            json,
+            &[],
+            br#"{"type":"UNKNOWN"}"#.to_vec(),
+            501,
+            "UNKNOWN",
+        ),
+        (
+            json,
+            json,
+            &[("mesos-stream-id", "x")],
+            subscribe.to_vec(),
+            400,
+            "Mesos-Stream-Id",
+        ),
+        (
+            json,
+            json,
+            &[],
+            br#"{"type":"SUBSCRIBE"}"#.to_vec(),
+            400,
+            "'subscribe'",
+        ),
+    ] {
+        let (status, _, text) = raw(master, content_type, accept, extra, body.clone()).await;
+        assert_eq!(
+            status,
+            code,
+            "{content_type:?} {accept:?} {}: {text}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(text.contains(says), "{status}: {text}");
+    }
+
+    // Protobuf in and out: the events are RecordIO records of mesos.v1.scheduler.Event.
+    let call = scheduler::Call {
+        r#type: Some(scheduler::call::Type::Subscribe as i32),
+        subscribe: Some(scheduler::call::Subscribe {
+            framework_info: agora_mesos::v1::FrameworkInfo {
+                user: String::new(),
+                name: "protobuf".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut response = reqwest::Client::new()
+        .post(format!("{master}/api/v1/scheduler"))
+        .header("content-type", "application/x-protobuf")
+        .header("accept", "application/x-protobuf")
+        .body(call.encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/x-protobuf");
+    let stream_id = response.headers()["mesos-stream-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut reader = recordio::Reader::new(1 << 20);
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !events
+        .iter()
+        .any(|e: &scheduler::Event| e.r#type() == scheduler::event::Type::Offers)
+    {
+        match reader.next_record().unwrap() {
+            Some(r) => events.push(scheduler::Event::decode(r).unwrap()),
+            None => {
+                let chunk = tokio::time::timeout_at(deadline, response.chunk())
+                    .await
+                    .expect("OFFERS within 30 s")
+                    .unwrap()
+                    .unwrap();
+                reader.push(&chunk);
+            }
+        }
+    }
+    assert_eq!(events[0].r#type(), scheduler::event::Type::Subscribed);
+    let fw = events[0].subscribed.as_ref().unwrap().framework_id.clone();
+    let offer = events
+        .iter()
+        .find_map(|e| e.offers.as_ref())
+        .unwrap()
+        .offers[0]
+        .clone();
+    let decline = scheduler::Call {
+        framework_id: Some(fw),
+        r#type: Some(scheduler::call::Type::Decline as i32),
+        decline: Some(scheduler::call::Decline {
+            offer_ids: vec![offer.id],
+            filters: None,
+        }),
+        ..Default::default()
+    };
+    let (status, _, text) = raw(
+        master,
+        Some("application/x-protobuf"),
+        None,
+        &[("mesos-stream-id", &stream_id)],
+        decline.encode_to_vec(),
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+
+    let health = reqwest::get(format!("{master}/health")).await.unwrap();
+    assert_eq!(health.status(), 200, "the master serves on");
+}
+
+/// A follower answers a Mesos framework with 307 and the leader in `Location`, as a Mesos
+/// master does; the framework subscribes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_sends_mesos_frameworks_to_the_leader() {
+    let group = crate::failover::Group::start();
+    let leader = group.leader(None).await;
+    let follower = (leader + 1) % 3;
+    let at = |i: usize| format!("http://127.0.0.1:{}", group.ports[i]);
+    let subscribe =
+        br#"{"type":"SUBSCRIBE","subscribe":{"framework_info":{"user":"","name":"x"}}}"#.to_vec();
+    let json = Some("application/json");
+    let want = format!("//127.0.0.1:{}/api/v1/scheduler", group.ports[leader]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, headers, text) = raw(&at(follower), json, json, &[], subscribe.clone()).await;
+        // Until the follower hears of the leader it answers 503.
+        if status == 307 {
+            assert_eq!(headers["location"], want.as_str(), "{text}");
+            break;
+        }
+        assert_eq!(status, 503, "{text}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no redirect: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leads = reqwest::Client::new()
+        .post(format!("http:{want}"))
+        .header("content-type", "application/json")
+        .body(subscribe)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(leads.status(), 200);
+}
