@@ -591,3 +591,73 @@ async fn a_follower_sends_mesos_frameworks_to_the_leader() {
         .unwrap();
     assert_eq!(leads.status(), 200);
 }
+
+/// A Mesos framework (JSON over HTTP) and an Agora SDK framework (gRPC) in one cluster at
+/// once: one allocator offers to both, each runs its task, the master sees both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesos_framework_and_an_sdk_framework_share_the_cluster() {
+    let cluster = Cluster::start(&["cpus:1;mem:256", "cpus:1;mem:256"]).await;
+    let (sdk, mut sdk_events) = cluster.framework("sdk").await;
+    crate::launch(
+        &sdk,
+        &mut sdk_events,
+        crate::native::command("sdk-task", "exec sleep 600", "cpus:0.5;mem:64"),
+    )
+    .await;
+    wait_state(&mut sdk_events, &tid("sdk-task"), TaskState::Running).await;
+
+    let m = Mesos::new(&cluster.master);
+    let (stream_id, mut events) = m
+        .subscribe(json!({"user": "", "name": "mesos", "failover_timeout": 5.0}))
+        .await;
+    let fw = events.next_of("SUBSCRIBED").await["subscribed"]["framework_id"]["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let offer = events.next_of("OFFERS").await["offers"]["offers"][0].clone();
+    let (code, body) = m
+        .call(
+            &fw,
+            &stream_id,
+            json!({"type": "ACCEPT", "accept": {
+                "offer_ids": [offer["id"]],
+                "operations": [{"type": "LAUNCH", "launch": {"task_infos": [
+                    command_task("mesos-task", &offer["agent_id"], json!({"value": "exec sleep 600"})),
+                ]}}],
+            }}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    loop {
+        let e = events.next_of("UPDATE").await;
+        let s = &e["update"]["status"];
+        if let Some(uuid) = s.get("uuid") {
+            let ack = json!({"type": "ACKNOWLEDGE", "acknowledge": {
+                "agent_id": s["agent_id"], "task_id": s["task_id"], "uuid": uuid}});
+            assert_eq!(m.call(&fw, &stream_id, ack).await.0, 202);
+        }
+        if s["task_id"]["value"] == "mesos-task" && s["state"] == "TASK_RUNNING" {
+            break;
+        }
+    }
+    // Both frameworks hold resources of the one allocator at the same time.
+    wait_until("both frameworks to hold their tasks' resources", || async {
+        let state = cluster.state().await;
+        let holding = state
+            .frameworks
+            .iter()
+            .filter(|f| !f.used.is_empty())
+            .count();
+        let running = state
+            .tasks
+            .iter()
+            .filter(|t| t.state == v1::TaskState::TaskRunning as i32)
+            .count();
+        holding == 2 && running == 2
+    })
+    .await;
+    sdk.kill(&tid("sdk-task"), None).await.unwrap();
+    wait_state(&mut sdk_events, &tid("sdk-task"), TaskState::Killed).await;
+    let (code, body) = m.call(&fw, &stream_id, json!({"type": "TEARDOWN"})).await;
+    assert_eq!(code, 202, "{body}");
+}
