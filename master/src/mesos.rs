@@ -341,7 +341,7 @@ impl Served<'_> {
     }
 
     /// Tells the framework of a task that never reached the engine.
-    async fn tell(&self, status: &mesos::TaskStatus) {
+    fn tell(&self, status: &mesos::TaskStatus) {
         let status = v1::TaskStatus {
             task_id: Some((&status.task_id).into()),
             state: match mesos::TaskState::try_from(status.state) {
@@ -365,8 +365,14 @@ impl Served<'_> {
                 status: Some(status),
             })),
         };
-        // The stream may have ended meanwhile: then nobody is told, as of any update.
-        let _ = self.inject.send(event).await;
+        // The stream may have ended meanwhile (then nobody is told, as of any update), or
+        // its framework may not be reading it: a call never waits for that, and past the
+        // buffer the framework learns of the task by reconciling.
+        if self.inject.try_send(event).is_err() {
+            tracing::warn!(
+                "a framework's Mesos stream is closed or full; a task's TASK_ERROR was not sent"
+            );
+        }
     }
 
     async fn call(&self, kind: Type, call: scheduler::Call) -> Result<StatusCode, Refusal> {
@@ -502,8 +508,7 @@ impl Served<'_> {
                 .iter()
                 .find(|(t, _)| t == task)
                 .and_then(|(_, a)| a.as_ref());
-            self.tell(&convert::task_error(task, why, agent, now()))
-                .await;
+            self.tell(&convert::task_error(task, why, agent, now()));
         }
         let r = self
             .front
@@ -537,7 +542,7 @@ impl Served<'_> {
                     );
                     status.state = state as i32;
                     status.reason = Some(mesos::task_status::Reason::InvalidOffers as i32);
-                    self.tell(&status).await;
+                    self.tell(&status);
                 }
                 Ok(StatusCode::ACCEPTED)
             }
@@ -665,10 +670,19 @@ async fn subscribe(
         framework,
         stream_id,
     };
-    let records = tokio_stream::once(Ok(first))
+    // The stream ends when the engine's does (a teardown, a newer subscription, a
+    // subscriber that fell behind), whatever the endpoint may still have to add.
+    let engine = tokio_stream::once(Ok(first))
         .chain(events)
-        .merge(tokio_stream::wrappers::ReceiverStream::new(injected).map(Ok))
-        .map_while(move |e| {
+        .map(Item::Event)
+        .chain(tokio_stream::once(Item::End));
+    let injected =
+        tokio_stream::wrappers::ReceiverStream::new(injected).map(|e| Item::Event(Ok(e)));
+    let records = engine
+        .merge(injected)
+        .take_while(|i| !matches!(i, Item::End))
+        .filter_map(move |i| {
+            let Item::Event(e) = i else { return None };
             let event = match e {
                 Ok(e) => {
                     let urls = forgets.front.agent_urls(&e);
@@ -698,6 +712,14 @@ async fn subscribe(
     headers.insert(STREAM_ID, stream_header);
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+/// What a subscription's stream is made of: events, and the end of the engine's.
+// The small variant comes once per stream: boxing the large one would cost every event.
+#[allow(clippy::large_enum_variant)]
+enum Item {
+    Event(Result<v1::Event, tonic::Status>),
+    End,
 }
 
 /// Forgets a subscription when its stream is dropped (the framework went away), unless a

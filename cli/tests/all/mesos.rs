@@ -36,6 +36,20 @@ impl Stream {
         }
     }
 
+    /// Reads on until the master ends the stream; fails after 30 s.
+    async fn ends(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk())
+                .await
+                .expect("the stream ends within 30 s")
+                .expect("the stream reads");
+            if chunk.is_none() {
+                return;
+            }
+        }
+    }
+
     /// The next event of `kind` (others are skipped); fails after 30 s.
     async fn next_of(&mut self, kind: &str) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -332,6 +346,7 @@ async fn a_mesos_json_framework_runs_command_tasks() {
 
     let (code, body) = m.call(&fw, &stream_id, json!({"type": "TEARDOWN"})).await;
     assert_eq!(code, 202, "{body}");
+    events.ends().await;
     wait_until("the framework to be torn down", || async {
         cluster
             .state()
