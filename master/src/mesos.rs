@@ -32,8 +32,12 @@ use crate::service::SchedulerService;
 /// The header that carries a subscription's stream id.
 pub const STREAM_ID: &str = "mesos-stream-id";
 
-/// The largest call read: as large as a gRPC message may be.
-const MAX_CALL_BYTES: usize = agora_proto::MAX_MESSAGE_BYTES;
+/// The largest call read. An ACCEPT of thousands of tasks fits; the body is read only once
+/// its caller is authenticated.
+const MAX_CALL_BYTES: usize = 16 << 20;
+
+/// How long a caller may take to send its call's body.
+const BODY_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Events the endpoint adds to a subscription's stream (the TASK_ERRORs of tasks it could
 /// not turn into Agora's) wait here; past it the oldest are not dropped, the call waits.
@@ -192,14 +196,21 @@ fn from_status(s: &tonic::Status) -> Response {
     answer(code, s.message())
 }
 
-/// A tonic request carrying `message` with the HTTP request's credentials and connection,
-/// authenticated (its [`crate::auth::Caller`] in its extensions) and counted against its
-/// caller's rate, as the gRPC API's interceptor does.
-fn authenticated<T>(
-    front: &Front,
-    parts: &axum::http::request::Parts,
-    message: T,
-) -> Result<tonic::Request<T>, Refusal> {
+/// A caller authenticated (its [`crate::auth::Caller`] in the extensions) and counted
+/// against its rate, as the gRPC API's interceptor does, once per HTTP request.
+struct Authed {
+    metadata: tonic::metadata::MetadataMap,
+    extensions: axum::http::Extensions,
+}
+
+impl Authed {
+    /// A tonic request carrying `message` as this caller.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        tonic::Request::from_parts(self.metadata.clone(), self.extensions.clone(), message)
+    }
+}
+
+fn authenticate(front: &Front, parts: &axum::http::request::Parts) -> Result<Authed, Refusal> {
     let mut metadata = tonic::metadata::MetadataMap::new();
     if let Some(v) = header_of(&parts.headers, header::AUTHORIZATION)
         && let Ok(v) = v.parse()
@@ -211,7 +222,10 @@ fn authenticated<T>(
         .call(request)
         .map_err(|s| Box::new(from_status(&s)))?;
     let (metadata, extensions, ()) = request.into_parts();
-    Ok(tonic::Request::from_parts(metadata, extensions, message))
+    Ok(Authed {
+        metadata,
+        extensions,
+    })
 }
 
 async fn scheduler(
@@ -230,20 +244,33 @@ async fn scheduler(
         Ok(f) => f,
         Err(e) => return answer(StatusCode::NOT_ACCEPTABLE, e.to_string()),
     };
-    let body = match axum::body::to_bytes(body, MAX_CALL_BYTES).await {
-        Ok(b) => b,
-        Err(e) => {
-            return answer(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the call could not be read (at most {MAX_CALL_BYTES} bytes): {e}"),
-            );
-        }
+    // Nothing of the body is read for a caller without credentials.
+    let authed = match authenticate(&front, &parts) {
+        Ok(a) => a,
+        Err(r) => return *r,
     };
+    let body =
+        match tokio::time::timeout(BODY_WITHIN, axum::body::to_bytes(body, MAX_CALL_BYTES)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                return answer(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the call could not be read (at most {MAX_CALL_BYTES} bytes): {e}"),
+                );
+            }
+            Err(_) => {
+                return answer(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the call's body did not arrive within {BODY_WITHIN:?}"),
+                );
+            }
+        };
     let call: scheduler::Call = match codec::decode(input, &body) {
         Ok(c) => c,
         Err(e) => return answer(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let Some(kind) = call.r#type.map(|_| call.r#type()) else {
+    // A type this master does not know is no type, as Mesos reads it.
+    let Some(kind) = call.r#type.and_then(|t| Type::try_from(t).ok()) else {
         return answer(StatusCode::BAD_REQUEST, "Expecting 'type' to be present");
     };
     let stream_id = header_of(&parts.headers, STREAM_ID).map(str::to_owned);
@@ -254,7 +281,7 @@ async fn scheduler(
                 "Expecting 'Mesos-Stream-Id' header not to be present for SUBSCRIBE",
             );
         }
-        return subscribe(front, &parts, call, output).await;
+        return subscribe(front, &authed, call, output).await;
     }
     if kind == Type::Unknown {
         return answer(StatusCode::NOT_IMPLEMENTED, "Received an UNKNOWN call");
@@ -271,6 +298,10 @@ async fn scheduler(
             "All non-subscribe calls should include the 'Mesos-Stream-Id' header",
         );
     };
+    // A follower sends the call to the leader before it looks for the subscription.
+    if let Err(s) = front.service.gate.commands() {
+        return from_status(&s);
+    }
     let (inject, partition_aware) = {
         let subs = front.subscriptions();
         match subs.get(&framework.value) {
@@ -293,7 +324,7 @@ async fn scheduler(
     });
     let served = Served {
         front: &front,
-        parts: &parts,
+        authed: &authed,
         header,
         inject,
         partition_aware,
@@ -307,7 +338,7 @@ async fn scheduler(
 /// A non-subscribe call of a framework subscribed here.
 struct Served<'a> {
     front: &'a Front,
-    parts: &'a axum::http::request::Parts,
+    authed: &'a Authed,
     header: Option<v1::CallHeader>,
     inject: mpsc::Sender<v1::Event>,
     partition_aware: bool,
@@ -337,7 +368,7 @@ fn now() -> f64 {
 
 impl Served<'_> {
     fn request<T>(&self, message: T) -> Result<tonic::Request<T>, Refusal> {
-        authenticated(self.front, self.parts, message)
+        Ok(self.authed.request(message))
     }
 
     /// Tells the framework of a task that never reached the engine.
@@ -390,14 +421,24 @@ impl Served<'_> {
             Type::Accept => self.accept(needs(call.accept, "accept")?).await,
             Type::Decline => {
                 let d = needs(call.decline, "decline")?;
-                done(
-                    svc.decline(self.request(v1::DeclineRequest {
+                let r = svc
+                    .decline(self.request(v1::DeclineRequest {
                         header,
                         offer_ids: d.offer_ids.iter().map(Into::into).collect(),
                         filters: convert::filters(d.filters.as_ref()),
                     })?)
-                    .await,
-                )
+                    .await;
+                // Offers gone already (rescinded, timed out): nothing to decline, as Mesos
+                // answers.
+                match r {
+                    Err(s)
+                        if s.code() == tonic::Code::NotFound
+                            && s.message().starts_with("offer ") =>
+                    {
+                        Ok(StatusCode::ACCEPTED)
+                    }
+                    r => done(r),
+                }
             }
             Type::Revive => {
                 let roles = call.revive.map(|r| r.roles).unwrap_or_default();
@@ -555,7 +596,7 @@ impl Served<'_> {
 /// RecordIO stream in `output`.
 async fn subscribe(
     front: Arc<Front>,
-    parts: &axum::http::request::Parts,
+    authed: &Authed,
     call: scheduler::Call,
     output: Format,
 ) -> Response {
@@ -583,6 +624,18 @@ async fn subscribe(
             "'framework_id' differs from 'subscribe.framework_info.id'",
         );
     }
+    // Roles to suppress must be the framework's: checked before it subscribes, so that a
+    // refusal leaves nothing behind.
+    if let Some(r) = sub
+        .suppressed_roles
+        .iter()
+        .find(|r| !info.roles.contains(r))
+    {
+        return answer(
+            StatusCode::BAD_REQUEST,
+            format!("suppressed role {r:?} is not one of the framework's roles"),
+        );
+    }
     let partition_aware = info
         .capabilities
         .contains(&(v1::framework_info::Capability::PartitionAware as i32));
@@ -598,17 +651,10 @@ async fn subscribe(
                 .map(|s| s.stream_id.clone())
         })
         .unwrap_or_default();
-    let request = match authenticated(
-        &front,
-        parts,
-        v1::SubscribeRequest {
-            framework_info: Some(info),
-            stream_id: replaces,
-        },
-    ) {
-        Ok(r) => r,
-        Err(r) => return *r,
-    };
+    let request = authed.request(v1::SubscribeRequest {
+        framework_info: Some(info),
+        stream_id: replaces,
+    });
     let mut events = match front.service.subscribe(request).await {
         Ok(r) => r.into_inner(),
         Err(s) => return from_status(&s),
@@ -650,26 +696,26 @@ async fn subscribe(
             inject,
         },
     );
-    if !sub.suppressed_roles.is_empty() {
-        let header = Some(v1::CallHeader {
-            framework_id: subscribed.framework_id.clone(),
-            stream_id: stream_id.clone(),
-        });
-        let suppress = v1::SuppressRequest {
-            header,
-            roles: sub.suppressed_roles.clone(),
-        };
-        if let Ok(r) = authenticated(&front, parts, suppress)
-            && let Err(s) = front.service.suppress(r).await
-        {
-            return from_status(&s);
-        }
-    }
+    // From here on, however this ends (a refused suppress, the caller gone), the
+    // subscription is forgotten with its stream.
     let forgets = Forget {
         front: Arc::clone(&front),
         framework,
-        stream_id,
+        stream_id: stream_id.clone(),
     };
+    if !sub.suppressed_roles.is_empty() {
+        let header = Some(v1::CallHeader {
+            framework_id: subscribed.framework_id.clone(),
+            stream_id,
+        });
+        let suppress = authed.request(v1::SuppressRequest {
+            header,
+            roles: sub.suppressed_roles.clone(),
+        });
+        if let Err(s) = front.service.suppress(suppress).await {
+            return from_status(&s);
+        }
+    }
     // The stream ends when the engine's does (a teardown, a newer subscription, a
     // subscriber that fell behind), whatever the endpoint may still have to add.
     let engine = tokio_stream::once(Ok(first))

@@ -482,6 +482,27 @@ async fn the_scheduler_endpoint_speaks_mesos_s_wire() {
             400,
             "'subscribe'",
         ),
+        (
+            json,
+            json,
+            &[],
+            br#"{"type":"SUBSCRIBE","subscribe":{"framework_info":{"user":"","name":"x"},"suppressed_roles":["other"]}}"#.to_vec(),
+            400,
+            "suppressed role",
+        ),
+        // A type number no Mesos defines, in protobuf: no type, as in JSON.
+        (
+            Some("application/x-protobuf"),
+            json,
+            &[],
+            scheduler::Call {
+                r#type: Some(99),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            400,
+            "'type'",
+        ),
     ] {
         let (status, _, text) = raw(master, content_type, accept, extra, body.clone()).await;
         assert_eq!(
@@ -565,6 +586,16 @@ async fn the_scheduler_endpoint_speaks_mesos_s_wire() {
     )
     .await;
     assert_eq!(status, 202, "{text}");
+    // The same offer again: it is gone, and there is nothing to decline (202, as Mesos).
+    let (status, _, text) = raw(
+        master,
+        Some("application/x-protobuf"),
+        None,
+        &[("mesos-stream-id", &stream_id)],
+        decline.encode_to_vec(),
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
 
     let health = reqwest::get(format!("{master}/health")).await.unwrap();
     assert_eq!(health.status(), 200, "the master serves on");
@@ -605,6 +636,21 @@ async fn a_follower_sends_mesos_frameworks_to_the_leader() {
         .await
         .unwrap();
     assert_eq!(leads.status(), 200);
+    // A call of that subscription sent to the follower goes to the leader too.
+    let stream_id = leads.headers()["mesos-stream-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (status, headers, text) = raw(
+        &at(follower),
+        json,
+        json,
+        &[("mesos-stream-id", &stream_id)],
+        br#"{"type":"REVIVE","framework_id":{"value":"any"}}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(status, 307, "{text}");
+    assert_eq!(headers["location"], want.as_str());
 }
 
 /// A Mesos framework (JSON over HTTP) and an Agora SDK framework (gRPC) in one cluster at
