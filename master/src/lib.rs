@@ -540,7 +540,6 @@ async fn serve(
             guard: Arc::clone(&guard),
         },
         Arc::clone(&authn),
-        Arc::clone(&guard),
         mesos::master_info(&members_addr),
         snap_rx.clone(),
     ));

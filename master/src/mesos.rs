@@ -48,7 +48,6 @@ const INJECTED: usize = 1024;
 pub struct Front {
     pub service: SchedulerService,
     pub authn: Arc<crate::auth::Authn>,
-    pub guard: Arc<crate::limits::Guard>,
     /// This master, as SUBSCRIBED describes it (its id is filled in from the leader's).
     pub master: mesos::MasterInfo,
     /// The published state: where each agent serves, for the URLs of offers.
@@ -68,14 +67,12 @@ impl Front {
     pub fn new(
         service: SchedulerService,
         authn: Arc<crate::auth::Authn>,
-        guard: Arc<crate::limits::Guard>,
         master: mesos::MasterInfo,
         snapshot: tokio::sync::watch::Receiver<Arc<crate::runtime::Snapshot>>,
     ) -> Arc<Front> {
         Arc::new(Front {
             service,
             authn,
-            guard,
             master,
             snapshot,
             subscriptions: Mutex::default(),
@@ -218,9 +215,10 @@ fn authenticate(front: &Front, parts: &axum::http::request::Parts) -> Result<Aut
         metadata.insert("authorization", v);
     }
     let request = tonic::Request::from_parts(metadata, parts.extensions.clone(), ());
-    let request = crate::auth::Authenticate(Arc::clone(&front.authn), Arc::clone(&front.guard))
-        .call(request)
-        .map_err(|s| Box::new(from_status(&s)))?;
+    let request =
+        crate::auth::Authenticate(Arc::clone(&front.authn), Arc::clone(&front.service.guard))
+            .call(request)
+            .map_err(|s| Box::new(from_status(&s)))?;
     let (metadata, extensions, ()) = request.into_parts();
     Ok(Authed {
         metadata,
@@ -367,8 +365,8 @@ fn now() -> f64 {
 }
 
 impl Served<'_> {
-    fn request<T>(&self, message: T) -> Result<tonic::Request<T>, Refusal> {
-        Ok(self.authed.request(message))
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        self.authed.request(message)
     }
 
     /// Tells the framework of a task that never reached the engine.
@@ -415,7 +413,7 @@ impl Served<'_> {
         };
         match kind {
             Type::Teardown => done(
-                svc.teardown(self.request(v1::TeardownRequest { header })?)
+                svc.teardown(self.request(v1::TeardownRequest { header }))
                     .await,
             ),
             Type::Accept => self.accept(needs(call.accept, "accept")?).await,
@@ -426,7 +424,7 @@ impl Served<'_> {
                         header,
                         offer_ids: d.offer_ids.iter().map(Into::into).collect(),
                         filters: convert::filters(d.filters.as_ref()),
-                    })?)
+                    }))
                     .await;
                 // Offers gone already (rescinded, timed out): nothing to decline, as Mesos
                 // answers.
@@ -443,14 +441,14 @@ impl Served<'_> {
             Type::Revive => {
                 let roles = call.revive.map(|r| r.roles).unwrap_or_default();
                 done(
-                    svc.revive(self.request(v1::ReviveRequest { header, roles })?)
+                    svc.revive(self.request(v1::ReviveRequest { header, roles }))
                         .await,
                 )
             }
             Type::Suppress => {
                 let roles = call.suppress.map(|r| r.roles).unwrap_or_default();
                 done(
-                    svc.suppress(self.request(v1::SuppressRequest { header, roles })?)
+                    svc.suppress(self.request(v1::SuppressRequest { header, roles }))
                         .await,
                 )
             }
@@ -461,7 +459,7 @@ impl Served<'_> {
                         header,
                         task_id: Some((&k.task_id).into()),
                         agent_id: k.agent_id.as_ref().map(Into::into),
-                    })?)
+                    }))
                     .await;
                 // A task that ended or is not known: accepted, as Mesos does (the framework
                 // learns the task's state by reconciling).
@@ -485,7 +483,7 @@ impl Served<'_> {
                         agent_id: Some((&a.agent_id).into()),
                         task_id: Some((&a.task_id).into()),
                         uuid: a.uuid,
-                    })?)
+                    }))
                     .await;
                 match r {
                     Err(s)
@@ -509,14 +507,13 @@ impl Served<'_> {
                     })
                     .collect();
                 done(
-                    svc.reconcile(self.request(v1::ReconcileRequest { header, tasks })?)
+                    svc.reconcile(self.request(v1::ReconcileRequest { header, tasks }))
                         .await,
                 )
             }
             // Agora's allocator, like Mesos's own, makes no use of requests; and it sends no
             // inverse offers, so there are none to answer.
             Type::Request | Type::AcceptInverseOffers | Type::DeclineInverseOffers => {
-                self.request(())?;
                 Ok(StatusCode::ACCEPTED)
             }
             // Answered before a subscription is looked up.
@@ -559,7 +556,7 @@ impl Served<'_> {
                 offer_ids: a.offer_ids.iter().map(Into::into).collect(),
                 operations,
                 filters: convert::filters(a.filters.as_ref()),
-            })?)
+            }))
             .await;
         match r {
             Ok(_) => Ok(StatusCode::ACCEPTED),

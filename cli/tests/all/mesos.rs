@@ -110,6 +110,25 @@ impl Mesos {
         )
     }
 
+    /// Acknowledges `status` when it carries a uuid (which must be answered 202).
+    async fn ack(&self, fw: &str, stream: &str, status: &Value) {
+        let Some(uuid) = status.get("uuid") else {
+            return;
+        };
+        let (code, body) = self
+            .call(
+                fw,
+                stream,
+                json!({"type": "ACKNOWLEDGE", "acknowledge": {
+                    "agent_id": status["agent_id"],
+                    "task_id": status["task_id"],
+                    "uuid": uuid,
+                }}),
+            )
+            .await;
+        assert_eq!(code, 202, "ACKNOWLEDGE: {body}");
+    }
+
     /// Posts `call` for framework `fw` on stream `stream`; its status and body.
     async fn call(&self, fw: &str, stream: &str, mut call: Value) -> (u16, String) {
         call["framework_id"] = json!({"value": fw});
@@ -158,20 +177,7 @@ async fn run_to_end(
     while !tasks.iter().all(|t| ended(&seen, t)) {
         let e = events.next_of("UPDATE").await;
         let status = e["update"]["status"].clone();
-        if let Some(uuid) = status.get("uuid") {
-            let (code, body) = m
-                .call(
-                    fw,
-                    stream_id,
-                    json!({"type": "ACKNOWLEDGE", "acknowledge": {
-                        "agent_id": status["agent_id"],
-                        "task_id": status["task_id"],
-                        "uuid": uuid,
-                    }}),
-                )
-                .await;
-            assert_eq!(code, 202, "ACKNOWLEDGE: {body}");
-        }
+        m.ack(fw, stream_id, &status).await;
         let id = status["task_id"]["value"].as_str().unwrap().to_owned();
         seen.entry(id).or_default().push(status);
     }
@@ -304,11 +310,7 @@ async fn a_mesos_json_framework_runs_command_tasks() {
     while !long.iter().any(|s| s["state"] == "TASK_RUNNING") {
         let e = events.next_of("UPDATE").await;
         let s = e["update"]["status"].clone();
-        if let Some(uuid) = s.get("uuid") {
-            let ack = json!({"type": "ACKNOWLEDGE", "acknowledge": {
-                "agent_id": s["agent_id"], "task_id": s["task_id"], "uuid": uuid}});
-            assert_eq!(m.call(&fw, &stream_id, ack).await.0, 202);
-        }
+        m.ack(&fw, &stream_id, &s).await;
         if s["task_id"]["value"] == "long" {
             long.push(s);
         }
@@ -347,15 +349,7 @@ async fn a_mesos_json_framework_runs_command_tasks() {
     let (code, body) = m.call(&fw, &stream_id, json!({"type": "TEARDOWN"})).await;
     assert_eq!(code, 202, "{body}");
     events.ends().await;
-    wait_until("the framework to be torn down", || async {
-        cluster
-            .state()
-            .await
-            .frameworks
-            .iter()
-            .all(|f| f.id.as_ref().map(|i| i.value.as_str()) != Some(fw.as_str()))
-    })
-    .await;
+    crate::mesos_clients::torn_down(&cluster, &fw).await;
 }
 
 /// Posts `body` to the master's scheduler endpoint with the given `Content-Type` and
@@ -577,25 +571,18 @@ async fn the_scheduler_endpoint_speaks_mesos_s_wire() {
         }),
         ..Default::default()
     };
-    let (status, _, text) = raw(
-        master,
-        Some("application/x-protobuf"),
-        None,
-        &[("mesos-stream-id", &stream_id)],
-        decline.encode_to_vec(),
-    )
-    .await;
-    assert_eq!(status, 202, "{text}");
-    // The same offer again: it is gone, and there is nothing to decline (202, as Mesos).
-    let (status, _, text) = raw(
-        master,
-        Some("application/x-protobuf"),
-        None,
-        &[("mesos-stream-id", &stream_id)],
-        decline.encode_to_vec(),
-    )
-    .await;
-    assert_eq!(status, 202, "{text}");
+    // The second time the offer is gone, and there is nothing to decline (202, as Mesos).
+    for _ in 0..2 {
+        let (status, _, text) = raw(
+            master,
+            Some("application/x-protobuf"),
+            None,
+            &[("mesos-stream-id", &stream_id)],
+            decline.encode_to_vec(),
+        )
+        .await;
+        assert_eq!(status, 202, "{text}");
+    }
 
     let health = reqwest::get(format!("{master}/health")).await.unwrap();
     assert_eq!(health.status(), 200, "the master serves on");
@@ -692,11 +679,7 @@ async fn a_mesos_framework_and_an_sdk_framework_share_the_cluster() {
     loop {
         let e = events.next_of("UPDATE").await;
         let s = &e["update"]["status"];
-        if let Some(uuid) = s.get("uuid") {
-            let ack = json!({"type": "ACKNOWLEDGE", "acknowledge": {
-                "agent_id": s["agent_id"], "task_id": s["task_id"], "uuid": uuid}});
-            assert_eq!(m.call(&fw, &stream_id, ack).await.0, 202);
-        }
+        m.ack(&fw, &stream_id, s).await;
         if s["task_id"]["value"] == "mesos-task" && s["state"] == "TASK_RUNNING" {
             break;
         }

@@ -56,7 +56,7 @@ async fn run(mut command: tokio::process::Command) -> (Value, String) {
 }
 
 /// Waits until the master no longer has framework `id` (it was torn down).
-async fn torn_down(cluster: &Cluster, id: &str) {
+pub(crate) async fn torn_down(cluster: &Cluster, id: &str) {
     wait_until("the framework to be torn down", || async {
         cluster
             .state()
