@@ -440,6 +440,25 @@ mod tests {
         uuid(&[0; 16]).unwrap();
     }
 
+    /// A host name the kernel would refuse (past HOST_NAME_MAX) is refused at the edge.
+    #[test]
+    fn a_host_name_past_the_kernel_s_limit_is_refused() {
+        let mut t = task();
+        let mut c = v1::CommandTask {
+            value: "true".into(),
+            hostname: "h".repeat(MAX_HOSTNAME),
+            ..Default::default()
+        };
+        t.payload = Some(v1::task_info::Payload::Command(c.clone()));
+        task_info("task", &t).unwrap();
+        c.hostname.push('h');
+        t.payload = Some(v1::task_info::Payload::Command(c));
+        assert_eq!(
+            task_info("task", &t).unwrap_err().field,
+            "task.command.hostname"
+        );
+    }
+
     #[test]
     fn statuses_are_cut_not_refused() {
         let mut s = v1::TaskStatus {
