@@ -9,7 +9,15 @@
 //! cargo bench -p agora-cli --bench launch -- --launches 200 --throughput-tasks 2000
 //! cargo bench -p agora-cli --bench launch -- --native          # /bin/true as a native task
 //! cargo bench -p agora-cli --bench launch -- --secure [--rounds 3]   # TLS + auth + ACLs, on and off
+//! cargo bench -p agora-cli --bench launch -- --mesos [--isolated] [--rounds 3]  # Mesos JSON against gRPC
 //! ```
+//!
+//! `--mesos` runs `/bin/true` as a native task (with no isolation unless `--isolated`, so
+//! that the control plane is most of what is measured) from two frameworks in turn, each on
+//! a cluster of its own, interleaved: the SDK's over gRPC, and one speaking the Mesos v1
+//! Scheduler API in JSON over HTTP/1.1 as a Python or Node Mesos framework does (events
+//! parsed into JSON values, every update acknowledged by a call of its own before the next
+//! event is read, as the SDK does too).
 //!
 //! `--secure` runs the Wasm-executor cluster twice, interleaved, in the clear and with TLS
 //! everywhere (certificates from `agora cert`), the framework authenticated by its client
@@ -38,6 +46,8 @@ const TASK: &str = "cpus:0.1;mem:32";
 struct Args {
     native: bool,
     secure: bool,
+    mesos: bool,
+    isolated: bool,
     rounds: usize,
     launches: usize,
     throughput_tasks: usize,
@@ -48,6 +58,8 @@ fn args() -> Args {
     let mut a = Args {
         native: false,
         secure: false,
+        mesos: false,
+        isolated: false,
         rounds: 3,
         launches: 1000,
         throughput_tasks: 5000,
@@ -66,6 +78,8 @@ fn args() -> Args {
             "--in-flight" => a.in_flight = value(),
             "--native" => a.native = true,
             "--secure" => a.secure = true,
+            "--mesos" => a.mesos = true,
+            "--isolated" => a.isolated = true,
             "--rounds" => a.rounds = value(),
             // cargo bench passes --bench; libtest-style filters are ignored.
             _ => {}
@@ -81,6 +95,10 @@ fn main() {
             .init();
     }
     let args = args();
+    if args.mesos {
+        mesos_against_grpc(&args);
+        return;
+    }
     if args.native {
         native(&args);
         return;
@@ -191,20 +209,65 @@ fn secure(args: &Args, hello: &[u8]) {
             let tls = rt.block_on(cluster_with(kind(), args, true));
             (rt.block_on(cluster_with(kind(), args, false)), tls)
         };
-        for (what, r) in [("clear", &plain), ("secured", &tls)] {
-            report(
-                &format!("round {round} {what}: warm ACCEPT → TASK_FINISHED"),
-                &r.finished,
-            );
-            println!(
-                "round {round} {what}: throughput ({} in flight): {:.0} tasks/s",
-                args.in_flight, r.throughput
-            );
-        }
+        report_round(round, args, [("clear", &plain), ("secured", &tls)]);
         println!(
             "round {round} ratios secured ÷ clear: FINISHED p50 {:.2}×, throughput {:.2}×",
             pct(&tls.finished, 50.0).as_secs_f64() / pct(&plain.finished, 50.0).as_secs_f64(),
             tls.throughput / plain.throughput
+        );
+    }
+}
+
+/// One round's FINISHED latencies and throughput, for each of the clusters compared.
+fn report_round(round: usize, args: &Args, sides: [(&str, &Measured); 2]) {
+    for (what, r) in sides {
+        report(
+            &format!("round {round} {what}: warm ACCEPT → TASK_FINISHED"),
+            &r.finished,
+        );
+        println!(
+            "round {round} {what}: throughput ({} in flight): {:.0} tasks/s",
+            args.in_flight, r.throughput
+        );
+    }
+}
+
+/// Native `/bin/true` launched by a Mesos JSON framework and by the SDK's gRPC framework,
+/// `--rounds` times each, interleaved as in [`secure`]: warm latency and throughput, and the
+/// Mesos ÷ gRPC ratios of each pair.
+fn mesos_against_grpc(args: &Args) {
+    let what = if args.isolated {
+        "cgroups + namespaces"
+    } else {
+        "no isolation"
+    };
+    println!("# launch benchmark, Mesos v1 JSON against the gRPC SDK: /bin/true, {what}");
+    println!(
+        "# machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let kind = Kind::Native {
+        isolated: args.isolated,
+    };
+    for round in 1..=args.rounds {
+        let (grpc, json) = if round % 2 == 1 {
+            let grpc = rt.block_on(cluster(kind, args));
+            (grpc, rt.block_on(mesos::cluster(kind, args)))
+        } else {
+            let json = rt.block_on(mesos::cluster(kind, args));
+            (rt.block_on(cluster(kind, args)), json)
+        };
+        report_round(round, args, [("gRPC SDK", &grpc), ("Mesos JSON", &json)]);
+        println!(
+            "round {round} ratios Mesos JSON ÷ gRPC: FINISHED p50 {:.2}×, time per task (gRPC tasks/s ÷ Mesos tasks/s) {:.2}×",
+            pct(&json.finished, 50.0).as_secs_f64() / pct(&grpc.finished, 50.0).as_secs_f64(),
+            grpc.throughput / json.throughput
         );
     }
 }
@@ -353,76 +416,112 @@ async fn cluster(kind: Kind<'_>, args: &Args) -> Measured {
     cluster_with(kind, args, false).await
 }
 
+/// A master and an agent in this process, on loopback; stopped by [`Cluster::stop`].
+struct Cluster {
+    master: String,
+    auth: agora_sdk::masters::Auth,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts a master and an agent for `kind`, with TLS, authentication and ACLs on when
+    /// `secure`.
+    async fn start(kind: Kind<'_>, secure: bool) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let master = format!("http://{}", listener.local_addr().unwrap());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let certs_dir = dir.path().join("certs");
+        let server = |stem: &str| {
+            agora_proto::tls::ServerTls::load(
+                &certs_dir.join(format!("{stem}.pem")),
+                &certs_dir.join(format!("{stem}.key")),
+                &certs_dir.join("ca.pem"),
+            )
+            .unwrap()
+        };
+        let mut master_config = MasterConfig::default();
+        let mut auth = agora_sdk::masters::Auth::default();
+        if secure {
+            certs(&certs_dir);
+            master_config.tls = Some(server("master-m"));
+            master_config.acls = Some(std::sync::Arc::new(allow_all()));
+            auth.tls = Some(
+                agora_proto::tls::Credentials::load(
+                    &certs_dir.join("ca.pem"),
+                    Some(&certs_dir.join("client-bench.pem")),
+                    Some(&certs_dir.join("client-bench.key")),
+                )
+                .unwrap(),
+            );
+        }
+        let m = tokio::spawn(async move {
+            agora_master::run(listener, master_config, stopped(stop_rx.clone()))
+                .await
+                .expect("the master runs");
+        });
+        let mut config = AgentConfig::new(master.clone(), dir.path().join("agent"));
+        if secure {
+            config.tls = Some(server("agent-a"));
+        }
+        config.resources = Some(parse_resources("cpus:8;mem:16384").unwrap());
+        config.native.cgroup_parent = format!("agora-bench-{}", std::process::id());
+        config.native.init = Some(vec![
+            env!("CARGO_BIN_EXE_agora").into(),
+            "__init".into(),
+            "--".into(),
+        ]);
+        if let Kind::Native { isolated: false } = kind {
+            config.native.cgroup_root = dir.path().join("no-cgroups");
+            config.native.namespaces = false;
+        }
+        config.wasm_executor = match kind {
+            Kind::Wasm {
+                in_process: false, ..
+            } => Some(vec![
+                env!("CARGO_BIN_EXE_agora").into(),
+                "__wasm-executor".into(),
+            ]),
+            _ => None,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stop = stop_tx.subscribe();
+        let a = tokio::spawn(async move {
+            agora_agent::run(listener, config, stopped(stop))
+                .await
+                .expect("the agent runs");
+        });
+        Cluster {
+            master,
+            auth,
+            stop: stop_tx,
+            tasks: vec![m, a],
+            _dir: dir,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.into_iter().rev() {
+            let _ = t.await;
+        }
+    }
+}
+
 /// [`cluster`], with TLS, authentication and ACLs on when `secure`.
 async fn cluster_with(kind: Kind<'_>, args: &Args, secure: bool) -> Measured {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let master = format!("http://{}", listener.local_addr().unwrap());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let certs_dir = dir.path().join("certs");
-    let server = |stem: &str| {
-        agora_proto::tls::ServerTls::load(
-            &certs_dir.join(format!("{stem}.pem")),
-            &certs_dir.join(format!("{stem}.key")),
-            &certs_dir.join("ca.pem"),
-        )
-        .unwrap()
-    };
-    let mut master_config = MasterConfig::default();
-    let mut auth = agora_sdk::masters::Auth::default();
-    if secure {
-        certs(&certs_dir);
-        master_config.tls = Some(server("master-m"));
-        master_config.acls = Some(std::sync::Arc::new(allow_all()));
-        auth.tls = Some(
-            agora_proto::tls::Credentials::load(
-                &certs_dir.join("ca.pem"),
-                Some(&certs_dir.join("client-bench.pem")),
-                Some(&certs_dir.join("client-bench.key")),
-            )
-            .unwrap(),
-        );
-    }
-    let m = tokio::spawn(agora_master::run(
-        listener,
-        master_config,
-        stopped(stop_rx.clone()),
-    ));
-    let mut config = AgentConfig::new(master.clone(), dir.path().join("agent"));
-    if secure {
-        config.tls = Some(server("agent-a"));
-    }
-    config.resources = Some(parse_resources("cpus:8;mem:16384").unwrap());
-    config.native.cgroup_parent = format!("agora-bench-{}", std::process::id());
-    config.native.init = Some(vec![
-        env!("CARGO_BIN_EXE_agora").into(),
-        "__init".into(),
-        "--".into(),
-    ]);
-    if let Kind::Native { isolated: false } = kind {
-        config.native.cgroup_root = dir.path().join("no-cgroups");
-        config.native.namespaces = false;
-    }
-    config.wasm_executor = match kind {
-        Kind::Wasm {
-            in_process: false, ..
-        } => Some(vec![
-            env!("CARGO_BIN_EXE_agora").into(),
-            "__wasm-executor".into(),
-        ]),
-        _ => None,
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = tokio::spawn(agora_agent::run(listener, config, stopped(stop_rx.clone())));
-
-    let mut fc = SchedulerConfig::new(master, "launch-bench");
-    fc.auth = Some(auth);
-    let (s, mut events) = subscribe(fc).await.unwrap();
+    let cluster = Cluster::start(kind, secure).await;
+    let mut fc = SchedulerConfig::new(cluster.master.clone(), "launch-bench");
+    fc.auth = Some(cluster.auth.clone());
+    let (s, events) = subscribe(fc).await.unwrap();
     let mut f = Framework {
         s,
+        events,
         offers: HashMap::new(),
         digest: String::new(),
         native: matches!(kind, Kind::Native { .. }),
@@ -440,55 +539,129 @@ async fn cluster_with(kind: Kind<'_>, args: &Args, secure: bool) -> Measured {
         }
         Kind::Native { .. } => f.task("cold"),
     };
-    f.launch(&mut events, vec![first]).await;
-    let (_, cold) = f.wait_done(&mut events, "cold", t).await;
+    f.launch_tasks(vec![first]).await;
+    let (_, cold) = wait_done(&mut f, "cold", t).await;
 
-    let mut running = Vec::with_capacity(args.launches);
-    let mut finished = Vec::with_capacity(args.launches);
-    for i in 0..args.launches {
-        let id = format!("seq-{i}");
-        let t = Instant::now();
-        let task = f.task(&id);
-        f.launch(&mut events, vec![task]).await;
-        let (r, d) = f.wait_done(&mut events, &id, t).await;
-        running.push(r);
-        finished.push(d);
-    }
+    let (running, finished) = sequential(&mut f, args.launches).await;
 
     let cold_module = match kind {
         Kind::Wasm { .. } => {
             let other = task_bytes("capprobe", Target::P1);
             let t = Instant::now();
-            f.launch(
-                &mut events,
-                vec![TaskBuilder::wasm(
-                    TaskId::new("cold-module").unwrap(),
-                    other,
-                )],
-            )
+            f.launch_tasks(vec![TaskBuilder::wasm(
+                TaskId::new("cold-module").unwrap(),
+                other,
+            )])
             .await;
-            Some(f.wait_done(&mut events, "cold-module", t).await.1)
+            Some(wait_done(&mut f, "cold-module", t).await.1)
         }
         Kind::Native { .. } => None,
     };
 
-    let tput = f
-        .throughput(&mut events, args.throughput_tasks, args.in_flight)
-        .await;
-    let _ = stop_tx.send(true);
-    let _ = a.await;
-    let _ = m.await;
+    let tput = throughput(&mut f, args.throughput_tasks, args.in_flight).await;
+    drop(f);
+    cluster.stop().await;
     Measured {
         cold,
         cold_module,
-        running: sorted(running),
-        finished: sorted(finished),
+        running,
+        finished,
         throughput: tput,
     }
 }
 
+/// Where a task got to, as the benchmark tells it.
+enum Phase {
+    Started,
+    Running,
+    Finished,
+}
+
+/// A framework the benchmark drives: the SDK's gRPC one or a Mesos JSON one.
+trait Driver {
+    /// Launches tasks named `ids` on every offer held, waiting for one if none is.
+    async fn launch(&mut self, ids: &[String]);
+    /// The next status update, acknowledged: its task and where the task got to. Offers
+    /// are held as they arrive; a task that ended otherwise than finished is a panic.
+    async fn update(&mut self) -> (String, Phase);
+    /// How many tasks of [`TASK`] the held offers hold.
+    fn fits(&self) -> usize;
+}
+
+/// How many tasks of [`TASK`] fit in `cpus` and `mem`.
+fn fits_in(cpus: f64, mem: f64) -> usize {
+    let task = parse_resources(TASK).unwrap();
+    let by = |have: f64, need: f64| {
+        if need > 0.0 {
+            (have / need).floor()
+        } else {
+            f64::MAX
+        }
+    };
+    by(cpus, task.cpus()).min(by(mem, task.mem())) as usize
+}
+
+/// Waits for `id` to finish, returning when it was RUNNING and FINISHED, since `t`.
+async fn wait_done(d: &mut impl Driver, id: &str, t: Instant) -> (Duration, Duration) {
+    let mut running = None;
+    loop {
+        let (task, phase) = d.update().await;
+        if task != id {
+            continue;
+        }
+        match phase {
+            Phase::Running => running = Some(t.elapsed()),
+            Phase::Finished => {
+                let done = t.elapsed();
+                return (running.unwrap_or(done), done);
+            }
+            Phase::Started => {}
+        }
+    }
+}
+
+/// `n` launches one after another: the sorted RUNNING and FINISHED latencies.
+async fn sequential(d: &mut impl Driver, n: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let mut running = Vec::with_capacity(n);
+    let mut finished = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("seq-{i}");
+        let t = Instant::now();
+        d.launch(std::slice::from_ref(&id)).await;
+        let (r, f) = wait_done(d, &id, t).await;
+        running.push(r);
+        finished.push(f);
+    }
+    (sorted(running), sorted(finished))
+}
+
+/// Keeps `in_flight` launches outstanding until `total` tasks have finished: tasks/s.
+async fn throughput(d: &mut impl Driver, total: usize, in_flight: usize) -> f64 {
+    let (mut launched, mut done, mut outstanding) = (0usize, 0usize, 0usize);
+    let start = Instant::now();
+    while done < total {
+        // Never more than the held offers hold: an update can arrive before the offer
+        // of the resources it freed.
+        let fits = d.fits();
+        if outstanding < in_flight && launched < total && fits > 0 {
+            let n = (in_flight - outstanding).min(total - launched).min(fits);
+            let ids: Vec<String> = (0..n).map(|i| format!("tput-{}", launched + i)).collect();
+            d.launch(&ids).await;
+            launched += n;
+            outstanding += n;
+            continue;
+        }
+        if let (_, Phase::Finished) = d.update().await {
+            done += 1;
+            outstanding -= 1;
+        }
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
 struct Framework {
     s: Scheduler,
+    events: Events,
     /// Offers held, by id; all are on the one agent.
     offers: HashMap<String, v1::Offer>,
     digest: String,
@@ -507,24 +680,6 @@ impl Framework {
         TaskBuilder::wasm_digest(TaskId::new(id).unwrap(), self.digest.clone())
     }
 
-    /// How many tasks of [`TASK`] the held offers hold.
-    fn fits(&self) -> usize {
-        let held = self
-            .offers
-            .values()
-            .filter_map(|o| agora_sdk::offer_resources(o).ok())
-            .fold(agora_core::Resources::new(), |acc, r| acc + r);
-        let task = parse_resources(TASK).unwrap();
-        let by = |have: f64, need: f64| {
-            if need > 0.0 {
-                (have / need).floor()
-            } else {
-                f64::MAX
-            }
-        };
-        by(held.cpus(), task.cpus()).min(by(held.mem(), task.mem())) as usize
-    }
-
     fn hold(&mut self, ev: &Event) {
         match ev {
             Event::Offers(offers) => {
@@ -541,9 +696,9 @@ impl Framework {
     }
 
     /// Launches `tasks` on every offer held, waiting for one if none is.
-    async fn launch(&mut self, events: &mut Events, tasks: Vec<TaskBuilder>) {
+    async fn launch_tasks(&mut self, tasks: Vec<TaskBuilder>) {
         while self.offers.is_empty() {
-            let ev = events.next().await.expect("subscription ended");
+            let ev = self.events.next().await.expect("subscription ended");
             self.hold(&ev);
         }
         let offer = self.offers.values().next().unwrap().clone();
@@ -559,66 +714,255 @@ impl Framework {
             .collect();
         self.s.accept(&ids, tasks, Some(0.0)).await.unwrap();
     }
+}
 
-    /// Waits for `id` to finish, returning when it was RUNNING and FINISHED, since `t`.
-    async fn wait_done(
-        &mut self,
-        events: &mut Events,
-        id: &str,
-        t: Instant,
-    ) -> (Duration, Duration) {
-        let mut running = None;
+impl Driver for Framework {
+    async fn launch(&mut self, ids: &[String]) {
+        let tasks = ids.iter().map(|id| self.task(id)).collect();
+        self.launch_tasks(tasks).await;
+    }
+
+    async fn update(&mut self) -> (String, Phase) {
         loop {
-            let ev = events.next().await.expect("subscription ended");
+            let ev = self.events.next().await.expect("subscription ended");
             self.hold(&ev);
             let Event::Update(st) = ev else { continue };
-            if st.task_id.as_ref().map(|t| t.value.as_str()) != Some(id) {
-                continue;
-            }
-            match st.state() {
-                v1::TaskState::TaskRunning => running = Some(t.elapsed()),
-                v1::TaskState::TaskFinished => {
-                    let done = t.elapsed();
-                    return (running.unwrap_or(done), done);
-                }
-                v1::TaskState::TaskStarting => {}
+            let id = st
+                .task_id
+                .as_ref()
+                .map(|t| t.value.clone())
+                .unwrap_or_default();
+            let phase = match st.state() {
+                v1::TaskState::TaskRunning => Phase::Running,
+                v1::TaskState::TaskFinished => Phase::Finished,
+                v1::TaskState::TaskStarting => Phase::Started,
                 other => panic!("task {id} ended {other:?}: {}", st.message),
+            };
+            return (id, phase);
+        }
+    }
+
+    fn fits(&self) -> usize {
+        let held = self
+            .offers
+            .values()
+            .filter_map(|o| agora_sdk::offer_resources(o).ok())
+            .fold(agora_core::Resources::new(), |acc, r| acc + r);
+        fits_in(held.cpus(), held.mem())
+    }
+}
+
+/// A framework speaking the Mesos v1 Scheduler API in JSON: one long `SUBSCRIBE` response
+/// carrying RecordIO events, every other call a `POST` of its own on a kept-alive connection.
+mod mesos {
+    use std::collections::HashMap;
+    use std::time::Instant;
+
+    use agora_mesos::recordio;
+    use serde_json::{Value, json};
+
+    use super::{Cluster, Driver, Kind, Measured, Phase, TASK, fits_in, sequential, throughput};
+
+    pub struct Mesos {
+        url: String,
+        http: reqwest::Client,
+        framework: String,
+        stream: String,
+        events: reqwest::Response,
+        reader: recordio::Reader,
+        /// Offers held, by id; all are on the one agent.
+        offers: HashMap<String, Value>,
+    }
+
+    /// The benchmark of [`super::cluster_with`], driven through the Mesos API.
+    pub async fn cluster(kind: Kind<'_>, args: &super::Args) -> Measured {
+        let cluster = Cluster::start(kind, false).await;
+        let mut m = Mesos::subscribe(&cluster.master).await;
+        let t = Instant::now();
+        m.launch(&["cold".to_owned()]).await;
+        let (_, cold) = super::wait_done(&mut m, "cold", t).await;
+        let (running, finished) = sequential(&mut m, args.launches).await;
+        let tput = throughput(&mut m, args.throughput_tasks, args.in_flight).await;
+        drop(m);
+        cluster.stop().await;
+        Measured {
+            cold,
+            cold_module: None,
+            running,
+            finished,
+            throughput: tput,
+        }
+    }
+
+    impl Mesos {
+        async fn subscribe(master: &str) -> Mesos {
+            let url = format!("{master}/api/v1/scheduler");
+            let http = reqwest::Client::new();
+            let call = json!({"type": "SUBSCRIBE", "subscribe": {"framework_info": {
+                "user": "", "name": "launch-bench-mesos", "roles": ["*"],
+                "capabilities": [{"type": "MULTI_ROLE"}],
+            }}});
+            let events = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("accept", "application/json")
+                .body(call.to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(events.status(), 200, "SUBSCRIBE");
+            let stream = events.headers()["mesos-stream-id"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let mut m = Mesos {
+                url,
+                http,
+                framework: String::new(),
+                stream,
+                events,
+                reader: recordio::Reader::new(64 << 20),
+                offers: HashMap::new(),
+            };
+            let subscribed = m.event().await;
+            assert_eq!(subscribed["type"], "SUBSCRIBED", "{subscribed}");
+            m.framework = subscribed["subscribed"]["framework_id"]["value"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            m
+        }
+
+        async fn event(&mut self) -> Value {
+            loop {
+                if let Some(r) = self.reader.next_record().unwrap() {
+                    return serde_json::from_slice(&r).unwrap();
+                }
+                let chunk = self
+                    .events
+                    .chunk()
+                    .await
+                    .unwrap()
+                    .expect("the stream ended");
+                self.reader.push(&chunk);
+            }
+        }
+
+        async fn call(&self, mut call: Value) {
+            call["framework_id"] = json!({"value": self.framework});
+            let r = self
+                .http
+                .post(&self.url)
+                .header("content-type", "application/json")
+                .header("mesos-stream-id", &self.stream)
+                .body(call.to_string())
+                .send()
+                .await
+                .unwrap();
+            let code = r.status();
+            let body = r.bytes().await.unwrap_or_default();
+            assert_eq!(code, 202, "{call}: {body:?}");
+        }
+
+        fn hold(&mut self, e: &Value) {
+            match e["type"].as_str() {
+                Some("OFFERS") => {
+                    for o in e["offers"]["offers"].as_array().into_iter().flatten() {
+                        let id = o["id"]["value"].as_str().unwrap().to_owned();
+                        self.offers.insert(id, o.clone());
+                    }
+                }
+                Some("RESCIND") => {
+                    self.offers
+                        .remove(e["rescind"]["offer_id"]["value"].as_str().unwrap_or(""));
+                }
+                Some("ERROR") => panic!("the master said {e}"),
+                _ => {}
             }
         }
     }
 
-    /// Keeps `in_flight` launches outstanding until `total` tasks have finished.
-    async fn throughput(&mut self, events: &mut Events, total: usize, in_flight: usize) -> f64 {
-        let (mut launched, mut done, mut outstanding) = (0usize, 0usize, 0usize);
-        let start = Instant::now();
-        while done < total {
-            // Never more than the held offers hold: an update can arrive before the offer
-            // of the resources it freed.
-            let fits = self.fits();
-            if outstanding < in_flight && launched < total && fits > 0 {
-                let n = (in_flight - outstanding).min(total - launched).min(fits);
-                let tasks = (0..n)
-                    .map(|i| self.task(&format!("tput-{}", launched + i)))
-                    .collect();
-                self.launch(events, tasks).await;
-                launched += n;
-                outstanding += n;
-                continue;
+    fn scalar(name: &str, value: f64) -> Value {
+        json!({"name": name, "type": "SCALAR", "scalar": {"value": value}})
+    }
+
+    impl Driver for Mesos {
+        async fn launch(&mut self, ids: &[String]) {
+            while self.offers.is_empty() {
+                let e = self.event().await;
+                self.hold(&e);
             }
-            let ev = events.next().await.expect("subscription ended");
-            self.hold(&ev);
-            if let Event::Update(st) = ev {
-                match st.state() {
-                    v1::TaskState::TaskFinished => {
-                        done += 1;
-                        outstanding -= 1;
-                    }
-                    v1::TaskState::TaskStarting | v1::TaskState::TaskRunning => {}
-                    other => panic!("a task ended {other:?}: {}", st.message),
+            let agent = self.offers.values().next().unwrap()["agent_id"].clone();
+            let offer_ids: Vec<Value> = self.offers.values().map(|o| o["id"].clone()).collect();
+            self.offers.clear();
+            let task = agora_core::parse_resources(TASK).unwrap();
+            let tasks: Vec<Value> = ids
+                .iter()
+                .map(|id| {
+                    json!({
+                        "name": id,
+                        "task_id": {"value": id},
+                        "agent_id": agent,
+                        "resources": [scalar("cpus", task.cpus()), scalar("mem", task.mem())],
+                        "command": {
+                            "shell": false,
+                            "value": "/bin/true",
+                            "arguments": ["/bin/true", "bench"],
+                        },
+                    })
+                })
+                .collect();
+            self.call(json!({"type": "ACCEPT", "accept": {
+                "offer_ids": offer_ids,
+                "operations": [{"type": "LAUNCH", "launch": {"task_infos": tasks}}],
+                "filters": {"refuse_seconds": 0.0},
+            }}))
+            .await;
+        }
+
+        async fn update(&mut self) -> (String, Phase) {
+            loop {
+                let e = self.event().await;
+                self.hold(&e);
+                if e["type"] != "UPDATE" {
+                    continue;
                 }
+                let status = &e["update"]["status"];
+                if let Some(uuid) = status.get("uuid") {
+                    self.call(json!({"type": "ACKNOWLEDGE", "acknowledge": {
+                        "agent_id": status["agent_id"],
+                        "task_id": status["task_id"],
+                        "uuid": uuid,
+                    }}))
+                    .await;
+                }
+                let id = status["task_id"]["value"].as_str().unwrap_or("").to_owned();
+                let phase = match status["state"].as_str().unwrap_or("") {
+                    "TASK_STARTING" => Phase::Started,
+                    "TASK_RUNNING" => Phase::Running,
+                    "TASK_FINISHED" => Phase::Finished,
+                    other => panic!("task {id} ended {other}: {status}"),
+                };
+                return (id, phase);
             }
         }
-        total as f64 / start.elapsed().as_secs_f64()
+
+        fn fits(&self) -> usize {
+            let (mut cpus, mut mem) = (0.0, 0.0);
+            for r in self
+                .offers
+                .values()
+                .flat_map(|o| o["resources"].as_array().into_iter().flatten())
+            {
+                let v = r["scalar"]["value"].as_f64().unwrap_or(0.0);
+                match r["name"].as_str() {
+                    Some("cpus") => cpus += v,
+                    Some("mem") => mem += v,
+                    _ => {}
+                }
+            }
+            fits_in(cpus, mem)
+        }
     }
 }
 
