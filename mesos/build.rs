@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/mesos/v1/mesos.proto",
         "proto/mesos/v1/scheduler/scheduler.proto",
+        "proto/mesos/v1/executor/executor.proto",
     ];
     config.compile_protos(&files, &["proto"])?;
     for f in files {

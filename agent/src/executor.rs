@@ -16,7 +16,9 @@
 //!
 //! An executor's cgroup is sized to the sum of its tasks' resources and follows them as
 //! tasks come and go. It runs with the agent's isolation on the host network, and reaches
-//! the agent at `AGORA_AGENT_ENDPOINT` with the secret `AGORA_EXECUTOR_TOKEN`.
+//! the agent at `AGORA_AGENT_ENDPOINT` with the secret `AGORA_EXECUTOR_TOKEN`. A Mesos
+//! executor finds the same in Mesos's variables (`MESOS_AGENT_ENDPOINT`,
+//! `MESOS_EXECUTOR_AUTHENTICATION_TOKEN`, …) and talks to [`crate::mesos`] instead.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -67,6 +69,9 @@ pub struct ExecutorConfig {
     /// executor's sandbox as `ca.pem`, named by `AGORA_CA`. The agent sets it when it serves
     /// TLS.
     pub tls_ca: Option<Vec<u8>>,
+    /// How often a Mesos executor subscribed over `/api/v1/executor` is sent HEARTBEAT.
+    /// Default 30 min, as Mesos's agent.
+    pub mesos_heartbeat: Duration,
 }
 
 impl ExecutorConfig {
@@ -91,6 +96,7 @@ impl Default for ExecutorConfig {
             overhead_mem_mib: 32.0,
             recovery_timeout: Duration::from_secs(15 * 60),
             tls_ca: None,
+            mesos_heartbeat: crate::mesos::HEARTBEAT,
         }
     }
 }
@@ -590,8 +596,23 @@ impl ExecutorContainerizer {
             ("AGORA_EXECUTOR_ID".to_owned(), id.to_string()),
             ("AGORA_EXECUTOR_TOKEN".to_owned(), token.clone()),
             ("AGORA_AGENT_ENDPOINT".to_owned(), endpoint),
+            // What a Mesos executor reads, as Mesos's agent sets it.
+            (
+                "MESOS_FRAMEWORK_ID".to_owned(),
+                spec.framework_id.to_string(),
+            ),
             ("MESOS_EXECUTOR_ID".to_owned(), id.to_string()),
             ("MESOS_AGENT_ENDPOINT".to_owned(), host_port),
+            ("MESOS_DIRECTORY".to_owned(), sandbox.display().to_string()),
+            ("MESOS_SANDBOX".to_owned(), sandbox.display().to_string()),
+            (
+                "MESOS_EXECUTOR_SHUTDOWN_GRACE_PERIOD".to_owned(),
+                format!("{}secs", self.inner.config.shutdown_grace.as_secs_f64()),
+            ),
+            (
+                "MESOS_EXECUTOR_AUTHENTICATION_TOKEN".to_owned(),
+                token.clone(),
+            ),
         ];
         if let Some(ca) = &self.inner.config.tls_ca {
             // In the sandbox: an executor may not see the agent's files.
@@ -613,6 +634,13 @@ impl ExecutorContainerizer {
             env.push(("AGORA_RECOVERY_TIMEOUT".to_owned(), secs.clone()));
             env.push(("MESOS_RECOVERY_TIMEOUT".to_owned(), format!("{secs}secs")));
             env.push(("MESOS_CHECKPOINT".to_owned(), "1".to_owned()));
+            // The longest pause between an executor's attempts to subscribe again.
+            env.push((
+                "MESOS_SUBSCRIPTION_BACKOFF_MAX".to_owned(),
+                "2secs".to_owned(),
+            ));
+        } else {
+            env.push(("MESOS_CHECKPOINT".to_owned(), "0".to_owned()));
         }
         let name = format!("executor-{id}");
         // The cgroup starts at the first task's size plus the executor's own.
@@ -1263,6 +1291,16 @@ pub struct ExecutorService {
 }
 
 impl ExecutorService {
+    /// How often a Mesos executor is sent HEARTBEAT.
+    pub(crate) fn heartbeat(&self) -> Duration {
+        self.inner.config.mesos_heartbeat
+    }
+
+    /// Whether `header` names an executor running here, with its token (a HEARTBEAT).
+    pub(crate) fn check(&self, header: Option<v1::ExecutorHeader>) -> Result<(), Status> {
+        self.authorise(header).map(drop)
+    }
+
     fn authorise(&self, header: Option<v1::ExecutorHeader>) -> Result<Arc<Exec>, Status> {
         let h = header.filter(|h| !h.token.is_empty()).ok_or_else(|| {
             Status::unauthenticated(

@@ -33,6 +33,7 @@ pub mod executor;
 pub mod fetcher;
 pub mod gc;
 pub mod link;
+pub mod mesos;
 pub mod native;
 pub mod resources;
 pub mod sandbox;
@@ -432,8 +433,9 @@ async fn serve(
     // whatever its payload.
     let containerizers: Vec<Arc<dyn Containerizer>> =
         vec![Arc::new(executors.clone()), wasm.clone(), native.clone()];
+    let own_hostname = config.hostname.clone().unwrap_or_else(hostname);
     let info = v1::AgentInfo {
-        hostname: config.hostname.clone().unwrap_or_else(hostname),
+        hostname: own_hostname.clone(),
         resources: resources_to_proto(&total),
         attributes: attributes_to_proto(&config.attributes),
         endpoint: endpoint.clone(),
@@ -519,7 +521,8 @@ async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = {
         let mut stop = stop_rx.clone();
-        tonic::transport::Server::builder()
+        let mut routes = tonic::service::Routes::builder();
+        routes
             .add_service(v1::sandbox_server::SandboxServer::new(
                 sandbox::SandboxService {
                     work_dir,
@@ -530,7 +533,18 @@ async fn serve(
             ))
             .add_service(v1::executor_server::ExecutorServer::new(
                 executors.service(),
-            ))
+            ));
+        let mut routes = routes.routes();
+        *routes.axum_router_mut() =
+            std::mem::take(routes.axum_router_mut()).merge(mesos::router(Arc::new(mesos::Front {
+                service: executors.service(),
+                hostname: own_hostname,
+                port: addr.port(),
+            })));
+        // HTTP/1.1 too: Mesos executors speak it to `/api/v1/executor`.
+        tonic::transport::Server::builder()
+            .accept_http1(true)
+            .add_routes(routes)
             .serve_with_incoming_shutdown(
                 agora_proto::listen::Incoming::maybe_tls(
                     listener,

@@ -458,6 +458,7 @@ impl WasmContainerizer {
                 ..Default::default()
             }),
             uris: Vec::new(),
+            mesos_executor: Default::default(),
         }
     }
 }

@@ -14,14 +14,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use agora_mesos::codec::{self, CodecError, Format};
+use agora_mesos::codec::{self, Format};
 use agora_mesos::convert::{self, Refused};
+use agora_mesos::http::{self, answer, header_of};
 use agora_mesos::v1 as mesos;
 use agora_mesos::v1::scheduler::{self, call::Type};
 use agora_proto::v1;
 use agora_proto::v1::scheduler_server::Scheduler as _;
-use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -31,13 +31,6 @@ use crate::service::SchedulerService;
 
 /// The header that carries a subscription's stream id.
 pub const STREAM_ID: &str = "mesos-stream-id";
-
-/// The largest call read. An ACCEPT of thousands of tasks fits; the body is read only once
-/// its caller is authenticated.
-const MAX_CALL_BYTES: usize = 16 << 20;
-
-/// How long a caller may take to send its call's body.
-const BODY_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Events the endpoint adds to a subscription's stream (the TASK_ERRORs of tasks it could
 /// not turn into Agora's) wait here; past it the oldest are not dropped, the call waits.
@@ -117,7 +110,7 @@ impl Front {
 pub fn router(front: Arc<Front>) -> axum::Router {
     axum::Router::new()
         .route("/api/v1/scheduler", axum::routing::post(scheduler))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_CALL_BYTES))
+        .layer(axum::extract::DefaultBodyLimit::max(http::MAX_CALL_BYTES))
         .with_state(front)
 }
 
@@ -143,17 +136,6 @@ pub fn master_info(addr: &str) -> mesos::MasterInfo {
         }),
         ..Default::default()
     }
-}
-
-/// An error answer: `code` with `message` as its text body, as Mesos answers.
-fn answer(code: StatusCode, message: impl Into<String>) -> Response {
-    let mut message = message.into();
-    message.push('\n');
-    (code, message).into_response()
-}
-
-fn header_of(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// The HTTP answer to a refused agora.v1 call.
@@ -231,41 +213,19 @@ async fn scheduler(
     request: axum::extract::Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let input = match Format::of_content_type(header_of(&parts.headers, header::CONTENT_TYPE)) {
+    let (input, output) = match http::formats(&parts.headers) {
         Ok(f) => f,
-        Err(e @ CodecError::NoContentType) => {
-            return answer(StatusCode::BAD_REQUEST, e.to_string());
-        }
-        Err(e) => return answer(StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string()),
-    };
-    let output = match Format::of_accept(header_of(&parts.headers, header::ACCEPT)) {
-        Ok(f) => f,
-        Err(e) => return answer(StatusCode::NOT_ACCEPTABLE, e.to_string()),
+        Err(r) => return *r,
     };
     // Nothing of the body is read for a caller without credentials.
     let authed = match authenticate(&front, &parts) {
         Ok(a) => a,
         Err(r) => return *r,
     };
-    let body =
-        match tokio::time::timeout(BODY_WITHIN, axum::body::to_bytes(body, MAX_CALL_BYTES)).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                return answer(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the call could not be read (at most {MAX_CALL_BYTES} bytes): {e}"),
-                );
-            }
-            Err(_) => {
-                return answer(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!("the call's body did not arrive within {BODY_WITHIN:?}"),
-                );
-            }
-        };
-    let call: scheduler::Call = match codec::decode(input, &body) {
+    // Read only once its caller is authenticated.
+    let call: scheduler::Call = match http::call(input, body).await {
         Ok(c) => c,
-        Err(e) => return answer(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(r) => return *r,
     };
     // A type this master does not know is no type, as Mesos reads it.
     let Some(kind) = call.r#type.and_then(|t| Type::try_from(t).ok()) else {
@@ -742,18 +702,10 @@ async fn subscribe(
                     ..Default::default()
                 },
             };
-            Some(Ok::<Bytes, std::convert::Infallible>(
-                agora_mesos::recordio::frame(&codec::encode(output, &event)),
-            ))
+            Some(agora_mesos::recordio::frame(&codec::encode(output, &event)))
         });
-    let mut response = Response::new(Body::from_stream(records));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(output.media_type()),
-    );
-    headers.insert(STREAM_ID, stream_header);
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let mut response = http::event_stream(output, records);
+    response.headers_mut().insert(STREAM_ID, stream_header);
     response
 }
 

@@ -5,6 +5,7 @@
 //! has a Mesos form.
 
 use agora_proto::v1 as agora;
+use prost::Message as _;
 
 use crate::v1 as mesos;
 use crate::v1::scheduler;
@@ -464,6 +465,7 @@ pub fn task_info(m: &mesos::TaskInfo) -> Result<agora::TaskInfo, Refused> {
                 grace_period_seconds: seconds(g),
             }),
         data: m.data.clone().unwrap_or_default(),
+        mesos_task: m.encode_to_vec(),
         ..Default::default()
     };
     match (&m.command, &m.executor) {
@@ -504,7 +506,156 @@ pub fn executor_info(e: &mesos::ExecutorInfo) -> Result<agora::ExecutorInfo, Ref
         name: e.name.clone().unwrap_or_default(),
         command: Some(cmd),
         uris,
+        mesos_executor: e.encode_to_vec(),
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// What a Mesos executor is told: the messages its framework sent, or their Mesos form.
+// ---------------------------------------------------------------------------------------
+
+/// Seconds as a Mesos duration.
+pub fn duration_out(seconds: f64) -> mesos::DurationInfo {
+    // Seconds to nanoseconds: far inside i64 for any duration Agora accepts.
+    #[allow(clippy::cast_possible_truncation)]
+    let nanoseconds = (seconds * 1e9) as i64;
+    mesos::DurationInfo { nanoseconds }
+}
+
+/// The Mesos form of an Agora command.
+fn command_out(c: &agora::CommandTask, uris: &[agora::Uri]) -> mesos::CommandInfo {
+    let arguments = if c.shell {
+        Vec::new()
+    } else {
+        // Mesos's arguments begin with argv[0].
+        std::iter::once(c.value.clone())
+            .chain(c.arguments.iter().cloned())
+            .collect()
+    };
+    mesos::CommandInfo {
+        uris: uris
+            .iter()
+            .map(|u| mesos::command_info::Uri {
+                value: u.value.clone(),
+                executable: Some(u.executable),
+                extract: Some(u.extract),
+                cache: Some(u.cache),
+                output_file: (!u.output_file.is_empty()).then(|| u.output_file.clone()),
+            })
+            .collect(),
+        environment: (!c.env.is_empty()).then(|| mesos::Environment {
+            variables: c
+                .env
+                .iter()
+                .map(|v| mesos::environment::Variable {
+                    name: v.name.clone(),
+                    value: Some(v.value.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+        shell: Some(c.shell),
+        value: Some(c.value.clone()),
+        arguments,
+        user: (!c.user.is_empty()).then(|| c.user.clone()),
+    }
+}
+
+/// The ExecutorInfo a Mesos executor is given: the one its framework sent, else the Mesos
+/// form of Agora's.
+pub fn executor_info_out(
+    e: &agora::ExecutorInfo,
+    framework: Option<&agora::FrameworkId>,
+) -> mesos::ExecutorInfo {
+    if let Ok(mut m) = mesos::ExecutorInfo::decode(e.mesos_executor.as_slice())
+        && !e.mesos_executor.is_empty()
+    {
+        if m.framework_id.is_none() {
+            m.framework_id = id(framework);
+        }
+        return m;
+    }
+    mesos::ExecutorInfo {
+        r#type: Some(mesos::executor_info::Type::Custom as i32),
+        executor_id: e.executor_id.as_ref().map(Into::into).unwrap_or_default(),
+        framework_id: id(framework),
+        command: e.command.as_ref().map(|c| command_out(c, &e.uris)),
+        name: (!e.name.is_empty()).then(|| e.name.clone()),
+        ..Default::default()
+    }
+}
+
+/// The TaskInfo a Mesos executor is given: the one its framework sent, else the Mesos form
+/// of Agora's.
+pub fn task_info_out(t: &agora::TaskInfo) -> mesos::TaskInfo {
+    if let Ok(m) = mesos::TaskInfo::decode(t.mesos_task.as_slice())
+        && !t.mesos_task.is_empty()
+    {
+        return m;
+    }
+    let role = (!t.allocation_role.is_empty()).then_some(t.allocation_role.as_str());
+    let command = match &t.payload {
+        Some(agora::task_info::Payload::Command(c)) => Some(command_out(c, &t.uris)),
+        _ => None,
+    };
+    mesos::TaskInfo {
+        name: t.name.clone(),
+        task_id: t.task_id.as_ref().map(Into::into).unwrap_or_default(),
+        agent_id: t.agent_id.as_ref().map(Into::into).unwrap_or_default(),
+        resources: t.resources.iter().map(|r| resource_out(r, role)).collect(),
+        executor: t.executor.as_ref().map(|e| executor_info_out(e, None)),
+        command,
+        kill_policy: t.kill_policy.as_ref().map(|k| mesos::KillPolicy {
+            grace_period: (k.grace_period_seconds > 0.0)
+                .then(|| duration_out(k.grace_period_seconds)),
+        }),
+        data: (!t.data.is_empty()).then(|| t.data.clone()),
+        max_completion_time: (t.max_duration > 0.0).then(|| duration_out(t.max_duration)),
+        ..Default::default()
+    }
+}
+
+/// An Agora FrameworkInfo as Mesos's, as an executor's SUBSCRIBED describes its framework.
+pub fn framework_info_out(f: &agora::FrameworkInfo) -> mesos::FrameworkInfo {
+    use mesos::framework_info::capability::Type as C;
+    let capabilities = f
+        .capabilities
+        .iter()
+        .filter_map(
+            |c| match agora::framework_info::Capability::try_from(*c).ok()? {
+                agora::framework_info::Capability::MultiRole => Some(C::MultiRole),
+                agora::framework_info::Capability::PartitionAware => Some(C::PartitionAware),
+                agora::framework_info::Capability::Unspecified => None,
+            },
+        )
+        .map(|t| mesos::framework_info::Capability {
+            r#type: Some(t as i32),
+        })
+        .collect::<Vec<_>>();
+    let multi_role = f
+        .capabilities
+        .contains(&(agora::framework_info::Capability::MultiRole as i32));
+    #[allow(deprecated)]
+    mesos::FrameworkInfo {
+        user: f.user.clone(),
+        name: f.name.clone(),
+        id: id(f.id.as_ref()),
+        failover_timeout: Some(f.failover_timeout),
+        hostname: (!f.hostname.is_empty()).then(|| f.hostname.clone()),
+        principal: (!f.principal.is_empty()).then(|| f.principal.clone()),
+        role: if multi_role {
+            None
+        } else {
+            f.roles.first().cloned()
+        },
+        roles: if multi_role {
+            f.roles.clone()
+        } else {
+            Vec::new()
+        },
+        capabilities,
+        ..Default::default()
+    }
 }
 
 /// What an ACCEPT's operations become: Agora's operations, and the tasks set aside with why.
@@ -652,6 +803,63 @@ pub fn status_out(s: &agora::TaskStatus) -> mesos::TaskStatus {
         executor_id: None,
         timestamp: (s.timestamp > 0.0).then_some(s.timestamp),
         uuid: (!s.uuid.is_empty()).then(|| s.uuid.clone()),
+        ..Default::default()
+    }
+}
+
+/// A Mesos task state as Agora's.
+pub fn state_in(s: mesos::TaskState) -> agora::TaskState {
+    use agora::TaskState as A;
+    use mesos::TaskState as M;
+    match s {
+        M::TaskStaging => A::TaskStaging,
+        M::TaskStarting => A::TaskStarting,
+        M::TaskRunning => A::TaskRunning,
+        M::TaskKilling => A::TaskKilling,
+        M::TaskFinished => A::TaskFinished,
+        M::TaskFailed => A::TaskFailed,
+        M::TaskKilled => A::TaskKilled,
+        M::TaskError => A::TaskError,
+        M::TaskLost => A::TaskLost,
+        M::TaskDropped => A::TaskDropped,
+        M::TaskUnreachable => A::TaskUnreachable,
+        M::TaskGone | M::TaskGoneByOperator => A::TaskGone,
+        M::TaskUnknown => A::TaskUnknown,
+    }
+}
+
+/// A Mesos reason an executor gives as Agora's nearest ([`agora::Reason::Unspecified`]
+/// where Agora has none).
+fn reason_in(r: mesos::task_status::Reason) -> agora::Reason {
+    use agora::Reason as A;
+    use mesos::task_status::Reason as M;
+    match r {
+        M::CommandExecutorFailed => A::CommandExited,
+        M::ContainerLimitationMemory => A::ContainerLimitationMemory,
+        M::ContainerLimitationDisk => A::ContainerLimitationDisk,
+        M::ContainerLaunchFailed => A::ContainerLaunchFailed,
+        M::MaxCompletionTimeReached => A::MaxCompletionTimeReached,
+        M::ExecutorTerminated => A::ExecutorTerminated,
+        M::TaskInvalid => A::TaskInvalid,
+        M::TaskUnauthorized => A::TaskUnauthorized,
+        M::TaskUnknown => A::TaskUnknown,
+        _ => A::Unspecified,
+    }
+}
+
+/// A status update a Mesos executor sends, as Agora's.
+pub fn status_in(s: &mesos::TaskStatus) -> agora::TaskStatus {
+    agora::TaskStatus {
+        task_id: Some((&s.task_id).into()),
+        state: state_in(s.state()) as i32,
+        reason: s
+            .reason
+            .map_or(agora::Reason::Unspecified, |_| reason_in(s.reason())) as i32,
+        message: s.message.clone().unwrap_or_default(),
+        source: agora::StatusSource::SourceExecutor as i32,
+        uuid: s.uuid.clone().unwrap_or_default(),
+        timestamp: s.timestamp.unwrap_or(0.0),
+        data: s.data.clone().unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -989,5 +1197,85 @@ mod tests {
             state_out(agora::TaskState::TaskStaging as i32),
             mesos::TaskState::TaskStaging
         );
+    }
+
+    #[test]
+    fn every_state_comes_back_in() {
+        for s in 1..=13 {
+            assert_eq!(state_in(state_out(s)) as i32, s, "state {s}");
+        }
+        let status = mesos::TaskStatus {
+            task_id: mesos::TaskId { value: "t1".into() },
+            state: mesos::TaskState::TaskFailed as i32,
+            reason: Some(mesos::task_status::Reason::ContainerLimitationMemory as i32),
+            uuid: Some(vec![7; 16]),
+            ..Default::default()
+        };
+        let a = status_in(&status);
+        assert_eq!(a.state(), agora::TaskState::TaskFailed);
+        assert_eq!(a.reason(), agora::Reason::ContainerLimitationMemory);
+        assert_eq!(a.source(), agora::StatusSource::SourceExecutor);
+        assert_eq!(a.uuid, vec![7; 16]);
+    }
+
+    /// A Mesos executor is given the task and executor as its framework sent them, labels
+    /// and all; without them, their Mesos form.
+    #[test]
+    fn an_executor_is_given_what_its_framework_sent() {
+        let executor = mesos::ExecutorInfo {
+            executor_id: mesos::ExecutorId { value: "e".into() },
+            command: Some(mesos::CommandInfo {
+                value: Some("./run".into()),
+                ..Default::default()
+            }),
+            labels: Some(mesos::Labels {
+                labels: vec![mesos::Label {
+                    key: "team".into(),
+                    value: Some("search".into()),
+                }],
+            }),
+            ..Default::default()
+        };
+        let mut m = task(None);
+        m.executor = Some(executor.clone());
+        m.labels.clone_from(&executor.labels);
+        let a = task_info(&m).unwrap();
+        assert_eq!(task_info_out(&a), m);
+        let fw = agora::FrameworkId { value: "f".into() };
+        let out = executor_info_out(a.executor.as_ref().unwrap(), Some(&fw));
+        assert_eq!(out.labels, executor.labels);
+        assert_eq!(out.framework_id.unwrap().value, "f");
+        // An Agora task (from the SDK) has no Mesos original: its Mesos form.
+        let mut sdk = a;
+        sdk.mesos_task.clear();
+        sdk.executor.as_mut().unwrap().mesos_executor.clear();
+        let out = task_info_out(&sdk);
+        assert_eq!(out.task_id.value, "t1");
+        assert_eq!(out.resources.len(), 1);
+        let e = out.executor.unwrap();
+        assert_eq!(e.executor_id.value, "e");
+        assert_eq!(e.command.unwrap().value.as_deref(), Some("./run"));
+        assert!(e.labels.is_none());
+    }
+
+    #[test]
+    fn a_framework_goes_out_with_its_roles() {
+        let mut f = agora::FrameworkInfo {
+            name: "f".into(),
+            roles: vec!["a".into()],
+            ..Default::default()
+        };
+        #[allow(deprecated)]
+        {
+            assert_eq!(framework_info_out(&f).role.as_deref(), Some("a"));
+            f.roles.push("b".into());
+            f.capabilities = vec![agora::framework_info::Capability::MultiRole as i32];
+            let m = framework_info_out(&f);
+            assert_eq!(
+                (m.role.clone(), m.roles.clone()),
+                (None, vec!["a".into(), "b".into()])
+            );
+            assert_eq!(framework_info(&m).unwrap().roles, f.roles);
+        }
     }
 }

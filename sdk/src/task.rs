@@ -398,6 +398,7 @@ pub fn executor(id: &agora_core::ExecutorId, shell_command: impl Into<String>) -
             ..Default::default()
         }),
         uris: Vec::new(),
+        mesos_executor: Default::default(),
     }
 }
 

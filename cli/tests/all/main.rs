@@ -16,6 +16,7 @@ mod hardening_agent;
 mod limits;
 mod mesos;
 mod mesos_clients;
+mod mesos_executor;
 mod native;
 mod partition;
 mod ports;

@@ -114,3 +114,97 @@ async fn a_mesos_framework_node_framework_runs_its_tasks() {
     let id = result["framework_id"].as_str().unwrap().to_owned();
     torn_down(&cluster, &id).await;
 }
+
+/// A custom executor written with mesos-framework (Node.js), launched by a mesoshttp
+/// framework: the agent fetches it, starts it with Mesos's executor environment and serves
+/// it `/api/v1/executor` (SUBSCRIBE, UPDATE with ACKNOWLEDGED, MESSAGE, KILL, SHUTDOWN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesos_framework_executor_runs_a_mesoshttp_frameworks_tasks() {
+    let python = clients().join("venv/bin/python");
+    let modules = clients().join("node/node_modules");
+    installed(&modules.join("mesos-framework"));
+    let scripts = std::fs::canonicalize(script("")).unwrap();
+    let cluster = crate::native::start_with("mesos-executor", None, |c| {
+        c.fetcher.file_roots.push(scripts.clone());
+    })
+    .await;
+    let mut command = tokio::process::Command::new(installed(&python));
+    command
+        .arg(script("mesoshttp_executor_scheduler.py"))
+        .arg(&cluster.master)
+        .arg(scripts.join("mesos_framework_executor.js"))
+        .arg(&modules);
+    let (result, printed) = run(command).await;
+    assert_eq!(result["ends"]["works"], "TASK_FINISHED", "{printed}");
+    assert_eq!(result["ends"]["waits"], "TASK_KILLED", "{printed}");
+    // After the agent's TASK_STARTING, every update came from the executor, RUNNING first.
+    let updates = result["updates"].as_array().unwrap();
+    for task in ["works", "waits"] {
+        let from_executor: Vec<&str> = updates
+            .iter()
+            .filter(|u| u[0] == task && u[2] == "SOURCE_EXECUTOR")
+            .map(|u| u[1].as_str().unwrap())
+            .collect();
+        assert_eq!(from_executor.len(), 2, "{task}: {printed}");
+        assert_eq!(from_executor[0], "TASK_RUNNING", "{task}: {printed}");
+        assert!(
+            updates
+                .iter()
+                .filter(|u| u[0] == task && u[2] != "SOURCE_EXECUTOR")
+                .all(|u| u[1] == "TASK_STARTING" && u[2] == "SOURCE_AGENT"),
+            "{printed}"
+        );
+    }
+    assert_eq!(
+        result["messages"],
+        serde_json::json!([["node-executor", "finished works"]]),
+        "{printed}"
+    );
+    let id = result["framework_id"].as_str().unwrap().to_owned();
+    // What the executor saw: Mesos's environment, SUBSCRIBED, its tasks, and the
+    // acknowledgement of each RUNNING before it went on.
+    let seen = &result["seen"]["waits"];
+    let env = &seen["env"];
+    assert_eq!(env["MESOS_FRAMEWORK_ID"], id.as_str(), "{printed}");
+    assert_eq!(env["MESOS_EXECUTOR_ID"], "node-executor", "{printed}");
+    // The test agents checkpoint, so the executor is told how to recover.
+    assert_eq!(env["MESOS_CHECKPOINT"], "1", "{printed}");
+    assert_eq!(env["MESOS_RECOVERY_TIMEOUT"], "900secs", "{printed}");
+    assert_eq!(env["MESOS_SUBSCRIPTION_BACKOFF_MAX"], "2secs", "{printed}");
+    assert!(
+        env["MESOS_EXECUTOR_SHUTDOWN_GRACE_PERIOD"]
+            .as_str()
+            .is_some_and(|g| g.ends_with("secs")),
+        "{printed}"
+    );
+    let sandbox = env["MESOS_SANDBOX"].as_str().unwrap();
+    assert_eq!(env["MESOS_DIRECTORY"], sandbox, "{printed}");
+    assert!(
+        sandbox.contains("node-executor") && std::path::Path::new(sandbox).is_absolute(),
+        "{printed}"
+    );
+    let endpoint = &cluster.agents[0].endpoint;
+    assert_eq!(
+        Some(env["MESOS_AGENT_ENDPOINT"].as_str().unwrap()),
+        endpoint.strip_prefix("http://"),
+        "{printed}"
+    );
+    let subscribed = &seen["subscribed"];
+    assert_eq!(subscribed["framework_id"], id.as_str(), "{printed}");
+    assert_eq!(subscribed["framework_name"], "mesos-executor-test");
+    assert_eq!(subscribed["executor_id"], "node-executor");
+    let agent = cluster.state().await.agents[0].id.clone().unwrap().value;
+    assert_eq!(subscribed["agent_id"], agent.as_str(), "{printed}");
+    assert_eq!(seen["killed"], serde_json::json!(["waits"]), "{printed}");
+    let works = &result["seen"]["works"];
+    for (task, seen) in [("works", works), ("waits", seen)] {
+        let launched = seen["launched"].as_array().unwrap();
+        assert!(launched.iter().any(|t| t == task), "{printed}");
+    }
+    // The executor finishes a task only once the agent has acknowledged its RUNNING by
+    // that update's uuid.
+    assert!(works["acknowledged"].as_u64().unwrap() >= 1, "{printed}");
+    torn_down(&cluster, &id).await;
+    // The executor was shut down with its framework and nothing of it is left.
+    crate::native::wait_no_cgroups("mesos-executor").await;
+}
